@@ -1,0 +1,138 @@
+"""Shared harness for the per-op benchmarks (GPU only).
+
+Each op's benchmark (``benchmarks/<op>.py``) describes its cases as ``Case`` rows, each row a set of
+``providers`` (triformer, eager, compile, liger) that compute the same thing, and calls ``run_cases``.
+Timing is ``triton.testing.do_bench``'s median with the L2 flushed between repeats; memory is the peak
+allocated during one call above what was allocated before it (inputs included in neither).
+Results go to ``benchmarks/results/<op>.csv``/``.md``/``.png`` (or ``$OUT`` when set, on the device).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import platform
+from pathlib import Path
+from typing import Callable
+
+import torch
+import triton
+import triton.testing
+
+# Measured on this project's H100 (shared/anchors): the ceilings GB/s and TFLOP/s are reported against.
+H100_COPY_GBPS = 3004.0
+H100_BF16_TFLOPS = 744.0
+
+
+@dataclasses.dataclass
+class Case:
+    op: str            # e.g. "layernorm"
+    shape: str         # human-readable shape, e.g. "16384x768"
+    dtype: str
+    mode: str          # "fwd", "bwd" or "fwd+bwd"
+    bytes_moved: float  # fewest bytes the mode must move through memory (0 if not memory-bound)
+    flops: float        # floating-point operations of the mode (0 if not compute-bound)
+    providers: dict[str, Callable[[], object]]
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def environment() -> dict[str, str]:
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def measure(fn: Callable[[], object]) -> tuple[float, float]:
+    """(median ms, peak MiB allocated during one call above the memory in use before it)."""
+    fn()  # compile / autotune outside the measurement
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return ms, peak
+
+
+def out_dir() -> Path:
+    d = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def run_cases(name: str, cases: list[Case]) -> list[dict]:
+    """Time every provider of every case, print a table, write CSV, markdown and a plot."""
+    rows = []
+    for case in cases:
+        for provider, fn in case.providers.items():
+            try:
+                ms, peak = measure(fn)
+            except Exception as exc:  # a peer that cannot run a shape is reported, not fatal
+                print(f"{case.op} {case.shape} {case.dtype} {case.mode} {provider}: failed: {exc!r}"[:300])
+                continue
+            row = {
+                "op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": case.mode,
+                "provider": provider, "ms": round(ms, 4), "peak_MiB": round(peak, 1),
+                "GBps": round(case.bytes_moved / ms / 1e6, 1) if case.bytes_moved else "",
+                "pct_copy_bw": round(100 * case.bytes_moved / ms / 1e6 / H100_COPY_GBPS, 1) if case.bytes_moved else "",
+                "TFLOPs": round(case.flops / ms / 1e9, 1) if case.flops else "",
+            }
+            rows.append(row)
+            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+            torch.cuda.empty_cache()
+    write_results(name, rows)
+    return rows
+
+
+def write_results(name: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    d = out_dir()
+    env = environment()
+    with open(d / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# {name} benchmark", "", " | ".join(f"{k}: {v}" for k, v in env.items()), "",
+             f"Command: `python benchmarks/{name}.py`; time is do_bench's median, memory the peak above inputs.", "",
+             "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
+    (d / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(name, rows, d / f"{name}.png", env)
+
+
+def plot(name: str, rows: list[dict], path: Path, env: dict[str, str]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["dtype"], r["mode"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (dtype, mode) in zip(axes[0], groups):
+        sub = [r for r in rows if r["dtype"] == dtype and r["mode"] == mode]
+        shapes = list(dict.fromkeys(r["shape"] for r in sub))
+        providers = list(dict.fromkeys(r["provider"] for r in sub))
+        width = 0.8 / len(providers)
+        for i, p in enumerate(providers):
+            ms = [next((r["ms"] for r in sub if r["shape"] == s and r["provider"] == p), 0) for s in shapes]
+            ax.bar([x + i * width for x in range(len(shapes))], ms, width, label=p)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))], shapes, rotation=30, fontsize=7)
+        ax.set_title(f"{name} {mode} {dtype}")
+        ax.set_ylabel("ms (median, lower is better)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{env['gpu']} · torch {env['torch']} · triton {env['triton']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+import triformer  # noqa: F401  (decides interpreter vs compiled before any kernel is defined)
+
+# Two xdist workers share two cores: one torch thread each keeps them from fighting.
+if triformer.INTERPRET:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("TRIFORMER_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow case: set TRIFORMER_SLOW_TESTS=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,82 @@
+"""Where triformer's kernels run, and the checks every public op makes before launching one.
+
+The same Triton kernels either compile for a CUDA GPU or run through Triton's interpreter on CPU tensors.
+The interpreter is chosen when the module-level decision below runs, which must happen before any
+``@triton.jit`` kernel is defined (Triton reads ``TRITON_INTERPRET`` when the decorator runs). That is
+why ``triformer/__init__.py`` imports this module first.
+
+Override with ``TRIFORMER_INTERPRET=1`` (force the interpreter, e.g. to debug on a GPU machine) or
+``TRIFORMER_INTERPRET=0`` (force compilation). A kernel never falls back to PyTorch: a tensor on a
+device the chosen mode cannot run on is an error.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def _decide_interpret() -> bool:
+    forced = os.environ.get("TRIFORMER_INTERPRET")
+    if forced is not None:
+        if forced.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if forced.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"TRIFORMER_INTERPRET must be 0 or 1, got {forced!r}")
+    return not torch.cuda.is_available()
+
+
+INTERPRET: bool = _decide_interpret()
+os.environ["TRITON_INTERPRET"] = "1" if INTERPRET else "0"
+try:  # triton >= 3.4 caches its environment in knobs; keep both views in agreement
+    triton.knobs.runtime.interpret = INTERPRET
+except AttributeError:
+    pass
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Raise TypeError unless ``t`` is a tensor of a dtype the kernels compute in."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors share one device that the current mode can run kernels on; returns it."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    device = named[0][1].device
+    for name, t in named[1:]:
+        if t.device != device:
+            raise ValueError(
+                f"{name} is on {t.device} but {named[0][0]} is on {device}; all inputs must share a device"
+            )
+    if not INTERPRET and device.type != "cuda":
+        raise ValueError(
+            f"{named[0][0]} is on {device}, but triformer compiled its kernels for CUDA; move the tensors to "
+            "the GPU, or set TRIFORMER_INTERPRET=1 before importing triformer to run them on the CPU"
+        )
+    if INTERPRET and device.type != "cpu":
+        raise ValueError(
+            f"{named[0][0]} is on {device}, but triformer runs its kernels through Triton's interpreter "
+            "(TRIFORMER_INTERPRET=1 or no CUDA device); pass CPU tensors or unset TRIFORMER_INTERPRET"
+        )
+    return device
+
+
+def rows_per_program(n_rows: int, block_cols: int, gpu_rows: int = 1) -> int:
+    """How many rows one program of a row-wise kernel handles (a power of two).
+
+    The interpreter pays ~milliseconds per program regardless of its size, so it gets few programs
+    with tiles of up to 64k elements; a GPU wants many programs to fill its multiprocessors, so it
+    gets ``gpu_rows`` (the caller's tuned value).
+    """
+    if not INTERPRET:
+        return gpu_rows
+    budget = max(1, (1 << 16) // block_cols)
+    largest_fitting = 1 << (budget.bit_length() - 1)
+    return min(triton.next_power_of_2(max(n_rows, 1)), largest_fitting, 256)
