@@ -4,7 +4,7 @@ Each op's benchmark (``benchmarks/<op>.py``) describes its cases as ``Case`` row
 ``providers`` (triformer, eager, compile, liger) that compute the same thing, and calls ``run_cases``.
 Timing is ``triton.testing.do_bench``'s median with the L2 flushed between repeats; memory is the peak
 allocated during one call above what was allocated before it (inputs included in neither).
-Results go to ``benchmarks/results/<op>.csv``/``.md``/``.png`` (or ``$OUT`` when set, on the device).
+Results go to ``benchmarks/results/<op>.csv``/``.md``/``.png`` (or ``$TRIFORMER_BENCH_OUT`` when set).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def measure(fn: Callable[[], object]) -> tuple[float, float]:
 
 
 def out_dir() -> Path:
-    d = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    d = Path(os.environ.get("TRIFORMER_BENCH_OUT") or Path(__file__).parent / "results")
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -1,0 +1,215 @@
+"""End-to-end training-step benchmark on one GPU: triformer models against plain PyTorch.
+
+    python benchmarks/train_step.py gpt    # gpt2-small, 16 x 1024 tokens, bf16 autocast, fused AdamW
+    python benchmarks/train_step.py vit    # vit-base/16 at 224, batch 128, bf16 autocast
+
+Variants, each eager and under torch.compile: triformer's model with Triton kernels (each loss option),
+the same model built from the PyTorch references (kernels=torch), and a plain-PyTorch model written the
+usual way (nanoGPT-style GPT-2 with SDPA flash attention and F.cross_entropy; a ViT with SDPA). Reports
+tokens/s (images/s), MFU against 989 TFLOP/s dense bf16, peak allocated memory, and the largest batch
+that fits. Results: benchmarks/results/train_step_<gpt|vit>.{csv,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import triformer  # noqa: E402,F401
+import models  # noqa: E402
+from benchmarks.common import environment, out_dir  # noqa: E402
+
+H100_BF16_DENSE_PEAK = 989e12
+
+
+class PlainBlock(nn.Module):
+    """A pre-norm transformer block written the usual PyTorch way (the peer triformer must beat)."""
+
+    def __init__(self, dim: int, heads: int, causal: bool, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc, self.out = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+
+class PlainGPT(nn.Module):
+    def __init__(self, vocab=50304, block=1024, layers=12, heads=12, dim=768):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
+        self.blocks = nn.ModuleList(PlainBlock(dim, heads, causal=True) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for b in self.blocks:
+            x = b(x)
+        logits = self.head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
+
+
+class PlainViT(nn.Module):
+    def __init__(self, image=224, patch=16, layers=12, heads=12, dim=768, classes=1000):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.zeros(1, (image // patch) ** 2 + 1, dim))
+        self.blocks = nn.ModuleList(PlainBlock(dim, heads, causal=False) for _ in range(layers))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, images, targets):
+        x = self.patch(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        for b in self.blocks:
+            x = b(x)
+        logits = self.head(self.norm(x)[:, 0])
+        return logits, F.cross_entropy(logits.float(), targets)
+
+
+def variants(task: str):
+    """name -> constructor of an nn.Module taking (x, targets) and returning (logits, loss)."""
+    if task == "gpt":
+        return {
+            "triformer (ce)": lambda: models.create_model("gpt2-small", kernels="triton", dropout=0.0, loss="ce"),
+            "triformer (fused linear-ce)": lambda: models.create_model("gpt2-small", kernels="triton", dropout=0.0,
+                                                                       loss="fused"),
+            "triformer model, torch kernels": lambda: models.create_model("gpt2-small", kernels="torch", dropout=0.0,
+                                                                          loss="ce"),
+            "plain PyTorch GPT-2": PlainGPT,
+        }
+    return {
+        "triformer": lambda: models.create_model("vit-base", kernels="triton", dropout=0.0),
+        "triformer model, torch kernels": lambda: models.create_model("vit-base", kernels="torch", dropout=0.0),
+        "plain PyTorch ViT": PlainViT,
+    }
+
+
+def make_batch(task: str, batch: int, seq: int):
+    if task == "gpt":
+        x = torch.randint(0, 50257, (batch, seq + 1), device="cuda")
+        return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    return torch.randn(batch, 3, 224, 224, device="cuda"), torch.randint(0, 1000, (batch,), device="cuda")
+
+
+def train_steps(model, opt, task, batch, seq, steps):
+    x, y = make_batch(task, batch, seq)
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def build(ctor, compiled: bool):
+    model = ctor().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return (torch.compile(model) if compiled else model), opt, model
+
+
+def measure(task, name, ctor, compiled, batch, seq, steps, warmup):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model, opt, raw = build(ctor, compiled)
+    train_steps(model, opt, task, batch, seq, warmup)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    loss = train_steps(model, opt, task, batch, seq, steps)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    per_step = batch * (seq if task == "gpt" else 1)
+    flops = raw.flops_per_example(seq if task == "gpt" else None) if hasattr(raw, "flops_per_example") else None
+    del model, opt, raw
+    return {"variant": name, "compiled": compiled, "batch": batch, "ms_per_step": round(dt * 1e3, 2),
+            ("tokens_per_s" if task == "gpt" else "images_per_s"): round(per_step / dt),
+            "MFU": round(flops * batch / dt / H100_BF16_DENSE_PEAK, 3) if flops else "",
+            "peak_GiB": round(peak, 2), "final_loss": round(float(loss), 3)}
+
+
+def fits(task, ctor, batch, seq) -> bool:
+    torch.cuda.empty_cache()
+    try:
+        model, opt, raw = build(ctor, False)
+        train_steps(model, opt, task, batch, seq, 1)
+        torch.cuda.synchronize()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        model = opt = raw = None  # noqa: F841
+        torch.cuda.empty_cache()
+
+
+def largest_batch(task, ctor, seq, start) -> int:
+    lo, hi = 0, start
+    while fits(task, ctor, hi, seq):
+        lo, hi = hi, hi * 2
+    while hi - lo > max(1, lo // 16):  # ~6% resolution is enough to compare frameworks
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(task, ctor, mid, seq) else (lo, mid)
+    return lo
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("task", choices=["gpt", "vit"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--max-batch", action="store_true", help="also search the largest batch (eager)")
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    batch, seq = (16, 1024) if args.task == "gpt" else (128, None)
+    rows = []
+    for name, ctor in variants(args.task).items():
+        for compiled in ([False] if args.no_compile else [False, True]):
+            try:
+                row = measure(args.task, name, ctor, compiled, batch, seq, args.steps, args.warmup)
+            except Exception as exc:
+                print(f"{name} compiled={compiled}: failed: {exc!r}"[:400], flush=True)
+                continue
+            if args.max_batch and not compiled:
+                row["max_batch_80GB"] = largest_batch(args.task, ctor, seq, batch)
+            rows.append(row)
+            print(row, flush=True)
+    print(environment())
+    for r in rows:
+        print(" | ".join(f"{k}={v}" for k, v in r.items()))
+    write_table(f"train_step_{args.task}", rows)
+
+
+def write_table(name, rows):
+    d = out_dir()
+    env = environment()
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(d / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    md = [f"# {name}", "", " | ".join(f"{k}: {v}" for k, v in env.items()), "",
+          f"Command: `python benchmarks/train_step.py {name.rsplit('_', 1)[1]} --max-batch`", "",
+          "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    md += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    (d / f"{name}.md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()

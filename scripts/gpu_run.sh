@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine (no network): installs the wheels carried in .whl/, then runs whatever
+# steps are named: `tests` (the op test suite, compiled), `bench OP...` (benchmarks/OP.py), or any
+# `python ...` script given after `py`. Everything lands in $OUT/results.tar.gz plus $OUT/log.txt.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+export TRIFORMER_BENCH_OUT=/tmp/results
+mkdir -p $TRIFORMER_BENCH_OUT
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      tests) shift; echo "== tests: $1"; python3 -m pytest -q -n 8 -p no:cacheprovider $1 2>&1 | tail -40; shift ;;
+      bench) shift; echo "== bench $1"; timeout 300 python3 benchmarks/$1.py 2>&1 | tail -60; shift ;;
+      py) shift; echo "== $1"; timeout 500 python3 $1 2>&1 | tail -80; shift ;;
+      *) echo "unknown step $1"; shift ;;
+    esac
+  done
+} 2>&1 | tee $OUT/log.txt
+tar czf $OUT/results.tar.gz -C $TRIFORMER_BENCH_OUT .
