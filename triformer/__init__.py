@@ -10,5 +10,7 @@ from triformer._runtime import INTERPRET
 # Each op module exports its functional form, autograd.Function, module class and reference.
 # One line per op module, in alphabetical order.
 # --- op exports ---
+from triformer.dropout import Dropout, TritonDropout, dropout, dropout_reference  # noqa: E402
+from triformer.softmax import Softmax, TritonSoftmax, softmax, softmax_reference  # noqa: E402
 
 __version__ = "0.1.0"

@@ -1,0 +1,316 @@
+"""GPT-2 and llama-style decoders built from triformer layers.
+
+One class covers both families; the config picks the pieces:
+* GPT-2: LayerNorm, learned position embedding, GELU (tanh) MLP, biases;
+* llama-style: RMSNorm, rotary position embedding (RoPE), SwiGLU MLP, no biases, optional grouped-query
+  attention (``n_kv_head < n_head``).
+The token embedding doubles as the LM head (tied). Its rows are padded to a multiple of 64 for fast matmuls;
+the padded rows are sliced off the logits, so they never reach the loss or the sampler.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.layers import Block, KVCache, Norm, TransformerConfig, dropout, init_weights
+from models.ops import get_ops
+
+LOSSES = ("ce", "fused")
+POSITIONS = ("learned", "rope")
+
+
+@dataclasses.dataclass
+class GPTConfig(TransformerConfig):
+    block_size: int = 1024
+    vocab_size: int = 50257
+    vocab_multiple: int = 64           # the embedding / LM head rows are padded up to a multiple of this
+    position: str = "learned"
+    rope_base: float = 10000.0
+    loss: str = "ce"                   # "ce": logits then cross_entropy; "fused": linear_cross_entropy, no logits
+    ce_chunks: int = 1                 # n_chunks of the "ce" loss (bounds the memory of its backward)
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("block_size", "vocab_size", "vocab_multiple", "ce_chunks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head dim, got n_embd / n_head = {self.head_dim}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.vocab_multiple * math.ceil(self.vocab_size / self.vocab_multiple)
+
+
+# The config fields that turn the GPT-2 layout into a llama-style decoder.
+LLAMA_STYLE = dict(norm="rmsnorm", activation="swiglu", bias=False, position="rope")
+
+
+class GPT(nn.Module):
+    task = "lm"
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.ops = ops = get_ops(config.kernels)
+        C = config.n_embd
+        self.wte = nn.Embedding(config.padded_vocab_size, C)
+        self.wpe = nn.Embedding(config.block_size, C) if config.position == "learned" else None
+        self.blocks = nn.ModuleList(Block(config, ops, causal=True) for _ in range(config.n_layer))
+        self.ln_f = Norm(C, config.norm, config.norm_eps, config.bias, ops)
+        if config.position == "rope":
+            # cos/sin of every position, built once (a per-step host-to-device copy would stall the GPU); fp32 under
+            # autocast. Not saved in checkpoints: they follow from the config.
+            cos, sin = ops.rope_cos_sin(config.block_size, config.head_dim, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        init_weights(self, config.n_layer)
+
+    # ----------------------------------------------------------------------------------------------------
+    # the contract the training framework relies on
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; ``non_embedding`` leaves out the position embedding (the token embedding stays:
+        it is also the LM head's weight)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_example(self, seq_len: int | None = None) -> float:
+        """Forward + backward FLOPs of one sequence: 6 per parameter per token, plus the attention scores
+        and their weighted sum (12 * n_layer * n_embd * T per token, as in the PaLM paper's count)."""
+        cfg = self.config
+        T = cfg.block_size if seq_len is None else seq_len
+        return float(6 * self.num_params() * T + 12 * cfg.n_layer * cfg.n_embd * T * T)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_logits: bool = False,
+                last_only: bool = False):
+        """``(logits, loss)``. With ``targets`` (same shape as ``idx``, -100 = ignored) the loss is their mean
+        cross entropy and logits are returned only if ``return_logits``. Without targets, the logits of
+        every position, or of the last one only if ``last_only`` (generation)."""
+        self._check_idx("idx", idx)
+        if targets is not None:
+            self._check_idx("targets", targets)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        h = self._hidden(idx)
+        if targets is None:
+            return self._logits(h[:, -1:] if last_only else h), None
+        cfg, V = self.config, self.config.vocab_size
+        if cfg.loss == "fused":
+            loss = self.ops.linear_cross_entropy(h.reshape(-1, cfg.n_embd), self.wte.weight[:V], targets.reshape(-1),
+                                                 label_smoothing=cfg.label_smoothing)
+            return (self._logits(h) if return_logits else None), loss
+        logits = self._logits(h)
+        # without returned logits nothing else reads them, so their backward may overwrite them in place
+        loss = self.ops.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), label_smoothing=cfg.label_smoothing,
+                                      n_chunks=cfg.ce_chunks, inplace_backward=not return_logits)
+        return (logits if return_logits else None), loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 eos_token_id: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append up to ``max_new_tokens`` sampled tokens to ``idx`` [B, T]. ``temperature`` 0 is greedy.
+        Rows that emitted ``eos_token_id`` continue with it; generation stops once all rows have.
+        The model's train/eval mode is left as it is (call ``eval()`` for dropout-free sampling)."""
+        self._check_idx("idx", idx)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if idx.shape[1] + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                             f"block_size {self.config.block_size}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        cfg = self.config
+        caches = None
+        if use_cache:
+            caches = [KVCache(idx.shape[0], cfg.n_kv_head, idx.shape[1] + max_new_tokens, cfg.head_dim,
+                              idx.device, self.wte.weight.dtype) for _ in self.blocks]
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        out, fresh = idx, idx
+        for _ in range(max_new_tokens):
+            h = self._hidden(fresh if use_cache else out, caches)
+            nxt = _sample(self._logits(h[:, -1]), temperature, top_k, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            fresh = nxt[:, None]
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return out
+
+    # ----------------------------------------------------------------------------------------------------
+
+    def _check_idx(self, name: str, idx) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an int64/int32 tensor of token ids, got "
+                            f"{getattr(idx, 'dtype', type(idx).__name__)}")
+        if idx.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [batch, seq], got shape {tuple(idx.shape)}")
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size {self.config.block_size}")
+
+    def _hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, C] of ``idx``, which continues the cached positions if any."""
+        cfg = self.config
+        T = idx.shape[1]
+        start = caches[0].length if caches else 0
+        if start + T > cfg.block_size:
+            raise ValueError(f"position {start + T} exceeds block_size {cfg.block_size}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        x = dropout(self.ops, x, cfg.dropout, self.training)
+        rope = (self.rope_cos, self.rope_sin, start) if cfg.position == "rope" else None
+        pending = None
+        for i, block in enumerate(self.blocks):
+            x, pending = block(x, pending, rope, caches[i] if caches else None)
+        return self.ln_f(x, pending)[1]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.wte.weight)[..., :self.config.vocab_size]
+
+    # ----------------------------------------------------------------------------------------------------
+    # Hugging Face interchange: GPT2LMHeadModel both ways, LlamaForCausalLM (tied embeddings) in
+
+    @classmethod
+    def from_huggingface(cls, source, kernels: str = "triton", **overrides) -> "GPT":
+        """A model with the weights of ``source``: a ``transformers`` GPT2LMHeadModel or LlamaForCausalLM, a
+        directory written by ``save_pretrained``, or a hub name (downloads; needs network access)."""
+        import transformers
+        hf = source if isinstance(source, transformers.PreTrainedModel) else \
+            transformers.AutoModelForCausalLM.from_pretrained(os.fspath(source))
+        config = GPTConfig(**{**_config_from_hf(hf.config), "kernels": kernels, **overrides})
+        with torch.device("meta"):
+            model = cls(config)
+        state = {k: v.detach().clone() for k, v in model.convert_hf_state_dict(hf.state_dict()).items()}
+        model.load_state_dict(state, assign=True)
+        if config.position == "rope":  # the tables were built on the meta device
+            model.rope_cos, model.rope_sin = model.ops.rope_cos_sin(config.block_size, config.head_dim,
+                                                                    config.rope_base, device=model.wte.weight.device)
+        return model
+
+    def convert_hf_state_dict(self, hf_state: dict) -> dict:
+        """A Hugging Face state dict (or anything laid out like it, e.g. its gradients) in this model's names and
+        layouts: GPT-2's Conv1D weights transposed, llama's q/k/v and gate/up projections stacked, the token
+        embedding zero-padded to the padded vocab."""
+        cfg = self.config
+        sd = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in hf_state.items()}
+        wte = sd["wte.weight" if cfg.position == "learned" else "embed_tokens.weight"]
+        out = {"wte.weight": F.pad(wte, (0, 0, 0, cfg.padded_vocab_size - wte.shape[0]))}
+        if cfg.position == "rope":
+            out["ln_f.weight"] = sd["norm.weight"]
+            for i in range(cfg.n_layer):
+                theirs = {ours: torch.cat([sd[f"layers.{i}.{n}.weight"] for n in names])
+                          for ours, names in _HF_LLAMA_BLOCK_NAMES}
+                out.update({f"blocks.{i}.{ours}.weight": t for ours, t in theirs.items()})
+            return out
+        self._require_gpt2_layout()
+        out.update({"wpe.weight": sd["wpe.weight"], "ln_f.weight": sd["ln_f.weight"], "ln_f.bias": sd["ln_f.bias"]})
+        for i in range(cfg.n_layer):
+            for ours, theirs in _HF_GPT2_BLOCK_NAMES:
+                out[f"blocks.{i}.{ours}.bias"] = sd[f"h.{i}.{theirs}.bias"]
+                w = sd[f"h.{i}.{theirs}.weight"]
+                out[f"blocks.{i}.{ours}.weight"] = w if ours.startswith("ln") else w.t()
+        return out
+
+    def to_huggingface(self):
+        """This model as a ``transformers`` GPT2LMHeadModel (fp32 copy of the weights, padding rows dropped)."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+        self._require_gpt2_layout()
+        cfg = self.config
+        act = {v: k for k, v in _HF_ACTIVATIONS.items()}[cfg.activation]
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                        n_positions=cfg.block_size, vocab_size=cfg.vocab_size,
+                                        layer_norm_epsilon=cfg.norm_eps, activation_function=act,
+                                        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout))
+        sd = self.state_dict()
+        theirs = {"transformer.wte.weight": sd["wte.weight"][:cfg.vocab_size], "transformer.wpe.weight": sd["wpe.weight"],
+                  "transformer.ln_f.weight": sd["ln_f.weight"], "transformer.ln_f.bias": sd["ln_f.bias"]}
+        for i in range(cfg.n_layer):
+            for ours, name in _HF_GPT2_BLOCK_NAMES:
+                w = sd[f"blocks.{i}.{ours}.weight"]
+                theirs[f"transformer.h.{i}.{name}.weight"] = w if ours.startswith("ln") else w.t()
+                theirs[f"transformer.h.{i}.{name}.bias"] = sd[f"blocks.{i}.{ours}.bias"]
+        missing, unexpected = hf.load_state_dict({k: v.detach().float().cpu() for k, v in theirs.items()},
+                                                 strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # the LM head is tied to wte
+            raise RuntimeError(f"GPT-2 export mismatch: missing {missing}, unexpected {unexpected}")
+        hf.tie_weights()
+        return hf
+
+    def _require_gpt2_layout(self) -> None:
+        cfg = self.config
+        if not (cfg.norm == "layernorm" and cfg.position == "learned" and cfg.bias and cfg.activation != "swiglu"
+                and cfg.n_kv_head == cfg.n_head):
+            raise ValueError("only GPT-2-style configs (layernorm, learned positions, biases, GELU, no GQA) map "
+                             "to Hugging Face GPT-2")
+
+
+# GPT-2's Hugging Face activation names; "gelu_new" is the tanh approximation GPT-2 was trained with
+_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+# (our block submodule, theirs) for every Linear/LayerNorm of a GPT-2 block
+_HF_GPT2_BLOCK_NAMES = (("ln_1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                        ("ln_2", "ln_2"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj"))
+# (our block weight, the llama weights stacked into it, in order)
+_HF_LLAMA_BLOCK_NAMES = (
+    ("ln_1", ("input_layernorm",)), ("ln_2", ("post_attention_layernorm",)),
+    ("attn.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("attn.proj", ("self_attn.o_proj",)),
+    ("mlp.fc", ("mlp.gate_proj", "mlp.up_proj")), ("mlp.proj", ("mlp.down_proj",)))
+
+
+def _config_from_hf(c) -> dict:
+    """GPTConfig fields for a Hugging Face GPT-2 or llama config; ValueError for variants we do not model."""
+    def require(ok: bool, what: str):
+        if not ok:
+            raise ValueError(f"Hugging Face {c.model_type} config with {what} is not supported")
+
+    if c.model_type == "gpt2":
+        require(c.activation_function in _HF_ACTIVATIONS, f"activation_function={c.activation_function!r}")
+        require(c.scale_attn_weights and not c.scale_attn_by_inverse_layer_idx and not c.add_cross_attention,
+                "scale_attn_by_inverse_layer_idx / unscaled attention / cross attention")
+        return dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions,
+                    vocab_size=c.vocab_size, norm_eps=c.layer_norm_epsilon,
+                    activation=_HF_ACTIVATIONS[c.activation_function], dropout=c.resid_pdrop)
+    if c.model_type == "llama":
+        rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": c.rope_theta}
+        require(rope.get("rope_type", "default") == "default", f"rope scaling {rope}")
+        require(c.hidden_act == "silu" and not c.attention_bias and not getattr(c, "mlp_bias", False),
+                "biases or a non-SiLU activation")
+        require(c.tie_word_embeddings, "untied embeddings")
+        require(c.head_dim == c.hidden_size // c.num_attention_heads, f"head_dim={c.head_dim}")
+        return dict(n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
+                    n_kv_head=c.num_key_value_heads, mlp_hidden=c.intermediate_size,
+                    block_size=c.max_position_embeddings, vocab_size=c.vocab_size, norm_eps=c.rms_norm_eps,
+                    rope_base=float(rope["rope_theta"]), dropout=c.attention_dropout, **LLAMA_STYLE)
+    raise ValueError(f"unsupported Hugging Face model_type {c.model_type!r}; expected 'gpt2' or 'llama'")
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """One token id per row of ``logits`` [B, V]."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -1,0 +1,201 @@
+"""Vision Transformer (ViT) built from triformer layers, laid out like timm's ``VisionTransformer``.
+
+Patch embedding (a stride-p convolution, computed as a matmul over flattened patches), a class token, a
+learned position embedding, pre-norm blocks with non-causal attention, a final norm and a linear head.
+``pool="cls"`` classifies from the class token; ``pool="mean"`` from the mean of the patch tokens, normed
+after pooling (timm's ``global_pool="avg"``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from models.layers import Block, Norm, TransformerConfig, dropout, init_weights
+from models.ops import get_ops
+
+POOLS = ("cls", "mean")
+
+
+@dataclasses.dataclass
+class ViTConfig(TransformerConfig):
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 1000
+    pool: str = "cls"
+    activation: str = "gelu"
+    norm_eps: float = 1e-6
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("image_size", "patch_size", "in_channels", "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.n_kv_head != self.n_head:
+            raise ValueError("ViT uses plain multi-head attention: n_kv_head must equal n_head")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class ViT(nn.Module):
+    task = "image"
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        self.config = config
+        self.ops = ops = get_ops(config.kernels)
+        C, p = config.n_embd, config.patch_size
+        self.patch_embed = nn.Linear(config.in_channels * p * p, C)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, C))
+        self.pos_embed = nn.Parameter(torch.empty(1, config.num_patches + 1, C))
+        self.blocks = nn.ModuleList(Block(config, ops, causal=False) for _ in range(config.n_layer))
+        self.norm = Norm(C, config.norm, config.norm_eps, config.bias, ops)
+        self.head = nn.Linear(C, config.num_classes)
+        init_weights(self, config.n_layer)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; ``non_embedding`` leaves out the position embedding and the class token."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.pos_embed.numel() + self.cls_token.numel()
+        return n
+
+    def flops_per_example(self, seq_len: int | None = None) -> float:
+        """Forward + backward FLOPs of one image: 6 per parameter per token (the head once per image), plus
+        attention's 12 * n_layer * n_embd * T per token. ``seq_len`` is ignored (fixed by the image size)."""
+        cfg = self.config
+        T = cfg.num_patches + 1
+        head = self.head.weight.numel() + self.head.bias.numel()
+        return float(6 * (self.num_params() - head) * T + 6 * head + 12 * cfg.n_layer * cfg.n_embd * T * T)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
+        """``(logits [B, num_classes], loss)``; the loss (mean cross entropy, -100 = ignored) needs ``targets``."""
+        cfg = self.config
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor, got {getattr(images, 'dtype', type(images).__name__)}")
+        expected = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {tuple(images.shape)}")
+        if targets is not None and (targets.dtype != torch.int64 or targets.shape != images.shape[:1]):
+            raise ValueError(f"targets must be int64 of shape [{images.shape[0]}], got {targets.dtype} "
+                             f"{tuple(targets.shape)}")
+        B, p, n = images.shape[0], cfg.patch_size, cfg.image_size // cfg.patch_size
+        # [B, C, n*p, n*p] -> [B, n*n, C*p*p], each patch flattened in the conv weight's (C, p, p) order
+        patches = images.reshape(B, cfg.in_channels, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, -1)
+        x = self.patch_embed(patches.to(self.patch_embed.weight.dtype))
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1) + self.pos_embed
+        x = dropout(self.ops, x, cfg.dropout, self.training)
+        pending = None
+        for block in self.blocks:
+            x, pending = block(x, pending)
+        if cfg.pool == "cls":  # only the class token's row needs the final norm
+            h = self.norm(x[:, 0], pending[:, 0])[1]
+        else:
+            h = self.norm((x + pending)[:, 1:].mean(dim=1))[1]
+        logits = self.head(h)
+        if targets is None:
+            return logits, None
+        return logits, self.ops.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+
+    # ----------------------------------------------------------------------------------------------------
+    # interchange with timm and Hugging Face
+
+    @classmethod
+    def from_timm(cls, model, kernels: str = "triton", **overrides) -> "ViT":
+        """A ViT with the weights of a timm ``VisionTransformer`` of the plain layout (class token, learned
+        position embedding over the class token too, no layer scale / register tokens / qk-norm)."""
+        pool = {"token": "cls", "avg": "mean"}.get(model.global_pool)
+        blk = model.blocks[0]
+        unsupported = [why for why, bad in (
+            (f"global_pool={model.global_pool!r}", pool is None),
+            ("no class token", model.cls_token is None),
+            ("register tokens", getattr(model, "reg_token", None) is not None),
+            ("no_embed_class", getattr(model, "no_embed_class", False)),
+            ("pre-norm of the patch embedding", not isinstance(model.norm_pre, nn.Identity)),
+            ("layer scale / qk-norm", any(not isinstance(getattr(blk, n, nn.Identity()), nn.Identity)
+                                          for n in ("ls1", "ls2"))
+             or any(not isinstance(getattr(blk.attn, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm"))),
+            ("qkv without bias", blk.attn.qkv.bias is None),
+        ) if bad]
+        if unsupported:
+            raise ValueError(f"timm VisionTransformer with {', '.join(unsupported)} is not supported")
+        norm = model.fc_norm if pool == "mean" else model.norm
+        config = ViTConfig(**{**dict(
+            n_layer=len(model.blocks), n_head=blk.attn.num_heads, n_embd=model.embed_dim,
+            mlp_hidden=blk.mlp.fc1.out_features, norm_eps=norm.eps, image_size=model.patch_embed.img_size[0],
+            patch_size=model.patch_embed.patch_size[0], in_channels=model.patch_embed.proj.in_channels,
+            num_classes=model.num_classes, pool=pool, kernels=kernels), **overrides})
+        sd = model.state_dict()
+        state = {"patch_embed.weight": sd["patch_embed.proj.weight"].flatten(1),
+                 "patch_embed.bias": sd["patch_embed.proj.bias"], "cls_token": sd["cls_token"],
+                 "pos_embed": sd["pos_embed"], "head.weight": sd["head.weight"], "head.bias": sd["head.bias"]}
+        final = "fc_norm" if pool == "mean" else "norm"
+        state.update({f"norm.{k}": sd[f"{final}.{k}"] for k in ("weight", "bias")})
+        for i in range(config.n_layer):
+            for ours, theirs in (("ln_1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"),
+                                 ("ln_2", "norm2"), ("mlp.fc", "mlp.fc1"), ("mlp.proj", "mlp.fc2")):
+                for k in ("weight", "bias"):
+                    state[f"blocks.{i}.{ours}.{k}"] = sd[f"blocks.{i}.{theirs}.{k}"]
+        return cls._with_state(config, state)
+
+    @classmethod
+    def from_huggingface(cls, model, kernels: str = "triton", **overrides) -> "ViT":
+        """A ViT with the weights of a ``transformers`` ViTForImageClassification (class-token pooling)."""
+        c = model.config
+        if c.hidden_act != "gelu":
+            raise ValueError(f"unsupported ViT hidden_act {c.hidden_act!r}; expected 'gelu'")
+        if not c.qkv_bias:
+            raise ValueError("ViT configs with qkv_bias=False are not supported")
+        config = ViTConfig(**{**dict(
+            n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
+            mlp_hidden=c.intermediate_size, norm_eps=c.layer_norm_eps, image_size=c.image_size,
+            patch_size=c.patch_size, in_channels=c.num_channels, num_classes=c.num_labels, pool="cls",
+            kernels=kernels), **overrides})
+        sd = model.state_dict()
+        emb = "vit.embeddings."
+        state = {"patch_embed.weight": sd[emb + "patch_embeddings.projection.weight"].flatten(1),
+                 "patch_embed.bias": sd[emb + "patch_embeddings.projection.bias"], "cls_token": sd[emb + "cls_token"],
+                 "pos_embed": sd[emb + "position_embeddings"], "norm.weight": sd["vit.layernorm.weight"],
+                 "norm.bias": sd["vit.layernorm.bias"], "head.weight": sd["classifier.weight"],
+                 "head.bias": sd["classifier.bias"]}
+        for i in range(config.n_layer):
+            layer = _hf_layer_names(sd, i)
+            for k in ("weight", "bias"):
+                state[f"blocks.{i}.attn.qkv.{k}"] = torch.cat([sd[layer[n] + k] for n in ("q", "k", "v")])
+                for ours in ("ln_1", "attn.proj", "ln_2", "mlp.fc", "mlp.proj"):
+                    state[f"blocks.{i}.{ours}.{k}"] = sd[layer[ours] + k]
+        return cls._with_state(config, state)
+
+    @classmethod
+    def _with_state(cls, config: ViTConfig, state: dict) -> "ViT":
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, assign=True)
+        return model
+
+
+def _hf_layer_names(sd: dict, i: int) -> dict:
+    """Prefixes of layer ``i``'s tensors in a ViTForImageClassification state dict, in the naming of
+    transformers >= 5 (``vit.layers.i.attention.q_proj``) or before it (``vit.encoder.layer.i...``)."""
+    new = f"vit.layers.{i}."
+    if new + "attention.q_proj.weight" in sd:
+        return {"q": new + "attention.q_proj.", "k": new + "attention.k_proj.", "v": new + "attention.v_proj.",
+                "attn.proj": new + "attention.o_proj.", "ln_1": new + "layernorm_before.",
+                "ln_2": new + "layernorm_after.", "mlp.fc": new + "mlp.fc1.", "mlp.proj": new + "mlp.fc2."}
+    old = f"vit.encoder.layer.{i}."
+    return {"q": old + "attention.attention.query.", "k": old + "attention.attention.key.",
+            "v": old + "attention.attention.value.", "attn.proj": old + "attention.output.dense.",
+            "ln_1": old + "layernorm_before.", "ln_2": old + "layernorm_after.",
+            "mlp.fc": old + "intermediate.dense.", "mlp.proj": old + "output.dense."}

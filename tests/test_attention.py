@@ -1,0 +1,272 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from hypothesis import given
+from hypothesis import strategies as st
+
+import triformer.attention as attention_module
+from triformer.attention import (Attention, AttentionFunction, attention, attention_dropout_mask,
+                                 attention_reference)
+from triformer.testing import (FP32_RTOL, LOW_PRECISION_SLACK, assert_close, kernel_device, poison_, random_tensor,
+                               rel_error)
+
+# CPU tests use fp32 and fp16 only: triton 3.9's interpreter computes tl.dot on bf16 wrongly.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if kernel_device().type == "cuda" else [])
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    """Every buffer the op allocates starts as NaN (255 for bytes), so an element a kernel skips shows."""
+    empty = attention_module._empty
+    monkeypatch.setattr(attention_module, "_empty", lambda *args, **kwargs: poison_(empty(*args, **kwargs)))
+
+
+def qkv(B, H, Tq, Tk, D, dtype, contiguous=True, scale=1.0):
+    return (random_tensor((B, H, Tq, D), dtype, contiguous=contiguous, scale=scale),
+            random_tensor((B, H, Tk, D), dtype, contiguous=contiguous, scale=scale),
+            random_tensor((B, H, Tk, D), dtype, contiguous=contiguous))
+
+
+def check_attention(q, k, v, grad_out=None, **kwargs):
+    """Output and dq, dk, dv against the float64 reference; for fp16/bf16 the reference run in that dtype
+    (PyTorch's own math at that precision) sets the bar. Returns the kernel's output."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, **kwargs)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    grad_out = random_tensor(out.shape, out.dtype) if grad_out is None else grad_out
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_kwargs = dict(kwargs)
+    if kwargs.get("dropout_p", 0.0) > 0:
+        ref_kwargs["dropout_mask"] = attention_dropout_mask((*q.shape[:3], k.shape[2]), kwargs["dropout_p"],
+                                                            kwargs["seed"])
+
+    def run_reference(dtype):
+        ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        ref = attention_reference(*ins, **ref_kwargs)
+        return ref, torch.autograd.grad(ref, ins, grad_out.to(dtype))
+
+    out64, grads64 = run_reference(torch.float64)
+    peer, grads_peer = run_reference(q.dtype)
+    for name, ours, ref, theirs in zip(("out", "dq", "dk", "dv"), (out, *grads), (out64, *grads64),
+                                       (peer, *grads_peer)):
+        assert ours.dtype == q.dtype and ours.shape == ref.shape
+        assert_close(name, ours, ref, theirs, rtol=fp32_bar(ref, theirs) if q.dtype == torch.float32 else None)
+    return out
+
+
+def fp32_bar(ref64, peer32):
+    """fp32's 1e-5, unless PyTorch's own fp32 result is worse: with scores of magnitude ~1e3 the rounding
+    of the scores alone moves the probabilities by ~1e-4, in any fp32 implementation."""
+    return max(FP32_RTOL, LOW_PRECISION_SLACK * rel_error(peer32, ref64))
+
+
+# Interpreter blocks are 64 rows/keys: these lengths span two or three blocks with ragged ends, and
+# Tq != Tk in both directions exercises the bottom-right causal alignment (Tq > Tk leaves rows empty).
+@pytest.mark.parametrize("Tq,Tk", [(100, 100), (67, 150), (130, 77), (1, 91)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_matches_reference(Tq, Tk, is_causal):
+    check_attention(*qkv(2, 2, Tq, Tk, 40, torch.float32), is_causal=is_causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [16, 64, 80, 128])
+def test_attention_head_dims_and_dtypes(dtype, D):
+    check_attention(*qkv(1, 2, 90, 75, D, dtype), is_causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_non_contiguous_inputs_and_grad(dtype):
+    q, k, v = qkv(2, 3, 70, 83, 24, dtype, contiguous=False)
+    grad_out = random_tensor((2, 3, 70, 24), dtype, contiguous=False)
+    check_attention(q, k, v, grad_out, scale=0.3)
+
+
+def test_attention_reads_fused_qkv_projection_in_place():
+    """The models' layout: q, k, v are strided views of one [B, T, 3, H, D] projection, output feeds a
+    [B, T, H*D] reshape. The kernel reads the views as they are and its output reshapes without a copy."""
+    B, T, H, D = 2, 97, 3, 32
+    fused = random_tensor((B, T, 3, H, D), torch.float32)
+    q, k, v = fused.permute(2, 0, 3, 1, 4)
+    out = check_attention(q, k, v, is_causal=True)
+    assert out.transpose(1, 2).reshape(B, T, H * D).data_ptr() == out.data_ptr()
+    # an expanded upstream gradient (zero strides), as out.sum().backward() produces
+    check_attention(q, k, v, torch.ones(1, 1, 1, 1).expand(B, H, T, D), is_causal=True)
+
+
+def test_causal_alignment_matches_incremental_decoding():
+    """Bottom-right alignment: the last query rows alone, against all keys, equal the tail of the full
+    causal attention (what a KV cache computes); and the reference agrees with SDPA where they overlap."""
+    q, k, v = qkv(1, 2, 120, 120, 32, torch.float32)
+    full = attention(q, k, v, is_causal=True)
+    for new in (1, 7, 66):
+        torch.testing.assert_close(attention(q[:, :, -new:], k, v, is_causal=True), full[:, :, -new:],
+                                   rtol=1e-5, atol=1e-6)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    torch.testing.assert_close(attention_reference(q64, k64, v64, is_causal=True),
+                               F.scaled_dot_product_attention(q64, k64, v64, is_causal=True))
+
+
+def random_masks(B, H, Tq, Tk, kind):
+    """Masks with some query rows and some keys fully excluded (so rows with nothing to attend occur)."""
+    if kind == "additive":
+        mask = torch.randn(Tq, Tk, device=kernel_device())
+        mask[::3] = float("-inf")  # whole rows masked through -inf
+        mask[:, Tk // 2] = float("-inf")  # and a key column
+        return dict(attn_mask=mask)
+    if kind == "bool":
+        mask = torch.rand(B, 1, Tq, Tk, device=kernel_device()) > 0.3
+        mask[0, 0, Tq // 2] = False
+        return dict(attn_mask=mask)
+    padding = torch.zeros(B, Tk, dtype=torch.bool, device=kernel_device())
+    padding[0, Tk // 2:] = True
+    padding[-1, :] = True  # a sequence that is all padding
+    return dict(key_padding_mask=padding)
+
+
+@pytest.mark.parametrize("kind", ["additive", "bool", "padding"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_masks(kind, is_causal):
+    B, H, Tq, Tk = 2, 2, 75, 101
+    masks = random_masks(B, H, Tq, Tk, kind)
+    out = check_attention(*qkv(B, H, Tq, Tk, 32, torch.float32), is_causal=is_causal, **masks)
+    assert torch.isfinite(out).all()
+
+
+def test_fully_masked_rows_give_zero_output_and_gradients():
+    q, k, v = qkv(2, 1, 70, 70, 16, torch.float32)
+    padding = torch.zeros(2, 70, dtype=torch.bool, device=q.device)
+    padding[1] = True
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, key_padding_mask=padding)
+    out.sum().backward()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    for t in leaves:
+        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1])) and t.grad[0].abs().sum() > 0
+
+
+def test_extreme_logits_stay_finite():
+    """Scores of magnitude ~1e4: the online softmax must rescale, not overflow."""
+    check_attention(*qkv(1, 2, 80, 130, 32, torch.float32, scale=12.0), is_causal=True)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_dropout_matches_reference_with_kernel_mask(is_causal):
+    check_attention(*qkv(1, 2, 70, 99, 32, torch.float32), is_causal=is_causal, dropout_p=0.3, seed=1234,
+                    key_padding_mask=torch.rand(1, 99, device=kernel_device()) > 0.8)
+
+
+@triton.jit
+def _flat_keep_kernel(OUT, seed, n, p, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(OUT + offs, (tl.rand(seed, offs) > p).to(tl.uint8), mask=offs < n)
+
+
+def test_dropout_mask_contract_and_statistics():
+    """The keep bit of (b, h, i, j) is Philox at counter ((b*H + h)*Tq + i)*Tk + j: the flat index of a
+    [B, H, Tq, Tk] tensor, the counter triformer.dropout uses for element i of a flat tensor."""
+    shape, p, seed = (2, 3, 77, 131), 0.25, 99
+    keep = attention_dropout_mask(shape, p, seed)
+    n = math.prod(shape)
+    flat = torch.empty(n, dtype=torch.uint8, device=keep.device)
+    _flat_keep_kernel[(triton.cdiv(n, 8192),)](flat, seed, n, p, BLOCK=8192)
+    assert torch.equal(keep.reshape(-1), flat.bool())
+    rate, sigma = keep.float().mean().item(), math.sqrt(p * (1 - p) / n)
+    assert abs(rate - (1 - p)) < 5 * sigma
+    assert not torch.equal(keep, attention_dropout_mask(shape, p, seed + 1))
+
+
+def test_dropout_seed_reproducibility():
+    q, k, v = qkv(1, 2, 66, 66, 16, torch.float32)
+    a = attention(q, k, v, dropout_p=0.5, seed=7)
+    assert torch.equal(a, attention(q, k, v, dropout_p=0.5, seed=7))
+    assert not torch.equal(a, attention(q, k, v, dropout_p=0.5, seed=8))
+    torch.manual_seed(3)
+    b = attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(3)
+    assert torch.equal(b, attention(q, k, v, dropout_p=0.5))
+
+
+def test_module_and_function():
+    q, k, v = qkv(1, 2, 65, 65, 16, torch.float32)
+    layer = Attention(is_causal=True, dropout_p=0.4)
+    assert "dropout_p=0.4" in repr(layer)
+    expected = attention(q, k, v, is_causal=True)
+    assert torch.equal(layer.eval()(q, k, v), expected)
+    assert not torch.equal(layer.train()(q, k, v), expected)
+    direct = AttentionFunction.apply(q, k, v, True, 0.0, 0.25, None, None, None)
+    assert torch.equal(direct, expected)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    q, k, v = qkv(1, 2, 70, 70, 16, torch.float32)
+    mask = torch.randn(70, 70, device=q.device)
+
+    def loss(q, k, v):
+        out = attention(q, k, v, is_causal=True, dropout_p=0.2, seed=5, attn_mask=mask)
+        return (out * out).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (loss, compiled):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        value = fn(*leaves)
+        results.append((value, *torch.autograd.grad(value, leaves)))
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+
+
+def test_bad_arguments_raise_before_launch():
+    q, k, v = qkv(1, 2, 8, 8, 16, torch.float32)
+    cases = [
+        (dict(q=q.half()), TypeError, "share a dtype"),
+        (dict(q=q.long()), TypeError, "q must be float32"),
+        (dict(k=k[0]), ValueError, "k must be 4-D"),
+        (dict(v=v[:, :1]), ValueError, "k and v must be"),
+        (dict(q=q[..., :8]), ValueError, "k and v must be"),
+        (dict(q=torch.empty(1, 2, 0, 16)), ValueError, "non-empty"),
+        (dict(is_causal=1), TypeError, "is_causal must be a bool"),
+        (dict(dropout_p=1.0), ValueError, "dropout_p must be in"),
+        (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
+        (dict(scale=float("nan")), ValueError, "scale must be"),
+        (dict(seed=-1, dropout_p=0.1), ValueError, "seed must be"),
+        (dict(attn_mask=torch.zeros(3, 8, 8)), ValueError, "attn_mask must broadcast"),
+        (dict(attn_mask=torch.zeros(8, 8, dtype=torch.int32)), TypeError, "attn_mask must be float32"),
+        (dict(attn_mask=torch.zeros(8, 8, requires_grad=True)), ValueError, "attn_mask gets no gradient"),
+        (dict(key_padding_mask=torch.zeros(1, 8)), TypeError, "key_padding_mask must be a bool"),
+        (dict(key_padding_mask=torch.zeros(1, 9, dtype=torch.bool)), ValueError, "key_padding_mask must be"),
+    ]
+    if q.device.type == "cpu":
+        cases.append((dict(q=q.to("meta")), ValueError, "on meta"))
+    for override, error, message in cases:
+        args = dict(q=q, k=k, v=v) | override
+        with pytest.raises(error, match=message):
+            attention(**args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_long_sequences(dtype):
+    check_attention(*qkv(2, 3, 700, 1100, 96, dtype), is_causal=True)
+    check_attention(*qkv(2, 3, 513, 513, 64, dtype), dropout_p=0.1, seed=3,
+                    **random_masks(2, 3, 513, 513, "padding"))
+
+
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 150), st.integers(1, 150),
+                    st.sampled_from([8, 24, 32, 40, 64, 96])),
+    dtype=st.sampled_from(DTYPES),
+    contiguous=st.booleans(),
+    is_causal=st.booleans(),
+    magnitude=st.sampled_from([1e-3, 1.0, 8.0]),
+    mask=st.sampled_from([None, "additive", "bool", "padding"]),
+    dropout_p=st.sampled_from([0.0, 0.0, 0.6]),
+)
+def test_attention_property(shape, dtype, contiguous, is_causal, magnitude, mask, dropout_p):
+    B, H, Tq, Tk, D = shape
+    masks = random_masks(B, H, Tq, Tk, mask) if mask else {}
+    check_attention(*qkv(B, H, Tq, Tk, D, dtype, contiguous, magnitude), is_causal=is_causal,
+                    dropout_p=dropout_p, seed=11 if dropout_p else None, **masks)

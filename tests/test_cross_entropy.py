@@ -1,0 +1,317 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import triformer
+from triformer.cross_entropy import (CrossEntropyLoss, TritonCrossEntropyLoss, cross_entropy,
+                                     cross_entropy_reference, launch_cross_entropy, mean_scale)
+from triformer.testing import assert_close, kernel_device, poison_, random_tensor
+
+DEV = kernel_device()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# 111 rows over 1531 classes: more than one row tile and more than one column block on the interpreter
+# (64 x 1024 tiles) and on the GPU (1 x 1024 or more).
+SHAPE = (3, 37, 1531)
+
+
+def make_targets(shape, n_cols, ignore_index=-100, ignore_frac=0.2, generator=None):
+    t = torch.randint(0, n_cols, shape, generator=generator)
+    t[torch.rand(shape, generator=generator) < ignore_frac] = ignore_index
+    return t.to(DEV)
+
+
+def torch_peer(logits, targets, ignore_index, reduction, label_smoothing):
+    """PyTorch's own cross-entropy in the logits' dtype (class dim last)."""
+    n_cols = logits.shape[-1]
+    loss = F.cross_entropy(logits.reshape(-1, n_cols), targets.reshape(-1), ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=label_smoothing)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def upstream(loss):
+    return (torch.rand(loss.shape, dtype=torch.float32) + 0.5).to(loss.dtype).to(loss.device)
+
+
+def check_against_reference(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                            n_chunks=1, check_peer=True):
+    """Loss and gradient of ``cross_entropy`` vs float64 reference (and PyTorch's own in low precision)."""
+    x = logits.detach().clone().requires_grad_()
+    loss = cross_entropy(x, targets, ignore_index, reduction, label_smoothing, n_chunks)
+    x64 = logits.detach().double().requires_grad_()
+    ref = cross_entropy_reference(x64, targets, ignore_index, reduction, label_smoothing)
+    assert loss.dtype == logits.dtype and loss.shape == ref.shape
+    g = upstream(loss)
+    loss.backward(g)
+    ref.backward(g.double())
+    peer_loss = peer_grad = None
+    if check_peer and logits.dtype != torch.float32:
+        xp = logits.detach().clone().requires_grad_()
+        peer_loss = torch_peer(xp, targets, ignore_index, reduction, label_smoothing)
+        peer_loss.backward(g)
+        peer_grad = xp.grad
+    assert_close("loss", loss, ref, peer_loss)
+    assert_close("grad logits", x.grad, x64.grad, peer_grad)
+    return loss, x.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_matches_reference(dtype, reduction, contiguous):
+    logits = random_tensor(SHAPE, dtype, contiguous=contiguous, scale=3.0)
+    targets = make_targets(SHAPE[:-1], SHAPE[-1])
+    check_against_reference(logits, targets, reduction=reduction, label_smoothing=0.1 if contiguous else 0.0)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.25, 1.0])
+def test_reference_is_torch_semantics(label_smoothing):
+    """The reference agrees with torch.nn.functional.cross_entropy wherever that is defined."""
+    logits = torch.randn(53, 211, dtype=torch.float64)
+    targets = torch.randint(0, 211, (53,))
+    targets[::7] = 3
+    for reduction in ("mean", "sum", "none"):
+        ours = cross_entropy_reference(logits, targets, 3, reduction, label_smoothing)
+        theirs = F.cross_entropy(logits, targets, ignore_index=3, reduction=reduction, label_smoothing=label_smoothing)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_ignore_index_and_all_ignored():
+    logits = random_tensor((41, 1100), torch.float32)
+    targets = make_targets((41,), 1100, ignore_index=7, ignore_frac=0.5)
+    loss, grad = check_against_reference(logits, targets, ignore_index=7)
+    ignored = targets == 7
+    assert ignored.any() and torch.all(grad[ignored] == 0)
+    # every target ignored: "mean" is 0 (not NaN) with a zero gradient, "none" is all zeros
+    all_ignored = torch.full((41,), 7, device=DEV)
+    for reduction in ("mean", "sum", "none"):
+        x = logits.clone().requires_grad_()
+        loss = cross_entropy(x, all_ignored, ignore_index=7, reduction=reduction)
+        loss.sum().backward()
+        assert torch.all(loss == 0) and torch.all(x.grad == 0)
+
+
+def test_row_longer_than_many_blocks():
+    """A 256k+ vocabulary streams through hundreds of column blocks (online log-sum-exp)."""
+    n_cols = (1 << 18) + 3
+    logits = random_tensor((3, n_cols), torch.float32, scale=4.0)
+    logits[1, 5] = 40.0  # a dominant logit late in the rescaling sequence
+    targets = torch.tensor([n_cols - 1, 5, 0], device=DEV)
+    check_against_reference(logits, targets, label_smoothing=0.05)
+
+
+def test_extreme_logits():
+    logits = random_tensor((70, 1100), torch.float32, scale=1e4)
+    logits[3, :600] = float("-inf")  # a whole first column block of -inf, finite values later
+    targets = make_targets((70,), 1100, ignore_frac=0.0)
+    targets[3] = 900
+    check_against_reference(logits, targets)
+
+
+def test_n_chunks_only_splits_launches():
+    logits = random_tensor((23, 1031), torch.float32)
+    targets = make_targets((23,), 1031)
+    results = []
+    for n_chunks in (1, 4, 40):  # uneven chunks, and more chunks than rows
+        x = logits.clone().requires_grad_()
+        loss = cross_entropy(x, targets, n_chunks=n_chunks)
+        loss.backward()
+        results.append((loss, x.grad))
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_kernel_writes_every_output_element(inplace):
+    """Poisoned loss and gradient buffers (NaN): every element must be overwritten, ignored rows included."""
+    logits = random_tensor((1, 70, 1100), torch.float32)
+    targets = make_targets((1, 70), 1100, ignore_frac=0.3)
+    x64 = logits.double().requires_grad_()
+    ref = cross_entropy_reference(x64, targets, reduction="mean")
+    ref.backward()
+    loss_rows = poison_(torch.empty(70, device=DEV))
+    src = logits.clone()
+    grad = src if inplace else poison_(torch.empty_like(logits))
+    scale = mean_scale(targets, -100)
+    launch_cross_entropy(src, targets.view(-1), loss_rows, grad, scale, -100, 0.0, 0.0, n_chunks=2)
+    assert_close("grad", grad[0], x64.grad[0])
+    assert_close("loss", loss_rows.sum() * scale[0], ref)
+    if not inplace:
+        assert torch.equal(src, logits)
+
+
+def test_inplace_backward_reuses_logits_buffer():
+    hidden = random_tensor((2, 37, 48), torch.float32)
+    weight = random_tensor((48, 1100), torch.float32, scale=0.5).requires_grad_()
+    targets = make_targets((2, 37), 1100)
+    grads = []
+    for inplace in (False, True):
+        logits = hidden @ weight
+        keep = logits.detach().clone()
+        loss = cross_entropy(logits, targets, label_smoothing=0.1, inplace_backward=inplace)
+        assert torch.equal(logits.detach(), keep) != inplace  # destroyed exactly when asked
+        loss.backward(torch.tensor(0.5, device=DEV))
+        grads.append(weight.grad.clone())
+        weight.grad = None
+        if inplace:  # the logits buffer now holds d(loss)/d(logits), upstream gradient included
+            x64 = keep.double().requires_grad_()
+            (0.5 * cross_entropy_reference(x64, targets, label_smoothing=0.1)).backward()
+            assert_close("logits buffer", logits.detach(), x64.grad)
+    assert_close("grad weight", grads[1], grads[0].double())
+
+
+def test_inplace_backward_refusals_leave_logits_intact():
+    leaf = random_tensor((5, 300), torch.float32).requires_grad_()
+    targets = make_targets((5,), 300)
+    cases = {
+        "leaf": lambda: leaf,
+        "view of a leaf": lambda: leaf[1:],
+        "no grad required": lambda: leaf.detach() * 2,
+        "expanded": lambda: (leaf[:1] * 2).expand(5, 300),
+    }
+    for name, make in cases.items():
+        logits = make()
+        before = logits.detach().clone()
+        with pytest.raises(ValueError, match="inplace_backward"):
+            cross_entropy(logits, targets[: logits.shape[0]], inplace_backward=True)
+        assert torch.equal(logits.detach(), before), name
+    with torch.no_grad(), pytest.raises(ValueError, match="no gradient is being recorded"):
+        cross_entropy(leaf * 2, targets, inplace_backward=True)
+
+
+def test_inplace_backward_detects_saved_logits():
+    """An earlier op that saved the logits for its backward is caught by autograd's version counter."""
+    pre = random_tensor((5, 300), torch.float32).requires_grad_()
+    logits = pre.exp()  # exp saves its output
+    loss = cross_entropy(logits, make_targets((5,), 300), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_second_backward_raises(inplace):
+    x = random_tensor((5, 300), torch.float32).requires_grad_()
+    loss = cross_entropy(x * 1.0, make_targets((5,), 300), inplace_backward=inplace)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+def test_no_grad_computes_loss_only():
+    logits = random_tensor((2, 21, 700), torch.float16).requires_grad_()
+    targets = make_targets((2, 21), 700)
+    with torch.no_grad():
+        loss = cross_entropy(logits, targets, reduction="none")
+    assert not loss.requires_grad
+    ref = cross_entropy_reference(logits.detach().double(), targets, reduction="none")
+    assert_close("loss", loss, ref, torch_peer(logits.detach(), targets, -100, "none", 0.0))
+
+
+@pytest.mark.skipif(not triformer.INTERPRET, reason="on CUDA a bad target is a device-side assert (async)")
+def test_targets_out_of_range_raise():
+    logits = random_tensor((4, 50), torch.float32)
+    for bad in (50, -1, 10**6):
+        targets = torch.tensor([1, bad, 2, -100])
+        with pytest.raises(ValueError, match=r"targets must be in \[0, 50\)"):
+            cross_entropy(logits, targets)
+    with pytest.raises(ValueError, match="targets"):
+        cross_entropy_reference(logits, torch.tensor([1, 50, 2, 3]))
+
+
+def test_bad_arguments():
+    logits = random_tensor((4, 50), torch.float32)
+    targets = make_targets((4,), 50)
+    with pytest.raises(TypeError, match="logits"):
+        cross_entropy(logits.double(), targets)
+    with pytest.raises(TypeError, match="targets"):
+        cross_entropy(logits, targets.float())
+    with pytest.raises(ValueError, match="targets must have shape"):
+        cross_entropy(logits, targets[:3])
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(logits, targets, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cross_entropy(logits, targets, label_smoothing=1.5)
+    with pytest.raises(TypeError, match="ignore_index"):
+        cross_entropy(logits, targets, ignore_index=1.0)
+    with pytest.raises(ValueError, match="n_chunks"):
+        cross_entropy(logits, targets, n_chunks=0)
+    with pytest.raises(ValueError, match="logits must have shape"):
+        cross_entropy(logits[:, :0], targets)
+    with pytest.raises(ValueError, match="reduction"):
+        CrossEntropyLoss(reduction="avg")
+
+
+def test_modules():
+    logits = random_tensor((2, 37, 1100), torch.bfloat16).requires_grad_()
+    targets = make_targets((2, 37), 1100, ignore_index=0)
+    loss = TritonCrossEntropyLoss(pad_token_id=0)(logits, targets)  # the seed's call: leaf logits, .grad filled
+    loss.backward()
+    x64 = logits.detach().double().requires_grad_()
+    ref = cross_entropy_reference(x64, targets, ignore_index=0)
+    ref.backward()
+    xp = logits.detach().clone().requires_grad_()
+    peer = torch_peer(xp, targets, 0, "mean", 0.0)
+    peer.backward()
+    assert_close("loss", loss, ref, peer)
+    assert_close("grad", logits.grad, x64.grad, xp.grad)
+    with pytest.raises(ValueError, match="leaf"):
+        TritonCrossEntropyLoss(pad_token_id=0, inplace_backward=True)(logits, targets)
+    module = CrossEntropyLoss(ignore_index=0, reduction="sum", label_smoothing=0.2, n_chunks=2)
+    assert "label_smoothing=0.2" in repr(module)
+    assert torch.equal(module(logits.detach(), targets), cross_entropy(logits.detach(), targets, 0, "sum", 0.2))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_torch_compile_fullgraph(inplace):
+    hidden = random_tensor((2, 37, 32), torch.float32)
+    weight = random_tensor((32, 1100), torch.float32).requires_grad_()
+    targets = make_targets((2, 37), 1100)
+
+    def f(h, w, t):
+        return cross_entropy(h @ w, t, label_smoothing=0.1, inplace_backward=inplace) * 3.0
+
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        loss = fn(hidden, weight, targets)
+        loss.backward()
+        results.append((loss.detach(), weight.grad))
+        weight.grad = None
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+
+
+@given(
+    rows=st.integers(1, 70), n_cols=st.integers(1, 2200), dtype=st.sampled_from(DTYPES),
+    contiguous=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 30.0, 1e3]),
+    offset=st.sampled_from([0.0, -5e3, 6e4]), reduction=st.sampled_from(["mean", "sum", "none"]),
+    label_smoothing=st.sampled_from([0.0, 0.1, 1.0]), ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property(rows, n_cols, dtype, contiguous, scale, offset, reduction, label_smoothing, ignore_frac, seed):
+    """Random shapes, strides, dtypes and extreme magnitudes/offsets against the float64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    if dtype == torch.float16:
+        offset = max(min(offset, 3e4), -3e4)  # stay representable
+    contiguous = contiguous or n_cols == 1  # a [rows, 1] strided view is still contiguous
+    logits = (random_tensor((rows, n_cols), torch.float32, contiguous=contiguous, scale=scale, generator=gen)
+              + offset).to(dtype)
+    targets = make_targets((rows,), n_cols, ignore_frac=ignore_frac, generator=gen)
+    # PyTorch's own low-precision result sets the bar, except where 'mean' divides 0 by 0 (all ignored)
+    check_against_reference(logits, targets, reduction=reduction, label_smoothing=label_smoothing,
+                            check_peer=not (ignore_frac == 1.0 and reduction == "mean"))
+
+
+@pytest.mark.skipif(triformer.INTERPRET, reason="GPU memory accounting")
+def test_gpu_inplace_peak_memory():
+    """inplace_backward=True needs no [N, V] buffer: backward peaks a few MiB above the logits."""
+    hidden = torch.randn(4096, 64, device="cuda")
+    weight = torch.randn(64, 32000, device="cuda", requires_grad=True)
+    targets = torch.randint(0, 32000, (4096,), device="cuda")
+    logits = hidden @ weight
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    cross_entropy(logits, targets, inplace_backward=True).backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < weight.numel() * 4 + (4 << 20)

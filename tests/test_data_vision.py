@@ -1,0 +1,252 @@
+"""Image data: the digits default, image folders, hf datasets (offline), augmentation, resume, DDP slicing.
+
+Every test runs offline: IP sockets are refused, so any network access fails the test."""
+from __future__ import annotations
+
+import json
+import socket
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from training.data import CacheError, build_data
+from training.data import vision as vision_mod
+from training.data.vision import ImageConfig, ImageData, augment_batch
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"a test tried to use the network: {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+def reference_augment(images, offsets, flips, padding, mean, std):
+    """One image at a time, the textbook way: pad, slice the crop, mirror, normalize."""
+    out = []
+    for i in range(len(images)):
+        x = images[i].double() / 255
+        if offsets is not None and padding:
+            oy, ox = offsets[i].tolist()
+            x = F.pad(x, (padding,) * 4)[:, oy: oy + images.shape[2], ox: ox + images.shape[3]]
+        if flips is not None and flips[i]:
+            x = x.flip(-1)
+        out.append((x - mean.double()[:, None, None]) / std.double()[:, None, None])
+    return torch.stack(out)
+
+
+def synthetic(n=37, C=3, H=5, W=7, classes=4, **cfg) -> ImageData:
+    """Images whose first two pixels encode their index, so batches can be traced back to it."""
+    g = np.random.default_rng(0)
+    images = g.integers(0, 256, (n, C, H, W), dtype=np.uint8)
+    images[:, 0, 0, 0] = np.arange(n) % 256
+    images[:, 0, 0, 1] = np.arange(n) // 256
+    labels = np.arange(n) % classes
+    config = ImageConfig(name="synthetic", val_fraction=0, test_fraction=0, **cfg)
+    return ImageData(config, {"train": (images, labels)}, [f"c{i}" for i in range(classes)], seed=cfg.get("split_seed", 0))
+
+
+def indices(data: ImageData, x: torch.Tensor) -> list[int]:
+    raw = torch.round((x * data.std[:, None, None] + data.mean[:, None, None]) * 255).to(torch.int64)
+    return (raw[:, 0, 0, 0] + 256 * raw[:, 0, 0, 1]).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------- digits
+
+def test_digits_default_split_is_fixed_stratified_and_complete():
+    from sklearn.datasets import load_digits
+
+    data = build_data({"task": "image"}, seed=0)
+    assert data.task == "image" and data.image_shape == (1, 8, 8) and data.num_classes == 10
+    sizes = {s: len(lab) for s, (_, lab) in data.splits.items()}
+    assert sizes == {"train": 1293, "val": 144, "test": 360}
+    raw = load_digits()
+    expected = Counter((np.rint(im * 255 / 16).astype(np.uint8).tobytes(), int(t))
+                       for im, t in zip(raw.images, raw.target))
+    got = Counter((im.numpy().tobytes(), int(t)) for s in data.splits.values() for im, t in zip(*s))
+    assert got == expected  # a partition of the 1797 images, labels kept with their images
+    overall = np.bincount(raw.target, minlength=10) / len(raw.target)
+    for split, (_, lab) in data.splits.items():
+        share = np.bincount(lab.numpy(), minlength=10)
+        assert np.all(np.abs(share - overall * len(lab)) <= 1.5), split  # stratified
+    again = build_data({"task": "image", "hflip": True}, seed=5)
+    assert torch.equal(again.splits["test"][0], data.splits["test"][0])  # fixed, independent of the seed
+
+
+def test_normalization_uses_train_statistics_and_eval_is_unaugmented():
+    data = build_data({"task": "image"}, seed=0)
+    train = data.splits["train"][0].double() / 255
+    torch.testing.assert_close(data.mean.double(), train.mean(dim=(0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(data.std.double(), train.std(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=0)
+    batches = list(data.eval_batches("test", 100))
+    assert [len(y) for _, y in batches] == [100, 100, 100, 60]
+    x = torch.cat([b[0] for b in batches])
+    images, labels = data.splits["test"]
+    expected = (images.double() / 255 - data.mean.double()[:, None, None]) / data.std.double()[:, None, None]
+    torch.testing.assert_close(x.double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.cat([b[1] for b in batches]), labels)
+    assert sum(len(y) for _, y in data.eval_batches("val", 64, max_batches=2)) == 128
+    x, y = data.next_batch(33)
+    assert x.shape == (33, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+
+@given(B=st.integers(1, 6), C=st.sampled_from([1, 3]), H=st.integers(1, 9), W=st.integers(1, 9),
+       padding=st.integers(0, 4), flip=st.booleans(), crop=st.booleans(), seed=st.integers(0, 10**6))
+def test_augment_batch_matches_per_image_reference(B, C, H, W, padding, flip, crop, seed):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (B, C, H, W), generator=g, dtype=torch.uint8)
+    images[0, 0, 0, 0] = 255  # extremes present
+    images[-1, -1, -1, -1] = 0
+    offsets = torch.randint(0, 2 * padding + 1, (B, 2), generator=g) if crop else None
+    flips = torch.rand(B, generator=g) < 0.5 if flip else None
+    mean = torch.rand(C, generator=g)
+    std = torch.rand(C, generator=g) + 0.05
+    got = augment_batch(images, offsets, flips, padding, mean, std)
+    expected = reference_augment(images, offsets, flips, padding, mean, std)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_batches_walk_epoch_permutations():
+    data = synthetic(crop_padding=0, hflip=False)
+    seen = []
+    for _ in range(9):  # 9 * 10 = 90 > 2 epochs of 37: batches straddle epoch ends
+        x, y = data.next_batch(10)
+        idx = indices(data, x)
+        assert y.tolist() == [i % 4 for i in idx]
+        seen += idx
+    assert sorted(seen[:37]) == list(range(37)) and sorted(seen[37:74]) == list(range(37))
+    assert seen[:37] != seen[37:74]  # a fresh permutation each epoch
+    assert data.state_dict() == {"task": "image", "batches": 9, "epoch": 2, "position": 16}
+
+
+def test_augmented_batches_resume_and_ddp_slices_exactly():
+    def fresh(rank=0, world=1):
+        d = synthetic(crop_padding=2, hflip=True)
+        return ImageData(d.cfg, {"train": tuple(t.numpy() for t in d.splits["train"])}, d.class_names,
+                         seed=7, rank=rank, world_size=world)
+
+    single, r0, r1 = fresh(), fresh(0, 2), fresh(1, 2)
+    for _ in range(5):
+        x, y = single.next_batch(8)
+        (x0, y0), (x1, y1) = r0.next_batch(4), r1.next_batch(4)
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    state = json.loads(json.dumps(single.state_dict()))
+    expected = [single.next_batch(6) for _ in range(8)]
+    resumed = fresh()
+    resumed.load_state_dict(state)
+    for (x, y), (rx, ry) in zip(expected, [resumed.next_batch(6) for _ in range(8)]):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    # Same seed, no augmentation: the same images in the same order (the permutation does not depend on it).
+    plain = synthetic(crop_padding=0, hflip=False)
+    plain = ImageData(plain.cfg, {"train": tuple(t.numpy() for t in plain.splits["train"])}, plain.class_names,
+                      seed=7)
+    plain.load_state_dict(state)
+    images = single.splits["train"][0]
+    used = set()
+    for x, _ in expected:
+        for img, idx in zip(x, indices(plain, plain.next_batch(6)[0])):
+            combos = [(oy, ox, fl) for oy in range(5) for ox in range(5) for fl in (False, True)
+                      if torch.allclose(reference_augment(images[idx: idx + 1], torch.tensor([[oy, ox]]),
+                                                          torch.tensor([fl]), 2, single.mean, single.std)[0].float(),
+                                        img, atol=1e-5)]
+            assert combos, "a training image is not a padded crop / flip of its source image"
+            used.add(combos[0])
+    assert len(used) > 5  # crops and flips vary
+    with pytest.raises(ValueError, match="outside the train split"):
+        resumed.load_state_dict(dict(state, position=10**6))
+
+
+# ------------------------------------------------------------------------------------------- image folder
+
+def make_folder(root, layout="splits", sizes=(6, 6), n=6):
+    g = np.random.default_rng(1)
+    splits = {"train": n, "test": 2} if layout == "splits" else {"": n}
+    for split, count in splits.items():
+        for c, cls in enumerate(["cat", "dog", "eel"]):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                a = g.integers(0, 256, (*sizes, 3), dtype=np.uint8)
+                img = Image.fromarray(a) if (i + c) % 2 else Image.fromarray(a[..., 0], mode="L")
+                img.save(d / f"{i}.png")
+    return root
+
+
+def test_image_folder_reads_caches_and_carves(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "imgs")
+    cfg = dict(task="image", name="pets", source="folder", root=str(root), cache_dir=str(tmp_path / "cache"),
+               val_fraction=0.3)
+    data = build_data(cfg, seed=0)
+    assert data.class_names == ["cat", "dog", "eel"] and data.image_shape == (3, 6, 6)
+    assert {s: len(lab) for s, (_, lab) in data.splits.items()} == {"train": 12, "val": 6, "test": 6}
+    first = Image.open(root / "test" / "cat" / "0.png").convert("RGB")
+    assert torch.equal(data.splits["test"][0][0], torch.from_numpy(np.array(first)).permute(2, 0, 1))
+    with monkeypatch.context() as m:
+        m.setattr(vision_mod, "_read_folder", lambda *a: pytest.fail("decoded again despite a complete cache"))
+        cached = build_data(cfg, seed=0)
+    assert torch.equal(cached.splits["train"][0], data.splits["train"][0])
+    resized = build_data(dict(cfg, image_size=4, channels=1), seed=0)
+    assert resized.image_shape == (1, 4, 4)
+    flat = build_data(dict(cfg, root=str(make_folder(tmp_path / "flat", layout="flat")), name="flat"), seed=0)
+    assert {s: len(lab) for s, (_, lab) in flat.splits.items()} == {"train": 9, "val": 5, "test": 4}  # ceil(0.2 * 18), ceil(0.3 * 14)
+
+
+def test_image_folder_errors(tmp_path):
+    base = dict(task="image", source="folder", cache_dir=str(tmp_path / "cache"), val_fraction=0.3)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        build_data(dict(base, root=str(tmp_path / "missing")), seed=0)
+    root = make_folder(tmp_path / "a")
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(root / "train" / "dog" / "big.png")
+    with pytest.raises(ValueError, match="big.png.*image_size|image_size"):
+        build_data(dict(base, root=str(root)), seed=0)
+    (root / "train" / "dog" / "big.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="cannot read image .*big.png"):
+        build_data(dict(base, root=str(root)), seed=0)
+    (root / "train" / "dog" / "big.png").unlink()
+    (root / "test" / "fox").mkdir()
+    with pytest.raises(ValueError, match=r"classes \['fox'\]"):
+        build_data(dict(base, root=str(root)), seed=0)
+    (root / "test" / "fox").rmdir()
+    data = build_data(dict(base, root=str(root), name="ok"), seed=0)
+    images_bin = next(data_dir for data_dir in (tmp_path / "cache").iterdir() if data_dir.name.startswith("ok"))
+    with open(images_bin / "train_images.bin", "r+b") as f:
+        f.truncate(50)
+    with pytest.raises(CacheError, match="train_images.bin has 50 bytes"):
+        build_data(dict(base, root=str(root), name="ok"), seed=0)
+    for bad, message in [(dict(channels=2), "channels"), (dict(crop_padding=-1), "crop_padding"),
+                         (dict(val_fraction=1.0), "val_fraction"), (dict(colour=True), "unknown data config"),
+                         (dict(std=[0.0]), "std"), (dict(mean=[0.5, 0.5]), "one per channel")]:
+        with pytest.raises(ValueError, match=message):
+            build_data({"task": "image", **bad}, seed=0)
+    data = build_data({"task": "image"}, seed=0)
+    with pytest.raises(ValueError, match="no 'dev' split"):
+        data.eval_batches("dev", 4)
+    with pytest.raises(ValueError, match="batch_size"):
+        data.next_batch(-1)
+
+
+def test_hf_image_dataset_offline(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    cfg = dict(task="image", name="hfpets", source="hf", hf_path="imagefolder", hf_data_dir=str(root),
+               hf_cache_dir=str(tmp_path / "hf"), cache_dir=str(tmp_path / "cache"), image_size=4,
+               val_fraction=0.3)
+    data = build_data(cfg, seed=0)
+    assert data.class_names == ["cat", "dog", "eel"] and data.image_shape == (3, 4, 4)
+    assert {s: len(lab) for s, (_, lab) in data.splits.items()} == {"train": 12, "val": 6, "test": 6}
+    assert sorted(data.splits["test"][1].tolist()) == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="no column 'img'"):
+        build_data(dict(cfg, image_field="img", name="x"), seed=0)

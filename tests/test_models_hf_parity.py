@@ -1,0 +1,87 @@
+"""Our GPT-2 and llama-style decoders (Triton kernels, fp32) against randomly initialized Hugging Face
+GPT2LMHeadModel / LlamaForCausalLM run in float64: logits, the shifted-LM loss and every gradient."""
+import pytest
+import torch
+
+from models import GPT, create_model
+from triformer.testing import assert_close, kernel_device
+
+transformers = pytest.importorskip("transformers")
+
+DEV = kernel_device()
+V = 101
+
+
+def randomized(model):
+    """Random norm weights and biases too (init leaves them 1 and 0), so every mapped tensor matters."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    return model.eval()
+
+
+def hf_gpt2(**kw):
+    torch.manual_seed(2)
+    return randomized(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=3, n_embd=48, n_positions=40, vocab_size=V, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **kw)))
+
+
+def hf_llama():
+    torch.manual_seed(2)
+    return randomized(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=48, intermediate_size=80,
+        max_position_embeddings=40, vocab_size=V, tie_word_embeddings=True, rope_theta=500.0, rms_norm_eps=1e-5,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0)))
+
+
+@pytest.mark.parametrize("family,loss", [("gpt2", "ce"), ("gpt2", "fused"), ("llama", "ce")])
+def test_matches_huggingface(family, loss):
+    hf = hf_gpt2() if family == "gpt2" else hf_llama()
+    ours = GPT.from_huggingface(hf, kernels="triton", loss=loss).to(DEV)
+    assert ours.config.padded_vocab_size == 128 and ours.config.block_size == 40
+    if family == "llama":
+        assert (ours.config.n_kv_head, ours.config.mlp_hidden, ours.config.rope_base) == (2, 80, 500.0)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, V, (2, 19), generator=g)
+    # HF shifts the labels inside; we pass next-token targets with the last position ignored
+    targets = torch.cat([idx[:, 1:], torch.full((2, 1), -100)], dim=1)
+    hf = hf.double()
+    ref = hf(input_ids=idx, labels=idx)
+    ref.loss.backward()
+
+    logits, loss_val = ours(idx.to(DEV), targets.to(DEV), return_logits=True)
+    assert_close("logits", logits, ref.logits)
+    assert_close("loss", loss_val, ref.loss)
+    loss_val.backward()
+    expected = ours.convert_hf_state_dict({n: p.grad for n, p in hf.named_parameters()})
+    for name, p in ours.named_parameters():
+        assert_close(f"grad {name}", p.grad, expected[name])
+
+
+def test_gpt2_roundtrip_through_save_pretrained(tmp_path):
+    hf = hf_gpt2(activation_function="gelu_pytorch_tanh", layer_norm_epsilon=1e-6)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_huggingface(tmp_path, kernels="torch")
+    assert ours.config.norm_eps == 1e-6 and ours.config.activation == "gelu_tanh"
+    back = ours.to_huggingface().state_dict()
+    for name, t in hf.state_dict().items():
+        assert torch.equal(back[name], t), name
+    idx = torch.randint(0, V, (1, 11))
+    with torch.no_grad():
+        assert_close("logits", ours(idx)[0], hf.double()(input_ids=idx).logits)
+
+
+def test_unsupported_huggingface_configs():
+    with pytest.raises(ValueError, match="activation_function='relu'"):
+        GPT.from_huggingface(hf_gpt2(activation_function="relu"))
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        GPT.from_huggingface(hf_gpt2(scale_attn_by_inverse_layer_idx=True))
+    llama = hf_llama()
+    llama.config.tie_word_embeddings = False
+    with pytest.raises(ValueError, match="untied embeddings"):
+        GPT.from_huggingface(llama)
+    with pytest.raises(ValueError, match="only GPT-2-style"):
+        create_model("llama-nano", kernels="torch").to_huggingface()

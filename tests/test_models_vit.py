@@ -1,0 +1,189 @@
+"""ViT: sizes, Triton vs PyTorch variants, parity with Hugging Face's and timm's ViT, bad input."""
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from models import ViT, ViTConfig, create_model
+from triformer.testing import assert_close, kernel_device
+
+DEV = kernel_device()
+
+# timm's published parameter counts of vit_{tiny,small,base}_patch16_224
+PUBLISHED = {"vit-tiny": 5_717_416, "vit-small": 22_050_664, "vit-base": 86_567_656}
+
+
+def tiny(**kw) -> ViTConfig:
+    # 10x10 images in 2x2 patches: 25 patches + class token = 26 tokens
+    return ViTConfig(**{**dict(n_layer=2, n_head=3, n_embd=48, image_size=10, patch_size=2, in_channels=3,
+                               num_classes=7), **kw})
+
+
+def pair(config: ViTConfig):
+    torch.manual_seed(1)
+    ours = ViT(config).to(DEV)
+    ref = ViT(dataclasses.replace(config, kernels="torch"))
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref.to(DEV, torch.float64)
+
+
+def images(config: ViTConfig, B: int, seed: int = 0, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, config.in_channels, config.image_size, config.image_size, generator=g) * scale
+    return x.to(DEV), torch.randint(0, config.num_classes, (B,), generator=g).to(DEV)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_counts(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    cfg = model.config
+    assert (cfg.image_size, cfg.patch_size, cfg.in_channels, cfg.num_classes) == (224, 16, 3, 1000)
+    assert model.num_params(non_embedding=False) == PUBLISHED[name]
+    assert model.num_params() == PUBLISHED[name] - 197 * cfg.n_embd - cfg.n_embd
+
+
+def test_small_image_variants():
+    with torch.device("meta"):
+        digits, cifar = create_model("vit-digits"), create_model("vit-cifar")
+    assert (digits.config.image_size, digits.config.patch_size, digits.config.in_channels,
+            digits.config.num_classes) == (8, 2, 1, 10)
+    assert (cifar.config.image_size, cifar.config.patch_size, cifar.config.in_channels) == (32, 4, 3)
+    assert digits.task == cifar.task == "image"
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_triton_matches_torch_float64(pool):
+    cfg = tiny(pool=pool)
+    ours, ref = pair(cfg)
+    x, y = images(cfg, 3)
+    y[1] = -100  # ignored
+    x = x.transpose(2, 3)  # a non-contiguous view
+    logits, loss = ours(x, y)
+    logits_ref, loss_ref = ref(x.double(), y)
+    assert logits.shape == (3, 7)
+    assert_close("logits", logits, logits_ref)
+    assert_close("loss", loss, loss_ref)
+    loss.backward()
+    loss_ref.backward()
+    named_ref = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_close(f"grad {name}", p.grad, named_ref[name].grad)
+
+
+@given(B=st.integers(1, 4), pool=st.sampled_from(["cls", "mean"]), scale=st.sampled_from([1.0, 100.0]),
+       smoothing=st.sampled_from([0.0, 0.2]), seed=st.integers(0, 2 ** 16))
+def test_property_matches_float64(B, pool, scale, smoothing, seed):
+    """Batch sizes, both poolings, label smoothing, and images of large magnitude."""
+    cfg = tiny(pool=pool, label_smoothing=smoothing, image_size=6, n_layer=1)
+    ours, ref = pair(cfg)
+    x, y = images(cfg, B, seed=seed, scale=scale)
+    logits, loss = ours(x, y)
+    logits_ref, loss_ref = ref(x.double(), y)
+    assert_close("logits", logits, logits_ref)
+    assert_close("loss", loss, loss_ref)
+
+
+def test_dropout_applies_in_training_only():
+    cfg = tiny(dropout=0.3)
+    model = ViT(cfg).to(DEV)
+    x, _ = images(cfg, 2)
+    eval_logits = model.eval()(x)[0]
+    assert not torch.allclose(model.train()(x)[0], eval_logits)
+    plain = ViT(tiny()).to(DEV).eval()
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain(x)[0], eval_logits)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    cfg = tiny(n_layer=1)
+    model = ViT(cfg).to(DEV)
+    x, y = images(cfg, 2)
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn(x, y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def loss_fn(images_, targets):
+        return model(images_, targets)[1]
+
+    eager_loss, eager_grads = loss_and_grads(loss_fn)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(loss_fn, backend="aot_eager", fullgraph=True))
+    assert_close("loss", compiled_loss, eager_loss.double())
+    for name, g in eager_grads.items():
+        assert_close(f"grad {name}", compiled_grads[name], g.double())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parity with other implementations (their models in float64, ours with Triton kernels in fp32)
+
+def check_parity(ours, theirs_logits_fn, cfg):
+    x, _ = images(cfg, 2, seed=5)
+    with torch.no_grad():
+        expected = theirs_logits_fn(x.cpu().double())
+    assert_close("logits", ours(x)[0], expected)
+
+
+def randomize_vectors_(model):
+    """Random norm affines and biases, so that every mapped tensor matters."""
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.1)
+
+
+def test_matches_huggingface_vit():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=80,
+                                    image_size=10, patch_size=2, num_channels=3, num_labels=7, layer_norm_eps=1e-6,
+                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(3)
+    hf = transformers.ViTForImageClassification(config).eval()
+    randomize_vectors_(hf)
+    ours = ViT.from_huggingface(hf).to(DEV)
+    assert ours.config.mlp_hidden == 80 and ours.config.pool == "cls"
+    check_parity(ours, lambda x: hf.double()(pixel_values=x).logits, ours.config)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_matches_timm(pool):
+    # timm imports torchvision, which has no build matching this CPU torch: skipped where it cannot import
+    vision_transformer = pytest.importorskip("timm.models.vision_transformer")
+    torch.manual_seed(3)
+    tm = vision_transformer.VisionTransformer(img_size=10, patch_size=2, in_chans=3, num_classes=7, embed_dim=48,
+                                              depth=2, num_heads=3, mlp_ratio=5 / 3, global_pool=pool).eval()
+    randomize_vectors_(tm)
+    ours = ViT.from_timm(tm).to(DEV)
+    assert ours.config.pool == ("cls" if pool == "token" else "mean") and ours.config.mlp_hidden == 80
+    check_parity(ours, lambda x: tm.double()(x), ours.config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(n_embd=50), "divisible by n_head"),
+    (dict(image_size=11), "divisible by patch_size"),
+    (dict(pool="max"), "pool must be one of"),
+    (dict(n_kv_head=1), "n_kv_head must equal n_head"),
+])
+def test_bad_configs(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**overrides)
+
+
+def test_bad_inputs():
+    cfg = tiny(n_layer=1)
+    model = ViT(cfg).to(DEV)
+    x, y = images(cfg, 2)
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, 10, 10\]"):
+        model(x[:, :2])
+    with pytest.raises(TypeError, match="images must be a float tensor"):
+        model(x.long())
+    with pytest.raises(ValueError, match="targets must be int64 of shape"):
+        model(x, y[:1])

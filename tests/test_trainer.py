@@ -1,0 +1,186 @@
+"""The training loop on CPU: exact resume, gradient accumulation, non-finite losses, precision, run outputs.
+
+Runs build on ``experiment=smoke`` (one-layer GPT, three stdlib files) with kernels=torch: the loop is under
+test here, not the kernels (tests/test_memory_report.py and tests/test_ddp_cpu.py run triformer's)."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from training import checkpoint
+from training.config import compose
+from training.optim import build_optimizer, lr_at, param_groups
+from training.trainer import NonFiniteLossError, Trainer, train
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def _cfg(run_dir, data_cache, *overrides, experiment="smoke"):
+    # the smoke run's stdlib text is tokenized once per module
+    cache = [f"data.cache_dir={data_cache}", "data.num_proc=1"] if experiment == "smoke" else []
+    return compose([f"experiment={experiment}", "model.kernels=torch", f"run_dir={run_dir}", *cache, *overrides])
+
+
+def _records(run_dir, kind="train", key="loss"):
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == kind:
+            out[r["step"]] = r[key]
+    return out
+
+
+def _fit(cfg, hook=None):
+    trainer = Trainer(cfg)
+    if hook is not None:
+        trainer.model.register_forward_hook(hook)
+    try:
+        return trainer, trainer.fit()
+    finally:
+        trainer.close()
+
+
+def _nan_at(steps):
+    """Forward hook making the loss NaN on the given (1-based) training forward calls."""
+    calls = {"n": 0}
+
+    def hook(module, args, out):
+        if not module.training:
+            return out
+        calls["n"] += 1
+        return (out[0], out[1] * float("nan")) if calls["n"] in steps else out
+    return hook
+
+
+@pytest.mark.parametrize("experiment", ["smoke", "smoke-vit"])
+def test_resume_continues_exactly(tmp_path, data_cache, experiment):
+    full = tmp_path / "full"
+    # dropout: the RNG streams must be restored too
+    summary = train(_cfg(full, data_cache, "model.dropout=0.1", "trainer.keep_last=5", experiment=experiment))
+    resumed = tmp_path / "resumed"
+    ckpt = full / "checkpoints" / "step_00000003.safetensors"
+    train(_cfg(resumed, data_cache, "model.dropout=0.1", f"resume={ckpt}", experiment=experiment))
+    a, b = _records(full), _records(resumed)
+    assert sorted(b) == [4, 5, 6]
+    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]  # bitwise: same floats
+    assert _records(full, "eval", "val/loss")[6] == _records(resumed, "eval", "val/loss")[6]
+    assert all(math.isfinite(v) for v in a.values()) and a[6] < a[1]
+    # the final weights agree too
+    wa = checkpoint.load_checkpoint(full / "checkpoints" / "step_00000006.safetensors")["model"]
+    wb = checkpoint.load_checkpoint(resumed / "checkpoints" / "step_00000006.safetensors")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert summary["steps"] == 6 and summary["last_checkpoint"].endswith("step_00000006.safetensors")
+
+
+def test_run_writes_records_plots_and_checkpoints(tmp_path, data_cache):
+    train(_cfg(tmp_path, data_cache, "trainer.keep_last=1"))
+    for name in ("metrics.jsonl", "metrics.csv", "summary.json", "config.json", "loss.png", "lr.png",
+                 "throughput.png", "memory.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert [s for s, _ in checkpoint.step_checkpoints(tmp_path / "checkpoints")] == [6]
+    best = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "best.safetensors")
+    assert best["val"]["val/loss"] == best["best_val_loss"] == min(_records(tmp_path, "eval", "val/loss").values())
+    assert best["config"]["trainer"]["max_steps"] == 6 and best["model_config"]["n_layer"] == 1
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "loss", "lr", "throughput", "val/loss"} <= set(header)
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path, data_cache):
+    """One step of 4 accumulated micro-batches updates the weights like one step on their concatenation."""
+    cfg = _cfg(tmp_path, data_cache, "trainer.grad_accum=4", "trainer.max_steps=1", "trainer.eval_interval=0",
+               "trainer.ckpt_interval=0")
+    trainer = Trainer(cfg)
+    reference = copy.deepcopy(trainer.model)
+    state = copy.deepcopy(trainer.data.state_dict())
+    micro = [trainer.data.next_batch(trainer.micro_batch) for _ in range(4)]
+    trainer.data.load_state_dict(state)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    x, y = (torch.cat(t) for t in zip(*micro))
+    assert x.shape[0] == cfg.trainer.batch_size
+    _, loss = reference(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.trainer.grad_clip)
+    opt = build_optimizer(reference, cfg.optim, torch.device("cpu"))
+    for group in opt.param_groups:
+        group["lr"] = lr_at(0, cfg.optim, 1)
+    opt.step()
+    reference.requires_grad_(False)
+    assert _records(tmp_path)[1] == pytest.approx(loss.item(), rel=1e-6)
+    for (name, p), q in zip(trainer.model.named_parameters(), reference.parameters()):
+        assert float((p - q).norm() / q.norm()) <= 1e-5, name
+
+
+def test_non_finite_steps_are_skipped(tmp_path, data_cache):
+    trainer, summary = _fit(_cfg(tmp_path, data_cache, "trainer.max_bad_steps=3"), _nan_at({3, 4}))
+    losses = _records(tmp_path)
+    assert math.isnan(losses[3]) and math.isnan(losses[4]) and math.isfinite(losses[6])
+    steps_taken = {int(s["step"]) for s in trainer.optimizer.state.values()}
+    assert steps_taken == {4}  # 6 steps, 2 skipped: AdamW stepped 4 times
+    # no checkpoint at step 3 (inside the bad run), one at step 6
+    assert [s for s, _ in checkpoint.step_checkpoints(tmp_path / "checkpoints")] == [6]
+    assert summary["steps"] == 6
+
+
+def test_non_finite_run_stops_and_keeps_checkpoint_from_before(tmp_path, data_cache):
+    cfg = _cfg(tmp_path, data_cache, "trainer.max_bad_steps=3", "trainer.ckpt_interval=1", "trainer.max_steps=10")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite for 3 steps in a row \(steps 3-5\).*step_00000002"):
+        _fit(cfg, _nan_at(set(range(3, 100))))
+    assert [s for s, _ in checkpoint.step_checkpoints(tmp_path / "checkpoints")][-1] == 2
+
+
+def test_fp16_scaler_skips_non_finite_step(tmp_path, data_cache):
+    trainer, _ = _fit(_cfg(tmp_path, data_cache, "trainer.precision=fp16", "trainer.eval_interval=0"), _nan_at({2}))
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {5}
+    assert trainer.scaler.get_scale() < 65536.0  # the scaler backed off
+    assert math.isfinite(_records(tmp_path)[6])
+
+
+def test_bf16_autocast_trains(tmp_path, data_cache):
+    train(_cfg(tmp_path, data_cache, "trainer.precision=bf16", "trainer.eval_interval=0"))
+    losses = _records(tmp_path)
+    assert all(math.isfinite(v) for v in losses.values()) and losses[6] < losses[1]
+
+
+def test_resume_refuses_other_model_config(tmp_path, data_cache):
+    train(_cfg(tmp_path / "a", data_cache, "trainer.max_steps=3"))
+    ckpt = tmp_path / "a" / "checkpoints" / "step_00000003.safetensors"
+    with pytest.raises(checkpoint.CheckpointError, match=r"mismatching keys: n_layer: checkpoint 1 vs current 2$"):
+        Trainer(_cfg(tmp_path / "b", data_cache, "model.n_layer=2", f"resume={ckpt}"))
+    # the kernels backend may change: same weights
+    Trainer(_cfg(tmp_path / "c", data_cache, "model.kernels=triton", f"resume={ckpt}")).close()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.batch_size=7", "batch_size=7 must be divisible by world_size \\* grad_accum = 1 \\* 2"),
+    ("trainer.precision=fp8", "trainer.precision='fp8' is not one of: auto, fp32, bf16, fp16"),
+    ("model.kernels=cuda", "model.kernels='cuda' is not one of: triton, torch"),
+    ("data.seq_len=64", "data.seq_len=64 exceeds the model's block_size=32"),
+])
+def test_bad_settings_fail_at_start(tmp_path, data_cache, override, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(_cfg(tmp_path, data_cache, "trainer.grad_accum=2", override))
+
+
+def test_fused_loss_is_for_language_models(tmp_path, data_cache):
+    with pytest.raises(ValueError, match="loss=fused is for language models"):
+        Trainer(_cfg(tmp_path, data_cache, "loss=fused", experiment="smoke-vit"))
+
+
+def test_schedule_and_weight_decay_groups():
+    cfg = compose(["optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr_ratio=0.1"]).optim
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1) and lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55) and lr_at(110, cfg, 110) == pytest.approx(0.1)
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model.append(torch.nn.Linear(4, 5, bias=False))
+    model[3].weight = model[0].weight  # tied: counted once
+    decay, no_decay = param_groups(model, 0.1)
+    assert [tuple(p.shape) for p in decay["params"]] == [(5, 4), (4, 4)] and decay["weight_decay"] == 0.1
+    assert [tuple(p.shape) for p in no_decay["params"]] == [(4,), (4,), (4,)] and no_decay["weight_decay"] == 0.0

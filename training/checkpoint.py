@@ -1,0 +1,250 @@
+"""Checkpoints that load without executing anything from the file, written so a crash never leaves a torn one.
+
+Format: one safetensors file. Every tensor of the (nested) payload is a safetensors tensor; everything else
+(step, config, optimizer hyper-parameters, RNG states, data position) is JSON in the file's metadata, with
+the tensors replaced by references. Loading parses JSON and raw tensor bytes only, never a pickle, so a
+foreign or malicious file cannot run code. A SHA-256 over the JSON and every tensor's bytes is stored too,
+so a tampered or bit-rotted file is refused instead of silently resuming from wrong weights.
+
+Writes go to a temporary file in the same directory, are fsync'ed, then ``os.replace``'d over the final
+name (atomic on POSIX), and the directory is fsync'ed: a reader sees either the old file or the complete new
+one. ``CheckpointManager`` keeps the last K step files plus ``best.safetensors`` (lowest validation loss).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "triformer-checkpoint/1"
+STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
+BEST_FILE = "best.safetensors"
+
+# numpy dtypes torch cannot hold are widened losslessly; the original dtype is restored on load.
+_NUMPY_WIDEN = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: not ours, modified, or from a different model."""
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], aliases: dict, storages: set) -> Any:
+    """JSON-able copy of ``obj`` with tensors moved into ``tensors`` (keyed by their path in the tree)."""
+    if isinstance(obj, torch.Tensor):
+        return {"__tensor__": _add_tensor(obj, path, tensors, aliases, storages)}
+    if isinstance(obj, np.ndarray):
+        target = _NUMPY_WIDEN.get(obj.dtype, obj.dtype)
+        key = _add_tensor(torch.from_numpy(np.ascontiguousarray(obj.astype(target))), path, tensors, aliases, storages)
+        return {"__ndarray__": key, "dtype": obj.dtype.str}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{path}/{i}", tensors, aliases, storages) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{path}/{i}", tensors, aliases, storages) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        # JSON objects only have string keys: other keys (e.g. optimizer state's parameter indices) and keys
+        # that look like our markers go through the explicit pair form.
+        plain = all(isinstance(k, str) and not k.startswith("__") for k in obj)
+        items = [(k, _encode(v, f"{path}/{k}", tensors, aliases, storages)) for k, v in obj.items()]
+        if plain:
+            return dict(items)
+        return {"__dict__": [[_encode(k, path, tensors, aliases, storages), v] for k, v in items]}
+    raise TypeError(f"checkpoint payload at {path or '/'}: cannot store a {type(obj).__name__}")
+
+
+def _add_tensor(t: torch.Tensor, path: str, tensors: dict, aliases: dict, storages: set) -> str:
+    t = t.detach()
+    # Tied weights (token embedding == LM head) are one tensor under two names: store it once.
+    signature = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    if signature in aliases:
+        return aliases[signature]
+    cpu = t.to("cpu").contiguous()
+    # safetensors refuses overlapping storages; a partial view of an already stored storage gets its own copy.
+    if (cpu.untyped_storage().data_ptr(), cpu.device) in storages:
+        cpu = cpu.clone()
+    storages.add((cpu.untyped_storage().data_ptr(), cpu.device))
+    key = path.lstrip("/") or "tensor"
+    tensors[key] = cpu
+    aliases[signature] = key
+    return key
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__dict__" in obj:
+        return {_hashable(_decode(k, tensors)): _decode(v, tensors) for k, v in obj["__dict__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
+
+
+def _digest(payload_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(payload_json.encode())
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- save / load
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (nested dicts/lists/tuples of tensors, numpy arrays and JSON scalars) atomically."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(payload, "", tensors, {}, set())
+    payload_json = json.dumps(tree, sort_keys=True)
+    metadata = {"format": FORMAT, "payload": payload_json, "sha256": _digest(payload_json, tensors)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory handles: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint``; refuse anything else.
+
+    Returns the payload the trainer stored: ``model`` (state dict), ``config`` (resolved run config),
+    ``model_name``, ``model_config``, ``step``, ``optimizer``, ``scaler``, ``rng``, ``data``, ...
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise CheckpointError(
+                    f"{path} is a safetensors file but not a triformer checkpoint (format "
+                    f"{metadata.get('format')!r}, expected {FORMAT!r}); refusing to load it")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except CheckpointError:
+        raise
+    except Exception as e:  # not safetensors at all (pickle, zip, truncated, garbage)
+        hint = ""
+        with open(path, "rb") as raw:
+            head = raw.read(4)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            hint = " It looks like a torch.save/pickle file, which is never loaded because unpickling can run code."
+        raise CheckpointError(f"{path} is not a triformer checkpoint (cannot parse it as safetensors: {e}).{hint}") from e
+    payload_json = metadata.get("payload", "")
+    expected = metadata.get("sha256")
+    if expected is None or _digest(payload_json, {k: t.cpu() for k, t in tensors.items()}) != expected:
+        raise CheckpointError(f"{path} was modified or is corrupted (checksum mismatch); refusing to load it")
+    return _decode(json.loads(payload_json), tensors)
+
+
+def check_model_config(saved: dict[str, Any], current: dict[str, Any], path: str | os.PathLike = "checkpoint",
+                       ignore: tuple[str, ...] = ("kernels",)) -> None:
+    """Refuse a checkpoint whose model config differs from ``current`` (``ignore``: keys that do not change
+    the weights' meaning, e.g. which kernels compute them)."""
+    keys = sorted((set(saved) | set(current)) - set(ignore))
+    diffs = [f"{k}: checkpoint {saved.get(k, '<missing>')!r} vs current {current.get(k, '<missing>')!r}"
+             for k in keys if saved.get(k, "<missing>") != current.get(k, "<missing>")]
+    if diffs:
+        raise CheckpointError(f"{path} was written for a different model config; mismatching keys: " + "; ".join(diffs))
+
+
+# --------------------------------------------------------------------------------------------- directory
+def step_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete step checkpoints in ``directory`` (temporary files of interrupted writes are ignored), by step."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_FILE.match(p.name))]
+    return sorted(found)
+
+
+class CheckpointManager:
+    """``step_<N>.safetensors`` files in one directory: keeps the newest ``keep_last`` and a ``best`` link."""
+
+    def __init__(self, directory: str | os.PathLike, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+
+    def save(self, step: int, payload: dict[str, Any], is_best: bool = False) -> Path:
+        path = save_checkpoint(self.directory / f"step_{step:08d}.safetensors", payload)
+        if is_best:
+            self._point_best_at(path)
+        for _, old in step_checkpoints(self.directory)[:-self.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def _point_best_at(self, path: Path) -> None:
+        # A hard link costs no second write and survives pruning of the step file; swapped in atomically.
+        tmp = self.directory / f".{BEST_FILE}.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, self.directory / BEST_FILE)
+        _fsync_dir(self.directory)
+
+    def latest(self) -> Path | None:
+        found = step_checkpoints(self.directory)
+        return found[-1][1] if found else None
+
+
+def resolve_resume(spec: str, runs_root: str | os.PathLike) -> Path:
+    """``spec`` is a checkpoint file, a directory (its newest step checkpoint, searched recursively), or
+    ``latest`` (the most recently written step checkpoint under ``runs_root``)."""
+    if spec == "latest":
+        where = Path(runs_root)
+    else:
+        where = Path(spec)
+        if where.is_file():
+            return where
+        if not where.is_dir():
+            raise FileNotFoundError(f"resume={spec!r}: no such checkpoint file or run directory")
+    candidates = [p for p in where.rglob("step_*.safetensors") if STEP_FILE.match(p.name)]
+    if not candidates:
+        raise FileNotFoundError(f"resume={spec!r}: no step_*.safetensors checkpoint under {where}")
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name))

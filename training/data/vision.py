@@ -1,0 +1,402 @@
+"""Image-classification data: whole splits held in memory as uint8 tensors, batched by indexing.
+
+Sources (``source`` in the config):
+* ``digits``: scikit-learn's bundled 8x8 digits (1797 images, no network; the default);
+* ``hf``: a Hugging Face dataset with an image and a label column (cifar10/100, mnist, fashion_mnist, or a
+  local ``imagefolder``/parquet via ``hf_path`` + ``hf_data_dir``/``hf_data_files``);
+* ``folder``: an ImageFolder tree (``root/<class>/*.png``, or ``root/{train,val,test}/<class>/...``) read
+  with PIL.
+hf and folder sources are decoded once into a uint8 cache (``training.data.cache``); digits needs none.
+
+Splits: the source's own; a missing ``test`` is carved from train (``test_fraction``), then a missing
+``val`` from the rest (``val_fraction``), both stratified by label with ``split_seed``, so they are the
+same on every run and rank.
+
+Training batches walk epoch permutations (epoch ``e`` uses a generator seeded by ``(seed, e)``; a batch
+that runs past an epoch's end continues into the next), then random crop (zero padding of
+``crop_padding`` pixels, black before normalization) and horizontal flip (``hflip``; off for digits),
+then per-channel normalization (``mean``/``std``, computed from the train split when null). Everything is
+vectorized over the batch; the permutation and augmentation draws are made for the global batch on every
+rank (see ``training.data.common``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from training.data.cache import ArrayCache
+from training.data.common import (Sampler, check_fraction, check_positive_int, parse_config, stream_generator)
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+@dataclasses.dataclass
+class ImageConfig:
+    task: str = "image"
+    name: str = "digits"
+    source: str = "digits"                # digits | hf | folder
+    hf_path: str | None = None
+    hf_name: str | None = None
+    hf_revision: str | None = None
+    hf_data_dir: str | None = None
+    hf_data_files: Any = None
+    hf_cache_dir: str | None = None
+    image_field: str = "image"
+    label_field: str = "label"
+    splits: dict | None = None            # hf: {our split: source split}; default {train: train, test: test}
+    root: str | None = None               # folder: the ImageFolder root
+    image_size: int | None = None         # folder/hf: resize to image_size x image_size (else sizes must agree)
+    channels: int | None = None           # 1 or 3; default: 1 if every image is grayscale, else 3
+    val_fraction: float = 0.1             # carved (stratified) from train when the source has no val split
+    test_fraction: float = 0.2            # carved from train when the source has no test split
+    split_seed: int = 0
+    crop_padding: int = 4                 # random crop after zero padding; 0 disables
+    hflip: bool = True
+    mean: list | None = None              # per channel, on [0, 1] pixels; null: from the train split
+    std: list | None = None
+    cache_dir: str | None = None
+    verify: str = "full"
+    repair_cache: bool = False
+
+    def __post_init__(self):
+        if self.task != "image":
+            raise ValueError(f"image data needs task='image', got {self.task!r}")
+        if self.source not in ("digits", "hf", "folder"):
+            raise ValueError(f"source must be 'digits', 'hf' or 'folder', got {self.source!r}")
+        check_fraction("val_fraction", self.val_fraction)
+        check_fraction("test_fraction", self.test_fraction)
+        if self.image_size is not None:
+            check_positive_int("image_size", self.image_size)
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1, 3 or null, got {self.channels!r}")
+        if not isinstance(self.crop_padding, int) or self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be an int >= 0, got {self.crop_padding!r}")
+        if self.source == "folder" and not self.root:
+            raise ValueError("source=folder needs root: the ImageFolder directory")
+        if self.source == "hf" and not self.hf_path:
+            raise ValueError("source=hf needs hf_path (a hub dataset id, or a builder such as 'imagefolder')")
+        if self.splits is None:
+            self.splits = {"train": "train", "test": "test"}
+        if "train" not in self.splits or not set(self.splits) <= set(SPLITS):
+            raise ValueError(f"splits must map 'train' (and optionally 'val', 'test') to source splits, "
+                             f"got {self.splits!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (list, tuple)) or not value):
+                raise ValueError(f"{name} must be a list of per-channel values or null, got {value!r}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std!r}")
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def _digits() -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    # Pixel values are 0..16: scale to the 0..255 range every other source uses.
+    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    return {"train": (images, d.target.astype(np.int64))}, [str(c) for c in d.target_names]
+
+
+def _to_array(img, mode: str, size: int | None) -> np.ndarray:
+    img = img.convert(mode)
+    if size is not None and img.size != (size, size):
+        from PIL import Image
+
+        img = img.resize((size, size), Image.BILINEAR)
+    a = np.asarray(img, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _stack(arrays: list[np.ndarray], where: list[str]) -> np.ndarray:
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        first = arrays[0].shape
+        odd = next(w for a, w in zip(arrays, where) if a.shape != first)
+        raise ValueError(f"images differ in size ({where[0]} is {first[1:]}, {odd} is not); set "
+                         f"data.image_size to resize them")
+    return np.stack(arrays)
+
+
+def _folder_splits(cfg: ImageConfig) -> tuple[dict[str, list[tuple[Path, int]]], list[str]]:
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root {str(root)!r} is not a directory")
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    if split_dirs and "train" not in split_dirs:
+        raise ValueError(f"data.root {str(root)!r} has {sorted(split_dirs)} folders but no train/")
+    split_dirs = split_dirs or {"train": root}
+    classes = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"data.root: {str(split_dirs['train'])!r} has no class folders (expected <class>/<image>)")
+    out = {}
+    for split, d in split_dirs.items():
+        found = sorted(c.name for c in d.iterdir() if c.is_dir())
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(f"data.root: {split}/ has classes {unknown} that train/ lacks")
+        items = [(p, classes.index(c)) for c in found for p in sorted((d / c).rglob("*"))
+                 if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not items:
+            raise ValueError(f"data.root: {str(d)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        out[split] = items
+    return out, classes
+
+
+def _read_folder(cfg: ImageConfig, items: dict[str, list[tuple[Path, int]]]) -> dict:
+    from PIL import Image, UnidentifiedImageError
+
+    modes = []
+    for split_items in items.values():
+        for p, _ in split_items:
+            try:
+                with Image.open(p) as img:
+                    modes.append(img.mode)
+            except (OSError, UnidentifiedImageError) as e:
+                raise ValueError(f"data.root: cannot read image {str(p)!r}: {e}") from e
+    mode = _mode(cfg, modes)
+    out = {}
+    for split, split_items in items.items():
+        arrays = []
+        for p, _ in tqdm(split_items, desc=f"reading {cfg.name}/{split}", unit="img", disable=None):
+            with Image.open(p) as img:
+                arrays.append(_to_array(img, mode, cfg.image_size))
+        out[split] = (_stack(arrays, [str(p) for p, _ in split_items]),
+                      np.array([c for _, c in split_items], dtype=np.int64))
+    return out
+
+
+def _mode(cfg: ImageConfig, modes) -> str:
+    channels = cfg.channels or (1 if all(m in _GRAY_MODES for m in modes) else 3)
+    return "L" if channels == 1 else "RGB"
+
+
+def _read_hf(cfg: ImageConfig) -> tuple[dict, list[str]]:
+    import datasets
+
+    loaded = {}
+    for split, source_split in cfg.splits.items():
+        ds = datasets.load_dataset(cfg.hf_path, cfg.hf_name, split=source_split, revision=cfg.hf_revision,
+                                   data_dir=cfg.hf_data_dir, data_files=cfg.hf_data_files,
+                                   cache_dir=cfg.hf_cache_dir)
+        for field in (cfg.image_field, cfg.label_field):
+            if field not in ds.column_names:
+                raise ValueError(f"hf dataset {cfg.hf_path!r} split {source_split!r} has no column {field!r}; "
+                                 f"columns: {ds.column_names} (set data.image_field / data.label_field)")
+        loaded[split] = ds
+    feature = loaded["train"].features[cfg.label_field]
+    names = getattr(feature, "names", None)
+    labels = {s: np.asarray(ds[cfg.label_field], dtype=np.int64) for s, ds in loaded.items()}
+    if names is None:
+        names = [str(c) for c in range(int(max(lab.max() for lab in labels.values())) + 1)]
+    decoded = {s: [row[cfg.image_field] for row in tqdm(ds.select_columns([cfg.image_field]), unit="img",
+                                                       desc=f"decoding {cfg.name}/{s}", disable=None)]
+               for s, ds in loaded.items()}
+    mode = _mode(cfg, [img.mode for imgs in decoded.values() for img in imgs])
+    out = {}
+    for split, imgs in decoded.items():
+        arrays = [_to_array(img, mode, cfg.image_size) for img in imgs]
+        out[split] = (_stack(arrays, [f"{split}[{i}]" for i in range(len(arrays))]), labels[split])
+    return out, list(names)
+
+
+def _cached(cfg: ImageConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    options = dict(image_size=cfg.image_size, channels=cfg.channels)
+    if cfg.source == "folder":
+        items, classes = _folder_splits(cfg)
+        listing = {s: [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns, c] for p, c in its]
+                   for s, its in items.items()}
+        key = dict(kind="image", source="folder", files=listing, **options)
+
+        def read():
+            return _read_folder(cfg, items), classes
+    else:
+        key = dict(kind="image", source="hf", path=cfg.hf_path, name=cfg.hf_name, revision=cfg.hf_revision,
+                   data_dir=cfg.hf_data_dir, data_files=cfg.hf_data_files, splits=cfg.splits,
+                   fields=[cfg.image_field, cfg.label_field], **options)
+
+        def read():
+            return _read_hf(cfg)
+
+    def build(writer) -> dict:
+        splits, names = read()
+        for split, (images, labels) in splits.items():
+            writer.append(f"{split}_images", images)
+            writer.append(f"{split}_labels", labels)
+        return dict(class_names=names, splits=sorted(splits))
+
+    arrays, extra = ArrayCache(cfg.cache_dir, cfg.name, key).get_or_build(build, cfg.verify, cfg.repair_cache)
+    return {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in extra["splits"]}, extra["class_names"]
+
+
+def _carve(splits: dict, cfg: ImageConfig) -> dict:
+    from sklearn.model_selection import train_test_split
+
+    pool_images, pool_labels = splits["train"]
+    keep = np.arange(len(pool_labels))
+    out = {}
+    for split in ("test", "val"):
+        if split in splits:
+            out[split] = splits[split]
+            continue
+        frac = getattr(cfg, f"{split}_fraction")
+        if frac == 0:
+            continue
+        try:
+            keep, held = train_test_split(keep, test_size=frac, stratify=pool_labels[keep],
+                                          random_state=cfg.split_seed)
+        except ValueError as e:
+            raise ValueError(f"cannot carve a stratified {split} split ({split}_fraction={frac}) from "
+                             f"{len(keep)} training images: {e}") from e
+        held = np.sort(held)
+        out[split] = (pool_images[held], pool_labels[held])
+        keep = np.sort(keep)
+    out["train"] = (pool_images[keep], pool_labels[keep])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+def augment_batch(images: torch.Tensor, offsets: torch.Tensor | None, flips: torch.Tensor | None,
+                  padding: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, C, H, W]`` -> normalized float32: crop ``[oy : oy+H, ox : ox+W]`` of the zero-padded image
+    (``offsets`` int ``[B, 2]`` in ``[0, 2*padding]``), mirror rows where ``flips``, then normalize."""
+    x = images.to(torch.float32).div_(255.0)
+    B, C, H, W = x.shape
+    if offsets is not None and padding > 0:
+        x = F.pad(x, (padding, padding, padding, padding))
+        rows = (offsets[:, 0, None] + torch.arange(H))[:, None, :, None]
+        cols = (offsets[:, 1, None] + torch.arange(W))[:, None, None, :]
+        x = x[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
+    if flips is not None:
+        x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+class ImageData:
+    """Augmented, normalized image batches; see the module docstring and ``training.data.common``."""
+
+    task = "image"
+
+    def __init__(self, cfg: ImageConfig, splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
+                 seed: int, rank: int = 0, world_size: int = 1):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.splits = {s: (torch.from_numpy(np.array(im)), torch.from_numpy(np.array(lab, dtype=np.int64)))
+                       for s, (im, lab) in splits.items()}
+        for split, (im, lab) in self.splits.items():
+            if len(lab) == 0:
+                raise ValueError(f"data {cfg.name!r} split {split!r} is empty")
+            if lab.min() < 0 or lab.max() >= self.num_classes:
+                raise ValueError(f"data {cfg.name!r} split {split!r} has labels outside [0, {self.num_classes})")
+        images = self.splits["train"][0]
+        self.image_shape = tuple(images.shape[1:])
+        C = self.image_shape[0]
+        mean, std = _channel_stats(images) if cfg.mean is None or cfg.std is None else (None, None)
+        self.mean = torch.tensor(cfg.mean, dtype=torch.float32) if cfg.mean is not None else mean
+        self.std = torch.tensor(cfg.std, dtype=torch.float32) if cfg.std is not None else std
+        if self.mean.shape != (C,) or self.std.shape != (C,):
+            raise ValueError(f"mean/std need {C} values (one per channel), got {cfg.mean} / {cfg.std}")
+        self._sampler = Sampler(seed, rank, world_size)
+        self._epoch = 0
+        self._position = 0
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={len(lab):,}" for s, (_, lab) in self.splits.items())
+        return f"ImageData({self.name!r}, {self.image_shape}, {self.num_classes} classes, images: {sizes})"
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        n = len(self.splits["train"][1])
+        return torch.randperm(n, generator=stream_generator(self._sampler.seed, "epoch", epoch))
+
+    def _take(self, n: int) -> torch.Tensor:
+        size = len(self.splits["train"][1])
+        parts, need = [], n
+        while need:
+            k = min(need, size - self._position)
+            parts.append(self._permutation(self._epoch)[self._position: self._position + k])
+            self._position += k
+            need -= k
+            if self._position == size:
+                self._epoch, self._position = self._epoch + 1, 0
+        return torch.cat(parts)
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``batch_size`` training images (float32 ``[B, C, H, W]``) and labels (int64 ``[B]``)."""
+        s = self._sampler
+        n = s.global_size(batch_size)
+        index = self._take(n)
+        g = s.generator("augment")
+        pad = self.cfg.crop_padding
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g) if pad else None
+        flips = torch.rand(n, generator=g) < 0.5 if self.cfg.hflip else None
+        s.batches += 1
+        mine = s.mine(batch_size)
+        images, labels = self.splits["train"]
+        x = augment_batch(images[index[mine]], offsets[mine] if offsets is not None else None,
+                          flips[mine] if flips is not None else None, pad, self.mean, self.std)
+        return x, labels[index[mine]]
+
+    def eval_batches(self, split: str, batch_size: int,
+                     max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The split in order, normalized, unaugmented (the whole split unless ``max_batches``); the same on
+        every rank."""
+        if split not in self.splits:
+            raise ValueError(f"data {self.name!r} has no {split!r} split (has {sorted(self.splits)})")
+        check_positive_int("batch_size", batch_size)
+        if max_batches is not None:
+            check_positive_int("max_batches", max_batches)
+        images, labels = self.splits[split]
+        n = len(labels) if max_batches is None else min(len(labels), batch_size * max_batches)
+
+        def batches():
+            for i in range(0, n, batch_size):
+                j = min(i + batch_size, n)
+                yield augment_batch(images[i:j], None, None, 0, self.mean, self.std), labels[i:j]
+        return batches()
+
+    def state_dict(self) -> dict:
+        return {"task": "image", "batches": self._sampler.batches, "epoch": self._epoch, "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("task") != "image" or not all(isinstance(state.get(k), int)
+                                                   for k in ("batches", "epoch", "position")):
+            raise ValueError(f"not an image data state: {state!r}")
+        if not 0 <= state["position"] < len(self.splits["train"][1]):
+            raise ValueError(f"image data state position {state['position']} is outside the train split")
+        self._sampler.batches, self._epoch, self._position = state["batches"], state["epoch"], state["position"]
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean/std of uint8 images on the [0, 1] scale, in float64 chunks (no full float copy)."""
+    C = images.shape[1]
+    total = torch.zeros(C, dtype=torch.float64)
+    squares = torch.zeros(C, dtype=torch.float64)
+    for i in range(0, len(images), 4096):
+        chunk = images[i: i + 4096].to(torch.float64).div_(255.0)
+        total += chunk.sum(dim=(0, 2, 3))
+        squares += chunk.square().sum(dim=(0, 2, 3))
+    count = images.numel() // C
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+    return mean.float(), std.float()
+
+
+def build_image_data(cfg_dict: dict, seed: int, rank: int = 0, world_size: int = 1) -> ImageData:
+    cfg = parse_config(ImageConfig, cfg_dict)
+    if cfg.source == "digits":
+        splits, names = _digits()
+    else:
+        splits, names = _cached(cfg)
+    return ImageData(cfg, _carve(splits, cfg), names, seed, rank, world_size)

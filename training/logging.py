@@ -1,0 +1,162 @@
+"""Run records: metrics as JSONL (streamed) and CSV, a summary JSON, PNG plots at the end, and wandb.
+
+Only the main rank writes. wandb runs ``online`` only when the user is logged in (WANDB_API_KEY or a netrc
+entry for the wandb host), otherwise ``offline`` (synced later with ``wandb sync``), so a run never waits
+on the network; if wandb cannot start at all the run continues with the local records.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import netrc
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+class RunLogger:
+    """``log(kind, step, metrics)`` during the run, ``summary(...)`` for one-off results, ``close()`` at the end."""
+
+    def __init__(self, run_dir: str | os.PathLike, cfg_logger, config: dict[str, Any], enabled: bool = True,
+                 throughput_unit: str = "tokens"):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.throughput_unit = throughput_unit
+        self.records: list[dict[str, Any]] = []
+        self.summary_data: dict[str, Any] = {}
+        self.wandb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg_logger.name == "wandb":
+            self.wandb = _start_wandb(cfg_logger, config, self.run_dir)
+        elif cfg_logger.name != "none":
+            raise ValueError(f"logger.name must be wandb or none, got {cfg_logger.name!r}")
+
+    def log(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": time.time(), **metrics}
+        self.records.append(record)
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def summary(self, **values: Any) -> None:
+        if not self.enabled:
+            return
+        self.summary_data.update(values)
+        (self.run_dir / "summary.json").write_text(json.dumps(self.summary_data, indent=2, default=str))
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in values.items() if isinstance(v, (int, float, str))})
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        self._write_csv()
+        try:
+            self._plot()
+        except Exception as e:  # a plotting problem must not turn a finished run into a failed one
+            warnings.warn(f"could not write plots: {e}")
+        if self.wandb is not None:
+            import wandb
+
+            for png in sorted(self.run_dir.glob("*.png")):
+                self.wandb.log({f"plots/{png.stem}": wandb.Image(str(png))})
+            self.wandb.finish()
+            self.wandb = None
+
+    def _write_csv(self) -> None:
+        columns: dict[str, None] = {}
+        for r in self.records:
+            columns.update(dict.fromkeys(r))
+        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(self.records)
+
+    def _series(self, kind: str, key: str) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[key]) for r in self.records
+               if r["kind"] == kind and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        panels = {
+            "loss": [("train", "loss", "train"), ("eval", "val/loss", "val")],
+            "lr": [("train", "lr", "learning rate")],
+            "throughput": [("train", "throughput", f"{self.throughput_unit}/s")],
+            "memory": [("train", "memory_gib", "memory (GiB)")],
+        }
+        for name, series in panels.items():
+            drawn = [(label, *self._series(kind, key)) for kind, key, label in series]
+            drawn = [d for d in drawn if d[1]]
+            if not drawn:
+                continue
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for label, xs, ys in drawn:
+                ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None)
+            ax.set_xlabel("step")
+            ax.set_ylabel(drawn[0][0] if len(drawn) == 1 else name)
+            if len(drawn) > 1:
+                ax.legend()
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(self.run_dir / f"{name}.png", dpi=100)
+            plt.close(fig)
+        self._plot_memory_savings(plt)
+
+    def _plot_memory_savings(self, plt) -> None:
+        torch_b = self.summary_data.get("memory/activations_torch_bytes")
+        triton_b = self.summary_data.get("memory/activations_triton_bytes")
+        if not torch_b or triton_b is None:
+            return
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.bar(["PyTorch", "triformer"], [torch_b / 2**20, triton_b / 2**20], color=["tab:gray", "tab:blue"])
+        ax.set_ylabel("activation memory saved for backward (MiB)")
+        ax.set_title(f"one training step: {1 - triton_b / torch_b:.0%} less")
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "activation_memory.png", dpi=100)
+        plt.close(fig)
+
+
+def _start_wandb(cfg_logger, config: dict[str, Any], run_dir: Path):
+    mode = cfg_logger.mode
+    if mode not in WANDB_MODES:
+        raise ValueError(f"logger.mode must be one of {WANDB_MODES}, got {mode!r}")
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+    try:
+        import wandb
+
+        run = wandb.init(project=cfg_logger.project, entity=cfg_logger.entity, group=cfg_logger.group,
+                         tags=list(cfg_logger.tags), name=config.get("name"), config=config, dir=str(run_dir),
+                         mode=mode, settings=wandb.Settings(init_timeout=cfg_logger.init_timeout, quiet=True))
+    except Exception as e:
+        print(f"wandb could not start ({type(e).__name__}: {e}); continuing with local metrics only", file=sys.stderr)
+        return None
+    return run

@@ -1,0 +1,129 @@
+"""How much activation memory triformer's kernels save against the same model built on PyTorch ops.
+
+Both variants have identical parameters (``models/`` guarantees it), so one training step of each on the
+same batch differs only in what the ops keep for backward. That is counted exactly, on any device, with
+``torch.autograd.graph.saved_tensors_hooks``: every tensor autograd saves passes through the pack hook, and
+the sum of the *unique* storages' sizes (views and re-saves of one buffer count once; parameters are not
+activations and are left out) is the activation memory of the step. On CUDA the peak allocated during the
+step (above what was allocated before it) is reported too; it includes gradients and temporaries.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class StepMemory:
+    saved_bytes: int          # unique storages autograd kept for backward (activations only)
+    cuda_peak_bytes: int | None
+
+
+@dataclasses.dataclass
+class MemoryReport:
+    triton: StepMemory
+    torch: StepMemory
+    description: str          # e.g. "gpt2-nano, batch 16x256, fp32"
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.torch.saved_bytes - self.triton.saved_bytes
+
+    @property
+    def saved_fraction(self) -> float:
+        return self.saved_bytes / self.torch.saved_bytes if self.torch.saved_bytes else 0.0
+
+    def message(self) -> str:
+        verb = "saves" if self.saved_bytes >= 0 else "uses"
+        amount = f"{format_bytes(abs(self.saved_bytes))} ({abs(self.saved_fraction):.0%})"
+        line = (f"triformer {verb} {amount} {'of' if verb == 'saves' else 'more'} activation memory vs PyTorch "
+                f"({self.description}: {format_bytes(self.torch.saved_bytes)} -> {format_bytes(self.triton.saved_bytes)})")
+        if self.triton.cuda_peak_bytes is not None:
+            line += (f"; step peak {format_bytes(self.torch.cuda_peak_bytes)} -> "
+                     f"{format_bytes(self.triton.cuda_peak_bytes)}")
+        return line
+
+    def metrics(self) -> dict[str, float]:
+        out = {"memory/activations_torch_bytes": self.torch.saved_bytes,
+               "memory/activations_triton_bytes": self.triton.saved_bytes,
+               "memory/activations_saved_bytes": self.saved_bytes,
+               "memory/activations_saved_fraction": self.saved_fraction}
+        if self.triton.cuda_peak_bytes is not None:
+            out["memory/step_peak_torch_bytes"] = self.torch.cuda_peak_bytes
+            out["memory/step_peak_triton_bytes"] = self.triton.cuda_peak_bytes
+        return out
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> StepMemory:
+    """One forward + backward of ``model`` on ``(x, y)``; leaves the parameters' ``.grad`` as it found them."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    grads = [p.grad for p in model.parameters()]
+    for p in model.parameters():  # backward would otherwise accumulate into the caller's gradients
+        p.grad = None
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast():
+            _, loss = model(x, y)
+    loss.backward()
+    peak = None
+    if cuda:
+        torch.cuda.synchronize(x.device)
+        peak = torch.cuda.max_memory_allocated(x.device) - before
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    return StepMemory(sum(storages.values()), peak)
+
+
+def compare(triton_model: nn.Module, torch_model: nn.Module, x: torch.Tensor, y: torch.Tensor, description: str,
+            autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> MemoryReport:
+    """Measure both variants on the same batch, in train mode (dropout masks are saved tensors too). Dropout
+    draws random numbers: callers that must keep their streams untouched wrap this in ``fork_rng``."""
+    results = []
+    for model in (triton_model, torch_model):
+        was_training = model.training
+        model.train()
+        try:
+            results.append(measure_step(model, x, y, autocast))
+        finally:
+            model.train(was_training)
+    return MemoryReport(triton=results[0], torch=results[1], description=description)
+
+
+def current_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated since the last call (which resets it), or the process's resident set on
+    the CPU (Linux; 0 where /proc is missing)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0

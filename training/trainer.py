@@ -1,0 +1,394 @@
+"""The training loop behind ``train.py``: ``train(cfg)`` with the composed Hydra config.
+
+One optimizer step = ``grad_accum`` micro-batches on each of ``world_size`` ranks; the global batch
+(``trainer.batch_size`` sequences or images) stays the same whatever the number of processes, so a run's
+losses do not depend on how it is launched. Everything a step depends on (weights, optimizer and scaler
+state, RNG streams of every rank, the data position, the step) is in the checkpoint, so a resumed run
+continues with exactly the losses an uninterrupted one would have had.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import models
+from training import checkpoint, distributed, memory
+from training.logging import RunLogger
+from training.optim import build_optimizer, lr_at
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after ``trainer.max_bad_steps`` non-finite steps in a row."""
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run the training described by ``cfg``; returns the run summary (also written to summary.json)."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        t = cfg.trainer
+        _check_choice("trainer.precision", t.precision, PRECISIONS)
+        _check_choice("model.name", cfg.model.name, models.list_models())
+        _check_choice("model.kernels", cfg.model.kernels, ("triton", "torch"))
+        for key in ("batch_size", "grad_accum", "max_steps", "max_bad_steps", "keep_last"):
+            if not isinstance(t[key], int) or t[key] < 1:
+                raise ValueError(f"trainer.{key} must be a positive int, got {t[key]!r}")
+        self.ctx = distributed.init(t.device, t.strategy)
+        if cfg.model.kernels == "triton":
+            import triformer
+
+            if triformer.INTERPRET != (self.ctx.device.type == "cpu"):
+                raise ValueError(f"model.kernels=triton runs {'interpreted on the CPU' if triformer.INTERPRET else 'on CUDA'}"
+                                 f" but trainer.device is {self.ctx.device}; change one of them")
+        per_step = self.ctx.world_size * t.grad_accum
+        if t.batch_size % per_step:
+            raise ValueError(f"trainer.batch_size={t.batch_size} must be divisible by world_size * grad_accum = "
+                             f"{self.ctx.world_size} * {t.grad_accum}")
+        self.micro_batch = t.batch_size // per_step
+        self.precision = t.precision if t.precision != "auto" else ("bf16" if self.ctx.device.type == "cuda" else "fp32")
+        self.run_dir = self._run_dir()
+
+        _seed_everything(cfg.seed)
+        from training.data import build_data
+
+        self.data = build_data(cfg.data, seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        self.sample_batch = self._peek_batch()
+        self.items_per_example = self.sample_batch[0].shape[1] if self.data.task == "lm" else 1
+        self.model_overrides = self._model_overrides()
+        # Built on the CPU under the same seed on every rank (identical initial weights), then moved.
+        self.model = models.create_model(cfg.model.name, kernels=cfg.model.kernels, **self.model_overrides)
+        if self.data.task == "lm" and self.items_per_example > self.model.config.block_size:
+            raise ValueError(f"data.seq_len={self.items_per_example} exceeds the model's block_size="
+                             f"{self.model.config.block_size}; lower data.seq_len or raise model.block_size")
+        self.model.to(self.ctx.device)
+        # Dropout masks differ between ranks, as they would between the rows of one big batch.
+        _seed_everything(cfg.seed + self.ctx.rank)
+
+        self.memory_report = None
+        if cfg.memory_report and self.ctx.is_main:
+            self.memory_report = self._measure_memory()
+        distributed.barrier(self.ctx)
+
+        self.wrapped = distributed.wrap(self.model, self.ctx)
+        self.forward_model = torch.compile(self.wrapped, backend=t.compile_backend) if t.compile else self.wrapped
+        self.optimizer = build_optimizer(self.wrapped, cfg.optim, self.ctx.device, sharded=self.ctx.sharded)
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision == "fp16")
+        self.ckpt = checkpoint.CheckpointManager(self.run_dir / "checkpoints", keep_last=t.keep_last)
+        self.step = 0
+        self.best_val = math.inf
+        self.last_ckpt: Path | None = None
+        self.logger = RunLogger(self.run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),
+                                enabled=self.ctx.is_main, throughput_unit="tokens" if self.data.task == "lm" else "images")
+        if cfg.resume:
+            self._resume(cfg.resume)
+        if self.memory_report is not None:
+            self._say(self.memory_report.message())
+            self.logger.summary(memory_savings=self.memory_report.message(), **self.memory_report.metrics())
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _run_dir(self) -> Path:
+        if self.cfg.run_dir:
+            path = self.cfg.run_dir
+        else:
+            try:
+                from hydra.core.hydra_config import HydraConfig
+
+                path = HydraConfig.get().runtime.output_dir
+            except ValueError:  # not launched through Hydra's main (e.g. compose API)
+                path = Path(self.cfg.runs_root) / self.cfg.name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        # Ranks may resolve a timestamped directory a second apart: rank 0's choice is the run's.
+        return Path(distributed.gather_objects(str(path), self.ctx)[0])
+
+    def _model_overrides(self) -> dict[str, Any]:
+        m, loss = self.cfg.model, self.cfg.loss
+        overrides = {k: v for k, v in m.items() if k not in ("name", "kernels") and v is not None}
+        overrides["label_smoothing"] = loss.label_smoothing
+        if self.data.task == "lm":
+            overrides.update(vocab_size=self.data.vocab_size, loss=loss.name)
+            if "n_chunks" in loss:
+                overrides["ce_chunks"] = loss.n_chunks
+        else:
+            if loss.name != "ce":
+                raise ValueError(f"loss={loss.name} is for language models; image models use loss=ce")
+            channels, height, width = self.data.image_shape
+            if height != width:
+                raise ValueError(f"the ViT models take square images, data gives {height}x{width}")
+            overrides.update(num_classes=self.data.num_classes, in_channels=channels, image_size=height)
+        return overrides
+
+    def _peek_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first micro-batch, without moving the data position (its state is put back exactly, since a
+        resumed run must draw the same batches)."""
+        state = copy.deepcopy(self.data.state_dict())
+        batch = self.data.next_batch(self.micro_batch)
+        self.data.load_state_dict(state)
+        return batch
+
+    def _measure_memory(self) -> memory.MemoryReport:
+        m = self.cfg.model
+        other = "torch" if m.kernels == "triton" else "triton"
+        x, y = (t.to(self.ctx.device) for t in self.sample_batch)
+        shape = "x".join(map(str, x.shape[:2] if self.data.task == "lm" else x.shape[:1]))
+        # The twin's initialization and the dropout masks draw random numbers; the run's streams must not
+        # notice (a run with the report must train exactly like one without).
+        with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
+            twin = models.create_model(m.name, kernels=other, **self.model_overrides).to(self.ctx.device)
+            twin.load_state_dict(self.model.state_dict())
+            pair = (self.model, twin) if m.kernels == "triton" else (twin, self.model)
+            report = memory.compare(*pair, x, y, f"{m.name}, micro-batch {shape}, {self.precision}", self._autocast)
+        del twin
+        if self.ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return report
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.trainer
+        bar = _progress(t, self.step, self.ctx.is_main)
+        bad_steps, first_bad = 0, None
+        window_start, window_steps = time.perf_counter(), 0
+        val = None
+        try:
+            while self.step < t.max_steps:
+                lr = lr_at(self.step, self.cfg.optim, t.max_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss, grad_norm, finite = self._train_step()
+                self.step += 1
+                window_steps += 1
+                if finite:
+                    bad_steps = 0
+                else:
+                    first_bad = self.step if bad_steps == 0 else first_bad
+                    bad_steps += 1
+                    self._say(f"step {self.step}: non-finite loss/gradient ({loss}, grad norm {grad_norm}); "
+                              f"step skipped ({bad_steps}/{t.max_bad_steps} in a row)")
+                    if bad_steps >= t.max_bad_steps:
+                        raise NonFiniteLossError(self._bad_message(first_bad))
+                if self.step % t.log_interval == 0 or self.step == t.max_steps or self.step == 1:
+                    elapsed = time.perf_counter() - window_start
+                    metrics = self._train_metrics(loss, grad_norm, lr, window_steps, elapsed)
+                    self.logger.log("train", self.step, metrics)
+                    bar.set_postfix_str(self._postfix(metrics), refresh=False)
+                    window_start, window_steps = time.perf_counter(), 0
+                bar.update(1)
+                last = self.step == t.max_steps
+                evaluated = None
+                if (t.eval_interval and self.step % t.eval_interval == 0) or last:
+                    val = evaluated = self._evaluate_and_log("val", t.eval_batches)
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                # never during a run of bad steps: the newest checkpoint stays one from before the trouble
+                if bad_steps == 0 and ((t.ckpt_interval and self.step % t.ckpt_interval == 0) or last):
+                    self._save(evaluated)
+        finally:
+            bar.close()
+        summary = {"steps": self.step, "params": self.model.num_params(), "run_dir": str(self.run_dir),
+                   "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+                   "best_val_loss": self.best_val if math.isfinite(self.best_val) else None}
+        if val is not None:
+            summary.update({f"final_{k}": v for k, v in val.items()})
+        if t.test_at_end:
+            test = self._evaluate_and_log("test", None)
+            self._say("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
+            summary.update({f"final_{k}": v for k, v in test.items()})
+        self.logger.summary(**summary)
+        return {**self.logger.summary_data, **summary}
+
+    def _train_step(self) -> tuple[float, float, bool]:
+        t = self.cfg.trainer
+        self.forward_model.train()
+        total = torch.zeros((), device=self.ctx.device)
+        for i in range(t.grad_accum):
+            x, y = self.data.next_batch(self.micro_batch)
+            x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+            with distributed.gradient_sync(self.wrapped, self.ctx, enabled=i == t.grad_accum - 1):
+                with self._autocast():
+                    _, loss = self.forward_model(x, y)
+                self.scaler.scale(loss / t.grad_accum).backward()
+            total += loss.detach().float()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        loss_value, norm_value = torch.stack([distributed.mean(total / t.grad_accum, self.ctx),
+                                              grad_norm.float()]).tolist()
+        loss_finite = math.isfinite(loss_value)
+        if self.scaler.is_enabled():
+            # fp16: an overflowing gradient is routine (the scaler skips the step and lowers the scale); only a
+            # non-finite loss counts as a bad step.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            finite = loss_finite
+        else:
+            finite = loss_finite and math.isfinite(norm_value)
+            if finite:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value, finite
+
+    def _train_metrics(self, loss: float, grad_norm: float, lr: float, steps: int, elapsed: float) -> dict[str, float]:
+        t = self.cfg.trainer
+        examples_per_s = steps * t.batch_size / max(elapsed, 1e-9)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
+                   "throughput": examples_per_s * self.items_per_example,
+                   "memory_gib": memory.current_bytes(self.ctx.device) / 2**30}
+        if self.ctx.device.type == "cuda":
+            seq = self.items_per_example if self.data.task == "lm" else None
+            flops = self.model.flops_per_example(seq) * examples_per_s
+            metrics["mfu"] = flops / (t.peak_flops * self.ctx.world_size)
+        if self.scaler.is_enabled():
+            metrics["loss_scale"] = self.scaler.get_scale()
+        return metrics
+
+    def _postfix(self, m: dict[str, float]) -> str:
+        unit = "tok/s" if self.data.task == "lm" else "img/s"
+        parts = [f"loss {m['loss']:.4f}", f"{m['throughput']:,.0f} {unit}"]
+        if "mfu" in m:
+            parts.append(f"MFU {m['mfu']:.1%}")
+        parts.append(f"mem {m['memory_gib']:.2f} GiB")
+        return ", ".join(parts)
+
+    @torch.no_grad()
+    def evaluate(self, split: str, max_batches: int | None) -> dict[str, float]:
+        """Mean loss over ``split`` (per target token / image); accuracy too for image models."""
+        t = self.cfg.trainer
+        model = distributed.unwrap(self.wrapped)  # eager, outside DDP: evaluation needs no gradient sync
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # loss * n, n, correct
+        try:
+            for x, y in self.data.eval_batches(split, t.eval_batch_size or self.micro_batch, max_batches):
+                x, y = x.to(self.ctx.device), y.to(self.ctx.device)
+                with self._autocast():
+                    logits, loss = model(x, y)
+                n = (y != -100).sum()
+                sums[0] += loss.double() * n
+                sums[1] += n
+                if self.data.task == "image":
+                    sums[2] += (logits.argmax(-1) == y).sum()
+        finally:
+            model.train(was_training)
+        if sums[1] == 0:
+            raise ValueError(f"data split {split!r} produced no evaluation examples")
+        out = {f"{split}/loss": float(sums[0] / sums[1])}
+        if self.data.task == "image":
+            out[f"{split}/accuracy"] = float(sums[2] / sums[1])
+        return out
+
+    def _evaluate_and_log(self, split: str, max_batches: int | None) -> dict[str, float]:
+        result = self.evaluate(split, max_batches)
+        self.logger.log("eval", self.step, result)
+        return result
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _save(self, val: dict[str, float] | None) -> None:
+        is_best = val is not None and val["val/loss"] < self.best_val
+        if is_best:
+            self.best_val = val["val/loss"]
+        model_state, optim_state = distributed.full_state(self.wrapped, self.optimizer, self.ctx)
+        rng = distributed.gather_objects(_rng_state(self.ctx.device), self.ctx)
+        data = distributed.gather_objects(self.data.state_dict(), self.ctx)
+        if self.ctx.is_main:
+            payload = {
+                "model": model_state, "optimizer": optim_state, "scaler": self.scaler.state_dict(),
+                "step": self.step, "best_val_loss": self.best_val, "val": val,
+                "model_name": self.cfg.model.name, "model_config": dataclasses.asdict(self.model.config),
+                "config": OmegaConf.to_container(self.cfg, resolve=True), "rng": rng, "data": data,
+                "world_size": self.ctx.world_size,
+            }
+            self.last_ckpt = self.ckpt.save(self.step, payload, is_best=is_best)
+        distributed.barrier(self.ctx)
+
+    def _resume(self, spec: str) -> None:
+        path = checkpoint.resolve_resume(spec, Path(self.cfg.runs_root) / self.cfg.name)
+        state = checkpoint.load_checkpoint(path)
+        if state["model_name"] != self.cfg.model.name:
+            raise checkpoint.CheckpointError(f"{path} holds a {state['model_name']!r} model, but model.name is "
+                                             f"{self.cfg.model.name!r}")
+        checkpoint.check_model_config(state["model_config"], dataclasses.asdict(self.model.config), path)
+        distributed.load_full_state(self.wrapped, self.optimizer, state["model"], state["optimizer"], self.ctx)
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best_val, self.last_ckpt = state["step"], state["best_val_loss"], path
+        rank = self.ctx.rank if state["world_size"] == self.ctx.world_size else 0
+        if state["world_size"] != self.ctx.world_size:
+            self._say(f"resuming a {state['world_size']}-process run with {self.ctx.world_size}: "
+                      "random streams restart from rank 0's, so losses will not match the original run exactly")
+        self.data.load_state_dict(state["data"][rank])
+        _set_rng_state(state["rng"][rank], self.ctx.device)
+        self._say(f"resumed from {path} at step {self.step}")
+
+    def _bad_message(self, first_bad: int) -> str:
+        where = (f"the last checkpoint, {self.last_ckpt}, is from before step {first_bad}" if self.last_ckpt
+                 else "no checkpoint was written")
+        return (f"the loss or gradient was non-finite for {self.cfg.trainer.max_bad_steps} steps in a row (steps "
+                f"{first_bad}-{self.step}); stopping. {where}. Try a lower optim.lr, trainer.grad_clip, or "
+                f"precision bf16/fp32 instead of fp16.")
+
+    # -------------------------------------------------------------------------------------------------- misc
+    def _say(self, message: str) -> None:
+        if self.ctx.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.logger.close()
+        distributed.shutdown()
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of: {', '.join(map(str, choices))}")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _progress(t, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=t.max_steps, initial=start, disable=not (enabled and t.progress), dynamic_ncols=True,
+                desc="train", file=sys.stderr, mininterval=1.0)

@@ -1,0 +1,665 @@
+"""Flash attention: ``softmax(q @ k^T * scale + mask) @ v`` without ever storing the [Tq, Tk] scores.
+
+Layout is that of ``torch.nn.functional.scaled_dot_product_attention``: q [B, H, Tq, D], k and v
+[B, H, Tk, D], any strides (views of a fused qkv projection are read in place, without copies).
+
+Forward (FA2): one program per (batch*head, block of BLOCK_M query rows) streams the key blocks with an
+online softmax; the output is normalised once at the end and only the per-row log-sum-exp is saved.
+Backward recomputes the probabilities from that log-sum-exp: a small kernel computes
+``delta = rowsum(dO * O)``, one kernel per key block accumulates dK/dV over the query blocks, one per
+query block accumulates dQ over the key blocks. Neither needs atomics, so every launch is a pure write
+(which also keeps ``triton.autotune`` safe to re-run them).
+
+Semantics:
+* ``is_causal`` is aligned bottom-right when Tq != Tk: query i sees keys j <= i + Tk - Tq (the KV-cache
+  convention); with Tq > Tk the first Tq - Tk query rows see nothing.
+* ``attn_mask`` broadcastable to [B, H, Tq, Tk]: float is added to the scaled scores, bool means True =
+  attend (as in SDPA). ``key_padding_mask`` [B, Tk] bool: True = padding, ignored. Masks get no gradient.
+* A query row with no key left to attend to outputs 0 and gets zero gradients (SDPA gives NaN there).
+* Dropout on the probabilities uses Philox counters: the element (b, h, i, j) draws the counter
+  ``((b*H + h)*Tq + i)*Tk + j`` (its flat index in a [B, H, Tq, Tk] tensor), the same scheme as
+  ``triformer.dropout``; the backward regenerates the same bits. ``attention_dropout_mask`` materialises
+  that keep mask for small shapes, and ``attention_reference(..., dropout_mask=...)`` applies it.
+* Head dims that are not a power of two (40, 80, 96, ...) run in a tile padded to the next power of two.
+* fp32 inputs compute their dots in IEEE fp32 unless ``torch.set_float32_matmul_precision`` allows TF32.
+* Outputs and gradients are [B, H, T, D] views of [B, T, H, D] memory, so the usual
+  ``out.transpose(1, 2).reshape(B, T, H * D)`` costs no copy.
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from triformer import _runtime  # noqa: F401  (decides compile vs interpreter before kernels are defined)
+from triformer._runtime import INTERPRET, check_device, check_float
+
+LOG2E = tl.constexpr(1.4426950408889634)  # the kernels use exp2: scores are kept in log2 units
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _keep(seed, offsets, p):
+    """The dropout decision for RNG counters ``offsets``; kept with probability 1 - p."""
+    return tl.rand(seed, offsets) > p
+
+
+@triton.jit
+def _dropout_keep(i, j, rng_base, Tk, seed, dropout_p):
+    """Keep mask at query rows i and key columns j (broadcastable index tiles, either orientation)."""
+    return _keep(seed, rng_base + i.to(tl.int64) * Tk + j, dropout_p)
+
+
+@triton.jit
+def _program_block(n_blocks, REVERSE: tl.constexpr):
+    """Split the 1-D program id into (sequence block, batch*head). Consecutive programs share a head, so
+    the operand they all stream (its K/V or Q/dO) stays in L2; REVERSE starts the costliest causal
+    query blocks first, which shortens the tail of the launch."""
+    pid = tl.program_id(0)
+    blk = pid % n_blocks
+    if REVERSE:
+        blk = n_blocks - 1 - blk
+    return blk, pid // n_blocks
+
+
+@triton.jit
+def _key_range(m0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Key range of query rows [m0, m0 + BLOCK_M): blocks in [0, n_full) need no mask at all, those in
+    [n_full, n_end) cross the causal diagonal or the ragged end of the keys."""
+    if IS_CAUSAL:
+        off = Tk - Tq
+        n_end = tl.minimum(Tk, m0 + BLOCK_M + off)
+        n_full = tl.minimum(tl.maximum(m0 + off + 1, 0), Tk) // BLOCK_N * BLOCK_N
+    else:
+        n_end = Tk
+        n_full = Tk // BLOCK_N * BLOCK_N
+    return n_full, n_end
+
+
+@triton.jit
+def _query_range(n0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Query range that sees keys [n0, n0 + BLOCK_N): blocks in [m_lo, m_full) cross the causal diagonal,
+    [m_full, m_mid) need no mask, [m_mid, Tq) is the ragged last query block."""
+    if IS_CAUSAL:
+        off = Tk - Tq
+        m_lo = tl.maximum(n0 - off, 0) // BLOCK_M * BLOCK_M
+        m_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
+        m_full = tl.minimum(m_full, tl.cdiv(Tq, BLOCK_M) * BLOCK_M)
+    else:
+        m_lo = 0
+        m_full = 0
+    return m_lo, m_full, tl.maximum(m_full, Tq // BLOCK_M * BLOCK_M)
+
+
+@triton.jit
+def _load_rows(base, rows, stride, n_rows, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A [len(rows), BLOCK_D] tile; ``base`` already points at the (batch, head) and holds the column
+    offsets. Unmasked loads where the caller knows the rows are in range keep the hot loop lean."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride
+    if CHECK_ROWS:
+        tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_rows(base, rows, stride, n_rows, d_ok, tile):
+    ptrs = base + rows[:, None].to(tl.int64) * stride
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < n_rows) & d_ok[None, :])
+
+
+@triton.jit
+def _log2_scores(qk, i, j, Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
+                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                 HAS_KPM: tl.constexpr):
+    """Scaled, masked scores in log2 units for query rows i and key columns j (broadcastable index tiles,
+    so the dK/dV kernel can work on the transposed tile). Masked entries become -inf."""
+    s = qk * qk_scale
+    if MASK_KIND != 0:
+        m = tl.load(mask_base + i.to(tl.int64) * smm + j.to(tl.int64) * smn, mask=(i < Tq) & (j < Tk), other=0)
+        if MASK_KIND == 1:
+            s += m.to(tl.float32) * LOG2E
+        else:
+            s = tl.where(m != 0, s, float("-inf"))
+    if HAS_KPM:
+        pad = tl.load(kpm_base + j.to(tl.int64) * spn, mask=j < Tk, other=0)
+        s = tl.where(pad != 0, float("-inf"), s)
+    if MASKED:
+        ok = j < Tk
+        if IS_CAUSAL:
+            ok = ok & (j <= i + (Tk - Tq))
+        s = tl.where(ok, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, MASK, KPM, SEED,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    smb, smh, smm, smn, spb, spn,
+    H, Tq, Tk, qk_scale, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # A [BLOCK_M, BLOCK_D] query tile stays in registers while [BLOCK_N, BLOCK_D] key/value tiles stream
+    # past it: first the blocks every row sees whole (no mask work), then the masked ones.
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    mb, bh = _program_block(tl.cdiv(Tq, BLOCK_M), True)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    m0 = mb * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = _load_rows(Q + b * sqb + h * sqh + offs_d[None, :] * sqd, offs_m, sqm, Tq, d_ok, True, EVEN_D)
+    k_base = K + b * skb + h * skh + offs_d[None, :] * skd
+    v_base = V + b * svb + h * svh + offs_d[None, :] * svd
+    mask_base = MASK + b * smb + h * smh
+    kpm_base = KPM + b * spb
+    rng_base = bh.to(tl.int64) * Tq * Tk
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    n_full, n_end = _key_range(m0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for phase in tl.static_range(2):
+        if phase == 0:
+            lo = 0
+            hi = n_full
+        else:
+            lo = n_full
+            hi = n_end
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_base, offs_n, skn, Tk, d_ok, phase == 1, EVEN_D)
+            s = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
+                             Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
+                             phase == 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with every key so far masked keeps max -inf; shifting by 0 avoids -inf - -inf = NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_DROPOUT:  # the normaliser sums the undropped probabilities; only P @ V sees dropout
+                keep = _dropout_keep(offs_m[:, None], offs_n[None, :], rng_base, Tk, seed, dropout_p)
+                p = tl.where(keep, p * drop_scale, 0.0)
+            v = _load_rows(v_base, offs_n, svn, Tk, d_ok, phase == 1, EVEN_D)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+            m_i = m_new
+
+    seen = l_i > 0.0  # rows with nothing to attend to give 0, and lse = +inf makes their P = 0 in backward
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    _store_rows(O + b * sob + h * soh + offs_d[None, :] * sod, offs_m, som, Tq, d_ok, out)
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Tq,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta_i = rowsum(dO * O) = sum_j P_ij dP_ij (with dropout too), the softmax-backward shift term.
+    mb, bh = _program_block(tl.cdiv(Tq, BLOCK_M), False)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    o = _load_rows(O + b * sob + h * soh + offs_d[None, :] * sod, offs_m, som, Tq, d_ok, True, False)
+    do = _load_rows(DO + b * sdb + h * sdh + offs_d[None, :] * sdd, offs_m, sdm, Tq, d_ok, True, False)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, SEED,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sgb, sgh, sgn, sgd, smb, smh, smm, smn, spb, spn,
+    H, Tq, Tk, qk_scale, scale, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # A [BLOCK_N, BLOCK_D] key/value tile and its dK/dV accumulators stay in registers while the query
+    # blocks that see it stream past. Everything is computed transposed ([keys, queries]) so that
+    # dV += P^T dO and dK += dS^T Q need no register transposes. Key rows past Tk compute garbage that
+    # is never stored; query rows past Tq load lse = +inf, so their P is 0.
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    nb, bh = _program_block(tl.cdiv(Tk, BLOCK_N), False)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    n0 = nb * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k = _load_rows(K + b * skb + h * skh + offs_d[None, :] * skd, offs_n, skn, Tk, d_ok, True, EVEN_D)
+    v = _load_rows(V + b * svb + h * svh + offs_d[None, :] * svd, offs_n, svn, Tk, d_ok, True, EVEN_D)
+    q_base = Q + b * sqb + h * sqh + offs_d[None, :] * sqd
+    do_base = DO + b * sdb + h * sdh + offs_d[None, :] * sdd
+    lse_base = LSE + bh.to(tl.int64) * Tq
+    delta_base = DELTA + bh.to(tl.int64) * Tq
+    mask_base = MASK + b * smb + h * smh
+    kpm_base = KPM + b * spb
+    rng_base = bh.to(tl.int64) * Tq * Tk
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    m_lo, m_full, m_mid = _query_range(n0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for phase in tl.static_range(3):
+        if phase == 0:
+            lo = m_lo
+            hi = m_full
+        elif phase == 1:
+            lo = m_full
+            hi = m_mid
+        else:
+            lo = m_mid
+            hi = Tq
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _load_rows(q_base, offs_m, sqm, Tq, d_ok, phase != 1, EVEN_D)
+            do = _load_rows(do_base, offs_m, sdm, Tq, d_ok, phase != 1, EVEN_D)
+            lse = tl.load(lse_base + offs_m, mask=offs_m < Tq, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < Tq, other=0.0)
+            s_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :], offs_n[:, None],
+                               Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
+                               phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
+            p_t = tl.math.exp2(s_t - lse[None, :])
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(offs_m[None, :], offs_n[:, None], rng_base, Tk, seed, dropout_p)
+                dv = tl.dot(tl.where(keep, p_t * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PREC)
+                dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+            else:
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+
+    _store_rows(DK + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_n, sgn, Tk, d_ok, dk * scale)
+    _store_rows(DV + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_n, sgn, Tk, d_ok, dv)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM, SEED,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    sgb, sgh, sgm, sgd, smb, smh, smm, smn, spb, spn,
+    H, Tq, Tk, qk_scale, scale, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The forward's blocking: Q, dO and the dQ accumulator stay in registers, key/value tiles stream.
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    mb, bh = _program_block(tl.cdiv(Tq, BLOCK_M), True)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    m0 = mb * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = _load_rows(Q + b * sqb + h * sqh + offs_d[None, :] * sqd, offs_m, sqm, Tq, d_ok, True, EVEN_D)
+    do = _load_rows(DO + b * sdb + h * sdh + offs_d[None, :] * sdd, offs_m, sdm, Tq, d_ok, True, EVEN_D)
+    lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    k_base = K + b * skb + h * skh + offs_d[None, :] * skd
+    v_base = V + b * svb + h * svh + offs_d[None, :] * svd
+    mask_base = MASK + b * smb + h * smh
+    kpm_base = KPM + b * spb
+    rng_base = bh.to(tl.int64) * Tq * Tk
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_full, n_end = _key_range(m0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for phase in tl.static_range(2):
+        if phase == 0:
+            lo = 0
+            hi = n_full
+        else:
+            lo = n_full
+            hi = n_end
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_base, offs_n, skn, Tk, d_ok, phase == 1, EVEN_D)
+            v = _load_rows(v_base, offs_n, svn, Tk, d_ok, phase == 1, EVEN_D)
+            s = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
+                             Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
+                             phase == 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
+            p = tl.math.exp2(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(offs_m[:, None], offs_n[None, :], rng_base, Tk, seed, dropout_p)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+
+    _store_rows(DQ + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_m, sgm, Tq, d_ok, dq * scale)
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, SEED, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The keep mask's flat index is the RNG counter, which is the whole contract with the attention kernels.
+    mb, bh = _program_block(tl.cdiv(Tq, BLOCK_M), False)
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rng_base = bh.to(tl.int64) * Tq * Tk
+    seed = tl.load(SEED)
+    for start_n in range(0, Tk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(offs_m[:, None], offs_n[None, :], rng_base, Tk, seed, dropout_p)
+        tl.store(OUT + rng_base + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :], keep.to(tl.uint8),
+                 mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------
+
+# H100 candidates (BLOCK_M, BLOCK_N, num_warps, num_stages). Forward and dQ hold BLOCK_M query rows and
+# stream BLOCK_N keys; dK/dV holds BLOCK_N keys and streams BLOCK_M queries, so it wants BLOCK_N large and
+# BLOCK_M small. Configs that exceed shared memory for a head dim are skipped by the autotuner.
+_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3)]
+_DKDV_CONFIGS = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3)]
+_DQ_CONFIGS = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+# The interpreter pays per program and per loop step, not per element: few programs with big tiles.
+_INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
+_TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "MASK_KIND", "HAS_KPM", "HAS_DROPOUT", "TQ_BUCKET", "TK_BUCKET"]
+
+
+def _autotuned(candidates):
+    def wrap(kernel):
+        if INTERPRET:
+            return kernel
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in candidates]
+        return triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+    return wrap
+
+
+_attn_fwd = _autotuned(_FWD_CONFIGS)(_attn_fwd_kernel)
+_attn_bwd_dkdv = _autotuned(_DKDV_CONFIGS)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq = _autotuned(_DQ_CONFIGS)(_attn_bwd_dq_kernel)
+
+
+def _launch(kernel, seq_len: int, block: str, n_heads_total: int, *args, **consts) -> None:
+    """Launch over (blocks of ``seq_len`` along ``block``) x batch*heads programs, 1-D so the batch*heads
+    count is not limited to the 65535 of a second grid axis."""
+    if INTERPRET:
+        consts.update(_INTERPRET_BLOCKS)
+    kernel[lambda meta: (triton.cdiv(seq_len, meta[block]) * n_heads_total,)](*args, **consts)
+
+
+def _empty(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Every buffer the ops fill comes from here, so a test can poison them all."""
+    return like.new_empty(shape, dtype=dtype or like.dtype)
+
+
+def _bthd_empty(B: int, H: int, T: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] view of [B, T, H, D] memory: heads interleave per token, as the next projection wants."""
+    return _empty((B, T, H, D), like).transpose(1, 2)
+
+
+def _mask_operand(attn_mask: Optional[torch.Tensor], B: int, H: int, Tq: int, Tk: int, placeholder: torch.Tensor):
+    """(kind, tensor, 4 strides) of the attention mask broadcast to [B, H, Tq, Tk] with zero strides;
+    bool is read as bytes. Absent operands pass a placeholder the kernel never reads."""
+    if attn_mask is None:
+        return 0, placeholder, (0, 0, 0, 0)
+    m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(B, H, Tq, Tk)
+    if m.dtype == torch.bool:
+        return 2, m.view(torch.uint8), m.stride()
+    return 1, m, m.stride()
+
+
+def _kernel_operands(q, k, attn_mask, key_padding_mask, seed):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    mask_kind, mask, mask_strides = _mask_operand(attn_mask, B, H, Tq, Tk, q)
+    kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    kpm_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
+    dot_prec = "ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+    consts = dict(MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None, DOT_PREC=dot_prec,
+                  HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return mask, kpm, q if seed is None else seed, (*mask_strides, *kpm_strides), consts
+
+
+def _dropout_scalars(dropout_p: float):
+    return dropout_p, (1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("triformer::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                   key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], is_causal: bool,
+                   dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    out = _bthd_empty(B, H, Tq, D, q)
+    lse = _empty((B, H, Tq), q, torch.float32)
+    mask, kpm, seed_t, mask_strides, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed)
+    _launch(_attn_fwd, Tq, "BLOCK_M", B * H,
+            q, k, v, out, lse, mask, kpm, seed_t,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
+            H, Tq, Tk, scale * LOG2E.value, *_dropout_scalars(dropout_p),
+            triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
+            IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **consts)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale):
+    B, H, Tq, D = q.shape
+    return _bthd_empty(B, H, Tq, D, q), _empty((B, H, Tq), q, torch.float32)
+
+
+@torch.library.custom_op("triformer::attention_bwd", mutates_args=())
+def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                   seed: Optional[torch.Tensor], is_causal: bool, dropout_p: float,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dq, dk, dv = _bthd_empty(B, H, Tq, D, q), _bthd_empty(B, H, Tk, D, k), _bthd_empty(B, H, Tk, D, v)
+    delta = _empty(lse.shape, lse)
+    block_d = max(16, triton.next_power_of_2(D))
+    rows = _runtime.rows_per_program(Tq, block_d, gpu_rows=64)
+    _attn_bwd_delta_kernel[(triton.cdiv(Tq, rows) * B * H,)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Tq,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows)
+
+    mask, kpm, seed_t, mask_strides, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed)
+    shared = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    scalars = (H, Tq, Tk, scale * LOG2E.value, scale, *_dropout_scalars(dropout_p),
+               triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
+    consts.update(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0)
+    _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H,
+            q, k, v, grad_out, lse, delta, dk, dv, mask, kpm, seed_t,
+            *shared, *dk.stride(), *mask_strides, *scalars, **consts)
+    _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H,
+            q, k, v, grad_out, lse, delta, dq, mask, kpm, seed_t,
+            *shared, *dq.stride(), *mask_strides, *scalars, **consts)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    return _bthd_empty(B, H, Tq, D, q), _bthd_empty(B, H, Tk, D, k), _bthd_empty(B, H, Tk, D, v)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd and public API
+# ----------------------------------------------------------------------------------------------------
+
+class AttentionFunction(torch.autograd.Function):
+    """Autograd over the custom ops. Takes already-validated arguments: ``scale`` a float, ``seed`` an int64
+    tensor of one element on q's device (or None when ``dropout_p`` is 0); use ``attention`` instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, seed):
+        out, lse = _attention_fwd(q, k, v, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, seed)
+        ctx.is_causal, ctx.dropout_p, ctx.scale = is_causal, dropout_p, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, attn_mask, key_padding_mask, seed = ctx.saved_tensors
+        dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed,
+                                    ctx.is_causal, ctx.dropout_p, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, seed) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if k.shape != (B, H, Tk, D) or v.shape != k.shape:
+        raise ValueError(f"k and v must be [{B}, {H}, Tk, {D}] to match q {tuple(q.shape)}, "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if min(B, H, Tq, Tk, D) == 0:
+        raise ValueError(f"q, k and v must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM}, got {D}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool:
+            check_float("attn_mask", attn_mask)
+        if attn_mask.dim() > 4 or any(s not in (1, full) for s, full in
+                                      zip(attn_mask.shape[::-1], (Tk, Tq, H, B))):
+            raise ValueError(f"attn_mask must broadcast to [B, H, Tq, Tk] = {[B, H, Tq, Tk]}, "
+                             f"got shape {tuple(attn_mask.shape)}")
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            raise ValueError("attn_mask gets no gradient from attention; pass attn_mask.detach()")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got "
+                            f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+        if key_padding_mask.shape != (B, Tk):
+            raise ValueError(f"key_padding_mask must be [B, Tk] = {[B, Tk]}, got {tuple(key_padding_mask.shape)}")
+    check_device(q=q, k=k, v=v, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+
+
+def _seed_tensor(seed: Optional[int], device: torch.device) -> torch.Tensor:
+    """The Philox seed as a device tensor, so a fresh default seed (drawn from torch's generator, as
+    ``torch.manual_seed`` controls) needs no host sync and no graph break under torch.compile."""
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+    return torch.tensor([seed], device=device, dtype=torch.int64)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, dropout_p: float = 0.0,
+              scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
+              key_padding_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None) -> torch.Tensor:
+    """Flash attention on q [B, H, Tq, D], k/v [B, H, Tk, D]; returns [B, H, Tq, D] (see the module
+    docstring for masks, causal alignment, rows with nothing to attend to, and dropout). ``scale``
+    defaults to 1/sqrt(D); ``seed`` (dropout only) defaults to a draw from torch's generator."""
+    _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, seed)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed_t = _seed_tensor(seed, q.device) if dropout_p > 0 else None
+    return AttentionFunction.apply(q, k, v, is_causal, float(dropout_p), scale, attn_mask, key_padding_mask, seed_t)
+
+
+def attention_dropout_mask(shape, dropout_p: float, seed: int, device=None) -> torch.Tensor:
+    """The keep mask (True = kept) that ``attention(..., dropout_p=dropout_p, seed=seed)`` applies to
+    inputs of ``shape`` = (B, H, Tq, Tk), drawn from the same Philox counters. For tests: it stores the
+    full [B, H, Tq, Tk] matrix that attention itself never builds."""
+    B, H, Tq, Tk = (int(s) for s in shape)
+    if not 0.0 < dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in (0, 1), got {dropout_p}")
+    device = torch.device("cpu" if INTERPRET else "cuda") if device is None else torch.device(device)
+    out = _empty((B, H, Tq, Tk), torch.empty(0, dtype=torch.uint8, device=device))
+    block_m = 64 if INTERPRET else 32
+    _dropout_mask_kernel[(triton.cdiv(Tq, block_m) * B * H,)](
+        out, _seed_tensor(seed, device), Tq, Tk, float(dropout_p), BLOCK_M=block_m, BLOCK_N=64)
+    return out.view(torch.bool)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
+                        dropout_p: float = 0.0, scale: Optional[float] = None,
+                        attn_mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
+                        seed: Optional[int] = None, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain PyTorch attention with ``attention``'s semantics, in the inputs' dtype (float64-friendly).
+
+    Dropout keeps where ``dropout_mask`` (bool, broadcastable to [B, H, Tq, Tk]) is True; pass
+    ``attention_dropout_mask(...)`` to reproduce the kernel exactly. Without it the mask is drawn with
+    ``torch.rand`` (from a generator seeded by ``seed`` when given): the same distribution, other bits.
+    """
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        allowed = allowed.tril(diagonal=Tk - Tq)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            s = s + attn_mask.to(s.dtype)
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask[:, None, None, :]
+    s = s.masked_fill(~allowed, float("-inf"))
+    empty = (s == float("-inf")).all(dim=-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if dropout_p > 0:
+        if dropout_mask is None:
+            gen = torch.Generator(device=q.device)
+            if seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(seed)
+            dropout_mask = torch.rand(p.shape, generator=gen, device=q.device) >= dropout_p
+        p = p * dropout_mask / (1.0 - dropout_p)
+    return p @ v
+
+
+class Attention(torch.nn.Module):
+    """``attention`` as a module: dropout applies in training mode only."""
+
+    def __init__(self, is_causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None):
+        super().__init__()
+        self.is_causal, self.dropout_p, self.scale = is_causal, dropout_p, scale
+
+    def forward(self, q, k, v, attn_mask=None, key_padding_mask=None):
+        return attention(q, k, v, self.is_causal, self.dropout_p if self.training else 0.0, self.scale,
+                         attn_mask, key_padding_mask)
+
+    def extra_repr(self) -> str:
+        return f"is_causal={self.is_causal}, dropout_p={self.dropout_p}, scale={self.scale}"

@@ -1,0 +1,411 @@
+"""Cross-entropy over the last dimension, with the gradient computed in the forward pass.
+
+``logits[..., V]`` (fp32/fp16/bf16) and integer ``targets[...]`` give the loss; the same kernel launch writes
+d(loss)/d(logits) for an upstream gradient of 1, so the backward pass only multiplies that stored gradient
+by ``grad_output`` in place. Each row is streamed in blocks of columns with an online log-sum-exp (any V,
+256k and beyond, in fp32 whatever the logits dtype), then streamed once more to write the gradient.
+
+Semantics match ``torch.nn.functional.cross_entropy`` with class-index targets and the class dimension
+last, with one deliberate difference: ``reduction="mean"`` over a batch whose targets are all
+``ignore_index`` returns 0 (and a zero gradient) instead of NaN.
+
+Where the gradient goes (``inplace_backward``):
+
+* ``False`` (default): into a fresh buffer shaped like ``logits`` (and none at all when no gradient is
+  recorded), so ``logits`` is never written.
+* ``True``: into the storage of ``logits`` itself, saving the ``[..., V]`` gradient allocation. After the
+  call ``logits`` no longer holds logits: it holds the gradient for an upstream gradient of 1, and after
+  ``backward`` it is the very tensor returned as the gradient. Accepted only when all of these hold, else a
+  ``ValueError`` before anything is written:
+  1. a gradient is being recorded: ``torch.is_grad_enabled()`` and ``logits.requires_grad`` (otherwise
+     nothing would use the gradient and the logits would be destroyed for nothing);
+  2. ``logits`` is not a leaf, nor a view of one: leaves are the caller's data (inputs, parameters), only
+     an intermediate result such as the output of the LM head's matmul may be consumed;
+  3. no element of ``logits`` shares memory with another (no expanded, stride-0 dimension), and
+     ``logits`` can be viewed as rows of V (any layout ``view(-1, T, V)`` accepts).
+  Autograd's version counter covers the remaining hazard: the write counts as an in-place modification,
+  so an earlier op that saved ``logits`` for its own backward (e.g. ``logits = x.exp()``) raises autograd's
+  usual "modified by an inplace operation" error at backward instead of producing wrong gradients.
+
+Because the stored gradient is scaled in place, one forward supports one backward: a second backward
+through the same graph (``retain_graph=True``) raises autograd's "modified by an inplace operation" error
+instead of scaling twice.
+
+Targets outside ``[0, V)`` that are not ``ignore_index`` are an error. On the CPU (interpreter) this is
+checked on the host and raises ``ValueError``. On CUDA it is checked with ``torch._assert_async``, which
+does not synchronize: the failure surfaces at the next synchronization as a device-side assert
+(``RuntimeError``, like PyTorch's own cross-entropy), and the kernel also writes NaN as such a row's loss.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from triformer import _runtime
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# A program walks its rows in [BLOCK_R, BLOCK_V] tiles: pass 1 folds every tile into a running max / scaled
+# exp-sum (online log-sum-exp, fp32) so registers never hold a whole row; pass 2 re-reads the row to write the
+# gradient. On a GPU the grid is persistent (a few programs per SM, each looping over row blocks) so that the
+# rows being streamed at any moment fit in L2 and pass 2 re-reads them from there, not from DRAM. Rows are
+# addressed through two strides (outer, inner) so [B, T, V] views with permuted batch dims need no copy.
+# grad_ptr may equal logits_ptr: every element is read before the same program overwrites it.
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    logits_ptr, grad_ptr, targets_ptr, loss_ptr, scale_ptr,
+    row_start, row_end, n_cols, inner,
+    stride_xo, stride_xi, stride_xc, stride_go, stride_gi, stride_gc, stride_t, stride_s,
+    ignore_index, smoothing, z_loss,
+    HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    n_blocks = tl.cdiv(row_end - row_start, BLOCK_R)
+    for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        rows = row_start + block * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < row_end
+        # padded rows re-read the last real row (never stored) so no tile row is all -inf and no NaN appears
+        rows = tl.minimum(rows, row_end - 1).to(tl.int64)
+        x_base = logits_ptr + (rows // inner) * stride_xo + (rows % inner) * stride_xi
+        target = tl.load(targets_ptr + rows * stride_t).to(tl.int64)
+        active = target != ignore_index
+        in_range = (target >= 0) & (target < n_cols)
+        x_target = tl.load(x_base + target * stride_xc, mask=active & in_range, other=0.0).to(tl.float32)
+
+        # Everything is kept relative to the row max m (and to x_ref, the target logit where finite) so that
+        # logits with a large common offset lose no fp32 precision: lse - x_t never subtracts two large numbers.
+        x_ref = tl.where(tl.abs(x_target) < float("inf"), x_target, 0.0)
+        # a finite floor instead of -inf keeps exp(m - m_new) defined when a first tile holds only -inf logits
+        m = tl.full([BLOCK_R], -3.0e38, tl.float32)
+        s = tl.full([BLOCK_R], 0.0, tl.float32)
+        x_sum = tl.full([BLOCK_R], 0.0, tl.float32)  # sum_j (x_j - x_ref), for label smoothing
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            col_ok = cols < n_cols
+            x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
+                        other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+            m = m_new
+            if HAS_SMOOTHING:
+                x_sum += tl.sum(tl.where(col_ok[None, :], x - x_ref[:, None], 0.0), 1)
+        log_s = tl.log(s)
+
+        # loss = (1 - eps) * (lse - x_t) + eps * (lse - mean_j x_j) + z * lse^2, with lse = m + log_s
+        loss = (m - x_ref) + log_s - (1.0 - smoothing) * (x_target - x_ref)
+        if HAS_SMOOTHING:
+            loss -= smoothing * x_sum / n_cols
+        if HAS_Z:
+            loss += z_loss * (m + log_s) * (m + log_s)
+        loss = tl.where(active, loss, 0.0)
+        loss = tl.where(active & ~in_range, float("nan"), loss)
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+
+        if HAS_GRAD:
+            if HAS_SCALE:
+                scale = tl.load(scale_ptr + rows * stride_s).to(tl.float32)
+            else:
+                scale = tl.full([BLOCK_R], 1.0, tl.float32)
+            # d loss / d x_j = p_j * (1 + 2 z lse) - (1 - eps) [j == t] - eps / V, times the row's scale
+            p_coef = scale * (1.0 + 2.0 * z_loss * (m + log_s))
+            hit = (1.0 - smoothing) * scale
+            floor = smoothing * scale / n_cols
+            g_base = grad_ptr + (rows // inner) * stride_go + (rows % inner) * stride_gi
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                col_ok = cols < n_cols
+                x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
+                            other=float("-inf")).to(tl.float32)
+                g = tl.exp((x - m[:, None]) - log_s[:, None]) * p_coef[:, None] - floor[:, None]
+                g -= tl.where(cols[None, :] == target[:, None], hit[:, None], 0.0)
+                g = tl.where(active[:, None], g, 0.0)
+                tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * stride_gc, g.to(grad_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & col_ok[None, :])
+
+
+# GPU launch: a row tile of TILE_BYTES per loop step (64 bytes per thread at 16 warps), and as many resident
+# programs per SM as keep the rows being streamed within L2_ROW_BUDGET (at least one, at most what fits).
+TILE_BYTES = 32768
+GPU_WARPS = 16
+L2_ROW_BUDGET = 24 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _launch_config(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_V, num_warps, programs). Interpreter: few programs with 64k-element tiles of many rows."""
+    if _runtime.INTERPRET:
+        block_v = min(triton.next_power_of_2(n_cols), max(1024, 65536 // min(triton.next_power_of_2(n_rows), 64)))
+        block_r = _runtime.rows_per_program(n_rows, block_v)
+        return block_r, block_v, 4, triton.cdiv(n_rows, block_r)
+    block_v = min(triton.next_power_of_2(n_cols), TILE_BYTES // dtype.itemsize)
+    num_warps = min(GPU_WARPS, max(4, block_v * dtype.itemsize // 1024))
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    per_sm = min(max(1, L2_ROW_BUDGET // (sms * n_cols * dtype.itemsize)), 2048 // (32 * num_warps))
+    return 1, block_v, num_warps, min(n_rows, per_sm * sms)
+
+
+def rows_view(x: torch.Tensor, what: str, copy_ok: bool) -> torch.Tensor:
+    """``x[..., V]`` as ``[outer, inner, V]`` without copying where strides allow (the kernel's row layout)."""
+    if x.dim() == 1:
+        return x.view(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    try:
+        return x.view(-1, *x.shape[-2:])
+    except RuntimeError:
+        if not copy_ok:
+            raise ValueError(f"{what}: its layout cannot be viewed as rows of the last dimension "
+                             f"(shape {tuple(x.shape)}, strides {x.stride()}); pass a contiguous tensor") from None
+        return x.reshape(-1, *x.shape[-2:])
+
+
+def check_targets(targets: torch.Tensor, n_cols: int, ignore_index: int) -> None:
+    """Targets must be in [0, n_cols) or ignore_index; see the module docstring for how each device reports it."""
+    bad = ((targets < 0) | (targets >= n_cols)) & (targets != ignore_index)
+    if targets.device.type == "cpu":
+        if bool(bad.any()):
+            value = int(targets[bad][0])
+            raise ValueError(f"targets must be in [0, {n_cols}) or ignore_index={ignore_index}, got {value}")
+    else:
+        torch._assert_async(~bad.any(), f"targets must be in [0, {n_cols}) or ignore_index={ignore_index}")
+
+
+def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
+                         grad3: torch.Tensor | None, scale: torch.Tensor | None, ignore_index: int,
+                         label_smoothing: float, z_loss: float, n_chunks: int = 1) -> None:
+    """Run the kernel on ``logits3[outer, inner, V]``: per-row fp32 loss into ``loss_rows[N]`` and, when
+    ``grad3`` is given (it may be ``logits3`` itself), the gradient times ``scale`` (one value, or one per
+    row) into ``grad3``. Rows go in ``n_chunks`` successive launches."""
+    outer, inner, n_cols = logits3.shape
+    n_rows = outer * inner
+    if n_rows == 0:
+        return
+    block_r, block_v, num_warps, programs = _launch_config(n_rows, n_cols, logits3.dtype, logits3.device)
+    g = grad3 if grad3 is not None else logits3  # never written when HAS_GRAD is off
+    per_row_scale = scale is not None and scale.numel() > 1
+    chunk = triton.cdiv(n_rows, n_chunks)
+    for first in range(0, n_rows, chunk):
+        last = min(first + chunk, n_rows)
+        _cross_entropy_fwd_kernel[(min(programs, triton.cdiv(last - first, block_r)),)](
+            logits3, g, targets, loss_rows, scale if scale is not None else loss_rows,
+            first, last, n_cols, inner,
+            *logits3.stride(), *g.stride(), targets.stride(0), scale.stride(0) if per_row_scale else 0,
+            ignore_index, float(label_smoothing), float(z_loss),
+            HAS_GRAD=grad3 is not None, HAS_SCALE=scale is not None, HAS_SMOOTHING=label_smoothing > 0,
+            HAS_Z=z_loss > 0, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps,
+        )
+
+
+def mean_scale(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """[1] fp32 on the device: 1 / (number of rows not ignored), 1 when all are (loss 0, not NaN). No sync."""
+    return (targets != ignore_index).sum().clamp_(min=1).to(torch.float32).reciprocal_().reshape(1)
+
+
+def _forward(logits: torch.Tensor, targets: torch.Tensor, grad3: torch.Tensor | None, ignore_index: int,
+             label_smoothing: float, reduction: str, n_chunks: int) -> torch.Tensor:
+    """Shared body of both forward ops: launch, then reduce the fp32 row losses to the requested loss."""
+    logits3 = rows_view(logits, "logits", copy_ok=grad3 is None or grad3 is not logits)
+    if grad3 is logits:
+        grad3 = logits3
+    flat_targets = targets.reshape(-1)
+    check_targets(flat_targets, logits.shape[-1], ignore_index)
+    loss_rows = torch.empty(flat_targets.numel(), dtype=torch.float32, device=logits.device)
+    scale = mean_scale(flat_targets, ignore_index) if reduction == "mean" else None
+    launch_cross_entropy(logits3, flat_targets, loss_rows, grad3, scale if grad3 is not None else None,
+                         ignore_index, label_smoothing, 0.0, n_chunks)
+    if reduction == "none":
+        return loss_rows.to(logits.dtype).view(targets.shape)
+    total = loss_rows.sum()
+    return (total * scale[0] if scale is not None else total).to(logits.dtype)
+
+
+def _loss_fake(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    return logits.new_empty(targets.shape if reduction == "none" else ())
+
+
+@torch.library.custom_op("triformer::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
+                       reduction: str, n_chunks: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, gradient for an upstream gradient of 1 shaped like logits, or an empty tensor)."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else None
+    loss = _forward(logits, targets, None if grad is None else rows_view(grad, "grad", copy_ok=False),
+                    ignore_index, label_smoothing, reduction, n_chunks)
+    return loss, grad if grad is not None else logits.new_empty(0)
+
+
+@_cross_entropy_fwd.register_fake
+def _(logits, targets, ignore_index, label_smoothing, reduction, n_chunks, compute_grad):
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else logits.new_empty(0)
+    return _loss_fake(logits, targets, reduction), grad
+
+
+@torch.library.custom_op("triformer::cross_entropy_fwd_inplace", mutates_args=("logits",))
+def _cross_entropy_fwd_inplace(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                               label_smoothing: float, reduction: str, n_chunks: int) -> torch.Tensor:
+    """The loss; ``logits`` is overwritten with the gradient for an upstream gradient of 1."""
+    return _forward(logits, targets, logits, ignore_index, label_smoothing, reduction, n_chunks)
+
+
+@_cross_entropy_fwd_inplace.register_fake
+def _(logits, targets, ignore_index, label_smoothing, reduction, n_chunks):
+    return _loss_fake(logits, targets, reduction)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Forward stores the gradient (fresh buffer or the logits themselves); backward scales it in place."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, n_chunks, inplace_backward,
+                compute_grad):
+        if inplace_backward:
+            loss = torch.ops.triformer.cross_entropy_fwd_inplace(logits, targets, ignore_index, label_smoothing,
+                                                                 reduction, n_chunks)
+            grad = logits
+        else:
+            loss, grad = torch.ops.triformer.cross_entropy_fwd(logits, targets, ignore_index, label_smoothing,
+                                                               reduction, n_chunks, compute_grad)
+        if compute_grad:
+            ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        # a second backward through this graph fails in this unpack: the in-place scale below bumped the
+        # saved tensor's version, so autograd refuses to scale it twice
+        (grad,) = ctx.saved_tensors
+        # memory-bound multiply on the stored gradient: no new [..., V] buffer
+        grad.mul_(grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss)
+        return grad, None, None, None, None, None, None, None
+
+
+def check_loss_args(ignore_index, reduction, label_smoothing) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def check_targets_tensor(targets, expected_shape, what: str) -> None:
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be int64 or int32 class indices, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(expected_shape):
+        raise ValueError(f"targets must have shape {tuple(expected_shape)} ({what}), got {tuple(targets.shape)}")
+
+
+def _check_inplace(logits: torch.Tensor) -> None:
+    """The rule of the module docstring, point by point."""
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        raise ValueError("inplace_backward=True overwrites logits with their gradient, but no gradient is being "
+                         "recorded (grad mode is off or logits does not require grad); use inplace_backward=False")
+    base = logits if logits._base is None else logits._base
+    if logits.is_leaf or base.is_leaf:
+        raise ValueError("inplace_backward=True would overwrite logits, which is a leaf tensor (or a view of one): "
+                         "only an intermediate result, e.g. the LM head's output, may be consumed")
+    if any(st == 0 and n > 1 for st, n in zip(logits.stride(), logits.shape)):
+        raise ValueError(f"inplace_backward=True needs logits whose elements do not share memory, got strides "
+                         f"{logits.stride()} for shape {tuple(logits.shape)}")
+    rows_view(logits, "logits with inplace_backward=True", copy_ok=False)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, n_chunks: int = 1, inplace_backward: bool = False) -> torch.Tensor:
+    """Cross-entropy of ``logits[..., V]`` against class indices ``targets[...]`` (int64/int32).
+
+    ``reduction``: "mean" (over rows whose target is not ``ignore_index``; 0 when there are none), "sum" or
+    "none" (loss shaped like ``targets``). ``label_smoothing`` as in ``torch.nn.functional.cross_entropy``.
+    The loss has the logits' dtype; it is accumulated in fp32. ``n_chunks`` splits the rows into that many
+    successive launches; the kernel keeps no per-row scratch proportional to V, so peak memory is the
+    gradient buffer (none with ``inplace_backward=True``) whatever ``n_chunks`` is. ``inplace_backward``:
+    see the module docstring for exactly when the logits buffer is reused and what is refused.
+    """
+    _runtime.check_float("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    check_targets_tensor(targets, logits.shape[:-1], "logits.shape[:-1]")
+    _runtime.check_device(logits=logits, targets=targets)
+    check_loss_args(ignore_index, reduction, label_smoothing)
+    if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
+        raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
+    if inplace_backward:
+        _check_inplace(logits)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    return CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, float(label_smoothing), n_chunks,
+                                      bool(inplace_backward), compute_grad)
+
+
+def reference_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
+                   label_smoothing: float, z_loss: float) -> torch.Tensor:
+    """Plain-PyTorch loss of the kernel's semantics, z-loss included (computed in fp32 for fp16/bf16)."""
+    check_targets(targets, logits.shape[-1], ignore_index)
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    active = targets != ignore_index
+    lse = torch.logsumexp(x, dim=-1)
+    x_target = x.gather(-1, torch.where(active, targets, 0).long().unsqueeze(-1)).squeeze(-1)
+    loss = lse - x_target
+    if label_smoothing > 0:  # (skipped at 0 like PyTorch: 0 * mean would turn a -inf logit into NaN)
+        loss = loss + label_smoothing * (x_target - x.mean(dim=-1))
+    if z_loss > 0:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(active, loss, torch.zeros_like(loss))
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.sum() / active.sum().clamp(min=1)
+    return loss.to(logits.dtype)
+
+
+def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                            reduction: str = "mean", label_smoothing: float = 0.0, n_chunks: int = 1,
+                            inplace_backward: bool = False) -> torch.Tensor:
+    """Plain PyTorch, same semantics (``n_chunks``/``inplace_backward`` are memory knobs: no effect here)."""
+    check_loss_args(ignore_index, reduction, label_smoothing)
+    return reference_loss(logits, targets, ignore_index, reduction, float(label_smoothing), 0.0)
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """``cross_entropy`` as a module: ``loss = CrossEntropyLoss()(logits[..., V], targets[...])``."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 n_chunks: int = 1, inplace_backward: bool = False):
+        super().__init__()
+        check_loss_args(ignore_index, reduction, label_smoothing)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = float(label_smoothing)
+        self.n_chunks = n_chunks
+        self.inplace_backward = inplace_backward
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, targets, self.ignore_index, self.reduction, self.label_smoothing,
+                             self.n_chunks, self.inplace_backward)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing="
+                f"{self.label_smoothing}, n_chunks={self.n_chunks}, inplace_backward={self.inplace_backward}")
+
+
+class TritonCrossEntropyLoss(CrossEntropyLoss):
+    """The seed's name and constructor (``pad_token_id`` is the ignored target). It used to always reuse the
+    logits buffer for the gradient; that is now opt-in with ``inplace_backward=True`` (rules in the module
+    docstring) and off by default."""
+
+    def __init__(self, pad_token_id: int = -100, reduction: str = "mean", n_chunks: int = 1,
+                 inplace_backward: bool = False):
+        super().__init__(ignore_index=pad_token_id, reduction=reduction, n_chunks=n_chunks,
+                         inplace_backward=inplace_backward)

@@ -1,0 +1,108 @@
+"""Residual add fused with the norm after it: ``sum = x + residual``, ``normed = norm(sum)``, both returned.
+The sum carries the residual stream on to the next block.
+
+A pre-norm transformer block runs ``h = h + f(norm(h))``. Fused, each norm reads x and residual once
+and writes the sum and the normed tensor. Run separately, the sum is written, then read back.
+
+These ops use the shared row-normalization kernels of ``triformer.layernorm`` (``HAS_RESIDUAL`` in the
+forward; the backward gets the gradient that reaches the sum directly as ``dres`` and adds it to dx). They
+reuse the layer_norm_bwd / rms_norm_bwd ops. x and residual receive the same gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from triformer.layernorm import check_args, layer_norm_bwd, layer_norm_reference, n_rows, norm_forward
+from triformer.rmsnorm import rms_norm_bwd, rms_norm_reference
+
+
+@torch.library.custom_op("triformer::add_layer_norm_fwd", mutates_args=())
+def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor],
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, s, mean, rstd = norm_forward(x, residual, weight, bias, eps, rms=False)
+    return s, y, mean, rstd
+
+
+@add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps):
+    rows = n_rows(x)
+    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32),
+            x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("triformer::add_rms_norm_fwd", mutates_args=())
+def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, s, _, rstd = norm_forward(x, residual, weight, None, eps, rms=True)
+    return s, y, rstd
+
+
+@add_rms_norm_fwd.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(n_rows(x), dtype=torch.float32)
+
+
+# Both Functions let an unused output's gradient arrive as None (set_materialize_grads(False)). When only
+# the sum is used, its gradient passes straight through, with no zeros tensor and no kernel.
+class AddLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        s, y, mean, rstd = add_layer_norm_fwd(x, residual, weight, bias, eps)
+        ctx.save_for_backward(s, weight, bias, mean, rstd)
+        ctx.set_materialize_grads(False)
+        return s, y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ds, dy):
+        s, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy is None:
+            return ds, ds, None, None, None
+        dsum, dw, db = layer_norm_bwd(dy, s, weight, bias, mean, rstd, ds)
+        return dsum, dsum, None if weight is None else dw, None if bias is None else db, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        s, y, rstd = add_rms_norm_fwd(x, residual, weight, eps)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.set_materialize_grads(False)
+        return s, y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, ds, dy):
+        s, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            return ds, ds, None, None
+        dsum, dw = rms_norm_bwd(dy, s, weight, rstd, ds)
+        return dsum, dsum, None if weight is None else dw, None
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, layer_norm(x + residual, weight, bias, eps)). x and residual share shape and dtype,
+    and the sum is rounded to that dtype before it is normalized."""
+    eps = check_args(x, residual, weight, bias, eps)
+    return AddLayerNormFunction.apply(x, residual, weight, bias, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
+                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, rms_norm(x + residual, weight, eps)), as ``add_layer_norm``."""
+    eps = check_args(x, residual, weight, None, eps)
+    return AddRMSNormFunction.apply(x, residual, weight, eps)
+
+
+def add_layer_norm_reference(x, residual, weight, bias, eps=1e-5):
+    s = x + residual
+    return s, layer_norm_reference(s, weight, bias, eps)
+
+
+def add_rms_norm_reference(x, residual, weight, eps=1e-6):
+    s = x + residual
+    return s, rms_norm_reference(s, weight, eps)

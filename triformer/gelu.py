@@ -1,0 +1,287 @@
+"""GELU, optionally fused with the bias add in front of it: ``y = gelu(x + bias)``.
+
+Two forms, as in ``torch.nn.functional.gelu``: ``approximate="tanh"`` (GPT-2's, the default here) and
+``approximate="none"`` (exact, with erf). The kernels read the input through its strides (up to two
+collapsed leading dims, see ``row_layout``) and write a contiguous output. The backward recomputes the
+activation from ``x`` instead of saving anything extra.
+
+The element-wise building blocks defined here (``row_layout``, ``row_offsets``, ``gelu_and_grad``,
+``elementwise_tiles``) are shared with ``triformer.swiglu``.
+"""
+import functools
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from triformer import _runtime
+
+_APPROXIMATIONS = ("tanh", "none")
+
+
+@triton.jit
+def row_offsets(rows, M1, stride0, stride1):
+    """Element offsets (int64) of ``rows`` of a [M0 * M1, N] view whose rows come from two leading dims.
+
+    Row indices stay int32 (a row count never reaches 2**31) because int64 division is far slower on a
+    GPU; only the offsets, which can pass 2**31 elements, are int64."""
+    return (rows // M1).to(tl.int64) * stride0 + (rows % M1).to(tl.int64) * stride1
+
+
+@triton.jit
+def gelu_and_grad(x, APPROX_TANH: tl.constexpr):
+    """(gelu(x), d gelu / dx) in fp32; callers that need only one rely on dead-code elimination."""
+    if APPROX_TANH:
+        # 0.5 * (1 + tanh(u)) == sigmoid(2u): no tanh primitive needed, and no cancellation for x << 0.
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        cdf = 1.0 / (1.0 + tl.exp(-2.0 * inner))
+        pdf_term = x * cdf * (1.0 - cdf) * 2.0 * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+        pdf_term = x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    return x * cdf, cdf + pdf_term
+
+
+@triton.jit
+def _gelu_fwd_kernel(x_ptr, b_ptr, y_ptr, M, N, M1, sx0, sx1, sxn, sb,
+                     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One BLOCK_M x BLOCK_N tile per program; the output is contiguous [M, N].
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x_offs = row_offsets(rows, M1, sx0, sx1)[:, None] + cols[None, :] * sxn
+    x = tl.load(x_ptr + x_offs, mask=mask).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + cols * sb, mask=cols < N).to(tl.float32)[None, :]
+    y, _ = gelu_and_grad(x, APPROX_TANH)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0, sd1, sdn, sx0, sx1, sxn, sb,
+                     ROWS_PER_GROUP,
+                     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Grid (column blocks, row groups). A program walks its group's ROWS_PER_GROUP rows one BLOCK_M tile at
+    # a time, so the bias gradient leaves it as a single fp32 partial row (one per group, summed by
+    # _sum_rows_kernel) rather than one per tile.
+    cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    col_mask = cols < N
+    first_row = tl.program_id(1) * ROWS_PER_GROUP
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols * sb, mask=col_mask).to(tl.float32)[None, :]
+        dbias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, ROWS_PER_GROUP, BLOCK_M):
+        rows = first_row + start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + row_offsets(rows, M1, sx0, sx1)[:, None] + cols[None, :] * sxn, mask=mask)
+        x = x.to(tl.float32)
+        if HAS_BIAS:
+            x += bias
+        dy = tl.load(dy_ptr + row_offsets(rows, M1, sd0, sd1)[:, None] + cols[None, :] * sdn, mask=mask)
+        _, grad = gelu_and_grad(x, APPROX_TANH)
+        dx = tl.where(mask, dy.to(tl.float32) * grad, 0.0)
+        tl.store(dx_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            dbias += tl.sum(dx, axis=0)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + tl.program_id(1).to(tl.int64) * N + cols, dbias, mask=col_mask)
+
+
+@triton.jit
+def _sum_rows_kernel(part_ptr, out_ptr, G, N, so, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Column sums of the [G, N] fp32 partials; narrow column blocks so that even a short row gets
+    # several programs, each summing BLOCK_G partial rows per step.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for start in range(0, G, BLOCK_G):
+        g = start + tl.arange(0, BLOCK_G)
+        mask = (g < G)[:, None] & (cols < N)[None, :]
+        acc += tl.load(part_ptr + g.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + cols * so, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=cols < N)
+
+
+def row_layout(*tensors: torch.Tensor):
+    """View same-shaped tensors as [M0, M1, N] grids without copying, for kernels using ``row_offsets``.
+
+    Adjacent leading dims are merged where every tensor's strides allow it; a layout that still needs more
+    than two leading dims (rare: e.g. a 4-D tensor permuted twice) is copied to contiguous first.
+    Returns ``(tensors, M, M1, N, strides)`` with ``M = M0 * M1`` rows and ``strides[i] = (s0, s1, sn)``.
+    """
+    shape = tensors[0].shape
+    groups = []  # [size, strides of each tensor]; the merged dims are contiguous with each other
+    for d in range(len(shape) - 1):
+        if shape[d] == 1:
+            continue
+        strides = [t.stride(d) for t in tensors]
+        if groups and all(outer == s * shape[d] for outer, s in zip(groups[-1][1], strides)):
+            groups[-1] = [groups[-1][0] * shape[d], strides]
+        else:
+            groups.append([shape[d], strides])
+    if len(groups) > 2:
+        return row_layout(*(t.contiguous() for t in tensors))
+    while len(groups) < 2:
+        groups.insert(0, [1, [0] * len(tensors)])
+    (m0, s0), (m1, s1) = groups
+    strides = [(a, b, t.stride(-1)) for a, b, t in zip(s0, s1, tensors)]
+    return tensors, m0 * m1, m1, shape[-1], strides
+
+
+def elementwise_tiles(M: int, N: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for a streaming kernel over an [M, N] view.
+
+    GPU: 4096-element tiles at most 1024 wide, i.e. 32 values per thread of 4 warps, loaded as a few
+    16-byte vectors along a row. Interpreter: whole rows, as many as fit 64k elements.
+    """
+    block_n = min(triton.next_power_of_2(N), 1 << 14 if _runtime.INTERPRET else 1024)
+    block_m = _runtime.rows_per_program(M, block_n, gpu_rows=min(max(1, 4096 // block_n), triton.next_power_of_2(M)))
+    return block_m, block_n
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _row_groups(device: torch.device, row_blocks: int, col_blocks: int) -> int:
+    """How many row groups the bias-gradient backward splits the rows into (= fp32 partial rows)."""
+    if _runtime.INTERPRET:
+        return triton.cdiv(row_blocks, 2)  # two tiles per program, so the loop is exercised on the CPU too
+    # about 4 resident programs per multiprocessor: enough loads in flight, and few partial rows to sum
+    target = 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(row_blocks, triton.cdiv(target, col_blocks)))
+
+
+@torch.library.custom_op("triformer::gelu_fwd", mutates_args=())
+def gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return y
+    (x2,), M, M1, N, ((sx0, sx1, sxn),) = row_layout(x.reshape(1) if x.dim() == 0 else x)
+    block_m, block_n = elementwise_tiles(M, N)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _gelu_fwd_kernel[grid](x2, bias if bias is not None else x2, y, M, N, M1, sx0, sx1, sxn,
+                           bias.stride(0) if bias is not None else 0,
+                           HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
+                           BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return y
+
+
+@gelu_fwd.register_fake
+def _(x, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("triformer::gelu_bwd", mutates_args=())
+def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
+             approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dbias); dbias is an empty tensor when there is no bias."""
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if bias is None:
+        dbias = torch.empty(0, dtype=x.dtype, device=x.device)
+    else:
+        dbias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
+    if x.numel() == 0:
+        return dx, dbias.zero_()
+    as_1d = (lambda t: t.reshape(1)) if x.dim() == 0 else (lambda t: t)
+    (dy2, x2), M, M1, N, ((sd0, sd1, sdn), (sx0, sx1, sxn)) = row_layout(as_1d(dy), as_1d(x))
+    block_m, block_n = elementwise_tiles(M, N)
+    row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
+    groups = _row_groups(x.device, row_blocks, col_blocks) if bias is not None else row_blocks
+    rows_per_group = triton.cdiv(row_blocks, groups) * block_m
+    groups = triton.cdiv(M, rows_per_group)
+    partials = torch.empty((groups, N), dtype=torch.float32, device=x.device) if bias is not None else dx
+    _gelu_bwd_kernel[(col_blocks, groups)](
+        dy2, x2, bias if bias is not None else x2, dx, partials, M, N, M1, sd0, sd1, sdn, sx0, sx1, sxn,
+        bias.stride(0) if bias is not None else 0, rows_per_group,
+        HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    if bias is not None:
+        sum_n = min(triton.next_power_of_2(N), 1 << 14 if _runtime.INTERPRET else 128)
+        # GPU: up to 64 partial rows per step; the interpreter takes two, so its few groups still loop
+        sum_g = min(triton.next_power_of_2(groups), 2 if _runtime.INTERPRET else 64)
+        _sum_rows_kernel[(triton.cdiv(N, sum_n),)](partials, dbias, groups, N, dbias.stride(0),
+                                                    BLOCK_G=sum_g, BLOCK_N=sum_n, num_warps=4)
+    return dx, dbias
+
+
+@gelu_bwd.register_fake
+def _(dy, x, bias, approximate):
+    return x.new_empty(x.shape), (bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
+
+
+class GELUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, approximate):
+        ctx.save_for_backward(x, bias)
+        ctx.approximate = approximate
+        return gelu_fwd(x, bias, approximate)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        dx, dbias = gelu_bwd(dy, x, bias, ctx.approximate)
+        return dx, (dbias if bias is not None else None), None
+
+
+def _check_args(x: torch.Tensor, approximate: str, bias: Optional[torch.Tensor]) -> None:
+    _runtime.check_float("x", x)
+    if approximate not in _APPROXIMATIONS:
+        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+    if bias is not None:
+        _runtime.check_float("bias", bias)
+        if bias.dim() != 1 or x.dim() == 0 or bias.shape[0] != x.shape[-1]:
+            raise ValueError(f"bias must have shape [{x.shape[-1] if x.dim() else 'N'}] (x's last dim), "
+                             f"got {tuple(bias.shape)} for x of shape {tuple(x.shape)}")
+    _runtime.check_device(x=x, bias=bias)
+
+
+def gelu(x: torch.Tensor, approximate: str = "tanh", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``gelu(x + bias)`` element-wise, in ``x``'s dtype (fp32 math; ``bias`` [N] may be fp32 under autocast).
+
+    ``approximate``: ``"tanh"`` (GPT-2's approximation, the default) or ``"none"`` (exact, with erf).
+    """
+    _check_args(x, approximate, bias)
+    return GELUFunction.apply(x, bias, approximate)
+
+
+def gelu_reference(x: torch.Tensor, approximate: str = "tanh", bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain PyTorch ``gelu``: ``torch.nn.functional.gelu`` on ``x + bias``, returned in ``x``'s dtype."""
+    if approximate not in _APPROXIMATIONS:
+        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+    return torch.nn.functional.gelu(x if bias is None else x + bias, approximate=approximate).to(x.dtype)
+
+
+class GELU(nn.Module):
+    def __init__(self, approximate: str = "tanh"):
+        super().__init__()
+        if approximate not in _APPROXIMATIONS:
+            raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu(x, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+class BiasGELU(nn.Module):
+    """``gelu(x + bias)`` with a learnable bias [features], the add fused into the kernel (e.g. after a
+    bias-free linear layer)."""
+
+    def __init__(self, features: int, approximate: str = "tanh", device=None, dtype=None):
+        super().__init__()
+        if approximate not in _APPROXIMATIONS:
+            raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+        self.approximate = approximate
+        self.bias = nn.Parameter(torch.empty(features, device=device, dtype=dtype))
+        bound = 1.0 / math.sqrt(features)  # nn.Linear's bias init for fan_in = features
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu(x, self.approximate, self.bias)

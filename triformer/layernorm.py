@@ -1,0 +1,534 @@
+"""Layer normalization over the last dimension, and the row-normalization kernels that RMSNorm
+(``triformer.rmsnorm``) and the fused residual-add norms (``triformer.fused_add_norm``) share.
+
+One forward kernel serves all of them: ``RMS`` centres rows at zero instead of their mean, and
+``HAS_RESIDUAL`` normalizes ``x + residual``, writing that sum out for the next residual connection. One
+backward kernel serves all of them too: the fused ops add the gradient that reaches the sum directly
+(``HAS_DRES``).
+
+Forward: a program normalizes BLOCK_M rows. A row that fits one BLOCK_N tile is read once and kept in
+registers. A wider row is read twice in column blocks: pass 1 merges each block's mean and sum of squared
+deviations into the running ones (Chan et al.), which stays accurate when |mean| >> std, where
+E[x^2] - mean^2 would cancel; pass 2 normalizes and writes.
+
+Backward: each element of dx needs two row sums (of g * xhat and of g, with g = dy * weight) first, and
+dweight/dbias need column sums over all rows. A fixed set of persistent programs each walks a strided
+subset of row blocks, keeps its column sums in registers and writes them to its own row of a
+[programs, N] fp32 buffer; ``_sum_rows_kernel`` then adds those rows. This reduction is parallel and
+deterministic, with no locks or atomics.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from triformer import _runtime
+from triformer._runtime import INTERPRET
+
+# Widest column block kept as one tile. A wider row loops over column blocks. On the GPU a backward tile
+# also holds dweight/dbias accumulators, and 8192 columns (16 warps) is about what registers allow without
+# spilling. Tests lower these to run the column loops on small inputs.
+FWD_MAX_BLOCK_N = 1 << 16 if INTERPRET else 16384
+BWD_MAX_BLOCK_N = 1 << 16 if INTERPRET else 8192
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _row_starts(rows, rows_inner, stride_outer, stride_inner):
+    # Inputs are [outer, inner, N] views, so permuted leading dims are read in place. rows is int64, which
+    # keeps offsets correct past 2**31 elements.
+    return (rows // rows_inner) * stride_outer + (rows % rows_inner) * stride_inner
+
+
+@triton.jit
+def _load_tile(ptr, starts, cols, stride_n, mask):
+    offsets = starts[:, None] + cols[None, :].to(tl.int64) * stride_n
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_vector(ptr, cols, col_ok, identity, PRESENT: tl.constexpr, BLOCK_N: tl.constexpr):
+    # An absent weight/bias is its identity (1 or 0). The extra multiply-add costs nothing in a memory-bound kernel.
+    if PRESENT:
+        v = tl.load(ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        v = tl.full([BLOCK_N], identity, tl.float32)
+    return v
+
+
+@triton.jit
+def _load_input(X, R, S, x_starts, r_starts, out_starts, cols, sx_n, sr_n, mask, HAS_RESIDUAL: tl.constexpr):
+    x = _load_tile(X, x_starts, cols, sx_n, mask)
+    if HAS_RESIDUAL:
+        s = (x + _load_tile(R, r_starts, cols, sr_n, mask)).to(S.dtype.element_ty)
+        tl.store(S + out_starts[:, None] + cols[None, :], s, mask=mask)
+        # Normalize the sum as stored (rounded to its dtype), so normed == norm(returned sum) exactly.
+        x = s.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _tile_moments(x, mask, count, RMS: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Per row: (mean, sum of squared deviations) of the valid elements. RMS norm centres at zero.
+    if RMS:
+        mean = tl.zeros([BLOCK_M], tl.float32)
+        m2 = tl.sum(x * x, 1)
+    else:
+        mean = tl.sum(x, 1) / count
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        m2 = tl.sum(centred * centred, 1)
+    return mean, m2
+
+
+@triton.jit
+def _store_normed(Y, W, B, x, mean, rstd, out_starts, cols, col_ok, mask,
+                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
+    b = _load_vector(B, cols, col_ok, 0.0, HAS_BIAS, BLOCK_N)
+    y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + out_starts[:, None] + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X, R, W, B, Y, S, Mean, Rstd,
+    M, N, rows_inner, eps,
+    sx_o, sx_i, sx_n, sr_o, sr_i, sr_n,
+    RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
+):
+    # One program per BLOCK_M rows. Outputs (Y, S) are contiguous [M, N], and statistics are fp32 [M].
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    x_starts = _row_starts(rows, rows_inner, sx_o, sx_i)
+    r_starts = _row_starts(rows, rows_inner, sr_o, sr_i)
+    out_starts = rows * N
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = _load_input(X, R, S, x_starts, r_starts, out_starts, cols, sx_n, sr_n, mask, HAS_RESIDUAL)
+        mean, m2 = _tile_moments(x, mask, N, RMS, BLOCK_M)
+        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        _store_normed(Y, W, B, x, mean, rstd, out_starts, cols, col_ok, mask, HAS_WEIGHT, HAS_BIAS, BLOCK_N)
+    else:
+        mean = tl.zeros([BLOCK_M], tl.float32)
+        m2 = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            mask = row_ok[:, None] & col_ok[None, :]
+            x = _load_input(X, R, S, x_starts, r_starts, out_starts, cols, sx_n, sr_n, mask, HAS_RESIDUAL)
+            count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
+            block_mean, block_m2 = _tile_moments(x, mask, count, RMS, BLOCK_M)
+            total = start + count
+            delta = block_mean - mean
+            mean += delta * (count / total)
+            m2 += block_m2 + delta * delta * (start * count / total)
+        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        if HAS_RESIDUAL:
+            # Pass 2 re-reads the sum from S. A barrier makes pass 1's stores visible to every thread.
+            tl.debug_barrier()
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            mask = row_ok[:, None] & col_ok[None, :]
+            if HAS_RESIDUAL:
+                x = _load_tile(S, out_starts, cols, 1, mask)
+            else:
+                x = _load_tile(X, x_starts, cols, sx_n, mask)
+            _store_normed(Y, W, B, x, mean, rstd, out_starts, cols, col_ok, mask, HAS_WEIGHT, HAS_BIAS, BLOCK_N)
+    if not RMS:
+        tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _load_row_stats(Mean, Rstd, rows, row_ok, RMS: tl.constexpr):
+    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+    if RMS:
+        mean = tl.zeros_like(rstd)
+    else:
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+    return mean, rstd
+
+
+@triton.jit
+def _store_dx(DX, DRES, g, xhat, c1, c2, rstd, out_starts, d_starts, cols, sd_n, mask,
+              RMS: tl.constexpr, HAS_DRES: tl.constexpr):
+    # c1 = mean(g * xhat), c2 = mean(g) per row (the mean's gradient, absent for RMS norm)
+    if RMS:
+        dx = (g - xhat * c1[:, None]) * rstd[:, None]
+    else:
+        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    if HAS_DRES:
+        dx += _load_tile(DRES, d_starts, cols, sd_n, mask)
+    tl.store(DX + out_starts[:, None] + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    DY, X, W, Mean, Rstd, DRES, DX, DW, DB, RowSums,
+    M, N, rows_inner, n_row_blocks,
+    sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, sd_o, sd_i, sd_n,
+    RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
+):
+    # Persistent: program p takes row blocks p, p + P, p + 2P, ... and writes its dweight/dbias column
+    # sums to row p of DW/DB ([P, N] fp32). The accumulators are 2-D so that the cross-thread reduction
+    # over rows happens once per column block, not once per row block.
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
+        dw = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for rb in range(pid, n_row_blocks, n_programs):
+            rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            row_ok = rows < M
+            mask = row_ok[:, None] & col_ok[None, :]
+            mean, rstd = _load_row_stats(Mean, Rstd, rows, row_ok, RMS)
+            dy = _load_tile(DY, _row_starts(rows, rows_inner, sdy_o, sdy_i), cols, sdy_n, mask)
+            x = _load_tile(X, _row_starts(rows, rows_inner, sx_o, sx_i), cols, sx_n, mask)
+            xhat = (x - mean[:, None]) * rstd[:, None]
+            g = dy * w[None, :]
+            c1 = tl.sum(g * xhat, 1) / N
+            c2 = tl.sum(g, 1) / N
+            _store_dx(DX, DRES, g, xhat, c1, c2, rstd, rows * N, _row_starts(rows, rows_inner, sd_o, sd_i),
+                      cols, sd_n, mask, RMS, HAS_DRES)
+            dw += dy * xhat
+            db += dy
+        if HAS_WEIGHT:
+            tl.store(DW + pid.to(tl.int64) * N + cols, tl.sum(dw, 0), mask=col_ok)
+        if HAS_BIAS:
+            tl.store(DB + pid.to(tl.int64) * N + cols, tl.sum(db, 0), mask=col_ok)
+    else:
+        # Pass 1: the row sums c1, c2 of this program's rows, kept in RowSums ([2, M] fp32).
+        for rb in range(pid, n_row_blocks, n_programs):
+            rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            row_ok = rows < M
+            mean, rstd = _load_row_stats(Mean, Rstd, rows, row_ok, RMS)
+            c1 = tl.zeros([BLOCK_M], tl.float32)
+            c2 = tl.zeros([BLOCK_M], tl.float32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                col_ok = cols < N
+                mask = row_ok[:, None] & col_ok[None, :]
+                w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
+                dy = _load_tile(DY, _row_starts(rows, rows_inner, sdy_o, sdy_i), cols, sdy_n, mask)
+                x = _load_tile(X, _row_starts(rows, rows_inner, sx_o, sx_i), cols, sx_n, mask)
+                g = dy * w[None, :]
+                c1 += tl.sum(g * ((x - mean[:, None]) * rstd[:, None]), 1)
+                c2 += tl.sum(g, 1)
+            tl.store(RowSums + rows, c1 / N, mask=row_ok)
+            tl.store(RowSums + M + rows, c2 / N, mask=row_ok)
+        # Other threads of this program stored the row sums that pass 2 loads.
+        tl.debug_barrier()
+        # Pass 2: column blocks outermost, so one block's dweight/dbias sums stay in registers while
+        # the program walks its rows.
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
+            dw = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for rb in range(pid, n_row_blocks, n_programs):
+                rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+                row_ok = rows < M
+                mask = row_ok[:, None] & col_ok[None, :]
+                mean, rstd = _load_row_stats(Mean, Rstd, rows, row_ok, RMS)
+                c1 = tl.load(RowSums + rows, mask=row_ok, other=0.0)
+                c2 = tl.load(RowSums + M + rows, mask=row_ok, other=0.0)
+                dy = _load_tile(DY, _row_starts(rows, rows_inner, sdy_o, sdy_i), cols, sdy_n, mask)
+                x = _load_tile(X, _row_starts(rows, rows_inner, sx_o, sx_i), cols, sx_n, mask)
+                xhat = (x - mean[:, None]) * rstd[:, None]
+                _store_dx(DX, DRES, dy * w[None, :], xhat, c1, c2, rstd, rows * N,
+                          _row_starts(rows, rows_inner, sd_o, sd_i), cols, sd_n, mask, RMS, HAS_DRES)
+                dw += dy * xhat
+                db += dy
+            if HAS_WEIGHT:
+                tl.store(DW + pid.to(tl.int64) * N + cols, tl.sum(dw, 0), mask=col_ok)
+            if HAS_BIAS:
+                tl.store(DB + pid.to(tl.int64) * N + cols, tl.sum(db, 0), mask=col_ok)
+
+
+@triton.jit
+def _sum_rows_kernel(Part, Out, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Column sums of the [P, N] partials. Column blocks are narrow so that even a short row (N = 768) is
+    # spread over many programs.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_P, BLOCK_N], tl.float32)
+    for start in range(0, P, BLOCK_P):
+        part_rows = start + tl.arange(0, BLOCK_P)
+        mask = (part_rows < P)[:, None] & (cols < N)[None, :]
+        acc += tl.load(Part + part_rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(Out + cols, tl.sum(acc, 0).to(Out.dtype.element_ty), mask=cols < N)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+def _row_grid(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as an [outer, inner, N] view, which the kernels index through its strides. This copies only
+    when a >3-D tensor's leading dims cannot merge into two."""
+    if t.dim() > 3:
+        t = t.reshape(-1, t.shape[-2], t.shape[-1])
+    while t.dim() < 3:
+        t = t.unsqueeze(0)
+    return t
+
+
+def _tile(n_rows: int, n_cols: int, max_block_n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of a row-wise launch. GPU tiles hold ~4k elements: several rows of a
+    narrow layer, or one row of a wide one. num_warps keeps about 8-32 elements per thread."""
+    block_n = min(triton.next_power_of_2(n_cols), max_block_n)
+    block_m = _runtime.rows_per_program(n_rows, block_n, gpu_rows=max(1, 4096 // block_n))
+    num_warps = min(16, max(4, block_m * block_n // 512))
+    return block_m, block_n, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _sum_rows(part: torch.Tensor, out: torch.Tensor) -> None:
+    """out[:] = part.sum(0) in out's dtype."""
+    n_parts, n_cols = part.shape
+    if INTERPRET:
+        block_p = triton.next_power_of_2(n_parts)
+        block_n = min(triton.next_power_of_2(n_cols), (1 << 16) // block_p)
+    else:
+        block_p, block_n = 128, 32
+    _sum_rows_kernel[(triton.cdiv(n_cols, block_n),)](part, out, n_parts, n_cols, BLOCK_P=block_p,
+                                                      BLOCK_N=block_n, num_warps=4)
+
+
+def norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                 bias: Optional[torch.Tensor], eps: float, rms: bool):
+    """Launch the forward. Returns (y, sum or None, mean or None (RMS), rstd), with mean and rstd fp32 per row."""
+    n = x.shape[-1]
+    m = x.numel() // n
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
+    mean = None if rms else torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return y, s, mean, rstd
+    x3 = _row_grid(x)
+    r3 = _row_grid(residual) if residual is not None else x3
+    block_m, block_n, num_warps = _tile(m, n, FWD_MAX_BLOCK_N)
+    _norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        x3, None if residual is None else r3, weight, bias, y, s, mean, rstd,
+        m, n, x3.shape[1], eps, *x3.stride(), *r3.stride(),
+        RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=block_n >= n, num_warps=num_warps,
+    )
+    return y, s, mean, rstd
+
+
+def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                  mean: Optional[torch.Tensor], rstd: torch.Tensor, dres: Optional[torch.Tensor]):
+    """Launch the backward of y = norm(x) (RMS norm when ``mean`` is None), adding ``dres``, a gradient that
+    reaches x directly, to dx. Returns (dx, dweight or None, dbias or None), each in its input's dtype.
+    ``bias`` only says whether there is one, and its dtype."""
+    n = x.shape[-1]
+    m = x.numel() // n
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if m == 0:  # no rows: parameter gradients are empty sums
+        return (dx, None if weight is None else torch.zeros_like(weight),
+                None if bias is None else torch.zeros_like(bias))
+    block_m, block_n, num_warps = _tile(m, n, BWD_MAX_BLOCK_N)
+    n_row_blocks = triton.cdiv(m, block_m)
+    # Two interpreter programs exercise both the persistent row loop and the cross-program reduction. A GPU
+    # gets as many resident programs as register use allows: 8 warps run two per SM.
+    programs = min(n_row_blocks, 2 if INTERPRET else _sm_count(x.device) * max(1, 16 // num_warps))
+    one_tile = block_n >= n
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dw_part = torch.empty((programs, n), **f32) if weight is not None else None
+    db_part = torch.empty((programs, n), **f32) if bias is not None else None
+    row_sums = None if one_tile else torch.empty((2, m), **f32)
+    dy3, x3 = _row_grid(dy), _row_grid(x)
+    d3 = _row_grid(dres) if dres is not None else x3
+    _norm_bwd_kernel[(programs,)](
+        dy3, x3, weight, mean, rstd, None if dres is None else d3, dx, dw_part, db_part, row_sums,
+        m, n, x3.shape[1], n_row_blocks, *dy3.stride(), *x3.stride(), *d3.stride(),
+        RMS=mean is None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DRES=dres is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=num_warps,
+    )
+    dw = db = None
+    if weight is not None:
+        dw = torch.empty(n, dtype=weight.dtype, device=x.device)
+        _sum_rows(dw_part, dw)
+    if bias is not None:
+        db = torch.empty(n, dtype=bias.dtype, device=x.device)
+        _sum_rows(db_part, db)
+    return dx, dw, db
+
+
+def n_rows(x: torch.Tensor):
+    return x.numel() // x.shape[-1]
+
+
+def backward_fake(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
+    """Shape/dtype rule of the backward ops: (dx, dweight, dbias), with an empty tensor for an absent one."""
+    return (x.new_empty(x.shape), x.new_empty(0) if weight is None else weight.new_empty(weight.shape),
+            x.new_empty(0) if bias is None else bias.new_empty(bias.shape))
+
+
+def grad_or_none(grad: torch.Tensor, param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if param is None else grad
+
+
+def check_args(x, residual, weight, bias, eps) -> float:
+    """Validate the arguments of every norm op before any launch. Returns eps as a float."""
+    _runtime.check_float("x", x)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last dimension (the one normalized), got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    if residual is not None:
+        _runtime.check_float("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _runtime.check_float(name, p)
+            if p.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},) to match x's last dimension, got {tuple(p.shape)}")
+    _runtime.check_device(x=x, residual=residual, weight=weight, bias=bias)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return float(eps)
+
+
+def check_normalized_shape(normalized_shape) -> tuple[int]:
+    """The modules normalize the last dimension only: an int, or a sequence holding one int."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(shape) != 1 or not isinstance(shape[0], int) or isinstance(shape[0], bool) or shape[0] <= 0:
+        raise ValueError(
+            f"normalized_shape must be a positive int or a 1-element sequence (triformer normalizes the last "
+            f"dimension only), got {normalized_shape!r}"
+        )
+    return shape
+
+
+def check_last_dim(module: nn.Module, x) -> None:
+    """A norm module's input must end in its normalized_shape."""
+    if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[-1] != module.normalized_shape[0]):
+        raise ValueError(f"{type(module).__name__}{module.normalized_shape} expects x's last dimension to be "
+                         f"{module.normalized_shape[0]}, got shape {tuple(x.shape)}")
+
+
+# ------------------------------------------------------------------------------------------ custom ops
+@torch.library.custom_op("triformer::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, _, mean, rstd = norm_forward(x, None, weight, bias, eps, rms=False)
+    return y, mean, rstd
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    rows = n_rows(x)
+    return x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("triformer::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   mean: torch.Tensor, rstd: torch.Tensor,
+                   dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dres: a gradient reaching x directly (the fused ops' residual sum), added to dx."""
+    dx, dw, db = norm_backward(dy, x, weight, bias, mean, rstd, dres)
+    return dx, x.new_empty(0) if dw is None else dw, x.new_empty(0) if db is None else db
+
+
+@layer_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, dres):
+    return backward_fake(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------- autograd, API
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = layer_norm_fwd(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = layer_norm_bwd(dy, x, weight, bias, mean, rstd, None)
+        return dx, grad_or_none(dw, weight), grad_or_none(db, bias), None
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+               eps: float = 1e-5) -> torch.Tensor:
+    """Layer norm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias, output in x's dtype.
+    x may be fp32/fp16/bf16 with weight/bias in another float dtype (e.g. fp32 under autocast). Each
+    gradient comes back in its input's dtype."""
+    eps = check_args(x, None, weight, bias, eps)
+    return LayerNormFunction.apply(x, weight, bias, eps)
+
+
+def layer_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                         eps: float = 1e-5) -> torch.Tensor:
+    """Plain PyTorch layer_norm with the same semantics: computed in fp32 (float64 for float64 inputs),
+    returned in x's dtype."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).square().mean(-1, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(compute)
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Drop-in for ``torch.nn.LayerNorm`` over the last dimension. It takes the same constructor arguments
+    and has the same parameter names, so state dicts load either way."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape = check_normalized_shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_last_dim(self, x)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+TritonLayerNorm = LayerNorm

@@ -1,0 +1,269 @@
+"""Fused linear + cross-entropy: ``loss = CE(hidden @ weight.T + bias, targets)`` without the [N, V] logits.
+
+Tokens are processed in chunks. Per chunk: ``logits = h_chunk @ W^T (+ b)`` by torch's matmul into one reused
+buffer, the cross-entropy kernel (``triformer.cross_entropy``) turns that buffer into d(loss)/d(logits) in
+place, then ``grad_h_chunk = g @ W`` and ``grad_W += g^T @ h_chunk`` (and ``grad_b += sum(g)``). So for
+``reduction`` "mean"/"sum" every gradient exists when the forward returns, and backward only multiplies them
+by ``grad_output`` in place; the loss itself needs no host-device sync anywhere in the loop.
+
+Memory: one logits buffer of at most ``CHUNK_BYTES`` (64 MiB) plus O(N) floats, above the inputs and their
+gradients. The buffer's rows are padded to a multiple of 64 elements so matmuls see aligned leading
+dimensions even for odd vocabularies (GPT-2's 50257).
+
+Precision: the matmuls run in the hidden state's dtype (the activation dtype; a weight of another dtype,
+e.g. fp32 master weights under autocast, is cast once per call) with fp32 accumulation inside each matmul;
+the cross-entropy is computed in fp32. ``grad_W`` is accumulated across chunks in the weight's dtype with
+``addmm_`` (an fp32 accumulator would cost 4*V*H bytes, 154 MB for GPT-2, far over the budget), so for bf16
+weights its relative error grows like sqrt(number of chunks) times bf16's rounding (about 25 chunks for
+16k tokens of GPT-2: roughly 2-3x eager's error, which rounds grad_W once). Fewer, larger chunks
+(``chunk_rows``) trade memory for accuracy. ``grad_b`` is accumulated in fp32 (only V floats).
+
+``reduction="none"`` cannot precompute gradients (they depend on the per-token ``grad_output``): its forward
+computes only the losses, and its backward sweeps the chunks again with the per-token scale (4 matmuls instead
+of 3). ``z_loss`` adds ``z_loss * logsumexp(logits)^2`` per counted token (averaged like the rest under
+"mean"). Ignored tokens (``ignore_index``) contribute no loss and no gradient; "mean" divides by the count
+of the others, and returns 0 when there are none.
+
+A weight tied to the token embedding works as usual: the gradient returned here is added by autograd to the
+embedding's.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from triformer import _runtime
+from triformer.cross_entropy import (check_loss_args, check_targets, check_targets_tensor, launch_cross_entropy,
+                                     mean_scale, reference_loss)
+
+# Budget for the per-chunk logits buffer, the op's only large temporary.
+CHUNK_BYTES = 64 << 20
+# Logits rows are padded to this many elements (128 bytes in bf16) for aligned matmul leading dimensions.
+ROW_ALIGN = 64
+
+
+def _chunk_rows(n_rows: int, n_cols: int, itemsize: int) -> int:
+    """Rows per chunk: as many as the budget allows, spread evenly so the last chunk is not a sliver."""
+    fit = max(1, CHUNK_BYTES // (triton.cdiv(n_cols, ROW_ALIGN) * ROW_ALIGN * itemsize))
+    if fit >= n_rows:
+        return max(n_rows, 1)
+    return triton.cdiv(n_rows, triton.cdiv(n_rows, fit))
+
+
+def _sweep(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
+           ignore_index: int, label_smoothing: float, z_loss: float, scale: torch.Tensor | None,
+           loss_rows: torch.Tensor, need_h: bool, need_w: bool, need_b: bool, chunk_rows: int):
+    """One pass over token chunks of ``hidden[N, H]``: fp32 losses into ``loss_rows``, and the requested
+    gradients of sum(loss * scale) (``scale`` one value, one per token, or None for 1)."""
+    n_rows, n_hidden = hidden.shape
+    n_cols = weight.shape[0]
+    dtype = hidden.dtype
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    rows = chunk_rows or _chunk_rows(n_rows, n_cols, dtype.itemsize)
+    padded = triton.cdiv(n_cols, ROW_ALIGN) * ROW_ALIGN
+    buf = torch.empty(min(rows, n_rows), padded, dtype=dtype, device=hidden.device)[:, :n_cols]
+    any_grad = need_h or need_w or need_b
+    grad_h = torch.empty(n_rows, n_hidden, dtype=dtype, device=hidden.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+    grad_b = torch.zeros(n_cols, dtype=torch.float32, device=hidden.device) if need_b else None
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        h = hidden[start:stop]
+        logits = buf[: stop - start]
+        if b is None:
+            torch.mm(h, w.t(), out=logits)
+        else:
+            torch.addmm(b, h, w.t(), out=logits)
+        row_scale = scale if scale is None or scale.numel() == 1 else scale[start:stop]
+        logits3 = logits.unsqueeze(0)
+        launch_cross_entropy(logits3, targets[start:stop], loss_rows[start:stop], logits3 if any_grad else None,
+                             row_scale, ignore_index, label_smoothing, z_loss)
+        if need_h:
+            torch.mm(logits, w, out=grad_h[start:stop])
+        if need_w:
+            if grad_w.dtype == dtype:
+                grad_w.addmm_(logits.t(), h)
+            else:  # mixed precision: the product in the compute dtype, the sum in the weight's (wider) dtype
+                grad_w += logits.t() @ h
+        if need_b:
+            grad_b += logits.sum(0, dtype=torch.float32)
+    return grad_h, grad_w, grad_b.to(bias.dtype) if grad_b is not None else None
+
+
+def _empty(t: torch.Tensor) -> torch.Tensor:
+    return t.new_empty(0)
+
+
+@torch.library.custom_op("triformer::linear_cross_entropy_fwd", mutates_args=())
+def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              bias: torch.Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
+                              reduction: str, need_h: bool, need_w: bool, need_b: bool,
+                              chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_hidden, grad_weight, grad_bias) for an upstream gradient of 1; empty where not requested.
+    ``hidden`` is [N, H], ``targets`` [N]; "none" gives the [N] losses."""
+    check_targets(targets, weight.shape[0], ignore_index)
+    loss_rows = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    scale = mean_scale(targets, ignore_index) if reduction == "mean" else None
+    grads = _sweep(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, scale, loss_rows,
+                   need_h, need_w, need_b, chunk_rows)
+    if reduction == "none":
+        loss = loss_rows
+    else:
+        loss = loss_rows.sum()
+        if scale is not None:
+            loss = loss * scale[0]
+    return (loss.to(hidden.dtype), *(g if g is not None else _empty(hidden) for g in grads))
+
+
+@_linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction, need_h, need_w, need_b,
+      chunk_rows):
+    loss = hidden.new_empty(targets.shape if reduction == "none" else ())
+    return (loss, hidden.new_empty(hidden.shape) if need_h else _empty(hidden),
+            weight.new_empty(weight.shape) if need_w else _empty(hidden),
+            bias.new_empty(bias.shape) if need_b else _empty(hidden))
+
+
+@torch.library.custom_op("triformer::linear_cross_entropy_bwd", mutates_args=())
+def _linear_cross_entropy_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                              targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
+                              label_smoothing: float, z_loss: float, need_h: bool, need_w: bool, need_b: bool,
+                              chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for reduction "none": sweep the chunks again, each token's gradient scaled by grad_loss[N]."""
+    loss_rows = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    grads = _sweep(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, grad_loss, loss_rows,
+                   need_h, need_w, need_b, chunk_rows)
+    return tuple(g if g is not None else _empty(hidden) for g in grads)
+
+
+@_linear_cross_entropy_bwd.register_fake
+def _(grad_loss, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, need_h, need_w, need_b,
+      chunk_rows):
+    return (hidden.new_empty(hidden.shape) if need_h else _empty(hidden),
+            weight.new_empty(weight.shape) if need_w else _empty(hidden),
+            bias.new_empty(bias.shape) if need_b else _empty(hidden))
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """mean/sum: forward computes and saves the gradients, backward scales them in place by grad_output.
+    none: forward computes the losses, backward recomputes the chunks with per-token scales."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_rows,
+                need_h, need_w, need_b):
+        hidden2 = hidden.reshape(-1, hidden.shape[-1])
+        targets1 = targets.reshape(-1)
+        deferred = reduction == "none"
+        loss, grad_h, grad_w, grad_b = torch.ops.triformer.linear_cross_entropy_fwd(
+            hidden2, weight, targets1, bias, ignore_index, label_smoothing, z_loss, reduction,
+            need_h and not deferred, need_w and not deferred, need_b and not deferred, chunk_rows)
+        ctx.deferred = deferred
+        ctx.hidden_shape = hidden.shape
+        ctx.needs = (need_h, need_w, need_b)
+        ctx.args = (ignore_index, label_smoothing, z_loss, chunk_rows)
+        if deferred:
+            ctx.save_for_backward(hidden2, weight, targets1, bias)
+            return loss.view(targets.shape)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        need_h, need_w, need_b = ctx.needs
+        if ctx.deferred:
+            hidden2, weight, targets1, bias = ctx.saved_tensors
+            ignore_index, label_smoothing, z_loss, chunk_rows = ctx.args
+            grads = torch.ops.triformer.linear_cross_entropy_bwd(
+                grad_loss.reshape(-1), hidden2, weight, targets1, bias, ignore_index, label_smoothing, z_loss,
+                need_h, need_w, need_b, chunk_rows)
+        else:
+            # a second backward through this graph fails in this unpack (the in-place scale below bumped the
+            # saved tensors' versions) instead of scaling twice
+            grads = ctx.saved_tensors
+            for g, needed in zip(grads, ctx.needs):
+                if needed:
+                    g.mul_(grad_loss)
+        grad_h, grad_w, grad_b = (g if needed else None for g, needed in zip(grads, ctx.needs))
+        if grad_h is not None:
+            grad_h = grad_h.view(ctx.hidden_shape)
+        return grad_h, grad_w, None, grad_b, None, None, None, None, None, None, None, None
+
+
+def _check_args(hidden, weight, targets, bias, z_loss, chunk_rows) -> None:
+    _runtime.check_float("hidden", hidden)
+    _runtime.check_float("weight", weight)
+    if bias is not None:
+        _runtime.check_float("bias", bias)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H], got a scalar")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape [V, H] with V >= 1 and H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) (weight.shape[0]), got {tuple(bias.shape)}")
+    check_targets_tensor(targets, hidden.shape[:-1], "hidden.shape[:-1]")
+    _runtime.check_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
+        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be None or a positive int, got {chunk_rows!r}")
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, *,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """Cross-entropy of ``hidden[..., H] @ weight[V, H]^T (+ bias[V])`` against ``targets[...]`` (int64/int32).
+
+    Same loss semantics as ``triformer.cross_entropy`` (plus ``z_loss``), in the hidden state's dtype. The
+    [N, V] logits are never materialized: see the module docstring for the chunking, the memory bound and
+    the precision of each gradient. ``chunk_rows`` overrides the tokens per chunk (default: as many as
+    ``CHUNK_BYTES`` of logits hold).
+    """
+    _check_args(hidden, weight, targets, bias, z_loss, chunk_rows)
+    check_loss_args(ignore_index, reduction, label_smoothing)
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, bias, ignore_index, reduction,
+                                            float(label_smoothing), float(z_loss), chunk_rows or 0, *needs)
+
+
+def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                   bias: torch.Tensor | None = None, ignore_index: int = -100,
+                                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, *,
+                                   chunk_rows: int | None = None) -> torch.Tensor:
+    """Plain PyTorch with the full logits (``chunk_rows`` has no effect here)."""
+    check_loss_args(ignore_index, reduction, label_smoothing)
+    logits = torch.nn.functional.linear(hidden, weight.to(hidden.dtype),
+                                        bias.to(hidden.dtype) if bias is not None else None)
+    return reference_loss(logits, targets, ignore_index, reduction, float(label_smoothing), float(z_loss))
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """``loss = LinearCrossEntropyLoss()(hidden[..., H], weight[V, H], targets[...], bias=None)``, e.g. with the
+    LM head's (or the tied embedding's) weight."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, chunk_rows: int | None = None):
+        super().__init__()
+        check_loss_args(ignore_index, reduction, label_smoothing)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = float(label_smoothing)
+        self.z_loss = float(z_loss)
+        self.chunk_rows = chunk_rows
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear_cross_entropy(hidden, weight, targets, bias, self.ignore_index, self.reduction,
+                                    self.label_smoothing, self.z_loss, chunk_rows=self.chunk_rows)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing="
+                f"{self.label_smoothing}, z_loss={self.z_loss}, chunk_rows={self.chunk_rows}")
