@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import Block, KVCache, Norm, TransformerConfig, dropout, init_weights
+from models.layers import (Block, KVCache, Norm, TransformerConfig, at_least_fp32, dropout, init_weights,
+                           to_stream_dtype)
 from models.ops import get_ops
 
 LOSSES = ("ce", "fused")
@@ -114,12 +115,12 @@ class GPT(nn.Module):
         if cfg.loss == "fused":
             loss = self.ops.linear_cross_entropy(h.reshape(-1, cfg.n_embd), self.wte.weight[:V], targets.reshape(-1),
                                                  label_smoothing=cfg.label_smoothing)
-            return (self._logits(h) if return_logits else None), loss
+            return (self._logits(h) if return_logits else None), at_least_fp32(loss)
         logits = self._logits(h)
         # without returned logits nothing else reads them, so their backward may overwrite them in place
         loss = self.ops.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), label_smoothing=cfg.label_smoothing,
                                       n_chunks=cfg.ce_chunks, inplace_backward=not return_logits)
-        return (logits if return_logits else None), loss
+        return (logits if return_logits else None), at_least_fp32(loss)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -141,8 +142,7 @@ class GPT(nn.Module):
         cfg = self.config
         caches = None
         if use_cache:
-            caches = [KVCache(idx.shape[0], cfg.n_kv_head, idx.shape[1] + max_new_tokens, cfg.head_dim,
-                              idx.device, self.wte.weight.dtype) for _ in self.blocks]
+            caches = [KVCache(idx.shape[1] + max_new_tokens) for _ in self.blocks]
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         out, fresh = idx, idx
         for _ in range(max_new_tokens):
@@ -178,7 +178,7 @@ class GPT(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        x = dropout(self.ops, x, cfg.dropout, self.training)
+        x = dropout(self.ops, to_stream_dtype(x), cfg.dropout, self.training)
         rope = (self.rope_cos, self.rope_sin, start) if cfg.position == "rope" else None
         pending = None
         for i, block in enumerate(self.blocks):
@@ -224,12 +224,8 @@ class GPT(nn.Module):
                 out.update({f"blocks.{i}.{ours}.weight": t for ours, t in theirs.items()})
             return out
         self._require_gpt2_layout()
-        out.update({"wpe.weight": sd["wpe.weight"], "ln_f.weight": sd["ln_f.weight"], "ln_f.bias": sd["ln_f.bias"]})
-        for i in range(cfg.n_layer):
-            for ours, theirs in _HF_GPT2_BLOCK_NAMES:
-                out[f"blocks.{i}.{ours}.bias"] = sd[f"h.{i}.{theirs}.bias"]
-                w = sd[f"h.{i}.{theirs}.weight"]
-                out[f"blocks.{i}.{ours}.weight"] = w if ours.startswith("ln") else w.t()
+        out.update({ours: sd[theirs].t() if transposed else sd[theirs]
+                    for ours, theirs, transposed in _gpt2_names(cfg.n_layer)})
         return out
 
     def to_huggingface(self):
@@ -243,13 +239,9 @@ class GPT(nn.Module):
                                         layer_norm_epsilon=cfg.norm_eps, activation_function=act,
                                         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout))
         sd = self.state_dict()
-        theirs = {"transformer.wte.weight": sd["wte.weight"][:cfg.vocab_size], "transformer.wpe.weight": sd["wpe.weight"],
-                  "transformer.ln_f.weight": sd["ln_f.weight"], "transformer.ln_f.bias": sd["ln_f.bias"]}
-        for i in range(cfg.n_layer):
-            for ours, name in _HF_GPT2_BLOCK_NAMES:
-                w = sd[f"blocks.{i}.{ours}.weight"]
-                theirs[f"transformer.h.{i}.{name}.weight"] = w if ours.startswith("ln") else w.t()
-                theirs[f"transformer.h.{i}.{name}.bias"] = sd[f"blocks.{i}.{ours}.bias"]
+        theirs = {"transformer.wte.weight": sd["wte.weight"][:cfg.vocab_size]}
+        theirs.update({"transformer." + name: sd[ours].t() if transposed else sd[ours]
+                       for ours, name, transposed in _gpt2_names(cfg.n_layer)})
         missing, unexpected = hf.load_state_dict({k: v.detach().float().cpu() for k, v in theirs.items()},
                                                  strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:  # the LM head is tied to wte
@@ -270,6 +262,18 @@ _HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "g
 # (our block submodule, theirs) for every Linear/LayerNorm of a GPT-2 block
 _HF_GPT2_BLOCK_NAMES = (("ln_1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
                         ("ln_2", "ln_2"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj"))
+
+
+def _gpt2_names(n_layer: int):
+    """(our tensor, HF GPT-2's without "transformer.", transposed?) for all but the token embedding. HF's
+    Conv1D stores Linear weights as [in, out]: those are transposed."""
+    yield "wpe.weight", "wpe.weight", False
+    yield "ln_f.weight", "ln_f.weight", False
+    yield "ln_f.bias", "ln_f.bias", False
+    for i in range(n_layer):
+        for ours, theirs in _HF_GPT2_BLOCK_NAMES:
+            yield f"blocks.{i}.{ours}.weight", f"h.{i}.{theirs}.weight", not ours.startswith("ln")
+            yield f"blocks.{i}.{ours}.bias", f"h.{i}.{theirs}.bias", False
 # (our block weight, the llama weights stacked into it, in order)
 _HF_LLAMA_BLOCK_NAMES = (
     ("ln_1", ("input_layernorm",)), ("ln_2", ("post_attention_layernorm",)),

@@ -67,6 +67,21 @@ class TransformerConfig:
         return self.n_embd // self.n_head
 
 
+def to_stream_dtype(x: torch.Tensor) -> torch.Tensor:
+    """The residual stream's dtype: under autocast the autocast dtype (Megatron's default), so the sublayer
+    outputs (autocast matmuls) and the stream meet in the fused add+norm kernels in one dtype and the normed
+    activations feed the next matmul without a cast; otherwise the parameters' dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
+def at_least_fp32(loss: torch.Tensor) -> torch.Tensor:
+    """The losses come in the logits' dtype; under autocast that is bf16/fp16, too coarse to log or compare."""
+    return loss.to(torch.promote_types(loss.dtype, torch.float32))
+
+
 def dropout(ops, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     # p == 0 (the default, and every eval step) is the identity: no kernel launch for it.
     return ops.dropout(x, p, training=True) if training and p > 0 else x
@@ -95,12 +110,15 @@ class Norm(nn.Module):
 class KVCache:
     """Keys and values of the positions seen so far, for one attention layer during generation."""
 
-    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, device, dtype):
-        self.k = torch.empty(batch, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.empty_like(self.k)
-        self.length = 0
+    def __init__(self, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.k = self.v = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
+        if self.k is None:  # allocated at the first call: in the dtype the layer computes in (autocast or not)
+            B, H, _, D = k.shape
+            self.k = k.new_empty(B, H, self.max_len, D)
+            self.v = v.new_empty(B, H, self.max_len, D)
         end = self.length + k.shape[2]
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v

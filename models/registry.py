@@ -51,14 +51,20 @@ def list_models() -> list[str]:
     return list(_MODELS)
 
 
-def create_model(name: str, kernels: str = "triton", **overrides) -> nn.Module:
-    """Build the registered model ``name`` with ``kernels`` ("triton" or "torch") and config ``overrides``
-    (any config field, e.g. ``dropout=0.1``, ``vocab_size=65``, ``loss="fused"``)."""
+def model_config(name: str, kernels: str = "triton", **overrides):
+    """The config ``create_model`` builds ``name`` from (no parameters allocated)."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(_MODELS)}")
-    model_cls, config_cls, fields = _MODELS[name]
+    _, config_cls, fields = _MODELS[name]
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown} for {name!r}; fields: {', '.join(sorted(known))}")
-    return model_cls(config_cls(**{**fields, **overrides, "kernels": kernels}))
+    return config_cls(**{**fields, **overrides, "kernels": kernels})
+
+
+def create_model(name: str, kernels: str = "triton", **overrides) -> nn.Module:
+    """Build the registered model ``name`` with ``kernels`` ("triton" or "torch") and config ``overrides``
+    (any config field, e.g. ``dropout=0.1``, ``vocab_size=65``, ``loss="fused"``)."""
+    config = model_config(name, kernels, **overrides)
+    return _MODELS[name][0](config)

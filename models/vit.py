@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from models.layers import Block, Norm, TransformerConfig, dropout, init_weights
+from models.layers import Block, Norm, TransformerConfig, at_least_fp32, dropout, init_weights, to_stream_dtype
 from models.ops import get_ops
 
 POOLS = ("cls", "mean")
@@ -88,15 +88,16 @@ class ViT(nn.Module):
         expected = (cfg.in_channels, cfg.image_size, cfg.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {tuple(images.shape)}")
-        if targets is not None and (targets.dtype != torch.int64 or targets.shape != images.shape[:1]):
-            raise ValueError(f"targets must be int64 of shape [{images.shape[0]}], got {targets.dtype} "
+        if targets is not None and (targets.dtype not in (torch.int64, torch.int32)
+                                    or targets.shape != images.shape[:1]):
+            raise ValueError(f"targets must be int64/int32 of shape [{images.shape[0]}], got {targets.dtype} "
                              f"{tuple(targets.shape)}")
         B, p, n = images.shape[0], cfg.patch_size, cfg.image_size // cfg.patch_size
         # [B, C, n*p, n*p] -> [B, n*n, C*p*p], each patch flattened in the conv weight's (C, p, p) order
         patches = images.reshape(B, cfg.in_channels, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, -1)
-        x = self.patch_embed(patches.to(self.patch_embed.weight.dtype))
+        x = self.patch_embed(patches)
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1) + self.pos_embed
-        x = dropout(self.ops, x, cfg.dropout, self.training)
+        x = dropout(self.ops, to_stream_dtype(x), cfg.dropout, self.training)
         pending = None
         for block in self.blocks:
             x, pending = block(x, pending)
@@ -107,7 +108,7 @@ class ViT(nn.Module):
         logits = self.head(h)
         if targets is None:
             return logits, None
-        return logits, self.ops.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+        return logits, at_least_fp32(self.ops.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing))
 
     # ----------------------------------------------------------------------------------------------------
     # interchange with timm and Hugging Face

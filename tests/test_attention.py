@@ -3,14 +3,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
 import triformer.attention as attention_module
 from triformer.attention import (Attention, AttentionFunction, attention, attention_dropout_mask,
                                  attention_reference)
+from triformer.dropout import dropout, dropout_keep_reference
 from triformer.testing import (FP32_RTOL, LOW_PRECISION_SLACK, assert_close, kernel_device, poison_, random_tensor,
                                rel_error)
 
@@ -39,14 +38,10 @@ def check_attention(q, k, v, grad_out=None, **kwargs):
     assert out.shape == q.shape and out.dtype == q.dtype
     grad_out = random_tensor(out.shape, out.dtype) if grad_out is None else grad_out
     grads = torch.autograd.grad(out, leaves, grad_out)
-    ref_kwargs = dict(kwargs)
-    if kwargs.get("dropout_p", 0.0) > 0:
-        ref_kwargs["dropout_mask"] = attention_dropout_mask((*q.shape[:3], k.shape[2]), kwargs["dropout_p"],
-                                                            kwargs["seed"])
 
-    def run_reference(dtype):
+    def run_reference(dtype):  # with dropout, the reference regenerates the kernel's mask from the seed
         ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        ref = attention_reference(*ins, **ref_kwargs)
+        ref = attention_reference(*ins, **kwargs)
         return ref, torch.autograd.grad(ref, ins, grad_out.to(dtype))
 
     out64, grads64 = run_reference(torch.float64)
@@ -153,30 +148,35 @@ def test_extreme_logits_stay_finite():
     check_attention(*qkv(1, 2, 80, 130, 32, torch.float32, scale=12.0), is_causal=True)
 
 
+# Tk % 4 == 0 lets one Philox call serve four keys; other lengths draw per element: test both.
+@pytest.mark.parametrize("Tk", [100, 99])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_attention_dropout_matches_reference_with_kernel_mask(is_causal):
-    check_attention(*qkv(1, 2, 70, 99, 32, torch.float32), is_causal=is_causal, dropout_p=0.3, seed=1234,
-                    key_padding_mask=torch.rand(1, 99, device=kernel_device()) > 0.8)
+def test_attention_dropout_matches_reference(Tk, is_causal):
+    check_attention(*qkv(1, 2, 70, Tk, 32, torch.float32), is_causal=is_causal, dropout_p=0.3, seed=1234,
+                    key_padding_mask=torch.rand(1, Tk, device=kernel_device()) > 0.8)
 
 
-@triton.jit
-def _flat_keep_kernel(OUT, seed, n, p, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(OUT + offs, (tl.rand(seed, offs) > p).to(tl.uint8), mask=offs < n)
-
-
-def test_dropout_mask_contract_and_statistics():
-    """The keep bit of (b, h, i, j) is Philox at counter ((b*H + h)*Tq + i)*Tk + j: the flat index of a
-    [B, H, Tq, Tk] tensor, the counter triformer.dropout uses for element i of a flat tensor."""
-    shape, p, seed = (2, 3, 77, 131), 0.25, 99
+@pytest.mark.parametrize("shape", [(2, 3, 77, 132), (1, 2, 70, 131)])
+def test_dropout_mask_contract_and_statistics(shape):
+    """The keep bit of (b, h, i, j) is triformer.dropout's bit for element ((b*H + h)*Tq + i)*Tk + j of a
+    flat tensor: checked against dropout's plain-PyTorch Philox and against dropout itself."""
+    p, seed = 0.25, 2**40 + 99
     keep = attention_dropout_mask(shape, p, seed)
-    n = math.prod(shape)
-    flat = torch.empty(n, dtype=torch.uint8, device=keep.device)
-    _flat_keep_kernel[(triton.cdiv(n, 8192),)](flat, seed, n, p, BLOCK=8192)
-    assert torch.equal(keep.reshape(-1), flat.bool())
-    rate, sigma = keep.float().mean().item(), math.sqrt(p * (1 - p) / n)
-    assert abs(rate - (1 - p)) < 5 * sigma
+    assert keep.view(torch.uint8).max() <= 1  # every element written
+    index = torch.arange(math.prod(shape), device=keep.device).reshape(shape)
+    assert torch.equal(keep, dropout_keep_reference(index, seed, p))
+    ones = torch.ones(shape, device=keep.device)
+    assert torch.equal(keep, dropout(ones, p, seed=seed) != 0)
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
     assert not torch.equal(keep, attention_dropout_mask(shape, p, seed + 1))
+
+
+def test_dropout_reference_accepts_the_kernel_mask():
+    q, k, v = qkv(1, 2, 66, 80, 16, torch.float32)
+    mask = attention_dropout_mask((1, 2, 66, 80), 0.5, 21)
+    expected = attention_reference(q.double(), k.double(), v.double(), dropout_p=0.5, dropout_mask=mask)
+    assert_close("out", attention(q, k, v, dropout_p=0.5, seed=21), expected)
 
 
 def test_dropout_seed_reproducibility():
@@ -197,7 +197,7 @@ def test_module_and_function():
     expected = attention(q, k, v, is_causal=True)
     assert torch.equal(layer.eval()(q, k, v), expected)
     assert not torch.equal(layer.train()(q, k, v), expected)
-    direct = AttentionFunction.apply(q, k, v, True, 0.0, 0.25, None, None, None)
+    direct = AttentionFunction.apply(q, k, v, True, 0.0, 0.25, None, None, None)  # pre-validated arguments
     assert torch.equal(direct, expected)
 
 

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import triformer
 from triformer.cross_entropy import (CrossEntropyLoss, TritonCrossEntropyLoss, cross_entropy,
-                                     cross_entropy_reference, launch_cross_entropy, mean_scale)
+                                     cross_entropy_reference, launch_cross_entropy, mean_scale, scale_rows_)
 from triformer.testing import assert_close, kernel_device, poison_, random_tensor
 
 DEV = kernel_device()
@@ -141,6 +141,26 @@ def test_kernel_writes_every_output_element(inplace):
         assert torch.equal(src, logits)
 
 
+def test_backward_scale_skips_factors_of_one():
+    """The backward kernel multiplies each row by its factor and never touches rows whose factor is exactly 1:
+    NaN-poisoned rows with factor 1 stay NaN, and a factor of 1 for all rows leaves every bit as it was."""
+    grad = random_tensor((2, 35, 1100), torch.bfloat16, contiguous=False)
+    factors = (torch.rand(2, 35) + 0.5).to(DEV)
+    factors[0, ::3] = 1.0
+    grad[0, ::3] = float("nan")
+    before = grad.clone()
+    scale_rows_(grad, factors)
+    assert torch.equal(grad[0, ::3].isnan(), before[0, ::3].isnan())
+    keep = factors != 1.0
+    expected = before.double() * factors.unsqueeze(-1)
+    assert_close("scaled rows", grad[keep], expected[keep], expected[keep].to(torch.bfloat16))
+    after = grad.clone()
+    scale_rows_(grad, torch.ones((), device=DEV))  # one factor of 1 for all rows: nothing changes
+    assert torch.equal(grad.view(torch.int16), after.view(torch.int16))
+    scale_rows_(grad, torch.tensor(-2.0, device=DEV))
+    assert torch.equal(grad[keep], after[keep] * -2)
+
+
 def test_inplace_backward_reuses_logits_buffer():
     hidden = random_tensor((2, 37, 48), torch.float32)
     weight = random_tensor((48, 1100), torch.float32, scale=0.5).requires_grad_()
@@ -167,7 +187,6 @@ def test_inplace_backward_refusals_leave_logits_intact():
     cases = {
         "leaf": lambda: leaf,
         "view of a leaf": lambda: leaf[1:],
-        "no grad required": lambda: leaf.detach() * 2,
         "expanded": lambda: (leaf[:1] * 2).expand(5, 300),
     }
     for name, make in cases.items():
@@ -176,8 +195,18 @@ def test_inplace_backward_refusals_leave_logits_intact():
         with pytest.raises(ValueError, match="inplace_backward"):
             cross_entropy(logits, targets[: logits.shape[0]], inplace_backward=True)
         assert torch.equal(logits.detach(), before), name
-    with torch.no_grad(), pytest.raises(ValueError, match="no gradient is being recorded"):
-        cross_entropy(leaf * 2, targets, inplace_backward=True)
+
+
+def test_inplace_backward_without_recorded_gradient_writes_nothing():
+    """No gradient recorded (no_grad, or logits not requiring grad): the flag has nothing to write."""
+    leaf = random_tensor((5, 300), torch.float32).requires_grad_()
+    targets = make_targets((5,), 300)
+    for logits, grad_mode in ((leaf * 2, False), (leaf, False), (leaf.detach() * 2, True)):
+        before = logits.detach().clone()
+        with torch.set_grad_enabled(grad_mode):
+            loss = cross_entropy(logits, targets, inplace_backward=True)
+        assert torch.equal(logits.detach(), before) and not loss.requires_grad
+        assert torch.equal(loss, cross_entropy(before, targets))
 
 
 def test_inplace_backward_detects_saved_logits():

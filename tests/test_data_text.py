@@ -360,6 +360,38 @@ def test_killed_preparation_is_never_used(tmp_path, stage):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
 
 
+def test_concurrent_preparers_tokenize_once(tmp_path, monkeypatch, capfd):
+    import threading
+
+    files = write_corpus(tmp_path / "c", 4)
+    cfg = files_cfg(tmp_path, files)
+    calls = []
+    preparing = threading.Event()
+    real = text_mod._encode_file
+
+    def slow_encode(path):
+        calls.append(path)
+        preparing.set()
+        time.sleep(0.2)
+        return real(path)
+
+    monkeypatch.setattr(text_mod, "_encode_file", slow_encode)
+    results = [None, None]
+
+    def worker(i):
+        results[i] = build_data(cfg, seed=0)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    threads[0].start()
+    assert preparing.wait(30)
+    threads[1].start()  # finds no completion marker while the first is mid-way: must wait, not prepare too
+    for t in threads:
+        t.join()
+    assert len(calls) == len(files)  # the second preparer waited on the lock, then loaded the first's result
+    assert "waiting for another process" in capfd.readouterr().err
+    np.testing.assert_array_equal(results[0].splits["train"], results[1].splits["train"])
+
+
 # ------------------------------------------------------------------------------------------------- batches
 
 @pytest.fixture(scope="module")
@@ -422,3 +454,19 @@ def test_ddp_ranks_partition_the_single_process_batch(corpus_data, world_size, b
         row = np.concatenate([x1[-1].numpy(), y1[-1, -1:].numpy()])
         find_window(train, row)
     assert all(r.state_dict() == single.state_dict() for r in ranks)
+
+
+def test_every_lm_data_config_is_valid():
+    from omegaconf import OmegaConf
+
+    from training.data.common import parse_config
+
+    found = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs" / "data").glob("*.yaml")):
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        if cfg["task"] != "lm":
+            continue
+        cfg.update({k: v for k, v in {"paths": ["x.txt"]}.items() if cfg.get(k) == "???"})
+        parsed = parse_config(text_mod.TextConfig, cfg)  # unknown keys or bad values raise
+        found.append(parsed.name)
+    assert len(found) >= 7, found

@@ -4,6 +4,7 @@ Every test runs offline: IP sockets are refused, so any network access fails the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import socket
 from collections import Counter
 
@@ -54,7 +55,7 @@ def synthetic(n=37, C=3, H=5, W=7, classes=4, **cfg) -> ImageData:
     images[:, 0, 0, 1] = np.arange(n) // 256
     labels = np.arange(n) % classes
     config = ImageConfig(name="synthetic", val_fraction=0, test_fraction=0, **cfg)
-    return ImageData(config, {"train": (images, labels)}, [f"c{i}" for i in range(classes)], seed=cfg.get("split_seed", 0))
+    return ImageData(config, {"train": (images, labels)}, [f"c{i}" for i in range(classes)], seed=0)
 
 
 def indices(data: ImageData, x: torch.Tensor) -> list[int]:
@@ -202,7 +203,8 @@ def test_image_folder_reads_caches_and_carves(tmp_path, monkeypatch):
     resized = build_data(dict(cfg, image_size=4, channels=1), seed=0)
     assert resized.image_shape == (1, 4, 4)
     flat = build_data(dict(cfg, root=str(make_folder(tmp_path / "flat", layout="flat")), name="flat"), seed=0)
-    assert {s: len(lab) for s, (_, lab) in flat.splits.items()} == {"train": 9, "val": 5, "test": 4}  # ceil(0.2 * 18), ceil(0.3 * 14)
+    # test: ceil(0.2 * 18) = 4, then val: ceil(0.3 * 14) = 5
+    assert {s: len(lab) for s, (_, lab) in flat.splits.items()} == {"train": 9, "val": 5, "test": 4}
 
 
 def test_image_folder_errors(tmp_path):
@@ -250,3 +252,19 @@ def test_hf_image_dataset_offline(tmp_path):
     assert sorted(data.splits["test"][1].tolist()) == [0, 0, 1, 1, 2, 2]
     with pytest.raises(ValueError, match="no column 'img'"):
         build_data(dict(cfg, image_field="img", name="x"), seed=0)
+
+
+def test_every_image_data_config_is_valid():
+    from omegaconf import OmegaConf
+
+    from training.data.common import parse_config
+
+    found = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs" / "data").glob("*.yaml")):
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        if cfg["task"] != "image":
+            continue
+        cfg.update({k: v for k, v in {"root": "imgs"}.items() if cfg.get(k) == "???"})
+        parsed = parse_config(vision_mod.ImageConfig, cfg)  # unknown keys or bad values raise
+        found.append(parsed.name)
+    assert len(found) >= 6, found

@@ -1,13 +1,12 @@
 """GPT-2 / llama-style models: registry, parameter counts, Triton vs PyTorch variants, generation, bad input."""
 import dataclasses
-import math
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models import GPT, GPTConfig, create_model, list_models
+from models import GPT, GPTConfig, create_model, list_models, model_config
 from models.gpt import LLAMA_STYLE
 from triformer.testing import assert_close, kernel_device
 
@@ -84,7 +83,8 @@ def test_gpt2_small_is_124m_and_llama_small_is_its_size():
     with torch.device("meta"):
         gpt2, llama = create_model("gpt2-small"), create_model("llama-small")
     assert gpt2.num_params(non_embedding=False) == 124_475_904
-    # 12 x (attention 768 x (768 + 2 x 256) + 768^2, SwiGLU 3 x 768 x 2048, two RMSNorms) + tied 50304 x 768 + final norm
+    # 12 x (attention 768 x (768 + 2 x 256) + 768^2, SwiGLU 3 x 768 x 2048, two RMSNorms)
+    # + tied embedding 50304 x 768 + final norm
     assert llama.num_params(non_embedding=False) == 12 * (768 * 1280 + 768 ** 2 + 3 * 768 * 2048 + 2 * 768) \
         + 50304 * 768 + 768 == 114_150_144
     assert llama.num_params() == llama.num_params(non_embedding=False)  # no position embedding
@@ -101,10 +101,14 @@ def test_overrides_rederive_defaults_and_checkpoints_move_between_variants():
 # ---------------------------------------------------------------------------------------------------------
 # Triton variant vs the PyTorch variant in float64 (the interpreter is slow: one forward/backward per case)
 
-@pytest.mark.parametrize("style,loss,n_layer", [("gpt2", "ce", 2), ("llama", "ce", 2), ("gpt2", "fused", 1),
-                                                ("llama", "fused", 1)])
-def test_triton_matches_torch_float64(style, loss, n_layer):
-    ours, ref = pair(tiny(style, loss=loss, n_layer=n_layer, ce_chunks=2 if loss == "ce" else 1))
+@pytest.mark.parametrize("config", [
+    # the registered CPU sizes (vocab and depth cut for the interpreter), and tiny ones for the fused loss
+    model_config("gpt2-nano", n_layer=2, block_size=32, vocab_size=V, ce_chunks=2),
+    model_config("llama-nano", n_layer=2, block_size=32, vocab_size=V),
+    tiny("gpt2", loss="fused", n_layer=1),
+    tiny("llama", loss="fused", n_layer=1)], ids=["gpt2-nano", "llama-nano", "gpt2-fused", "llama-fused"])
+def test_triton_matches_torch_float64(config):
+    ours, ref = pair(config)
     idx, targets = batch(3, 13)
     idx = torch.cat([idx, idx], dim=1)[:, ::2]  # a non-contiguous view of the token ids
     logits, loss_val = ours(idx, targets, return_logits=True)
@@ -116,6 +120,30 @@ def test_triton_matches_torch_float64(style, loss, n_layer):
     loss_ref.backward()
     assert_grads_close(ours, ref)
     assert ours.wte.weight.grad[V:].abs().max() == 0  # padded vocab rows: no signal
+
+
+@pytest.mark.parametrize("style,loss", [("gpt2", "ce"), ("llama", "fused")])
+def test_autocast_fp16_matches_torch_variant(style, loss):
+    """Under autocast the stream runs in fp16 with fp32 parameters: mixed dtypes in every op. Judged against
+    the PyTorch variant under the same autocast (``peer``), both against the float64 reference."""
+    config = tiny(style, loss=loss, n_layer=1)
+    ours, ref = pair(config)
+    peer = GPT(dataclasses.replace(config, kernels="torch")).to(DEV)
+    peer.load_state_dict(ours.state_dict())
+    idx, targets = batch(2, 11, seed=9)
+    with torch.autocast(DEV.type, dtype=torch.float16):
+        logits, loss_val = ours(idx, targets, return_logits=True)
+        peer_logits, peer_loss = peer(idx, targets, return_logits=True)
+    logits_ref, loss_ref = ref(idx, targets, return_logits=True)
+    assert logits.dtype == torch.float16 and loss_val.dtype == torch.float32
+    assert_close("logits", logits, logits_ref, peer=peer_logits)
+    assert_close("loss", loss_val.half(), loss_ref, peer=peer_loss.half())
+    for model, value in ((ours, loss_val), (peer, peer_loss), (ref, loss_ref)):
+        value.backward()
+    named_peer, named_ref = dict(peer.named_parameters()), dict(ref.named_parameters())
+    for name, p in ours.named_parameters():  # fp32 gradients of fp16 activations: judged at fp16's bar
+        assert p.grad.dtype == torch.float32
+        assert_close(f"grad {name}", p.grad.half(), named_ref[name].grad, peer=named_peer[name].grad.half())
 
 
 @given(style=st.sampled_from(["gpt2", "llama"]), B=st.integers(1, 3), T=st.integers(1, 32),

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from triformer import INTERPRET, Softmax, TritonSoftmax, softmax, softmax_reference
+from triformer import testing
 from triformer.testing import assert_close, kernel_device, poison_, random_tensor
 
 # The module, not the function triformer.softmax that shadows it as a package attribute.
@@ -27,8 +28,8 @@ def visible_mask(tq: int, tk: int) -> torch.Tensor:
 
 
 def run_and_check(x, is_causal=False, scale=1.0, dy=None):
-    """Forward and backward of ours, the float64 reference and PyTorch's own in x's dtype; compares all.
-    Returns (y, dx) of ours."""
+    """Forward and backward of ours against the float64 reference, with PyTorch's own result in x's dtype as
+    the low-precision bar. Returns (y, dx) of ours."""
     dy = random_tensor(x.shape, x.dtype) if dy is None else dy
     ours = x.detach().clone() if x.is_contiguous() else x.detach()
     ours.requires_grad_()
@@ -38,13 +39,19 @@ def run_and_check(x, is_causal=False, scale=1.0, dy=None):
     x64 = x.detach().to(torch.float64).requires_grad_()
     y64 = softmax_reference(x64, is_causal, scale)
     y64.backward(dy.to(torch.float64))
-    peer_x = x.detach().clone().requires_grad_()
-    peer = softmax_reference(peer_x, is_causal, scale)
-    peer.backward(dy)
+    peer = softmax_reference(x.detach(), is_causal, scale)
+    # PyTorch's backward from *our* y: both then start from the same rounded probabilities, so the bar does
+    # not depend on which of the two forwards happened to round luckier on a tiny row.
+    peer_dx = scale * torch._softmax_backward_data(dy, y.detach(), -1, x.dtype)
 
     assert y.shape == x.shape and y.dtype == x.dtype and ours.grad.dtype == x.dtype
     assert_close("y", y, y64, peer)
-    assert_close("dx", ours.grad, x64.grad, peer_x.grad)
+    # dx = y * (dy - sum(dy * y)) cancels catastrophically on near one-hot rows whatever the order of
+    # operations (y rounds to 1); where PyTorch's own fp32 misses 1e-5 there, it sets the fp32 bar too.
+    rtol = None
+    if x.dtype == torch.float32:
+        rtol = max(testing.FP32_RTOL, testing.LOW_PRECISION_SLACK * testing.rel_error(peer_dx, x64.grad))
+    assert_close("dx", ours.grad, x64.grad, peer_dx, rtol=rtol)
     return y, ours.grad
 
 
@@ -186,7 +193,7 @@ class _NoLaunch:
     (lambda x: (x.to(torch.int32),), TypeError, "x must be float32"),
     (lambda x: (x.double(),), TypeError, "x must be float32"),
     (lambda x: ("scores",), TypeError, "x must be a torch.Tensor"),
-    (lambda x: (x[0, 0],), ValueError, "x must have at least 2"),  # 1-D with is_causal
+    (lambda x: (x[0, 0], True), ValueError, "x must have at least 2"),
     (lambda x: (x.sum(),), ValueError, "x must have at least 1"),
     (lambda x: (x, 1), TypeError, "is_causal must be a bool"),
     (lambda x: (x, False, 0.0), ValueError, "scale must be a finite number > 0"),
@@ -199,10 +206,8 @@ class _NoLaunch:
 def test_bad_input_raises_before_launch(monkeypatch, make_args, error, words):
     monkeypatch.setattr(sm, "_softmax_fwd_kernel", _NoLaunch())
     x = random_tensor((2, 3, 4), torch.float32)
-    args = make_args(x)
-    kwargs = {"is_causal": True} if words == "x must have at least 2" else {}
     with pytest.raises(error, match=words):
-        softmax(*args, **kwargs)
+        softmax(*make_args(x))
 
 
 @given(

@@ -11,6 +11,7 @@ import torch
 
 from training import checkpoint
 from training.config import compose
+from training.logging import wandb_logged_in
 from training.optim import build_optimizer, lr_at, param_groups
 from training.trainer import NonFiniteLossError, Trainer, train
 
@@ -78,7 +79,8 @@ def test_resume_continues_exactly(tmp_path, data_cache, experiment):
 
 
 def test_run_writes_records_plots_and_checkpoints(tmp_path, data_cache):
-    train(_cfg(tmp_path, data_cache, "trainer.keep_last=1"))
+    # wandb's code path runs too (disabled: no service process, no files)
+    train(_cfg(tmp_path, data_cache, "trainer.keep_last=1", "logger=wandb", "logger.mode=disabled"))
     for name in ("metrics.jsonl", "metrics.csv", "summary.json", "config.json", "loss.png", "lr.png",
                  "throughput.png", "memory.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -149,6 +151,15 @@ def test_bf16_autocast_trains(tmp_path, data_cache):
     assert all(math.isfinite(v) for v in losses.values()) and losses[6] < losses[1]
 
 
+def test_compiled_model_trains_like_eager(tmp_path, data_cache):
+    runs = {}
+    for mode in ("false", "true"):
+        train(_cfg(tmp_path / mode, data_cache, f"trainer.compile={mode}", "trainer.compile_backend=aot_eager",
+                   "trainer.max_steps=3", "trainer.eval_interval=0"))
+        runs[mode] = _records(tmp_path / mode)
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-6)
+
+
 def test_resume_refuses_other_model_config(tmp_path, data_cache):
     train(_cfg(tmp_path / "a", data_cache, "trainer.max_steps=3"))
     ckpt = tmp_path / "a" / "checkpoints" / "step_00000003.safetensors"
@@ -184,3 +195,18 @@ def test_schedule_and_weight_decay_groups():
     decay, no_decay = param_groups(model, 0.1)
     assert [tuple(p.shape) for p in decay["params"]] == [(5, 4), (4, 4)] and decay["weight_decay"] == 0.1
     assert [tuple(p.shape) for p in no_decay["params"]] == [(4,), (4,), (4,)] and no_decay["weight_decay"] == 0.0
+
+
+def test_wandb_goes_online_only_when_logged_in(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine example.com login a password b\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert not wandb_logged_in()
+    netrc.write_text("machine api.wandb.ai login user password key\n")
+    assert wandb_logged_in()
+    monkeypatch.setenv("NETRC", str(tmp_path / "missing"))
+    assert not wandb_logged_in()
+    monkeypatch.setenv("WANDB_API_KEY", "key")
+    assert wandb_logged_in()

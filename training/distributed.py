@@ -104,13 +104,17 @@ def gradient_sync(model: nn.Module, ctx: DistContext, enabled: bool):
             yield
 
 
-def mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """Mean over ranks (every rank gets it)."""
+def total(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum over ranks (every rank gets it)."""
     if ctx.world_size > 1:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= ctx.world_size
     return value
+
+
+def mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Mean over ranks (every rank gets it)."""
+    return total(value, ctx) / ctx.world_size
 
 
 def gather_objects(obj, ctx: DistContext) -> list:

@@ -63,7 +63,7 @@ def sliding_window_nll(model, tokens, context: int, stride: int, batch_size: int
     byte_table = torch.from_numpy(byte_lengths).to(device) if byte_lengths is not None else None
     nll = torch.zeros((), dtype=torch.float64, device=device)
     scored = n_bytes = 0
-    # Only the last window can be shorter, so batches of consecutive windows share one length but there.
+    # Every window but the last has ``context`` inputs; a shorter last one gets a batch of its own.
     groups: list[list[tuple[int, int, int]]] = []
     for w in windows:
         if groups and len(groups[-1]) < batch_size and groups[-1][0][1] - groups[-1][0][0] == w[1] - w[0]:
@@ -79,7 +79,7 @@ def sliding_window_nll(model, tokens, context: int, stride: int, batch_size: int
             logits = _full_logits(model, x)
         if logits.dtype in (torch.float16, torch.bfloat16):  # autocast: take the softmax in fp32
             logits = logits.float()
-        losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view(y.shape)
         first = torch.tensor([f for _, _, f in group], device=device)
         mask = torch.arange(length, device=device)[None, :] >= first[:, None]
         nll += losses.double()[mask].sum()

@@ -99,10 +99,10 @@ class Trainer:
         self.step = 0
         self.best_val = math.inf
         self.last_ckpt: Path | None = None
-        self.logger = RunLogger(self.run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),
-                                enabled=self.ctx.is_main, throughput_unit="tokens" if self.data.task == "lm" else "images")
         if cfg.resume:
             self._resume(cfg.resume)
+        self.logger = RunLogger(self.run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),
+                                enabled=self.ctx.is_main, throughput_unit="tokens" if self.data.task == "lm" else "images")
         if self.memory_report is not None:
             self._say(self.memory_report.message())
             self.logger.summary(memory_savings=self.memory_report.message(), **self.memory_report.metrics())
@@ -175,7 +175,12 @@ class Trainer:
         bad_steps, first_bad = 0, None
         window_start, window_steps = time.perf_counter(), 0
         val = None
+        summary = {}
         try:
+            if t.eval_at_start and self.step == 0:
+                start = self._evaluate_and_log("val", t.eval_batches)
+                bar.write("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
+                summary.update({f"initial_{k}": v for k, v in start.items()})
             while self.step < t.max_steps:
                 lr = lr_at(self.step, self.cfg.optim, t.max_steps)
                 for group in self.optimizer.param_groups:
@@ -209,7 +214,7 @@ class Trainer:
                     self._save(evaluated)
         finally:
             bar.close()
-        summary = {"steps": self.step, "params": self.model.num_params(), "run_dir": str(self.run_dir),
+        summary |= {"steps": self.step, "params": self.model.num_params(), "run_dir": str(self.run_dir),
                    "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
                    "best_val_loss": self.best_val if math.isfinite(self.best_val) else None}
         if val is not None:
@@ -277,24 +282,30 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str, max_batches: int | None) -> dict[str, float]:
-        """Mean loss over ``split`` (per target token / image); accuracy too for image models."""
+        """Mean loss over ``split`` (per target token / image); accuracy too for image models. Every rank
+        gets the same batches and computes its slice of each, so the result does not depend on world size."""
         t = self.cfg.trainer
         model = distributed.unwrap(self.wrapped)  # eager, outside DDP: evaluation needs no gradient sync
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # loss * n, n, correct
         try:
-            for x, y in self.data.eval_batches(split, t.eval_batch_size or self.micro_batch, max_batches):
-                x, y = x.to(self.ctx.device), y.to(self.ctx.device)
+            for x, y in self.data.eval_batches(split, t.eval_batch_size or t.batch_size // t.grad_accum, max_batches):
+                xs, ys = (v.tensor_split(self.ctx.world_size)[self.ctx.rank] for v in (x, y))
+                weight = 1
+                if xs.shape[0] == 0:  # a short last batch: FSDP's forward is a collective, so run one, count none
+                    xs, ys, weight = x[:1], y[:1], 0
+                xs, ys = xs.to(self.ctx.device), ys.to(self.ctx.device)
                 with self._autocast():
-                    logits, loss = model(x, y)
-                n = (y != -100).sum()
+                    logits, loss = model(xs, ys)
+                n = (ys != -100).sum() * weight
                 sums[0] += loss.double() * n
                 sums[1] += n
                 if self.data.task == "image":
-                    sums[2] += (logits.argmax(-1) == y).sum()
+                    sums[2] += (logits.argmax(-1) == ys).sum() * weight
         finally:
             model.train(was_training)
+        sums = distributed.total(sums, self.ctx)
         if sums[1] == 0:
             raise ValueError(f"data split {split!r} produced no evaluation examples")
         out = {f"{split}/loss": float(sums[0] / sums[1])}

@@ -12,9 +12,9 @@ device the chosen mode cannot run on is an error.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
-import triton
 
 
 def _decide_interpret() -> bool:
@@ -29,11 +29,21 @@ def _decide_interpret() -> bool:
 
 
 INTERPRET: bool = _decide_interpret()
+# Triton builds its own library functions (tl.sum, tl.sigmoid, ...) for one mode when it is first
+# imported, so the variable must be set before that import, and a triton imported earlier in the other
+# mode cannot be repaired.
+if "triton" in sys.modules:
+    _already = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    if _already != INTERPRET:
+        raise ImportError(
+            "triton was imported before triformer with TRITON_INTERPRET="
+            f"{os.environ.get('TRITON_INTERPRET', 'unset')!r}, but triformer needs the "
+            f"{'interpreter' if INTERPRET else 'compiler'}; import triformer first, or set "
+            f"TRIFORMER_INTERPRET={int(_already)} to keep triton's mode"
+        )
 os.environ["TRITON_INTERPRET"] = "1" if INTERPRET else "0"
-try:  # triton >= 3.4 caches its environment in knobs; keep both views in agreement
-    triton.knobs.runtime.interpret = INTERPRET
-except AttributeError:
-    pass
+
+import triton  # noqa: E402  (after TRITON_INTERPRET is set: see above)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -16,10 +16,11 @@ Semantics:
 * ``attn_mask`` broadcastable to [B, H, Tq, Tk]: float is added to the scaled scores, bool means True =
   attend (as in SDPA). ``key_padding_mask`` [B, Tk] bool: True = padding, ignored. Masks get no gradient.
 * A query row with no key left to attend to outputs 0 and gets zero gradients (SDPA gives NaN there).
-* Dropout on the probabilities uses Philox counters: the element (b, h, i, j) draws the counter
-  ``((b*H + h)*Tq + i)*Tk + j`` (its flat index in a [B, H, Tq, Tk] tensor), the same scheme as
-  ``triformer.dropout``; the backward regenerates the same bits. ``attention_dropout_mask`` materialises
-  that keep mask for small shapes, and ``attention_reference(..., dropout_mask=...)`` applies it.
+* Dropout on the probabilities: element (b, h, i, j) is kept exactly when ``triformer.dropout`` with the
+  same seed keeps element ``((b*H + h)*Tq + i)*Tk + j`` of a flat tensor (its counter-based Philox stream,
+  see there), and kept probabilities are scaled by 1 / (1 - p); the backward regenerates the same bits.
+  ``attention_dropout_mask`` materialises that mask for small shapes; ``attention_reference`` reproduces
+  it from the seed, or applies a given ``dropout_mask``.
 * Head dims that are not a power of two (40, 80, 96, ...) run in a tile padded to the next power of two.
 * fp32 inputs compute their dots in IEEE fp32 unless ``torch.set_float32_matmul_precision`` allows TF32.
 * Outputs and gradients are [B, H, T, D] views of [B, T, H, D] memory, so the usual
@@ -34,6 +35,7 @@ import triton.language as tl
 
 from triformer import _runtime  # noqa: F401  (decides compile vs interpreter before kernels are defined)
 from triformer._runtime import INTERPRET, check_device, check_float
+from triformer.dropout import _philox, _seed_tensor, _uniform, dropout_keep, dropout_keep_reference
 
 LOG2E = tl.constexpr(1.4426950408889634)  # the kernels use exp2: scores are kept in log2 units
 MAX_HEAD_DIM = 256
@@ -44,15 +46,21 @@ MAX_HEAD_DIM = 256
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _keep(seed, offsets, p):
-    """The dropout decision for RNG counters ``offsets``; kept with probability 1 - p."""
-    return tl.rand(seed, offsets) > p
-
-
-@triton.jit
-def _dropout_keep(i, j, rng_base, Tk, seed, dropout_p):
-    """Keep mask at query rows i and key columns j (broadcastable index tiles, either orientation)."""
-    return _keep(seed, rng_base + i.to(tl.int64) * Tk + j, dropout_p)
+def _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N: tl.constexpr, QUADS: tl.constexpr):
+    """Keep mask [len(offs_m), BLOCK_N] of query rows offs_m and keys start_n + arange(BLOCK_N): element
+    (i, j) is element rng_base + i*Tk + j of triformer.dropout's stream. That stream takes the 4 words of
+    one Philox call for 4 consecutive indices; with Tk % 4 == 0 (QUADS) a quad never straddles two rows,
+    so one call serves 4 keys here too, a quarter of the RNG work (which dominates attention with dropout)."""
+    row = rng_base + offs_m.to(tl.int64) * Tk
+    if QUADS:
+        quad = (row // 4)[:, None] + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+        r0, r1, r2, r3 = _philox(seed, quad)
+        u = tl.join(tl.join(_uniform(r0, r1, r2, r3, 0), _uniform(r0, r1, r2, r3, 2)),
+                    tl.join(_uniform(r0, r1, r2, r3, 1), _uniform(r0, r1, r2, r3, 3)))  # [.., a, b] = word 2a+b
+        keep = tl.reshape(u, [offs_m.shape[0], BLOCK_N]) >= dropout_p
+    else:
+        keep = dropout_keep(seed, row[:, None] + (start_n + tl.arange(0, BLOCK_N))[None, :], dropout_p)
+    return keep
 
 
 @triton.jit
@@ -140,14 +148,14 @@ def _log2_scores(qk, i, j, Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
     return s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, MASK, KPM, SEED,
+    Q, K, V, O, LSE, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     smb, smh, smm, smn, spb, spn,
-    H, Tq, Tk, qk_scale, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
+    H, Tq, Tk, qk_scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # A [BLOCK_M, BLOCK_D] query tile stays in registers while [BLOCK_N, BLOCK_D] key/value tiles stream
@@ -166,9 +174,6 @@ def _attn_fwd_kernel(
     mask_base = MASK + b * smb + h * smh
     kpm_base = KPM + b * spb
     rng_base = bh.to(tl.int64) * Tq * Tk
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -194,7 +199,7 @@ def _attn_fwd_kernel(
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_DROPOUT:  # the normaliser sums the undropped probabilities; only P @ V sees dropout
-                keep = _dropout_keep(offs_m[:, None], offs_n[None, :], rng_base, Tk, seed, dropout_p)
+                keep = _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N, QUADS)
                 p = tl.where(keep, p * drop_scale, 0.0)
             v = _load_rows(v_base, offs_n, svn, Tk, d_ok, phase == 1, EVEN_D)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
@@ -223,14 +228,14 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd,
     tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, SEED,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sgb, sgh, sgn, sgd, smb, smh, smm, smn, spb, spn,
-    H, Tq, Tk, qk_scale, scale, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
+    H, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # A [BLOCK_N, BLOCK_D] key/value tile and its dK/dV accumulators stay in registers while the query
@@ -254,9 +259,6 @@ def _attn_bwd_dkdv_kernel(
     mask_base = MASK + b * smb + h * smh
     kpm_base = KPM + b * spb
     rng_base = bh.to(tl.int64) * Tq * Tk
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -283,7 +285,7 @@ def _attn_bwd_dkdv_kernel(
             p_t = tl.math.exp2(s_t - lse[None, :])
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if HAS_DROPOUT:
-                keep = _dropout_keep(offs_m[None, :], offs_n[:, None], rng_base, Tk, seed, dropout_p)
+                keep = tl.trans(_dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, n0, BLOCK_N, QUADS))
                 dv = tl.dot(tl.where(keep, p_t * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PREC)
                 dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
             else:
@@ -295,14 +297,14 @@ def _attn_bwd_dkdv_kernel(
     _store_rows(DV + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_n, sgn, Tk, d_ok, dv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM, SEED,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sgb, sgh, sgm, sgd, smb, smh, smm, smn, spb, spn,
-    H, Tq, Tk, qk_scale, scale, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
+    H, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The forward's blocking: Q, dO and the dQ accumulator stay in registers, key/value tiles stream.
@@ -323,9 +325,6 @@ def _attn_bwd_dq_kernel(
     mask_base = MASK + b * smb + h * smh
     kpm_base = KPM + b * spb
     rng_base = bh.to(tl.int64) * Tq * Tk
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_full, n_end = _key_range(m0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
@@ -346,7 +345,7 @@ def _attn_bwd_dq_kernel(
             p = tl.math.exp2(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             if HAS_DROPOUT:
-                keep = _dropout_keep(offs_m[:, None], offs_n[None, :], rng_base, Tk, seed, dropout_p)
+                keep = _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N, QUADS)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -354,16 +353,16 @@ def _attn_bwd_dq_kernel(
     _store_rows(DQ + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_m, sgm, Tq, d_ok, dq * scale)
 
 
-@triton.jit
-def _dropout_mask_kernel(OUT, SEED, Tq, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The keep mask's flat index is the RNG counter, which is the whole contract with the attention kernels.
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(OUT, seed, Tq, Tk, dropout_p, QUADS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    # The mask's flat index is the RNG counter: the whole contract between the attention kernels and dropout.
     mb, bh = _program_block(tl.cdiv(Tq, BLOCK_M), False)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     rng_base = bh.to(tl.int64) * Tq * Tk
-    seed = tl.load(SEED)
     for start_n in range(0, Tk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(offs_m[:, None], offs_n[None, :], rng_base, Tk, seed, dropout_p)
+        keep = _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N, QUADS)
         tl.store(OUT + rng_base + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :], keep.to(tl.uint8),
                  mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 
@@ -427,20 +426,18 @@ def _mask_operand(attn_mask: Optional[torch.Tensor], B: int, H: int, Tq: int, Tk
     return 1, m, m.stride()
 
 
-def _kernel_operands(q, k, attn_mask, key_padding_mask, seed):
+def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p):
+    """Mask operands and their strides, RNG scalars, and the compile-time switches shared by the kernels."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     mask_kind, mask, mask_strides = _mask_operand(attn_mask, B, H, Tq, Tk, q)
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     kpm_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
+    rng = (int(seed) if dropout_p > 0 else 0, dropout_p, 1.0 / (1.0 - dropout_p))
     dot_prec = "ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
-    consts = dict(MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None, DOT_PREC=dot_prec,
-                  HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)))
-    return mask, kpm, q if seed is None else seed, (*mask_strides, *kpm_strides), consts
-
-
-def _dropout_scalars(dropout_p: float):
-    return dropout_p, (1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0)
+    consts = dict(MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
+                  QUADS=Tk % 4 == 0, DOT_PREC=dot_prec, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    return mask, kpm, (*mask_strides, *kpm_strides), rng, consts
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -455,13 +452,12 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     Tk = k.shape[2]
     out = _bthd_empty(B, H, Tq, D, q)
     lse = _empty((B, H, Tq), q, torch.float32)
-    mask, kpm, seed_t, mask_strides, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed)
+    mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p)
     _launch(_attn_fwd, Tq, "BLOCK_M", B * H,
-            q, k, v, out, lse, mask, kpm, seed_t,
+            q, k, v, out, lse, mask, kpm,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-            H, Tq, Tk, scale * LOG2E.value, *_dropout_scalars(dropout_p),
-            triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
-            IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0, **consts)
+            H, Tq, Tk, scale * LOG2E.value, *rng, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk),
+            IS_CAUSAL=is_causal, **consts)
     return out, lse
 
 
@@ -486,17 +482,15 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Tq,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows)
 
-    mask, kpm, seed_t, mask_strides, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed)
+    mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p)
     shared = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    scalars = (H, Tq, Tk, scale * LOG2E.value, scale, *_dropout_scalars(dropout_p),
-               triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
-    consts.update(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0)
+    scalars = (H, Tq, Tk, scale * LOG2E.value, scale, *rng, triton.next_power_of_2(Tq), triton.next_power_of_2(Tk))
     _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H,
-            q, k, v, grad_out, lse, delta, dk, dv, mask, kpm, seed_t,
-            *shared, *dk.stride(), *mask_strides, *scalars, **consts)
+            q, k, v, grad_out, lse, delta, dk, dv, mask, kpm,
+            *shared, *dk.stride(), *mask_strides, *scalars, IS_CAUSAL=is_causal, **consts)
     _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H,
-            q, k, v, grad_out, lse, delta, dq, mask, kpm, seed_t,
-            *shared, *dq.stride(), *mask_strides, *scalars, **consts)
+            q, k, v, grad_out, lse, delta, dq, mask, kpm,
+            *shared, *dq.stride(), *mask_strides, *scalars, IS_CAUSAL=is_causal, **consts)
     return dq, dk, dv
 
 
@@ -512,8 +506,8 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask
 # ----------------------------------------------------------------------------------------------------
 
 class AttentionFunction(torch.autograd.Function):
-    """Autograd over the custom ops. Takes already-validated arguments: ``scale`` a float, ``seed`` an int64
-    tensor of one element on q's device (or None when ``dropout_p`` is 0); use ``attention`` instead."""
+    """Autograd over the custom ops. Takes already-validated arguments: ``scale`` a float, ``seed`` a 0-dim
+    int64 CPU tensor (or None when ``dropout_p`` is 0); use ``attention`` instead."""
 
     @staticmethod
     def forward(ctx, q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, seed):
@@ -530,7 +524,7 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, seed) -> None:
+def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
         if t.dim() != 4:
@@ -555,8 +549,6 @@ def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_paddin
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be None or a finite float, got {scale!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
@@ -577,27 +569,20 @@ def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_paddin
     check_device(q=q, k=k, v=v, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
 
 
-def _seed_tensor(seed: Optional[int], device: torch.device) -> torch.Tensor:
-    """The Philox seed as a device tensor, so a fresh default seed (drawn from torch's generator, as
-    ``torch.manual_seed`` controls) needs no host sync and no graph break under torch.compile."""
-    if seed is None:
-        return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
-    return torch.tensor([seed], device=device, dtype=torch.int64)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, dropout_p: float = 0.0,
               scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
-              key_padding_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None) -> torch.Tensor:
+              key_padding_mask: Optional[torch.Tensor] = None, seed=None) -> torch.Tensor:
     """Flash attention on q [B, H, Tq, D], k/v [B, H, Tk, D]; returns [B, H, Tq, D] (see the module
     docstring for masks, causal alignment, rows with nothing to attend to, and dropout). ``scale``
-    defaults to 1/sqrt(D); ``seed`` (dropout only) defaults to a draw from torch's generator."""
-    _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, seed)
+    defaults to 1/sqrt(D). ``seed`` (used only when dropout_p > 0): an int in [0, 2**63) or a 0-dim
+    integer tensor; None draws one from torch's CPU generator, exactly as ``triformer.dropout`` does."""
+    _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    seed_t = _seed_tensor(seed, q.device) if dropout_p > 0 else None
+    seed_t = _seed_tensor(seed) if dropout_p > 0 else None
     return AttentionFunction.apply(q, k, v, is_causal, float(dropout_p), scale, attn_mask, key_padding_mask, seed_t)
 
 
-def attention_dropout_mask(shape, dropout_p: float, seed: int, device=None) -> torch.Tensor:
+def attention_dropout_mask(shape, dropout_p: float, seed, device=None) -> torch.Tensor:
     """The keep mask (True = kept) that ``attention(..., dropout_p=dropout_p, seed=seed)`` applies to
     inputs of ``shape`` = (B, H, Tq, Tk), drawn from the same Philox counters. For tests: it stores the
     full [B, H, Tq, Tk] matrix that attention itself never builds."""
@@ -608,19 +593,20 @@ def attention_dropout_mask(shape, dropout_p: float, seed: int, device=None) -> t
     out = _empty((B, H, Tq, Tk), torch.empty(0, dtype=torch.uint8, device=device))
     block_m = 64 if INTERPRET else 32
     _dropout_mask_kernel[(triton.cdiv(Tq, block_m) * B * H,)](
-        out, _seed_tensor(seed, device), Tq, Tk, float(dropout_p), BLOCK_M=block_m, BLOCK_N=64)
+        out, int(_seed_tensor(seed)), Tq, Tk, float(dropout_p), QUADS=Tk % 4 == 0, BLOCK_M=block_m, BLOCK_N=64)
     return out.view(torch.bool)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
                         dropout_p: float = 0.0, scale: Optional[float] = None,
                         attn_mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
-                        seed: Optional[int] = None, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        seed=None, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Plain PyTorch attention with ``attention``'s semantics, in the inputs' dtype (float64-friendly).
 
-    Dropout keeps where ``dropout_mask`` (bool, broadcastable to [B, H, Tq, Tk]) is True; pass
-    ``attention_dropout_mask(...)`` to reproduce the kernel exactly. Without it the mask is drawn with
-    ``torch.rand`` (from a generator seeded by ``seed`` when given): the same distribution, other bits.
+    Dropout keeps where ``dropout_mask`` (bool, broadcastable to [B, H, Tq, Tk]) is True. Without it, a
+    given ``seed`` regenerates the kernel's mask bit for bit (triformer.dropout's plain-PyTorch Philox on the
+    flat [B, H, Tq, Tk] index; memory-hungry, for tests), and ``seed=None`` draws a ``torch.rand`` mask:
+    the same distribution, other bits, at the cost of ordinary unfused attention.
     """
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -639,13 +625,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_ca
     empty = (s == float("-inf")).all(dim=-1, keepdim=True)
     p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     if dropout_p > 0:
-        if dropout_mask is None:
-            gen = torch.Generator(device=q.device)
-            if seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(seed)
-            dropout_mask = torch.rand(p.shape, generator=gen, device=q.device) >= dropout_p
+        if dropout_mask is None and seed is None:
+            dropout_mask = torch.rand(p.shape, device=q.device) >= dropout_p
+        elif dropout_mask is None:
+            index = torch.arange(p.numel(), device=q.device).reshape(p.shape)
+            dropout_mask = dropout_keep_reference(index, int(_seed_tensor(seed)), dropout_p)
         p = p * dropout_mask / (1.0 - dropout_p)
     return p @ v
 

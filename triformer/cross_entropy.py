@@ -2,8 +2,10 @@
 
 ``logits[..., V]`` (fp32/fp16/bf16) and integer ``targets[...]`` give the loss; the same kernel launch writes
 d(loss)/d(logits) for an upstream gradient of 1, so the backward pass only multiplies that stored gradient
-by ``grad_output`` in place. Each row is streamed in blocks of columns with an online log-sum-exp (any V,
-256k and beyond, in fp32 whatever the logits dtype), then streamed once more to write the gradient.
+by ``grad_output`` in place -- and skips even that when ``grad_output`` is exactly 1 (``loss.backward()``),
+which its kernel checks on the device, without a host sync. Each row is streamed in blocks of columns with
+an online log-sum-exp (any V, 256k and beyond; fp32 whatever the logits dtype), then streamed once more to
+write the gradient.
 
 Semantics match ``torch.nn.functional.cross_entropy`` with class-index targets and the class dimension
 last, with one deliberate difference: ``reduction="mean"`` over a batch whose targets are all
@@ -13,15 +15,16 @@ Where the gradient goes (``inplace_backward``):
 
 * ``False`` (default): into a fresh buffer shaped like ``logits`` (and none at all when no gradient is
   recorded), so ``logits`` is never written.
-* ``True``: into the storage of ``logits`` itself, saving the ``[..., V]`` gradient allocation. After the
-  call ``logits`` no longer holds logits: it holds the gradient for an upstream gradient of 1, and after
-  ``backward`` it is the very tensor returned as the gradient. Accepted only when all of these hold, else a
-  ``ValueError`` before anything is written:
-  1. a gradient is being recorded: ``torch.is_grad_enabled()`` and ``logits.requires_grad`` (otherwise
-     nothing would use the gradient and the logits would be destroyed for nothing);
-  2. ``logits`` is not a leaf, nor a view of one: leaves are the caller's data (inputs, parameters), only
+* ``True``: into the storage of ``logits`` itself, saving the ``[..., V]`` gradient allocation, exactly when
+  a gradient for ``logits`` is being recorded (``torch.is_grad_enabled()`` and ``logits.requires_grad``).
+  Then, after the call, ``logits`` no longer holds logits: it holds the gradient for an upstream gradient
+  of 1, and after ``backward`` it is the very tensor returned as the gradient. When no gradient is recorded
+  (``torch.no_grad()``, evaluation, frozen logits) there is no gradient to write: ``logits`` is left intact
+  and only the loss is computed, so a model may pass the same flag in training and evaluation. When a
+  gradient is recorded, reuse is refused with a ``ValueError`` before anything is written unless:
+  1. ``logits`` is not a leaf, nor a view of one: leaves are the caller's data (inputs, parameters), only
      an intermediate result such as the output of the LM head's matmul may be consumed;
-  3. no element of ``logits`` shares memory with another (no expanded, stride-0 dimension), and
+  2. no element of ``logits`` shares memory with another (no expanded, stride-0 dimension), and
      ``logits`` can be viewed as rows of V (any layout ``view(-1, T, V)`` accepts).
   Autograd's version counter covers the remaining hazard: the write counts as an in-place modification,
   so an earlier op that saved ``logits`` for its own backward (e.g. ``logits = x.exp()``) raises autograd's
@@ -127,6 +130,27 @@ def _cross_entropy_fwd_kernel(
                          mask=row_ok[:, None] & col_ok[None, :])
 
 
+# Backward of the fused forward: multiply the stored gradient by grad_output in place, row by row (one factor
+# per row, or one for all with stride_s = 0). A row whose factor is exactly 1 -- every row after
+# loss.backward() on a scalar loss -- is skipped without reading or writing it, with no host sync.
+@triton.jit
+def _scale_rows_kernel(x_ptr, scale_ptr, n_rows, n_cols, inner, stride_o, stride_i, stride_c, stride_s,
+                       BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    rows = tl.minimum(rows, n_rows - 1).to(tl.int64)
+    scale = tl.load(scale_ptr + rows * stride_s).to(tl.float32)
+    todo = row_ok & (scale != 1.0)
+    if tl.sum(todo.to(tl.int32), 0) > 0:
+        base = x_ptr + (rows // inner) * stride_o + (rows % inner) * stride_i
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            ptrs = base[:, None] + cols[None, :].to(tl.int64) * stride_c
+            mask = todo[:, None] & (cols < n_cols)[None, :]
+            x = tl.load(ptrs, mask=mask).to(tl.float32)
+            tl.store(ptrs, (x * scale[:, None]).to(x_ptr.dtype.element_ty), mask=mask)
+
+
 # GPU launch: a row tile of TILE_BYTES per loop step (64 bytes per thread at 16 warps), and as many resident
 # programs per SM as keep the rows being streamed within L2_ROW_BUDGET (at least one, at most what fits).
 TILE_BYTES = 32768
@@ -204,6 +228,36 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
         )
 
 
+def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
+    """``x[..., C] *= scale`` in place, with ``scale`` one value (0-dim / [1]) or one per row of ``x``."""
+    x3 = rows_view(x, "gradient", copy_ok=False)
+    outer, inner, n_cols = x3.shape
+    n_rows = outer * inner
+    flat = scale.reshape(-1)
+    if n_rows == 0:
+        return
+    if _runtime.INTERPRET:
+        block_v = min(triton.next_power_of_2(n_cols), 1024)
+        block_r = _runtime.rows_per_program(n_rows, block_v)
+    else:  # one row per program: a skipped row costs one scalar load
+        block_v, block_r = min(triton.next_power_of_2(n_cols), 4096), 1
+    _scale_rows_kernel[(triton.cdiv(n_rows, block_r),)](
+        x3, flat, n_rows, n_cols, inner, *x3.stride(), flat.stride(0) if flat.numel() > 1 else 0,
+        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4 if block_v <= 1024 else 8,
+    )
+
+
+@torch.library.custom_op("triformer::cross_entropy_bwd", mutates_args=("grad",))
+def _cross_entropy_bwd(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """Scale a gradient stored by a forward pass by ``grad_output`` in place (no new buffer)."""
+    scale_rows_(grad, grad_output)
+
+
+@_cross_entropy_bwd.register_fake
+def _(grad, grad_output):
+    return None
+
+
 def mean_scale(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """[1] fp32 on the device: 1 / (number of rows not ignored), 1 when all are (loss 0, not NaN). No sync."""
     return (targets != ignore_index).sum().clamp_(min=1).to(torch.float32).reciprocal_().reshape(1)
@@ -274,7 +328,6 @@ class CrossEntropyFunction(torch.autograd.Function):
                                                                reduction, n_chunks, compute_grad)
         if compute_grad:
             ctx.save_for_backward(grad)
-        ctx.reduction = reduction
         return loss
 
     @staticmethod
@@ -283,8 +336,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         # a second backward through this graph fails in this unpack: the in-place scale below bumped the
         # saved tensor's version, so autograd refuses to scale it twice
         (grad,) = ctx.saved_tensors
-        # memory-bound multiply on the stored gradient: no new [..., V] buffer
-        grad.mul_(grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss)
+        torch.ops.triformer.cross_entropy_bwd(grad, grad_loss)
         return grad, None, None, None, None, None, None, None
 
 
@@ -309,10 +361,7 @@ def check_targets_tensor(targets, expected_shape, what: str) -> None:
 
 
 def _check_inplace(logits: torch.Tensor) -> None:
-    """The rule of the module docstring, point by point."""
-    if not (torch.is_grad_enabled() and logits.requires_grad):
-        raise ValueError("inplace_backward=True overwrites logits with their gradient, but no gradient is being "
-                         "recorded (grad mode is off or logits does not require grad); use inplace_backward=False")
+    """The rule of the module docstring, point by point, for logits whose gradient is being recorded."""
     base = logits if logits._base is None else logits._base
     if logits.is_leaf or base.is_leaf:
         raise ValueError("inplace_backward=True would overwrite logits, which is a leaf tensor (or a view of one): "
@@ -342,11 +391,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     check_loss_args(ignore_index, reduction, label_smoothing)
     if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
         raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
-    if inplace_backward:
-        _check_inplace(logits)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    inplace = bool(inplace_backward) and compute_grad
+    if inplace:
+        _check_inplace(logits)
     return CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, float(label_smoothing), n_chunks,
-                                      bool(inplace_backward), compute_grad)
+                                      inplace, compute_grad)
 
 
 def reference_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,

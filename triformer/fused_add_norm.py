@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from triformer._runtime import check_float
 from triformer.layernorm import check_args, layer_norm_bwd, layer_norm_reference, n_rows, norm_forward
 from triformer.rmsnorm import rms_norm_bwd, rms_norm_reference
 
@@ -87,6 +88,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[tor
                    bias: Optional[torch.Tensor], eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + residual, layer_norm(x + residual, weight, bias, eps)). x and residual share shape and dtype,
     and the sum is rounded to that dtype before it is normalized."""
+    check_float("residual", residual)  # check_args treats None as "no residual"
     eps = check_args(x, residual, weight, bias, eps)
     return AddLayerNormFunction.apply(x, residual, weight, bias, eps)
 
@@ -94,6 +96,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[tor
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + residual, rms_norm(x + residual, weight, eps)), as ``add_layer_norm``."""
+    check_float("residual", residual)
     eps = check_args(x, residual, weight, None, eps)
     return AddRMSNormFunction.apply(x, residual, weight, eps)
 

@@ -66,12 +66,12 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0
                      ROWS_PER_GROUP,
                      HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Grid (column blocks, row groups). A program walks its group's ROWS_PER_GROUP rows one BLOCK_M tile at
+    # Grid (row groups, column blocks). A program walks its group's ROWS_PER_GROUP rows one BLOCK_M tile at
     # a time, so the bias gradient leaves it as a single fp32 partial row (one per group, summed by
     # _sum_rows_kernel) rather than one per tile.
-    cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_mask = cols < N
-    first_row = tl.program_id(1) * ROWS_PER_GROUP
+    first_row = tl.program_id(0) * ROWS_PER_GROUP
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols * sb, mask=col_mask).to(tl.float32)[None, :]
         dbias = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -89,7 +89,7 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0
         if HAS_BIAS:
             dbias += tl.sum(dx, axis=0)
     if HAS_BIAS:
-        tl.store(dbias_part_ptr + tl.program_id(1).to(tl.int64) * N + cols, dbias, mask=col_mask)
+        tl.store(dbias_part_ptr + tl.program_id(0).to(tl.int64) * N + cols, dbias, mask=col_mask)
 
 
 @triton.jit
@@ -112,6 +112,7 @@ def row_layout(*tensors: torch.Tensor):
     than two leading dims (rare: e.g. a 4-D tensor permuted twice) is copied to contiguous first.
     Returns ``(tensors, M, M1, N, strides)`` with ``M = M0 * M1`` rows and ``strides[i] = (s0, s1, sn)``.
     """
+    tensors = tuple(t.reshape(1) if t.dim() == 0 else t for t in tensors)  # a 0-d tensor: one element
     shape = tensors[0].shape
     groups = []  # [size, strides of each tensor]; the merged dims are contiguous with each other
     for d in range(len(shape) - 1):
@@ -135,7 +136,7 @@ def elementwise_tiles(M: int, N: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for a streaming kernel over an [M, N] view.
 
     GPU: 4096-element tiles at most 1024 wide, i.e. 32 values per thread of 4 warps, loaded as a few
-    16-byte vectors along a row. Interpreter: whole rows, as many as fit 64k elements.
+    16-byte vectors along a row. Interpreter: rows up to 16k wide, as many as fit 64k elements.
     """
     block_n = min(triton.next_power_of_2(N), 1 << 14 if _runtime.INTERPRET else 1024)
     block_m = _runtime.rows_per_program(M, block_n, gpu_rows=min(max(1, 4096 // block_n), triton.next_power_of_2(M)))
@@ -161,7 +162,7 @@ def gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) ->
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y
-    (x2,), M, M1, N, ((sx0, sx1, sxn),) = row_layout(x.reshape(1) if x.dim() == 0 else x)
+    (x2,), M, M1, N, ((sx0, sx1, sxn),) = row_layout(x)
     block_m, block_n = elementwise_tiles(M, N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _gelu_fwd_kernel[grid](x2, bias if bias is not None else x2, y, M, N, M1, sx0, sx1, sxn,
@@ -187,15 +188,15 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
         dbias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
     if x.numel() == 0:
         return dx, dbias.zero_()
-    as_1d = (lambda t: t.reshape(1)) if x.dim() == 0 else (lambda t: t)
-    (dy2, x2), M, M1, N, ((sd0, sd1, sdn), (sx0, sx1, sxn)) = row_layout(as_1d(dy), as_1d(x))
+    (dy2, x2), M, M1, N, ((sd0, sd1, sdn), (sx0, sx1, sxn)) = row_layout(dy, x)
     block_m, block_n = elementwise_tiles(M, N)
     row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     groups = _row_groups(x.device, row_blocks, col_blocks) if bias is not None else row_blocks
     rows_per_group = triton.cdiv(row_blocks, groups) * block_m
     groups = triton.cdiv(M, rows_per_group)
     partials = torch.empty((groups, N), dtype=torch.float32, device=x.device) if bias is not None else dx
-    _gelu_bwd_kernel[(col_blocks, groups)](
+    # row groups on grid axis 0: axes 1 and 2 are limited to 65535 programs
+    _gelu_bwd_kernel[(groups, col_blocks)](
         dy2, x2, bias if bias is not None else x2, dx, partials, M, N, M1, sd0, sd1, sdn, sx0, sx1, sxn,
         bias.stride(0) if bias is not None else 0, rows_per_group,
         HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",

@@ -87,6 +87,12 @@ def _tile_moments(x, mask, count, RMS: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _rstd(m2, N, eps, row_ok):
+    # Padding rows get variance 1, so eps = 0 does not divide by zero in rows nobody reads.
+    return 1.0 / tl.sqrt(tl.where(row_ok, m2 / N, 1.0) + eps)
+
+
+@triton.jit
 def _store_normed(Y, W, B, x, mean, rstd, out_starts, cols, col_ok, mask,
                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
@@ -115,7 +121,7 @@ def _norm_fwd_kernel(
         mask = row_ok[:, None] & col_ok[None, :]
         x = _load_input(X, R, S, x_starts, r_starts, out_starts, cols, sx_n, sr_n, mask, HAS_RESIDUAL)
         mean, m2 = _tile_moments(x, mask, N, RMS, BLOCK_M)
-        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        rstd = _rstd(m2, N, eps, row_ok)
         _store_normed(Y, W, B, x, mean, rstd, out_starts, cols, col_ok, mask, HAS_WEIGHT, HAS_BIAS, BLOCK_N)
     else:
         mean = tl.zeros([BLOCK_M], tl.float32)
@@ -131,7 +137,7 @@ def _norm_fwd_kernel(
             delta = block_mean - mean
             mean += delta * (count / total)
             m2 += block_m2 + delta * delta * (start * count / total)
-        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        rstd = _rstd(m2, N, eps, row_ok)
         if HAS_RESIDUAL:
             # Pass 2 re-reads the sum from S. A barrier makes pass 1's stores visible to every thread.
             tl.debug_barrier()
@@ -261,27 +267,45 @@ def _norm_bwd_kernel(
 
 
 @triton.jit
-def _sum_rows_kernel(Part, Out, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Column sums of the [P, N] partials. Column blocks are narrow so that even a short row (N = 768) is
-    # spread over many programs.
+def _sum_rows_kernel(Part, Out0, Out1, P, N, TWO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Column sums of the [n_out, P, N] partials: axis 1 of the grid picks dweight (Out0) or dbias (Out1), so
+    # both take one launch. Column blocks are narrow so that even a short row (N = 768) is spread over many
+    # programs.
+    which = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    base = Part + which.to(tl.int64) * P * N
     acc = tl.zeros([BLOCK_P, BLOCK_N], tl.float32)
     for start in range(0, P, BLOCK_P):
         part_rows = start + tl.arange(0, BLOCK_P)
         mask = (part_rows < P)[:, None] & (cols < N)[None, :]
-        acc += tl.load(Part + part_rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(Out + cols, tl.sum(acc, 0).to(Out.dtype.element_ty), mask=cols < N)
+        acc += tl.load(base + part_rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    total = tl.sum(acc, 0)
+    if TWO:
+        if which == 1:
+            tl.store(Out1 + cols, total.to(Out1.dtype.element_ty), mask=cols < N)
+        else:
+            tl.store(Out0 + cols, total.to(Out0.dtype.element_ty), mask=cols < N)
+    else:
+        tl.store(Out0 + cols, total.to(Out0.dtype.element_ty), mask=cols < N)
 
 
 # ------------------------------------------------------------------------------------------- launchers
-def _row_grid(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as an [outer, inner, N] view, which the kernels index through its strides. This copies only
-    when a >3-D tensor's leading dims cannot merge into two."""
-    if t.dim() > 3:
-        t = t.reshape(-1, t.shape[-2], t.shape[-1])
-    while t.dim() < 3:
-        t = t.unsqueeze(0)
-    return t
+def _row_grids(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """Views of same-shaped tensors as [outer, inner, N] grids of one shape, which the kernels index through
+    their strides (None entries stay None). Where every tensor's rows sit at one stride the grid is [M, 1, N],
+    and the kernels then skip the per-row division. This copies only when a >3-D tensor's leading dims
+    cannot merge into two."""
+    views = []
+    for t in tensors:
+        if t is not None:
+            t = t.reshape(-1, t.shape[-2], t.shape[-1]) if t.dim() > 3 else t
+            while t.dim() < 3:
+                t = t.unsqueeze(0)
+        views.append(t)
+    present = [v for v in views if v is not None]
+    if all(v.shape[0] == 1 or v.shape[1] == 1 or v.stride(0) == v.shape[1] * v.stride(1) for v in present):
+        views = [None if v is None else v.flatten(0, 1).unsqueeze(1) for v in views]
+    return views
 
 
 def _tile(n_rows: int, n_cols: int, max_block_n: int) -> tuple[int, int, int]:
@@ -298,16 +322,16 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _sum_rows(part: torch.Tensor, out: torch.Tensor) -> None:
-    """out[:] = part.sum(0) in out's dtype."""
-    n_parts, n_cols = part.shape
+def _sum_rows(part: torch.Tensor, outs: list[torch.Tensor]) -> None:
+    """outs[i][:] = part[i].sum(0), each in its own dtype (one or two outputs)."""
+    _, n_parts, n_cols = part.shape
     if INTERPRET:
         block_p = triton.next_power_of_2(n_parts)
         block_n = min(triton.next_power_of_2(n_cols), (1 << 16) // block_p)
     else:
         block_p, block_n = 128, 32
-    _sum_rows_kernel[(triton.cdiv(n_cols, block_n),)](part, out, n_parts, n_cols, BLOCK_P=block_p,
-                                                      BLOCK_N=block_n, num_warps=4)
+    _sum_rows_kernel[(triton.cdiv(n_cols, block_n), len(outs))](
+        part, outs[0], outs[-1], n_parts, n_cols, TWO=len(outs) == 2, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
 
 
 def norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
@@ -321,12 +345,11 @@ def norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Opti
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return y, s, mean, rstd
-    x3 = _row_grid(x)
-    r3 = _row_grid(residual) if residual is not None else x3
+    x3, r3 = _row_grids(x, residual)
     block_m, block_n, num_warps = _tile(m, n, FWD_MAX_BLOCK_N)
     _norm_fwd_kernel[(triton.cdiv(m, block_m),)](
-        x3, None if residual is None else r3, weight, bias, y, s, mean, rstd,
-        m, n, x3.shape[1], eps, *x3.stride(), *r3.stride(),
+        x3, r3, weight, bias, y, s, mean, rstd,
+        m, n, x3.shape[1], eps, *x3.stride(), *(x3 if r3 is None else r3).stride(),
         RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=block_n >= n, num_warps=num_warps,
     )
@@ -351,24 +374,23 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
     programs = min(n_row_blocks, 2 if INTERPRET else _sm_count(x.device) * max(1, 16 // num_warps))
     one_tile = block_n >= n
     f32 = dict(dtype=torch.float32, device=x.device)
-    dw_part = torch.empty((programs, n), **f32) if weight is not None else None
-    db_part = torch.empty((programs, n), **f32) if bias is not None else None
+    params = [p for p in (weight, bias) if p is not None]
+    part = torch.empty((len(params), programs, n), **f32) if params else None
+    dw_part = part[0] if weight is not None else None
+    db_part = part[-1] if bias is not None else None
     row_sums = None if one_tile else torch.empty((2, m), **f32)
-    dy3, x3 = _row_grid(dy), _row_grid(x)
-    d3 = _row_grid(dres) if dres is not None else x3
+    dy3, x3, d3 = _row_grids(dy, x, dres)
     _norm_bwd_kernel[(programs,)](
-        dy3, x3, weight, mean, rstd, None if dres is None else d3, dx, dw_part, db_part, row_sums,
-        m, n, x3.shape[1], n_row_blocks, *dy3.stride(), *x3.stride(), *d3.stride(),
+        dy3, x3, weight, mean, rstd, d3, dx, dw_part, db_part, row_sums,
+        m, n, x3.shape[1], n_row_blocks, *dy3.stride(), *x3.stride(), *(x3 if d3 is None else d3).stride(),
         RMS=mean is None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DRES=dres is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=num_warps,
     )
-    dw = db = None
-    if weight is not None:
-        dw = torch.empty(n, dtype=weight.dtype, device=x.device)
-        _sum_rows(dw_part, dw)
-    if bias is not None:
-        db = torch.empty(n, dtype=bias.dtype, device=x.device)
-        _sum_rows(db_part, db)
+    grads = [torch.empty(n, dtype=p.dtype, device=x.device) for p in params]
+    if grads:
+        _sum_rows(part, grads)
+    dw = grads[0] if weight is not None else None
+    db = grads[-1] if bias is not None else None
     return dx, dw, db
 
 

@@ -102,7 +102,8 @@ def _check_table(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
     if cos.dim() not in (2, 3) or cos.shape[-1] != D // 2 or (cos.dim() == 3 and cos.shape[0] not in (1, B)):
         raise ValueError(f"cos/sin must be [positions, D/2] or [B or 1, positions, D/2] with D/2 = {D // 2}, "
                          f"B = {B}; got {tuple(cos.shape)}")
-    if not isinstance(position_offset, int) or isinstance(position_offset, bool) or position_offset < 0:
+    # under torch.compile an offset that varies between calls arrives as a SymInt
+    if not isinstance(position_offset, (int, torch.SymInt)) or isinstance(position_offset, bool) or position_offset < 0:
         raise ValueError(f"position_offset must be a non-negative int, got {position_offset!r}")
     if position_offset + T > cos.shape[-2]:
         raise ValueError(f"positions up to {position_offset + T - 1} (position_offset {position_offset} + T {T} - 1) "

@@ -46,8 +46,8 @@ def _row_coords(n_rows, tq, shift, ROWS: tl.constexpr):
 
 @triton.jit
 def _load_tile(ptr, row_off, col_stride, cols, n_cols, row_ok, last, other, IS_CAUSAL: tl.constexpr):
-    """[ROWS, BLOCK_N] tile in fp32; invisible entries (out of range or causally masked) read as ``other``
-    without touching memory."""
+    """[ROWS, BLOCK_N] tile in fp32; invisible entries (out of range or causally masked) read as ``other``,
+    and all but at most 15 a row of them are not fetched from memory."""
     in_row = row_ok[:, None] & (cols[None, :] < n_cols)
     if IS_CAUSAL:
         # Read up to the next multiple of 16 past the diagonal (a bound the compiler knows is 16-aligned keeps
@@ -174,14 +174,14 @@ def _launch_params(n_rows: int, n_cols: int, max_single: int) -> tuple[int, int,
     return rows, block, single, num_warps
 
 
-def _scores_view(t: torch.Tensor) -> torch.Tensor:
-    """[batch, Tq, Tk] view of a [..., Tq, Tk] tensor (a copy only if the leading dims cannot merge)."""
-    if t.dim() == 1:
-        return t.view(1, 1, -1)
-    return t.reshape(-1, t.shape[-2], t.shape[-1])
+def _scores_view(t: torch.Tensor, output: bool = False) -> torch.Tensor:
+    """[batch, Tq, Tk] view of a [..., Tq, Tk] tensor. An input whose leading dims cannot merge is copied; an
+    output must be a true view (view() raises rather than let the kernel write into a copy)."""
+    shape = (1, 1, -1) if t.dim() == 1 else (-1, t.shape[-2], t.shape[-1])
+    return t.view(shape) if output else t.reshape(shape)
 
 
-def _grid_and_geometry(x3: torch.Tensor, max_single: int):
+def _launch_config(x3: torch.Tensor, max_single: int):
     n_batch, tq, tk = x3.shape
     n_rows = n_batch * tq
     rows, block, single, num_warps = _launch_params(n_rows, tk, max_single)
@@ -193,8 +193,8 @@ def _launch_fwd(x: torch.Tensor, y: torch.Tensor, is_causal: bool, scale: float)
     """Write softmax(x) into the preallocated ``y`` (same shape, any strides)."""
     if x.numel() == 0:
         return
-    x3, y3 = _scores_view(x), _scores_view(y)
-    grid, n_rows, tq, tk, meta = _grid_and_geometry(x3, MAX_SINGLE_BLOCK)
+    x3, y3 = _scores_view(x), _scores_view(y, output=True)
+    grid, n_rows, tq, tk, meta = _launch_config(x3, MAX_SINGLE_BLOCK)
     _softmax_fwd_kernel[grid](x3, y3, n_rows, tk, tq, tk - tq, *x3.stride(), *y3.stride(), scale * LOG2_E,
                               IS_CAUSAL=is_causal, **meta)
 
@@ -202,8 +202,8 @@ def _launch_fwd(x: torch.Tensor, y: torch.Tensor, is_causal: bool, scale: float)
 def _launch_bwd(y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, is_causal: bool, scale: float) -> None:
     if y.numel() == 0:
         return
-    y3, g3, x3 = _scores_view(y), _scores_view(dy), _scores_view(dx)
-    grid, n_rows, tq, tk, meta = _grid_and_geometry(y3, MAX_SINGLE_BLOCK_BWD)
+    y3, g3, x3 = _scores_view(y), _scores_view(dy), _scores_view(dx, output=True)
+    grid, n_rows, tq, tk, meta = _launch_config(y3, MAX_SINGLE_BLOCK_BWD)
     _softmax_bwd_kernel[grid](y3, g3, x3, n_rows, tk, tq, tk - tq, *y3.stride(), *g3.stride(), *x3.stride(),
                               scale, IS_CAUSAL=is_causal, **meta)
 
@@ -286,6 +286,8 @@ def softmax(x: torch.Tensor, is_causal: bool = False, scale: float = 1.0) -> tor
 def softmax_reference(x: torch.Tensor, is_causal: bool = False, scale: float = 1.0) -> torch.Tensor:
     """Plain PyTorch with the same semantics (fully masked rows give 0); differentiable, float64-friendly."""
     scale = _check_options(is_causal, scale)
+    if is_causal and x.dim() < 2:
+        raise ValueError(f"x must have at least 2 dimensions when is_causal=True, got shape {tuple(x.shape)}")
     s = x * scale
     if is_causal:
         tq, tk = s.shape[-2], s.shape[-1]

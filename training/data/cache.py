@@ -55,7 +55,7 @@ class Writer:
         if chunk.dtype.str != entry["dtype"] or list(chunk.shape[1:]) != entry["row_shape"]:
             raise ValueError(f"array {name!r}: chunk {chunk.dtype}{chunk.shape} does not continue "
                              f"{entry['dtype']}{entry['row_shape']}")
-        data = chunk.tobytes()
+        data = memoryview(chunk).cast("B")  # no copy
         entry["f"].write(data)
         entry["hash"].update(data)
         entry["rows"] += chunk.shape[0]

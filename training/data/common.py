@@ -25,7 +25,7 @@ def to_plain(cfg: Any) -> dict:
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # "???" fields: name them
     if isinstance(cfg, Mapping):
         return dict(cfg)
     raise TypeError(f"cfg_data must be a mapping or DictConfig, got {type(cfg).__name__}")

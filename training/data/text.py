@@ -189,8 +189,8 @@ def encode_document(text: str, tokenizer: Tokenizer, separator: str | None) -> n
         ids.append(tokenizer.eot_token_id)
     out = np.asarray(ids, dtype=np.int64)
     if out.size and (out.max() >= tokenizer.vocab_size or out.min() < 0):
-        raise ValueError(f"tokenizer {tokenizer.name!r} produced id {int(out.max())} outside its vocab of "
-                         f"{tokenizer.vocab_size}")
+        raise ValueError(f"tokenizer {tokenizer.name!r} produced ids in [{int(out.min())}, {int(out.max())}], "
+                         f"outside its vocab of {tokenizer.vocab_size}")
     return out.astype(tokenizer.token_dtype)
 
 
@@ -205,7 +205,7 @@ def _num_proc(cfg: TextConfig, jobs: int) -> int:
 
 def _tokenize_files(writer, split: str, files: list[Path], cfg: TextConfig, tokenizer: Tokenizer) -> dict:
     n_proc = _num_proc(cfg, len(files))
-    bar = tqdm(total=len(files), desc=f"tokenizing {cfg.name}/{split}", unit="file", disable=None)
+    bar = tqdm(total=len(files), desc=f"tokenizing {cfg.name}/{split}", unit="file", mininterval=2.0)
     tokens = chars = 0
     if n_proc == 1:
         _init_worker(tokenizer, cfg.separator)
@@ -245,7 +245,7 @@ def _tokenize_hf(writer, split: str, source_split: str, cfg: TextConfig, tokeniz
                  remove_columns=ds.column_names, desc=f"tokenizing {cfg.name}/{split}",
                  fn_kwargs=dict(tokenizer=tokenizer, field=cfg.text_field, separator=cfg.separator))
     tokens = chars = 0
-    with tqdm(desc=f"writing {cfg.name}/{split}", unit="tok", unit_scale=True, disable=None) as bar:
+    with tqdm(desc=f"writing {cfg.name}/{split}", unit="tok", unit_scale=True, mininterval=2.0) as bar:
         # Arrow batches flatten without a per-document Python loop.
         for batch in tok.with_format("arrow").iter(batch_size=4096):
             ids = batch.column("ids").combine_chunks().flatten().to_numpy().astype(tokenizer.token_dtype)

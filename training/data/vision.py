@@ -155,21 +155,19 @@ def _folder_splits(cfg: ImageConfig) -> tuple[dict[str, list[tuple[Path, int]]],
 def _read_folder(cfg: ImageConfig, items: dict[str, list[tuple[Path, int]]]) -> dict:
     from PIL import Image, UnidentifiedImageError
 
-    modes = []
-    for split_items in items.values():
-        for p, _ in split_items:
-            try:
-                with Image.open(p) as img:
-                    modes.append(img.mode)
-            except (OSError, UnidentifiedImageError) as e:
-                raise ValueError(f"data.root: cannot read image {str(p)!r}: {e}") from e
-    mode = _mode(cfg, modes)
+    def read(path: Path, mode: str | None):
+        """The image's mode (header only) when ``mode`` is None, else its pixels in ``mode``."""
+        try:
+            with Image.open(path) as img:
+                return img.mode if mode is None else _to_array(img, mode, cfg.image_size)
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"data.root: cannot read image {str(path)!r}: {e}") from e
+
+    mode = _mode(cfg, [read(p, None) for split_items in items.values() for p, _ in split_items])
     out = {}
     for split, split_items in items.items():
-        arrays = []
-        for p, _ in tqdm(split_items, desc=f"reading {cfg.name}/{split}", unit="img", disable=None):
-            with Image.open(p) as img:
-                arrays.append(_to_array(img, mode, cfg.image_size))
+        arrays = [read(p, mode) for p, _ in tqdm(split_items, desc=f"reading {cfg.name}/{split}", unit="img",
+                                                 mininterval=2.0)]
         out[split] = (_stack(arrays, [str(p) for p, _ in split_items]),
                       np.array([c for _, c in split_items], dtype=np.int64))
     return out
@@ -199,7 +197,7 @@ def _read_hf(cfg: ImageConfig) -> tuple[dict, list[str]]:
     if names is None:
         names = [str(c) for c in range(int(max(lab.max() for lab in labels.values())) + 1)]
     decoded = {s: [row[cfg.image_field] for row in tqdm(ds.select_columns([cfg.image_field]), unit="img",
-                                                       desc=f"decoding {cfg.name}/{s}", disable=None)]
+                                                       desc=f"decoding {cfg.name}/{s}", mininterval=2.0)]
                for s, ds in loaded.items()}
     mode = _mode(cfg, [img.mode for imgs in decoded.values() for img in imgs])
     out = {}

@@ -1,0 +1,76 @@
+"""Flash-attention benchmark (GPU): ``python benchmarks/attention.py``. Without a GPU it only builds small cases.
+
+Compute-bound: flops = 4*B*H*Tq*Tk*D for the forward (half of it when causal), 2.5x that for the backward,
+3.5x for fwd+bwd. Peers: SDPA pinned to its flash backend ("sdpa_flash"; with dropout, SDPA's own backend
+choice, "sdpa"), torch.compile of SDPA, and the eager math version (triformer's plain-PyTorch reference,
+which materialises the [T, T] scores: run up to T=2048 only, its retained graphs alone would take ~20 GB
+at T=4096). Liger has no attention. The anchor is SDPA causal fwd+bwd at 16x12x1024x64 bf16 (0.375 ms).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
+from benchmarks.common import Case, run_cases  # noqa: E402
+from benchmarks.gelu import MODES, mode_providers  # noqa: E402
+from triformer.attention import attention, attention_reference  # noqa: E402
+
+# (B, H, T, D): 16k tokens per batch, hidden size 768; q, k and v are 25 MB each, 75 MB together.
+SHAPES = [(16, 12, 1024, 64), (8, 12, 2048, 64), (4, 12, 4096, 64),
+          (16, 6, 1024, 128), (8, 6, 2048, 128), (4, 6, 4096, 128)]
+# (is_causal, dropout_p, shapes)
+SETTINGS = [(True, 0.0, SHAPES), (False, 0.0, [SHAPES[0], SHAPES[3]]), (True, 0.1, [SHAPES[0], SHAPES[2]])]
+EAGER_MAX_T = 2048
+DTYPE = torch.bfloat16
+
+
+def providers(is_causal: bool, dropout_p: float, T: int) -> dict:
+    def ours(q, k, v):
+        return attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
+
+    def sdpa_flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return sdpa(q, k, v)
+
+    def eager(q, k, v):
+        return attention_reference(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
+
+    fns = {"triformer": ours, ("sdpa" if dropout_p else "sdpa_flash"): sdpa if dropout_p else sdpa_flash,
+           "compile": torch.compile(sdpa)}
+    if T <= EAGER_MAX_T:
+        fns["eager"] = eager
+    return fns
+
+
+def build_cases(device: str, shrink: int = 1) -> list[Case]:
+    """``shrink`` divides batch and sequence length (a CPU smoke test builds tiny cases)."""
+    cases = []
+    for is_causal, dropout_p, shapes in SETTINGS:
+        for B, H, T, D in shapes:
+            B, T = max(1, B // shrink), max(16, T // shrink)
+            q, k, v = (torch.randn(B, H, T, D, device=device, dtype=DTYPE, requires_grad=True) for _ in range(3))
+            fwd_flops = 4 * B * H * T * T * D * (0.5 if is_causal else 1.0)
+            flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
+            op = "attention" + ("_causal" if is_causal else "") + (f"_dropout{dropout_p}" if dropout_p else "")
+            for mode in MODES:
+                cases.append(Case(
+                    op=op, shape=f"{B}x{H}x{T}x{D}", dtype=str(DTYPE).removeprefix("torch."), mode=mode,
+                    bytes_moved=0, flops=flops[mode],
+                    providers={name: mode_providers(fn, [q, k, v], mode)
+                               for name, fn in providers(is_causal, dropout_p, T).items()}))
+    return cases
+
+
+if __name__ == "__main__":
+    if torch.cuda.is_available():
+        run_cases("attention", build_cases("cuda"))
+    else:
+        print(f"no GPU: built {len(build_cases('cpu', shrink=64))} attention cases (timing needs CUDA)")

@@ -1,0 +1,59 @@
+"""Dropout benchmark (GPU): ``python benchmarks/dropout.py``. Without a GPU it only builds small cases.
+
+Memory-bound: bytes_moved counts one read of the input and one write of the output per pass (fwd: x -> y;
+bwd: dy -> dx). Triformer stores no mask (the backward regenerates it); PyTorch's eager dropout also writes
+and re-reads a mask, which is its cost, not counted. Peers: torch.nn.functional.dropout eager and
+torch.compile of it (Liger has no dropout).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
+from benchmarks.common import Case, run_cases  # noqa: E402
+from benchmarks.gelu import MODES, mode_providers  # noqa: E402
+from triformer.dropout import dropout  # noqa: E402
+
+P = 0.1
+CONFIGS = [  # (shape, dtype): 128 MB - 1 GB a tensor, far above the 50 MB L2
+    ((16384, 4096), torch.bfloat16),
+    ((16384, 16384), torch.bfloat16),
+    ((16384, 4096), torch.float32),
+    ((16384, 16384), torch.float32),
+]
+
+
+def ours(x):
+    return dropout(x, P)
+
+
+def eager(x):
+    return F.dropout(x, P, training=True)
+
+
+def build_cases(device: str, shrink: int = 1) -> list[Case]:
+    """``shrink`` divides every dimension (a CPU smoke test builds tiny cases)."""
+    cases = []
+    compiled = torch.compile(eager)
+    for shape, dtype in CONFIGS:
+        shape = tuple(max(1, n // shrink) for n in shape)
+        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        passes = {"fwd": 2, "bwd": 2, "fwd+bwd": 4}
+        for mode in MODES:
+            cases.append(Case(
+                op=f"dropout_p{P}", shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."),
+                mode=mode, bytes_moved=passes[mode] * x.numel() * x.element_size(), flops=0,
+                providers={name: mode_providers(fn, [x], mode)
+                           for name, fn in (("triformer", ours), ("eager", eager), ("compile", compiled))}))
+    return cases
+
+
+if __name__ == "__main__":
+    if torch.cuda.is_available():
+        run_cases("dropout", build_cases("cuda"))
+    else:
+        print(f"no GPU: built {len(build_cases('cpu', shrink=256))} dropout cases (timing needs CUDA)")

@@ -1,0 +1,116 @@
+"""LayerNorm benchmark (GPU): ``python benchmarks/layernorm.py [--quick]``. Without a GPU it only builds small
+cases (a smoke test). ``benchmarks/rmsnorm.py`` runs the same grid for RMSNorm through ``build_cases``.
+
+The op is memory-bound. bytes_moved counts one read of each [rows, hidden] input and one write of each
+output per pass: fwd x -> y (2); bwd x, dy -> dx (3); the fused residual add reads x and residual, writes
+the sum and y (4), and its backward reads sum, dy, dsum and writes one gradient (4). Parameters and per-row
+statistics are ignored; they are under 1% here. Peers: PyTorch eager (its native kernels), torch.compile of
+eager, and Liger-Kernel's LigerLayerNorm / LigerRMSNorm when installed. Anchors from earlier H100 runs
+(fwd+bwd, bf16): 16384x768 eager 0.160 ms, 16384x4096 compile 0.420 ms. ``--quick`` runs only those shapes.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
+from benchmarks.common import Case, liger_available, run_cases  # noqa: E402
+from benchmarks.gelu import MODES, mode_providers  # noqa: E402
+from triformer.fused_add_norm import add_layer_norm, add_rms_norm  # noqa: E402
+from triformer.layernorm import layer_norm  # noqa: E402
+from triformer.rmsnorm import rms_norm  # noqa: E402
+
+# (rows, hidden): tokens x model width, from GPT-2 small to 32k-wide rows. All but the first are >= 50 MB
+# (H100 L2) per bf16 tensor; the first is the 0.160 ms anchor.
+SHAPES = [(16384, 768), (32768, 768), (8192, 2048), (16384, 4096), (32768, 4096), (8192, 8192), (4096, 16384),
+          (4096, 32768)]
+QUICK_SHAPES = [(16384, 768), (16384, 4096)]
+FUSED_SHAPES = [(16384, 768), (16384, 4096)]  # the fused residual add, bf16 only
+DTYPES = (torch.bfloat16, torch.float32)
+EPS = {"layer": 1e-5, "rms": 1e-6}
+PASSES = {"plain": {"fwd": 2, "bwd": 3, "fwd+bwd": 5}, "fused": {"fwd": 4, "bwd": 4, "fwd+bwd": 8}}
+
+
+def torch_norm(kind):
+    eps = EPS[kind]
+    if kind == "layer":
+        return lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, eps)
+    return lambda x, w: F.rms_norm(x, x.shape[-1:], w, eps)
+
+
+def liger_module(kind):
+    """Liger-Kernel's norm module class for kind, or None when Liger is absent or incompatible."""
+    if not liger_available():
+        return None
+    try:
+        from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
+    except Exception as exc:
+        print(f"liger import failed: {exc!r}")
+        return None
+    return LigerLayerNorm if kind == "layer" else LigerRMSNorm
+
+
+def build_cases(kind: str, device: str, shapes, dtypes=DTYPES, fused_shapes=FUSED_SHAPES) -> list[Case]:
+    """Cases for kind "layer" or "rms": the plain norm on every shape and dtype, and the fused residual add
+    on fused_shapes in bf16."""
+    ours = layer_norm if kind == "layer" else rms_norm
+    ours_fused = add_layer_norm if kind == "layer" else add_rms_norm
+    eager = torch_norm(kind)
+    liger = liger_module(kind)
+    n_params = 2 if kind == "layer" else 1
+
+    def eager_fused(x, r, *params):
+        s = x + r
+        return s, eager(s, *params)
+
+    def fused(x, r, *params):
+        return ours_fused(x, r, *params, eps=EPS[kind])
+
+    def plain(x, *params):
+        return ours(x, *params, eps=EPS[kind])
+
+    cases = []
+    for rows, hidden in shapes:
+        for dtype in dtypes:
+            def make(*shape):
+                return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+
+            x, params = make(rows, hidden), [make(hidden) for _ in range(n_params)]
+            providers = {name: (fn, [x, *params]) for name, fn in
+                         (("triformer", plain), ("eager", eager), ("compile", torch.compile(eager, dynamic=False)))}
+            if liger is not None:
+                module = liger(hidden, eps=EPS[kind]).to(device=device, dtype=dtype)
+                providers["liger"] = (lambda x, *p, module=module: module(x), [x, *module.parameters()])
+            cases += norm_cases(f"{kind}_norm", rows, hidden, dtype, providers, PASSES["plain"])
+    for rows, hidden in fused_shapes:
+        x, r = (torch.randn(rows, hidden, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        params = [torch.randn(hidden, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(n_params)]
+        providers = {name: (fn, [x, r, *params]) for name, fn in
+                     (("triformer", fused), ("eager", eager_fused), ("compile", torch.compile(eager_fused, dynamic=False)))}
+        cases += norm_cases(f"add_{kind}_norm", rows, hidden, torch.bfloat16, providers, PASSES["fused"])
+    return cases
+
+
+def norm_cases(op, rows, hidden, dtype, providers, passes) -> list[Case]:
+    size = rows * hidden * torch.finfo(dtype).bits // 8
+    return [Case(op=op, shape=f"{rows}x{hidden}", dtype=str(dtype).removeprefix("torch."), mode=mode,
+                 bytes_moved=passes[mode] * size, flops=0,
+                 providers={name: mode_providers(fn, inputs, mode) for name, (fn, inputs) in providers.items()})
+            for mode in MODES]
+
+
+def main(kind: str, name: str) -> None:
+    # The compile peer specializes on each shape and dtype (dynamic=False). Keep all of those graphs.
+    torch._dynamo.config.recompile_limit = 64
+    if torch.cuda.is_available():
+        run_cases(name, build_cases(kind, "cuda", QUICK_SHAPES if "--quick" in sys.argv else SHAPES))
+    else:
+        cases = build_cases(kind, "cpu", [(8, 40)], fused_shapes=[(8, 40)])
+        print(f"no GPU: built {len(cases)} {name} cases (timing needs CUDA)")
+
+
+if __name__ == "__main__":
+    main("layer", "layernorm")

@@ -1,0 +1,88 @@
+"""Softmax benchmark (GPU): ``python benchmarks/softmax.py``. Without a GPU it only builds small cases.
+
+Memory-bound: bytes_moved counts one read of each input and one write of each output per pass (fwd: x -> y;
+bwd: y, dy -> dx). In the causal case only the visible triangle must be read (masked entries are written as
+zeros). Peers: torch.softmax eager (causal: masked_fill then softmax, as users write it), torch.compile of
+that, and Liger's LigerSoftmaxFunction (no causal or scale variant).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
+from benchmarks.common import Case, liger_available, run_cases  # noqa: E402
+from benchmarks.gelu import MODES, mode_providers  # noqa: E402
+from triformer.softmax import softmax  # noqa: E402
+
+# (shape, dtype): rows 4k-32k, columns 1k-32k, each tensor well above the 50 MB L2 except the 16384x1024
+# anchor (the shape of the published eager/Liger numbers); the L2 is flushed between repeats anyway.
+PLAIN = [
+    ((16384, 1024), torch.bfloat16),
+    ((32768, 4096), torch.bfloat16),
+    ((4096, 32768), torch.bfloat16),
+    ((8192, 32768), torch.bfloat16),
+    ((16384, 1024), torch.float32),
+    ((32768, 4096), torch.float32),
+    ((4096, 32768), torch.float32),
+]
+CAUSAL = [((16, 4096, 4096), torch.bfloat16), ((16, 4096, 4096), torch.float32)]  # [batch * heads, T, T]
+SCALE = 0.125
+
+
+def liger_softmax():
+    if not liger_available():
+        return None
+    try:
+        from liger_kernel.ops.softmax import LigerSoftmaxFunction
+    except Exception as exc:
+        print(f"liger import failed: {exc!r}")
+        return None
+    return LigerSoftmaxFunction.apply
+
+
+def eager_plain(x):
+    return torch.softmax(x, dim=-1)
+
+
+def eager_causal(x):
+    t = x.shape[-1]
+    hidden = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+    return torch.softmax((x * SCALE).masked_fill(hidden, float("-inf")), dim=-1)
+
+
+def build_cases(device: str, shrink: int = 1) -> list[Case]:
+    """``shrink`` divides every dimension (a CPU smoke test builds tiny cases)."""
+    liger = liger_softmax()
+    cases = []
+    for causal, configs in ((False, PLAIN), (True, CAUSAL)):
+        for shape, dtype in configs:
+            shape = tuple(max(1, n // shrink) for n in shape)
+            x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+            if causal:
+                t = shape[-1]
+                visible = (t + 1) / (2 * t)  # fraction of the scores a causal row may read
+                passes = {"fwd": 1 + visible, "bwd": 1 + 2 * visible, "fwd+bwd": 2 + 3 * visible}
+                fns = {"triformer": lambda x: softmax(x, True, SCALE), "eager": eager_causal,
+                       "compile": torch.compile(eager_causal)}
+            else:
+                passes = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
+                fns = {"triformer": softmax, "eager": eager_plain, "compile": torch.compile(eager_plain)}
+                if liger is not None:
+                    fns["liger"] = liger
+            for mode in MODES:
+                cases.append(Case(
+                    op="softmax_causal" if causal else "softmax", shape="x".join(map(str, shape)),
+                    dtype=str(dtype).removeprefix("torch."), mode=mode,
+                    bytes_moved=passes[mode] * x.numel() * x.element_size(), flops=0,
+                    providers={name: mode_providers(fn, [x], mode) for name, fn in fns.items()}))
+    return cases
+
+
+if __name__ == "__main__":
+    if torch.cuda.is_available():
+        run_cases("softmax", build_cases("cuda"))
+    else:
+        print(f"no GPU: built {len(build_cases('cpu', shrink=256))} softmax cases (timing needs CUDA)")

@@ -1,0 +1,153 @@
+"""Fused residual add + LayerNorm / RMSNorm against the float64 reference (helpers shared with
+test_layernorm). Gradients reach x and residual from both outputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from test_layernorm import BF16, F16, F32, LOOP_BLOCK, SHAPE, check_op, column_loop, poisoned_empty
+
+from triformer.fused_add_norm import (AddLayerNormFunction, AddRMSNormFunction, add_layer_norm,
+                                      add_layer_norm_reference, add_rms_norm, add_rms_norm_reference)
+from triformer.testing import kernel_device, random_tensor
+
+
+def torch_add_layer_norm(x, r, w, b, eps=1e-5):
+    s = x + r
+    if x.dtype == F32:  # PyTorch's CPU kernel takes fp32 parameters with fp32 x
+        w, b = (None if p is None else p.float() for p in (w, b))
+    return s, F.layer_norm(s, s.shape[-1:], w, b, eps)
+
+
+def torch_add_rms_norm(x, r, w, eps=1e-6):
+    s = x + r
+    return s, F.rms_norm(s, s.shape[-1:], w, eps)
+
+
+# (triformer op, float64 reference, PyTorch peer, number of parameters, default eps)
+OPS = {
+    "layer": (add_layer_norm, add_layer_norm_reference, torch_add_layer_norm, 2, 1e-5),
+    "rms": (add_rms_norm, add_rms_norm_reference, torch_add_rms_norm, 1, 1e-6),
+}
+
+
+def add_norm_inputs(kind, shape, dtype, param_dtype, contiguous, params=True, scale=1.0):
+    x = random_tensor(shape, dtype, contiguous=contiguous, scale=scale)
+    # The residual stream is typically larger than the branch output added to it, and laid out differently.
+    r = random_tensor(shape, dtype, contiguous=not contiguous or shape[-1] == 1, scale=4 * scale)
+    return [x, r] + [random_tensor(shape[-1:], param_dtype) if params else None for _ in range(OPS[kind][3])]
+
+
+def check_add_norm(kind, inputs, contiguous):
+    op, ref, peer, _, eps = OPS[kind]
+    returned = []
+
+    def ours(*args):
+        returned[:] = op(*args, eps=eps)
+        return tuple(returned)
+
+    def ref_of_returned_sum(x, r, *params):
+        # The op normalizes the sum it returns, i.e. rounded to the inputs' dtype (checked against the exact
+        # sum as output 0). Shifting the float64 residual onto that value, invisibly to autograd, makes the
+        # reference normalize the same numbers.
+        s = x + r
+        return ref(x, r + (returned[0].double() - s).detach(), *params, eps=eps)
+
+    check_op(f"add_{kind}_norm", ours, ref_of_returned_sum, lambda *a: peer(*a, eps=eps), inputs, contiguous)
+
+
+@pytest.mark.parametrize("block_n", [None, LOOP_BLOCK], ids=["one_tile", "column_loop"])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+@pytest.mark.parametrize("dtype,param_dtype", [(F32, F32), (BF16, BF16), (F16, F32)], ids=["fp32", "bf16", "fp16_fp32params"])
+@pytest.mark.parametrize("kind", OPS)
+def test_add_norm_matches_reference(kind, dtype, param_dtype, contiguous, block_n):
+    with column_loop(block_n):
+        check_add_norm(kind, add_norm_inputs(kind, SHAPE, dtype, param_dtype, contiguous), contiguous)
+
+
+@pytest.mark.parametrize("kind", OPS)
+def test_add_norm_without_parameters(kind):
+    check_add_norm(kind, add_norm_inputs(kind, SHAPE, F32, F32, False, params=False), False)
+
+
+@pytest.mark.parametrize("used", ["sum", "normed"])
+@pytest.mark.parametrize("kind", OPS)
+def test_add_norm_gradient_from_one_output(kind, used):
+    # The other output's gradient arrives as None; x and residual still each get their own gradient tensor.
+    op, ref = OPS[kind][:2]
+    inputs = add_norm_inputs(kind, (45, 300), F32, F32, contiguous=False)
+    seed = random_tensor((45, 300), F32, contiguous=False)
+    pick = 0 if used == "sum" else 1
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    with poisoned_empty():
+        (op(*leaves)[pick] * seed).sum().backward()
+    leaves64 = [t.detach().double().requires_grad_() for t in inputs]
+    (ref(*leaves64)[pick] * seed.double()).sum().backward()
+    for ours, expected in zip(leaves, leaves64):
+        if expected.grad is None or not expected.grad.any():  # parameters get no gradient from the sum
+            assert ours.grad is None or not ours.grad.any()
+        else:
+            torch.testing.assert_close(ours.grad, expected.grad.float(), rtol=1e-5, atol=1e-6)
+    x, r = leaves[:2]
+    assert torch.equal(x.grad, r.grad) and x.grad.data_ptr() != r.grad.data_ptr()
+
+
+@pytest.mark.parametrize("kind", OPS)
+def test_add_norm_wide_rows(kind):
+    inputs = add_norm_inputs(kind, (3, 32773), BF16, F32, contiguous=False)
+    with column_loop(4096):
+        check_add_norm(kind, inputs, contiguous=False)
+
+
+def test_add_norm_rejects_bad_input():
+    d = kernel_device()
+    x, w = torch.randn(4, 8, device=d), torch.randn(8, device=d)
+    with pytest.raises(ValueError, match=r"residual must have x's shape \(4, 8\)"):
+        add_layer_norm(x, torch.randn(4, 9, device=d), w, w)
+    with pytest.raises(TypeError, match="residual must have x's dtype"):
+        add_rms_norm(x, torch.randn(4, 8, device=d, dtype=torch.bfloat16), w)
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+        add_rms_norm(x, None, w)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        add_layer_norm(x, x, w, torch.randn(9, device=d))
+    with pytest.raises(ValueError, match="share a device"):
+        add_rms_norm(x, torch.randn(4, 8, device="meta"), w)
+
+
+@pytest.mark.parametrize("kind", OPS)
+def test_add_norm_compiles_without_graph_break(kind):
+    op = OPS[kind][0]
+    inputs = add_norm_inputs(kind, (37, 300), F32, F32, contiguous=False)
+    seeds = [random_tensor((37, 300), F32) for _ in range(2)]
+
+    def loss(*args):
+        s, y = op(*args)
+        return (s * seeds[0]).sum() + (y * seeds[1]).sum()
+
+    results = []
+    for f in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out = f(*leaves)
+        results.append([out, *torch.autograd.grad(out, leaves)])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+    function = AddLayerNormFunction if kind == "layer" else AddRMSNormFunction
+    assert type(op(*[t.requires_grad_() for t in inputs])[1].grad_fn).__name__ == function.__name__ + "Backward"
+
+
+@given(
+    kind=st.sampled_from(list(OPS)),
+    lead=st.sampled_from([(), (2,)]),
+    rows=st.integers(1, 60),
+    cols=st.integers(1, 200),
+    dtypes=st.sampled_from([(F32, F32), (F16, F16), (BF16, BF16), (BF16, F32)]),
+    contiguous=st.booleans(),
+    params=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    block_n=st.sampled_from([None, 16]),
+)
+def test_add_norm_property(kind, lead, rows, cols, dtypes, contiguous, params, scale, block_n):
+    contiguous = contiguous or cols == 1  # a single column is contiguous however it is strided
+    inputs = add_norm_inputs(kind, lead + (rows, cols), *dtypes, contiguous, params, scale)
+    with column_loop(block_n):
+        check_add_norm(kind, inputs, contiguous)
