@@ -25,8 +25,7 @@ from triformer.rmsnorm import rms_norm  # noqa: E402
 
 # (rows, hidden): tokens x model width, from GPT-2 small to 32k-wide rows. All but the first are >= 50 MB
 # (H100 L2) per bf16 tensor; the first is the 0.160 ms anchor.
-SHAPES = [(16384, 768), (32768, 768), (8192, 2048), (16384, 4096), (32768, 4096), (8192, 8192), (4096, 16384),
-          (4096, 32768)]
+SHAPES = [(16384, 768), (32768, 768), (8192, 2048), (16384, 4096), (8192, 8192), (4096, 16384), (4096, 32768)]
 QUICK_SHAPES = [(16384, 768), (16384, 4096)]
 FUSED_SHAPES = [(16384, 768), (16384, 4096)]  # the fused residual add, bf16 only
 DTYPES = (torch.bfloat16, torch.float32)
@@ -88,8 +87,9 @@ def build_cases(kind: str, device: str, shapes, dtypes=DTYPES, fused_shapes=FUSE
     for rows, hidden in fused_shapes:
         x, r = (torch.randn(rows, hidden, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
         params = [torch.randn(hidden, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(n_params)]
+        compiled = torch.compile(eager_fused, dynamic=False)
         providers = {name: (fn, [x, r, *params]) for name, fn in
-                     (("triformer", fused), ("eager", eager_fused), ("compile", torch.compile(eager_fused, dynamic=False)))}
+                     (("triformer", fused), ("eager", eager_fused), ("compile", compiled))}
         cases += norm_cases(f"add_{kind}_norm", rows, hidden, torch.bfloat16, providers, PASSES["fused"])
     return cases
 

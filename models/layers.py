@@ -130,7 +130,7 @@ class Attention(nn.Module):
     """Multi-head (or grouped-query) attention with one fused qkv projection.
 
     The qkv output ``[B, T, (H + 2 * Hkv) * D]`` is viewed as ``[B, H + 2 * Hkv, T, D]`` and split into
-    q, k, v without copies: the attention kernel reads the strided views directly.
+    q, k, v without copies: the rotary and attention kernels read the strided views directly.
     """
 
     def __init__(self, cfg: TransformerConfig, ops, causal: bool):
@@ -149,7 +149,9 @@ class Attention(nn.Module):
             q, k = self.ops.apply_rope(q, k, *rope)
         if cache is not None:
             k, v = cache.append(k, v)
-        if self.n_kv_head != self.n_head:  # query head h reads key/value head h // group
+        if self.n_kv_head != self.n_head:
+            # query head h reads key/value head h // group; ops.attention takes as many k/v heads as q heads,
+            # so grouped-query attention pays this one copy
             group = self.n_head // self.n_kv_head
             k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
         y = self.ops.attention(q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0)

@@ -13,8 +13,10 @@ mkdir -p $TRIFORMER_BENCH_OUT
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   while [ $# -gt 0 ]; do
     case "$1" in
-      tests) shift; echo "== tests: $1"; python3 -m pytest -q -n 8 -p no:cacheprovider $1 2>&1 | tail -40; shift ;;
-      bench) shift; echo "== bench $1"; timeout 300 python3 benchmarks/$1.py 2>&1 | tail -60; shift ;;
+      tests) shift  # one file at a time, each under its own time limit, so one hang costs one file
+        for f in $1; do echo "== $f"; timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -x -n 8 -p no:cacheprovider $f 2>&1 | tail -12; done
+        shift ;;
+      bench) shift; echo "== bench $1"; timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/$1.py 2>&1 | tail -60; shift ;;
       py) shift; echo "== $1"; timeout 500 python3 $1 2>&1 | tail -80; shift ;;
       *) echo "unknown step $1"; shift ;;
     esac

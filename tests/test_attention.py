@@ -1,3 +1,4 @@
+import importlib
 import math
 
 import pytest
@@ -6,13 +7,14 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import triformer.attention as attention_module
 from triformer.attention import (Attention, AttentionFunction, attention, attention_dropout_mask,
                                  attention_reference)
 from triformer.dropout import dropout, dropout_keep_reference
-from triformer.testing import (FP32_RTOL, LOW_PRECISION_SLACK, assert_close, kernel_device, poison_, random_tensor,
-                               rel_error)
+from triformer.testing import (FP32_RTOL, LOW_PRECISION_FLOOR, LOW_PRECISION_SLACK, assert_close, kernel_device,
+                               poison_, random_tensor, rel_error)
 
+# triformer.attention is also the name of the exported function, which shadows the module as an attribute.
+attention_module = importlib.import_module("triformer.attention")
 # CPU tests use fp32 and fp16 only: triton 3.9's interpreter computes tl.dot on bf16 wrongly.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if kernel_device().type == "cuda" else [])
 
@@ -46,17 +48,37 @@ def check_attention(q, k, v, grad_out=None, **kwargs):
 
     out64, grads64 = run_reference(torch.float64)
     peer, grads_peer = run_reference(q.dtype)
+    sizes = natural_sizes(q, k, v, grad_out, **kwargs)
     for name, ours, ref, theirs in zip(("out", "dq", "dk", "dv"), (out, *grads), (out64, *grads64),
                                        (peer, *grads_peer)):
         assert ours.dtype == q.dtype and ours.shape == ref.shape
-        assert_close(name, ours, ref, theirs, rtol=fp32_bar(ref, theirs) if q.dtype == torch.float32 else None)
+        assert_close(name, ours, ref, theirs, rtol=tolerance(ref, theirs, sizes.get(name)))
     return out
 
 
-def fp32_bar(ref64, peer32):
-    """fp32's 1e-5, unless PyTorch's own fp32 result is worse: with scores of magnitude ~1e3 the rounding
-    of the scores alone moves the probabilities by ~1e-4, in any fp32 implementation."""
-    return max(FP32_RTOL, LOW_PRECISION_SLACK * rel_error(peer32, ref64))
+def natural_sizes(q, k, v, grad_out, **kwargs):
+    """dq and dk come from dS = P * (dP - delta), whose two terms cancel where a softmax row is (nearly)
+    one-hot: the exact gradient can then be orders of magnitude below the size its rounding error scales
+    with, scale * sqrt(sum_i |dO_i|^2 |P_i|^2) * max|V| * max|K| (max|Q| for dk), in any implementation
+    (FlashAttention's included). P comes from the reference itself, applied to an identity "v"."""
+    q64, k64, v64, do64 = (t.detach().double() for t in (q, k, v, grad_out))
+    eye = torch.eye(k.shape[2], dtype=torch.float64, device=k.device).expand(*k.shape[:2], -1, -1)
+    probs = attention_reference(q64, k64, eye, **kwargs)
+    scale = kwargs.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+    core = scale * (do64.norm(dim=-1) * probs.norm(dim=-1)).norm() * v64.norm(dim=-1).max()
+    return {"dq": core * k64.norm(dim=-1).max(), "dk": core * q64.norm(dim=-1).max()}
+
+
+def tolerance(ref64, peer, size=None):
+    """assert_close's bar (fp32: 1e-5; fp16/bf16: set by PyTorch's own result in that dtype), loosened where
+    PyTorch's own result is worse (fp32 too: with scores in the hundreds, rounding the scores alone moves
+    the probabilities by ~1e-4), and for dq/dk never below one unit roundoff of their natural size (about
+    the low-precision floors where rows are not one-hot, far below 1e-5 for fp32)."""
+    dtype = peer.dtype
+    bar = max(LOW_PRECISION_FLOOR.get(dtype, FP32_RTOL), LOW_PRECISION_SLACK * rel_error(peer, ref64))
+    if size is not None:  # where ref64 is exactly 0, rel_error compares absolute errors, and so does this
+        bar = max(bar, torch.finfo(dtype).eps / 2 * float(size) / (float(ref64.norm()) or 1.0))
+    return bar
 
 
 # Interpreter blocks are 64 rows/keys: these lengths span two or three blocks with ragged ends, and
@@ -89,7 +111,7 @@ def test_attention_reads_fused_qkv_projection_in_place():
     out = check_attention(q, k, v, is_causal=True)
     assert out.transpose(1, 2).reshape(B, T, H * D).data_ptr() == out.data_ptr()
     # an expanded upstream gradient (zero strides), as out.sum().backward() produces
-    check_attention(q, k, v, torch.ones(1, 1, 1, 1).expand(B, H, T, D), is_causal=True)
+    check_attention(q, k, v, torch.ones(1, 1, 1, 1, device=q.device).expand(B, H, T, D), is_causal=True)
 
 
 def test_causal_alignment_matches_incremental_decoding():
@@ -144,7 +166,8 @@ def test_fully_masked_rows_give_zero_output_and_gradients():
 
 
 def test_extreme_logits_stay_finite():
-    """Scores of magnitude ~1e4: the online softmax must rescale, not overflow."""
+    """Scores with a standard deviation of ~150 (exp overflows fp32 beyond 88): the online softmax must
+    rescale, not overflow."""
     check_attention(*qkv(1, 2, 80, 130, 32, torch.float32, scale=12.0), is_causal=True)
 
 
@@ -205,14 +228,15 @@ def test_torch_compile_fullgraph_matches_eager():
     q, k, v = qkv(1, 2, 70, 70, 16, torch.float32)
     mask = torch.randn(70, 70, device=q.device)
 
-    def loss(q, k, v):
-        out = attention(q, k, v, is_causal=True, dropout_p=0.2, seed=5, attn_mask=mask)
+    def loss(q, k, v):  # the default seed is drawn inside the graph, from torch's generator
+        out = attention(q, k, v, is_causal=True, dropout_p=0.2, attn_mask=mask)
         return (out * out).sum()
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     results = []
     for fn in (loss, compiled):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(5)
         value = fn(*leaves)
         results.append((value, *torch.autograd.grad(value, leaves)))
     for eager, traced in zip(*results):
@@ -228,6 +252,7 @@ def test_bad_arguments_raise_before_launch():
         (dict(v=v[:, :1]), ValueError, "k and v must be"),
         (dict(q=q[..., :8]), ValueError, "k and v must be"),
         (dict(q=torch.empty(1, 2, 0, 16)), ValueError, "non-empty"),
+        (dict(zip("qkv", qkv(1, 1, 8, 8, 136, torch.float32))), ValueError, "head_dim must be at most 128"),
         (dict(is_causal=1), TypeError, "is_causal must be a bool"),
         (dict(dropout_p=1.0), ValueError, "dropout_p must be in"),
         (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),

@@ -10,6 +10,7 @@ from triformer._runtime import INTERPRET
 # Each op module exports its functional form, autograd.Function, module class and reference.
 # One line per op module, in alphabetical order.
 # --- op exports ---
+from triformer.attention import Attention, AttentionFunction, attention, attention_reference  # noqa: E402
 from triformer.cross_entropy import CrossEntropyLoss, TritonCrossEntropyLoss, cross_entropy, cross_entropy_reference  # noqa: E402,E501
 from triformer.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402,E501
 from triformer.dropout import Dropout, TritonDropout, dropout, dropout_reference  # noqa: E402

@@ -108,6 +108,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor, seed: int, p: float) -> None:
 def _dropout_op(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """Forward and backward alike: the backward drops ``dy`` with the same seed and p."""
     check_device(x=x)
+    p = _check_p(p)
     seed_value = int(seed)
     if not 0 <= seed_value < SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2**63), got {seed_value}")

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from triformer._runtime import check_float
-from triformer.layernorm import check_args, layer_norm_bwd, layer_norm_reference, n_rows, norm_forward
+from triformer.layernorm import check_args, grad_or_none, layer_norm_bwd, layer_norm_reference, n_rows, norm_forward
 from triformer.rmsnorm import rms_norm_bwd, rms_norm_reference
 
 
@@ -63,7 +63,7 @@ class AddLayerNormFunction(torch.autograd.Function):
         if dy is None:
             return ds, ds, None, None, None
         dsum, dw, db = layer_norm_bwd(dy, s, weight, bias, mean, rstd, ds)
-        return dsum, dsum, None if weight is None else dw, None if bias is None else db, None
+        return dsum, dsum, grad_or_none(dw, weight), grad_or_none(db, bias), None
 
 
 class AddRMSNormFunction(torch.autograd.Function):
@@ -81,7 +81,7 @@ class AddRMSNormFunction(torch.autograd.Function):
         if dy is None:
             return ds, ds, None, None
         dsum, dw = rms_norm_bwd(dy, s, weight, rstd, ds)
-        return dsum, dsum, None if weight is None else dw, None
+        return dsum, dsum, grad_or_none(dw, weight), None
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
