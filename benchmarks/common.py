@@ -92,7 +92,7 @@ def run_cases(name: str, cases: list[Case]) -> list[dict]:
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
             torch.cuda.empty_cache()
-    write_results(name, rows)
+        write_results(name, rows)  # after every case, so a run stopped at its time limit keeps its rows
     return rows
 
 

@@ -16,7 +16,8 @@ mkdir -p $TRIFORMER_BENCH_OUT
       tests) shift  # one file at a time, each under its own time limit, so one hang costs one file
         for f in $1; do echo "== $f"; timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -x -n 8 -p no:cacheprovider $f 2>&1 | tail -12; done
         shift ;;
-      bench) shift; echo "== bench $1"; timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/$1.py 2>&1 | tail -60; shift ;;
+      bench) shift; echo "== bench $1"; read -r op args <<< "$1"  # "layernorm --quick": script and its flags
+        timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/$op.py $args 2>&1 | tail -60; shift ;;
       py) shift; echo "== $1"; timeout 500 python3 $1 2>&1 | tail -80; shift ;;
       *) echo "unknown step $1"; shift ;;
     esac
