@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -96,11 +97,11 @@ def run_cases(name: str, cases: list[Case]) -> list[dict]:
     return rows
 
 
-def write_results(name: str, rows: list[dict]) -> None:
+def write_results(name: str, rows: list[dict], env: dict[str, str] | None = None) -> None:
     if not rows:
         return
     d = out_dir()
-    env = environment()
+    env = env or environment()
     with open(d / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -136,3 +137,31 @@ def plot(name: str, rows: list[dict], path: Path, env: dict[str, str]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def results_from_log(log_path: str) -> None:
+    """Rebuild results files from a GPU run's log (``scripts/gpu_run.sh`` prints every row as ``key=value``),
+    for a run whose result files were lost when it hit the device's time limit.
+
+        python -m benchmarks.common /path/to/log.txt
+    """
+    lines = Path(log_path).read_text().splitlines()
+    gpu = lines[0].split(",")[0].strip()
+    versions = lines[1].split()  # "torch X triton Y"
+    env = {"gpu": gpu, "torch": versions[1], "triton": versions[3], "python": "3.12", "source": Path(log_path).name}
+    sections: dict[str, list[dict]] = {}
+    name = None
+    for line in lines:
+        if line.startswith("== bench "):
+            name = line.split()[2]
+        elif name and line.startswith("op="):
+            row = dict(re.findall(r"(\w+)=(.*?)(?= \w+=|$)", line))  # values may hold spaces ("B16 H12")
+            row["ms"] = float(row["ms"])
+            sections.setdefault(name, []).append(row)
+    for name, rows in sections.items():
+        write_results(name, rows, env)
+
+
+if __name__ == "__main__":
+    import sys
+    results_from_log(sys.argv[1])

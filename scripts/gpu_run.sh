@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 export TRIFORMER_BENCH_OUT=/tmp/results
 mkdir -p $TRIFORMER_BENCH_OUT
-{
+run_steps() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   while [ $# -gt 0 ]; do
@@ -18,9 +18,12 @@ mkdir -p $TRIFORMER_BENCH_OUT
         shift ;;
       bench) shift; echo "== bench $1"; read -r op args <<< "$1"  # "layernorm --quick": script and its flags
         timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/$op.py $args 2>&1 | tail -60; shift ;;
-      py) shift; echo "== $1"; timeout 500 python3 $1 2>&1 | tail -80; shift ;;
+      py) shift; echo "== $1"; timeout ${PY_TIMEOUT:-500} python3 $1 2>&1 | tail -80; shift ;;
       *) echo "unknown step $1"; shift ;;
     esac
   done
-} 2>&1 | tee $OUT/log.txt
+}
+# The whole run stops at GPU_RUN_DEADLINE seconds so the results are still packed inside the device call's limit.
+export -f run_steps
+timeout ${GPU_RUN_DEADLINE:-540} bash -c 'run_steps "$@"' _ "$@" 2>&1 | tee $OUT/log.txt
 tar czf $OUT/results.tar.gz -C $TRIFORMER_BENCH_OUT .

@@ -1,5 +1,6 @@
 """Checkpoint files: exact round trip, atomic writes under SIGKILL, refusal of tampered / foreign / pickle files
 and of checkpoints from a different model config."""
+import math
 import multiprocessing
 import os
 import pickle
@@ -10,6 +11,8 @@ import time
 import numpy as np
 import pytest
 import safetensors.torch
+from hypothesis import given
+from hypothesis import strategies as st
 import torch
 from safetensors.torch import save_file
 
@@ -35,11 +38,15 @@ def _payload():
 
 
 def _assert_same(a, b, path="root"):
+    """Same structure, types and bits (NaNs included)."""
     assert type(a) is type(b), f"{path}: {type(a)} != {type(b)}"
     if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(checkpoint.raw_bytes(a), checkpoint.raw_bytes(b)), path
     elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and np.array_equal(a, b), path
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), path
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), path
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), f"{path}: {a.keys()} != {b.keys()}"
         for k in a:
@@ -66,6 +73,41 @@ def test_round_trip_is_exact(tmp_path):
     np.random.set_state(payload["rng"]["numpy"])
     assert a == (random.random(), np.random.rand())
     assert not [p for p in tmp_path.iterdir() if p.name != "c.safetensors"]  # no temporary left behind
+
+
+_TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
+                 torch.bool]
+_NUMPY_DTYPES = [np.uint32, np.uint16, np.int64, np.float32, np.bool_]
+
+
+@st.composite
+def _tensors(draw):
+    shape = draw(st.lists(st.integers(0, 5), max_size=3))
+    t = (torch.randn(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 99)))) * 1e3)
+    t = t.to(draw(st.sampled_from(_TORCH_DTYPES)))
+    if t.is_floating_point() and t.numel() and draw(st.booleans()):
+        t.view(-1)[0] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), -0.0]))
+    if draw(st.booleans()) and t.dim() >= 2:
+        t = t.transpose(0, 1)  # non-contiguous
+    return t
+
+
+def _arrays():
+    return st.builds(lambda n, dt, seed: np.random.default_rng(seed).integers(0, 60000, n).astype(dt),
+                     st.integers(0, 6), st.sampled_from(_NUMPY_DTYPES), st.integers(0, 99))
+
+
+_leaves = (st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=True) | st.text(max_size=8)
+           | _tensors() | _arrays())
+_keys = st.text(max_size=6) | st.integers(-5, 5) | st.sampled_from(["__tensor__", "__tuple__", "__dict__", "__x"])
+_trees = st.recursive(_leaves, lambda kids: st.lists(kids, max_size=3) | st.tuples(kids, kids)
+                      | st.dictionaries(_keys, kids, max_size=3), max_leaves=12)
+
+
+@given(tree=_trees)
+def test_any_payload_round_trips_bit_exactly(tmp_path_factory, tree):
+    path = save_checkpoint(tmp_path_factory.mktemp("p") / "c.safetensors", {"tree": tree})
+    _assert_same({"tree": tree}, load_checkpoint(path))
 
 
 def test_unstorable_value_is_named(tmp_path):
@@ -153,6 +195,16 @@ def test_manager_keeps_last_and_best(tmp_path):
     assert checkpoint.resolve_resume(str(mgr.latest()), tmp_path) == mgr.latest()
     with pytest.raises(FileNotFoundError, match="resume='nowhere'"):
         checkpoint.resolve_resume("nowhere", tmp_path)
+
+
+def test_resume_latest_is_the_newest_checkpoint_of_any_run(tmp_path):
+    older = CheckpointManager(tmp_path / "run-b" / "checkpoints").save(9, {"step": 9})
+    newer = CheckpointManager(tmp_path / "run-a" / "checkpoints").save(2, {"step": 2})
+    os.utime(older, (1_000_000, 1_000_000))
+    (tmp_path / "run-a" / "checkpoints" / ".step_00000003.safetensors.tmp-x").write_bytes(b"torn")
+    assert checkpoint.resolve_resume("latest", tmp_path) == newer
+    with pytest.raises(FileNotFoundError, match="no step_.*checkpoint under"):
+        checkpoint.resolve_resume("latest", tmp_path / "empty")
 
 
 def _slow_save_file(tensors, filename, metadata=None):

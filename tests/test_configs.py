@@ -32,7 +32,7 @@ def test_every_config_composes(group, option):
     if group == "model":  # a file is a registry model, or a resized variant of one (<name>-<variant>)
         assert option == cfg.model.name or option.startswith(cfg.model.name + "-")
         with torch.device("meta"):  # every exposed field is a real config field of that model (no memory used)
-            fields = set(type(models.create_model(option, kernels="torch").config).__dataclass_fields__)
+            fields = set(type(models.create_model(cfg.model.name, kernels="torch").config).__dataclass_fields__)
         assert set(cfg.model) - {"name"} <= fields
     if group == "experiment":
         assert cfg.name == option  # runs land in runs/<experiment>/

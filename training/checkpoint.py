@@ -106,10 +106,17 @@ def _hashable(key: Any) -> Any:
 def _digest(payload_json: str, tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256(payload_json.encode())
     for key in sorted(tensors):
-        t = tensors[key].contiguous()
+        t = tensors[key]
         h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        h.update(raw_bytes(t).numpy())
     return h.hexdigest()
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's elements as a flat uint8 tensor (any dtype, layout or size, including empty and 0-d)."""
+    flat = torch.empty(t.numel(), dtype=t.dtype)
+    flat.copy_(t.reshape(-1))
+    return flat.view(torch.uint8)
 
 
 # ------------------------------------------------------------------------------------------- save / load

@@ -173,7 +173,7 @@ class Trainer:
         t = self.cfg.trainer
         bar = _progress(t, self.step, self.ctx.is_main)
         bad_steps, first_bad = 0, None
-        window_start, window_steps = time.perf_counter(), 0
+        window_time, window_steps = 0.0, 0  # training time only: evaluations and checkpoints excluded
         val = None
         summary = {}
         try:
@@ -185,7 +185,9 @@ class Trainer:
                 lr = lr_at(self.step, self.cfg.optim, t.max_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
+                started = time.perf_counter()
                 loss, grad_norm, finite = self._train_step()
+                window_time += time.perf_counter() - started
                 self.step += 1
                 window_steps += 1
                 if finite:
@@ -198,11 +200,10 @@ class Trainer:
                     if bad_steps >= t.max_bad_steps:
                         raise NonFiniteLossError(self._bad_message(first_bad))
                 if self.step % t.log_interval == 0 or self.step == t.max_steps or self.step == 1:
-                    elapsed = time.perf_counter() - window_start
-                    metrics = self._train_metrics(loss, grad_norm, lr, window_steps, elapsed)
+                    metrics = self._train_metrics(loss, grad_norm, lr, window_steps, window_time)
                     self.logger.log("train", self.step, metrics)
                     bar.set_postfix_str(self._postfix(metrics), refresh=False)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_time, window_steps = 0.0, 0
                 bar.update(1)
                 last = self.step == t.max_steps
                 evaluated = None

@@ -113,18 +113,23 @@ def _cross_entropy_fwd_kernel(
                 scale = tl.load(scale_ptr + rows * stride_s).to(tl.float32)
             else:
                 scale = tl.full([BLOCK_R], 1.0, tl.float32)
-            # d loss / d x_j = p_j * (1 + 2 z lse) - (1 - eps) [j == t] - eps / V, times the row's scale
-            p_coef = scale * (1.0 + 2.0 * z_loss * (m + log_s))
+            # d loss / d x_j = (1 - eps) (p_j - [j == t]) + eps (p_j - 1 / V) + 2 z lse p_j, times the row's scale:
+            # written as differences of p so that where they cancel (V = 1: p = 1) the small z term survives intact
             hit = (1.0 - smoothing) * scale
-            floor = smoothing * scale / n_cols
+            smooth = smoothing * scale
+            z_coef = scale * 2.0 * z_loss * (m + log_s)
             g_base = grad_ptr + (rows // inner) * stride_go + (rows % inner) * stride_gi
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 col_ok = cols < n_cols
                 x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
                             other=float("-inf")).to(tl.float32)
-                g = tl.exp((x - m[:, None]) - log_s[:, None]) * p_coef[:, None] - floor[:, None]
-                g -= tl.where(cols[None, :] == target[:, None], hit[:, None], 0.0)
+                p = tl.exp((x - m[:, None]) - log_s[:, None])
+                g = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * hit[:, None]
+                if HAS_SMOOTHING:
+                    g += (p - 1.0 / n_cols) * smooth[:, None]
+                if HAS_Z:
+                    g += p * z_coef[:, None]
                 g = tl.where(active[:, None], g, 0.0)
                 tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * stride_gc, g.to(grad_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & col_ok[None, :])

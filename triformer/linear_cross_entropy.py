@@ -8,8 +8,15 @@ by ``grad_output`` in place (skipped when it is exactly 1, see ``triformer.cross
 loop waits on the device: no host-device sync.
 
 Memory: one logits buffer of at most ``CHUNK_BYTES`` (64 MiB) plus O(N) floats, above the inputs and their
-gradients. The buffer's rows are padded to a multiple of 64 elements so matmuls see aligned leading
-dimensions even for odd vocabularies (GPT-2's 50257).
+gradients. Chunks are a multiple of 128 rows where the budget allows (whole matmul tiles).
+
+Alignment: GEMM kernels with 16-byte vector or TMA accesses need every operand's leading dimension *and*
+contiguous extent to be a multiple of 16 bytes (CUTLASS checks both; cuBLAS falls back to slower kernels).
+With an odd vocabulary (GPT-2's 50257) each of the three matmuls has an operand whose contiguous extent is V
+-- logits (N = V), g (K = V), g^T (M = V) -- and with one matmul over the whole vocabulary this op ran at
+~100 TFLOP/s on an H100, like eager PyTorch. So the buffer's rows are padded to a multiple of 64 elements, and
+the vocabulary is split: its first ``V - V % 8`` rows go through aligned matmuls, the last few (< 8) through
+tiny separate ones, with no copy of the weight.
 
 Precision: the matmuls run in the hidden state's dtype (the activation dtype; a weight of another dtype,
 e.g. fp32 master weights under autocast, is cast once per call -- a V x H copy outside the budget) with fp32
@@ -45,14 +52,37 @@ from triformer.cross_entropy import (check_loss_args, check_targets, check_targe
 CHUNK_BYTES = 64 << 20
 # Logits rows are padded to this many elements (128 bytes in bf16) for aligned matmul leading dimensions.
 ROW_ALIGN = 64
+# The aligned part of the vocabulary is a multiple of this many rows (16 bytes of bf16; see the docstring).
+VOCAB_ALIGN = 8
+# Chunks are a multiple of this many rows when the budget holds that many: the matmuls' M (or K) fills whole tiles.
+CHUNK_ROW_ALIGN = 128
 
 
 def _chunk_rows(n_rows: int, n_cols: int, itemsize: int) -> int:
-    """Rows per chunk: as many as the budget allows, spread evenly so the last chunk is not a sliver."""
+    """Rows per chunk: the fewest chunks the budget allows, aligned rows, and as even as alignment leaves them."""
     fit = max(1, CHUNK_BYTES // (triton.cdiv(n_cols, ROW_ALIGN) * ROW_ALIGN * itemsize))
     if fit >= n_rows:
         return max(n_rows, 1)
-    return triton.cdiv(n_rows, triton.cdiv(n_rows, fit))
+    step = CHUNK_ROW_ALIGN if fit >= CHUNK_ROW_ALIGN else 1
+    fit -= fit % step
+    return triton.cdiv(triton.cdiv(n_rows, triton.cdiv(n_rows, fit)), step) * step
+
+
+def _vocab_parts(n_cols: int) -> list[slice]:
+    """The aligned bulk of the vocabulary and its short tail (either may be absent)."""
+    split = n_cols - n_cols % VOCAB_ALIGN
+    return [part for part in (slice(0, split), slice(split, n_cols)) if part.stop > part.start]
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``out = a @ b`` when ``first``, else ``out += a @ b``; an ``out`` of a wider dtype (fp32 master weights,
+    zero-initialized) takes the product computed in ``a``'s dtype and always sums it."""
+    if out.dtype != a.dtype:
+        out += a @ b
+    elif first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
 
 
 def _sweep(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
@@ -68,29 +98,32 @@ def _sweep(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bi
     rows = chunk_rows or _chunk_rows(n_rows, n_cols, dtype.itemsize)
     padded = triton.cdiv(n_cols, ROW_ALIGN) * ROW_ALIGN
     buf = torch.empty(min(rows, n_rows), padded, dtype=dtype, device=hidden.device)[:, :n_cols]
+    parts = _vocab_parts(n_cols)
     any_grad = need_h or need_w or need_b
     grad_h = torch.empty(n_rows, n_hidden, dtype=dtype, device=hidden.device) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+    # the first chunk's product initializes grad_W (no memset, no read of zeros) unless nothing will write it
+    zero_w = n_rows == 0 or weight.dtype != dtype
+    grad_w = ((torch.zeros if zero_w else torch.empty)(weight.shape, dtype=weight.dtype, device=weight.device)
+              if need_w else None)
     grad_b = torch.zeros(n_cols, dtype=torch.float32, device=hidden.device) if need_b else None
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         h = hidden[start:stop]
         logits = buf[: stop - start]
-        if b is None:
-            torch.mm(h, w.t(), out=logits)
-        else:
-            torch.addmm(b, h, w.t(), out=logits)
+        for part in parts:
+            if b is None:
+                torch.mm(h, w[part].t(), out=logits[:, part])
+            else:
+                torch.addmm(b[part], h, w[part].t(), out=logits[:, part])
         row_scale = scale if scale is None or scale.numel() == 1 else scale[start:stop]
         logits3 = logits.unsqueeze(0)
         launch_cross_entropy(logits3, targets[start:stop], loss_rows[start:stop], logits3 if any_grad else None,
                              row_scale, ignore_index, label_smoothing, z_loss)
-        if need_h:
-            torch.mm(logits, w, out=grad_h[start:stop])
-        if need_w:
-            if grad_w.dtype == dtype:
-                grad_w.addmm_(logits.t(), h)
-            else:  # mixed precision: the product in the compute dtype, the sum in the weight's (wider) dtype
-                grad_w += logits.t() @ h
+        for i, part in enumerate(parts):
+            if need_h:
+                _mm_into(grad_h[start:stop], logits[:, part], w[part], first=i == 0)
+            if need_w:
+                _mm_into(grad_w[part], logits[:, part].t(), h, first=start == 0)
         if need_b:
             grad_b += logits.sum(0, dtype=torch.float32)
     return grad_h, grad_w, grad_b.to(bias.dtype) if grad_b is not None else None
