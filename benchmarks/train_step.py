@@ -173,20 +173,26 @@ def main():
     p.add_argument("task", choices=["gpt", "vit"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--max-batch", action="store_true", help="also search the largest batch (eager)")
+    p.add_argument("--compile", default="all",
+                   help="comma-separated substrings of the variants to also run under torch.compile ('all', 'none')")
+    p.add_argument("--max-batch", default="none",
+                   help="comma-separated substrings of the variants whose largest batch to search (eager; 'all')")
     args = p.parse_args()
+
+    def chosen(spec: str, name: str) -> bool:
+        return spec == "all" or any(part and part in name for part in spec.split(","))
+
     torch.backends.cuda.matmul.allow_tf32 = True
     batch, seq = (16, 1024) if args.task == "gpt" else (128, None)
     rows = []
     for name, ctor in variants(args.task).items():
-        for compiled in ([False] if args.no_compile else [False, True]):
+        for compiled in ([False, True] if chosen(args.compile, name) else [False]):
             try:
                 row = measure(args.task, name, ctor, compiled, batch, seq, args.steps, args.warmup)
             except Exception as exc:
                 print(f"{name} compiled={compiled}: failed: {exc!r}"[:400], flush=True)
                 continue
-            if args.max_batch and not compiled:
+            if chosen(args.max_batch, name) and not compiled:
                 row["max_batch_80GB"] = largest_batch(args.task, ctor, seq, batch)
             rows.append(row)
             print(row, flush=True)
@@ -205,7 +211,7 @@ def write_table(name, rows):
         w.writeheader()
         w.writerows(rows)
     md = [f"# {name}", "", " | ".join(f"{k}: {v}" for k, v in env.items()), "",
-          f"Command: `python benchmarks/train_step.py {name.rsplit('_', 1)[1]} --max-batch`", "",
+          f"Command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`", "",
           "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     md += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     (d / f"{name}.md").write_text("\n".join(md) + "\n")
