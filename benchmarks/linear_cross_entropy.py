@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
-from benchmarks.common import Case, liger_available, run_cases  # noqa: E402
+from benchmarks.common import Case, liger_available, out_dir, run_cases  # noqa: E402
 from triformer.cross_entropy import launch_cross_entropy, mean_scale  # noqa: E402
 from triformer.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
@@ -222,11 +222,12 @@ def profile_matmuls(shape, rows_old: int, rows_new: int) -> dict:
         sums[name] = (r, sum(times))
         print(f"{name:<40} " + " ".join(f"{t:8.4f} ({tflops(flops, t):5.0f})" for t in times) + f" {sum(times):8.4f}",
               flush=True)
-    print("cuBLAS kernels (fwd | grad_h | grad_W):")
+    print("kernels per matmul:")
     for name in list(variants)[:1] + list(variants)[2:4] + list(variants)[5:]:
         r, cols, fns = variants[name]
         if cols and torch.cuda.is_available():
-            print(f"  {name}:\n    " + "\n    ".join(kernel_names(fn) for fn in fns), flush=True)
+            for stage, fn in zip(("fwd", "grad_h", "grad_W"), fns):
+                print(f"  {' '.join(name.split()[:2])} {stage}: {kernel_names(fn)}", flush=True)
     return sums
 
 
@@ -321,7 +322,31 @@ def profile_grad_w_traffic(shape, r: int) -> None:
           f"{moved / ms / 1e6:.0f} GB/s (grad_W read + written)", flush=True)
 
 
+class Tee:
+    """stdout that is also written to a file (the GPU run script keeps only the tail of stdout)."""
+
+    def __init__(self, path: Path):
+        self.stream, self.file = sys.stdout, open(path, "w")
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
+
+
 def profile() -> None:
+    path = out_dir() / "linear_cross_entropy_profile.txt"
+    tee = Tee(path)
+    with contextlib.redirect_stdout(tee):
+        profile_sections()
+    tee.file.close()
+    print(f"(also written to {path})")
+
+
+def profile_sections() -> None:
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available()
     mib = 1 << 20 if cuda else 1 << 14  # CPU smoke: tiny budgets on a tiny shape, so that there are several chunks
