@@ -55,6 +55,8 @@ class PlainGPT(nn.Module):
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.wte.weight
+        for p in (self.wte.weight, self.wpe.weight):  # GPT-2's init: N(0, 1) embeddings make the tied logits huge
+            nn.init.normal_(p, std=0.02)
 
     def forward(self, idx, targets):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
@@ -107,6 +109,14 @@ def make_batch(task: str, batch: int, seq: int):
     return torch.randn(batch, 3, 224, 224, device="cuda"), torch.randint(0, 1000, (batch,), device="cuda")
 
 
+def flops_per_example(task: str, seq: int | None) -> float:
+    """fwd+bwd FLOPs of one sequence / image of the benchmarked shape (6N + attention), the same for every
+    variant so their MFU compare; taken from triformer's model of that shape."""
+    with torch.device("meta"):
+        model = models.create_model("gpt2-small" if task == "gpt" else "vit-base", kernels="torch")
+    return model.flops_per_example(seq)
+
+
 def train_steps(model, opt, task, batch, seq, steps):
     x, y = make_batch(task, batch, seq)
     for _ in range(steps):
@@ -136,12 +146,12 @@ def measure(task, name, ctor, compiled, batch, seq, steps, warmup):
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30
     per_step = batch * (seq if task == "gpt" else 1)
-    flops = raw.flops_per_example(seq if task == "gpt" else None) if hasattr(raw, "flops_per_example") else None
+    flops = flops_per_example(task, seq)
     del model, opt, raw
     return {"variant": name, "compiled": compiled, "batch": batch, "ms_per_step": round(dt * 1e3, 2),
             ("tokens_per_s" if task == "gpt" else "images_per_s"): round(per_step / dt),
-            "MFU": round(flops * batch / dt / H100_BF16_DENSE_PEAK, 3) if flops else "",
-            "peak_GiB": round(peak, 2), "final_loss": round(float(loss), 3)}
+            "MFU": round(flops * batch / dt / H100_BF16_DENSE_PEAK, 3),
+            "peak_GiB": round(peak, 2), "final_loss": round(float(loss.detach()), 3)}
 
 
 def fits(task, ctor, batch, seq) -> bool:
