@@ -16,8 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, run_cases  # noqa: E402
-from benchmarks.gelu import MODES, mode_providers  # noqa: E402
+from benchmarks.common import Case, main, mode_cases  # noqa: E402
 from triformer.attention import attention, attention_reference  # noqa: E402
 
 # (B, H, T, D): 16k tokens per batch, hidden size 768; q, k and v are 25 MB each, 75 MB together.
@@ -58,19 +57,11 @@ def build_cases(device: str, shrink: int = 1) -> list[Case]:
             B, T = max(1, B // shrink), max(16, T // shrink)
             q, k, v = (torch.randn(B, H, T, D, device=device, dtype=DTYPE, requires_grad=True) for _ in range(3))
             fwd_flops = 4 * B * H * T * T * D * (0.5 if is_causal else 1.0)
-            flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
             op = "attention" + ("_causal" if is_causal else "") + (f"_dropout{dropout_p}" if dropout_p else "")
-            for mode in MODES:
-                cases.append(Case(
-                    op=op, shape=f"{B}x{H}x{T}x{D}", dtype=str(DTYPE).removeprefix("torch."), mode=mode,
-                    bytes_moved=0, flops=flops[mode],
-                    providers={name: mode_providers(fn, [q, k, v], mode)
-                               for name, fn in providers(is_causal, dropout_p, T).items()}))
+            cases += mode_cases(op, f"{B}x{H}x{T}x{D}", DTYPE, providers(is_causal, dropout_p, T), [q, k, v],
+                                flops={"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops})
     return cases
 
 
 if __name__ == "__main__":
-    if torch.cuda.is_available():
-        run_cases("attention", build_cases("cuda"))
-    else:
-        print(f"no GPU: built {len(build_cases('cpu', shrink=64))} attention cases (timing needs CUDA)")
+    main("attention", lambda: build_cases("cuda"), lambda: build_cases("cpu", shrink=64))

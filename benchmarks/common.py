@@ -1,7 +1,8 @@
 """Shared harness for the per-op benchmarks (GPU only).
 
 Each op's benchmark (``benchmarks/<op>.py``) describes its cases as ``Case`` rows, each row a set of
-``providers`` (triformer, eager, compile, liger) that compute the same thing, and calls ``run_cases``.
+``providers`` (triformer, eager, compile, liger) that compute the same thing (``mode_cases`` builds the fwd,
+bwd and fwd+bwd rows of one setting), and hands its case builders to ``main``.
 Timing is ``triton.testing.do_bench``'s median with the L2 flushed between repeats; memory is the peak
 allocated during one call above what was allocated before it (inputs included in neither).
 Results go to ``benchmarks/results/<op>.csv``/``.md``/``.png`` (or ``$TRIFORMER_BENCH_OUT`` when set).
@@ -13,6 +14,7 @@ import dataclasses
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +25,7 @@ import triton.testing
 # Measured on this project's H100 (shared/anchors): the ceilings GB/s and TFLOP/s are reported against.
 H100_COPY_GBPS = 3004.0
 H100_BF16_TFLOPS = 744.0
+MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 @dataclasses.dataclass
@@ -42,6 +45,85 @@ def liger_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def liger_import(load: Callable[[], object]):
+    """What ``load`` imports from liger_kernel, or None when Liger is absent or this version lacks it (reported,
+    not fatal: the other peers still run)."""
+    if not liger_available():
+        return None
+    try:
+        return load()
+    except Exception as exc:
+        print(f"liger import failed: {exc!r}")
+        return None
+
+
+def mode_providers(fn, inputs, mode):
+    """A no-argument callable timing ``mode`` of ``fn(*inputs)``. Gradients go to every input requiring
+    grad via autograd.grad (accumulating into .grad would add a read-modify-write). Nothing runs until the
+    first call, which the harness makes outside the timing (so building cases stays cheap)."""
+    wrt = [t for t in inputs if t.requires_grad]
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return fn(*inputs)
+        return fwd
+
+    state = {}
+
+    def as_tuple(out):
+        return out if isinstance(out, tuple) else (out,)
+
+    def run():
+        if not state:  # the graph bwd replays, and the incoming gradients
+            state["outs"] = as_tuple(fn(*inputs))
+            state["grads"] = [torch.randn_like(o) for o in state["outs"]]
+        if mode == "bwd":
+            return torch.autograd.grad(state["outs"], wrt, state["grads"], retain_graph=True)
+        return torch.autograd.grad(as_tuple(fn(*inputs)), wrt, state["grads"])
+    return run
+
+
+def mode_cases(op: str, shape: str, dtype, fns: dict, inputs=None, *, passes: dict | None = None,
+               unit_bytes: float = 0, flops: dict | None = None) -> list[Case]:
+    """One Case per mode of MODES. ``fns`` maps a provider to ``fn(*inputs)``, or to ``(fn, its inputs)`` when it
+    differentiates tensors of its own (a module's parameters). Memory-bound cases give ``passes`` (mode -> how
+    many ``unit_bytes``-sized tensors it reads and writes), compute-bound ones ``flops`` (mode -> flops)."""
+    return [Case(op=op, shape=shape, dtype=str(dtype).removeprefix("torch."), mode=mode,
+                 bytes_moved=passes[mode] * unit_bytes if passes else 0, flops=flops[mode] if flops else 0,
+                 providers={name: mode_providers(*(fn if isinstance(fn, tuple) else (fn, inputs)), mode)
+                            for name, fn in fns.items()})
+            for mode in MODES]
+
+
+def flag(name: str) -> bool:
+    return name in sys.argv[1:]
+
+
+def main(name: str, gpu_cases: Callable[[], list[Case]], cpu_cases: Callable[[], list[Case]], *,
+         run_on_cpu: bool = False, report: Callable[[list[dict]], None] | None = None,
+         gpu_flags: dict[str, Callable[[], None]] | None = None,
+         cpu_flags: dict[str, Callable[[], None]] | None = None) -> None:
+    """Entry point of ``benchmarks/<name>.py``. With a GPU: the action of the first of ``gpu_flags`` given on the
+    command line, else time ``gpu_cases()`` (then ``report`` the rows). Without one (a smoke test): the action of
+    the first of ``cpu_flags`` given, else build ``cpu_cases()``, small ones, and with ``run_on_cpu`` call every
+    provider once."""
+    cuda = torch.cuda.is_available()
+    for f, action in ((gpu_flags if cuda else cpu_flags) or {}).items():
+        if flag(f):
+            return action()
+    if cuda:
+        rows = run_cases(name, gpu_cases())
+        if report:
+            report(rows)
+        return
+    cases = cpu_cases()
+    if run_on_cpu:
+        for case in cases:
+            for fn in case.providers.values():
+                fn()
+    print(f"no GPU: built {'and ran ' if run_on_cpu else ''}{len(cases)} small {name} cases (timing needs CUDA)")
 
 
 def environment() -> dict[str, str]:

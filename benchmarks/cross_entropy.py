@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, liger_available, run_cases  # noqa: E402
+from benchmarks.common import Case, liger_import, main, run_cases  # noqa: E402
 from triformer.cross_entropy import cross_entropy  # noqa: E402
 
 ce_module = sys.modules["triformer.cross_entropy"]  # the package attribute of that name is the function
@@ -57,6 +57,11 @@ def provider(inputs, shape, loss_fn):
     return run
 
 
+def liger_loss():
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+    return LigerCrossEntropyLoss
+
+
 def peers() -> dict:
     fns = {
         "triformer": lambda x, t: cross_entropy(x, t),
@@ -64,9 +69,9 @@ def peers() -> dict:
         "eager": lambda x, t: F.cross_entropy(x, t),
         "compile": torch.compile(lambda x, t: F.cross_entropy(x, t)),
     }
-    if liger_available():
-        from liger_kernel.transformers import LigerCrossEntropyLoss
-        fns["liger"] = LigerCrossEntropyLoss()
+    liger = liger_import(liger_loss)
+    if liger is not None:
+        fns["liger"] = liger()
     return fns
 
 
@@ -112,14 +117,7 @@ def sweep() -> None:
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        cases = build_cases("cpu", CPU_SHAPES, fns={"triformer": lambda x, t: cross_entropy(x, t),
-                                                    "eager": lambda x, t: F.cross_entropy(x, t)})
-        for case in cases:  # smoke: every provider runs once on small CPU inputs
-            for fn in case.providers.values():
-                fn()
-        print(f"built and ran {len(cases)} small CPU cases (no GPU: nothing timed)")
-    elif "--sweep" in sys.argv:
-        sweep()
-    else:
-        run_cases("cross_entropy", build_cases("cuda", GPU_SHAPES))
+    main("cross_entropy", lambda: build_cases("cuda", GPU_SHAPES),
+         lambda: build_cases("cpu", CPU_SHAPES, fns={"triformer": lambda x, t: cross_entropy(x, t),
+                                                     "eager": lambda x, t: F.cross_entropy(x, t)}),
+         run_on_cpu=True, gpu_flags={"--sweep": sweep})

@@ -14,8 +14,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, run_cases  # noqa: E402
-from benchmarks.gelu import MODES, mode_providers  # noqa: E402
+from benchmarks.common import Case, main, mode_cases  # noqa: E402
 from triformer.dropout import dropout  # noqa: E402
 
 P = 0.1
@@ -42,18 +41,11 @@ def build_cases(device: str, shrink: int = 1) -> list[Case]:
     for shape, dtype in CONFIGS:
         shape = tuple(max(1, n // shrink) for n in shape)
         x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-        passes = {"fwd": 2, "bwd": 2, "fwd+bwd": 4}
-        for mode in MODES:
-            cases.append(Case(
-                op=f"dropout_p{P}", shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."),
-                mode=mode, bytes_moved=passes[mode] * x.numel() * x.element_size(), flops=0,
-                providers={name: mode_providers(fn, [x], mode)
-                           for name, fn in (("triformer", ours), ("eager", eager), ("compile", compiled))}))
+        cases += mode_cases(f"dropout_p{P}", "x".join(map(str, shape)), dtype,
+                            {"triformer": ours, "eager": eager, "compile": compiled}, [x],
+                            passes={"fwd": 2, "bwd": 2, "fwd+bwd": 4}, unit_bytes=x.numel() * x.element_size())
     return cases
 
 
 if __name__ == "__main__":
-    if torch.cuda.is_available():
-        run_cases("dropout", build_cases("cuda"))
-    else:
-        print(f"no GPU: built {len(build_cases('cpu', shrink=256))} dropout cases (timing needs CUDA)")
+    main("dropout", lambda: build_cases("cuda"), lambda: build_cases("cpu", shrink=256))

@@ -17,8 +17,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, liger_available, run_cases  # noqa: E402
-from benchmarks.gelu import MODES, mode_providers  # noqa: E402
+from benchmarks.common import Case, flag, liger_import, main, mode_cases  # noqa: E402
 from triformer.fused_add_norm import add_layer_norm, add_rms_norm  # noqa: E402
 from triformer.layernorm import layer_norm  # noqa: E402
 from triformer.rmsnorm import rms_norm  # noqa: E402
@@ -41,14 +40,8 @@ def torch_norm(kind):
 
 
 def liger_module(kind):
-    """Liger-Kernel's norm module class for kind, or None when Liger is absent or incompatible."""
-    if not liger_available():
-        return None
-    try:
-        from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
-    except Exception as exc:
-        print(f"liger import failed: {exc!r}")
-        return None
+    """Liger-Kernel's norm module class for kind."""
+    from liger_kernel.transformers import LigerLayerNorm, LigerRMSNorm
     return LigerLayerNorm if kind == "layer" else LigerRMSNorm
 
 
@@ -58,7 +51,7 @@ def build_cases(kind: str, device: str, shapes, dtypes=DTYPES, fused_shapes=FUSE
     ours = layer_norm if kind == "layer" else rms_norm
     ours_fused = add_layer_norm if kind == "layer" else add_rms_norm
     eager = torch_norm(kind)
-    liger = liger_module(kind)
+    liger = liger_import(lambda: liger_module(kind))
     n_params = 2 if kind == "layer" else 1
 
     def eager_fused(x, r, *params):
@@ -95,22 +88,16 @@ def build_cases(kind: str, device: str, shapes, dtypes=DTYPES, fused_shapes=FUSE
 
 
 def norm_cases(op, rows, hidden, dtype, providers, passes) -> list[Case]:
-    size = rows * hidden * torch.finfo(dtype).bits // 8
-    return [Case(op=op, shape=f"{rows}x{hidden}", dtype=str(dtype).removeprefix("torch."), mode=mode,
-                 bytes_moved=passes[mode] * size, flops=0,
-                 providers={name: mode_providers(fn, inputs, mode) for name, (fn, inputs) in providers.items()})
-            for mode in MODES]
+    return mode_cases(op, f"{rows}x{hidden}", dtype, providers, passes=passes,
+                      unit_bytes=rows * hidden * torch.finfo(dtype).bits // 8)
 
 
-def main(kind: str, name: str) -> None:
+def run(kind: str, name: str) -> None:
     # The compile peer specializes on each shape and dtype (dynamic=False). Keep all of those graphs.
     torch._dynamo.config.recompile_limit = 64
-    if torch.cuda.is_available():
-        run_cases(name, build_cases(kind, "cuda", QUICK_SHAPES if "--quick" in sys.argv else SHAPES))
-    else:
-        cases = build_cases(kind, "cpu", [(8, 40)], fused_shapes=[(8, 40)])
-        print(f"no GPU: built {len(cases)} {name} cases (timing needs CUDA)")
+    main(name, lambda: build_cases(kind, "cuda", QUICK_SHAPES if flag("--quick") else SHAPES),
+         lambda: build_cases(kind, "cpu", [(8, 40)], fused_shapes=[(8, 40)]))
 
 
 if __name__ == "__main__":
-    main("layer", "layernorm")
+    run("layer", "layernorm")

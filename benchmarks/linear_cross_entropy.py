@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
-from benchmarks.common import Case, liger_available, out_dir, run_cases  # noqa: E402
+from benchmarks.common import Case, liger_import, main, out_dir, run_cases  # noqa: E402
 from triformer.cross_entropy import launch_cross_entropy, mean_scale  # noqa: E402
 from triformer.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
@@ -50,15 +50,20 @@ def eager(h, w, t):
     return F.cross_entropy(F.linear(h, w), t)
 
 
+def liger_loss():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    return LigerFusedLinearCrossEntropyLoss
+
+
 def peers() -> dict:
     fns = {
         "triformer": lambda h, w, t: linear_cross_entropy(h, w, t),
         "eager": eager,
         "compile": torch.compile(eager),
     }
-    if liger_available():
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        liger = LigerFusedLinearCrossEntropyLoss()
+    liger_class = liger_import(liger_loss)
+    if liger_class is not None:
+        liger = liger_class()
         fns["liger"] = lambda h, w, t: liger(w, h, t)
     return fns
 
@@ -372,21 +377,14 @@ def profile_sections() -> None:
     print(f"\nprofile took {time.perf_counter() - t_start:.0f} s")
 
 
+def build_cases(device: str, shapes, fns) -> list[Case]:
+    inputs = LazyInputs(device)
+    return [case(inputs, shape, fns) for shape in shapes]
+
+
 if __name__ == "__main__":
-    if not torch.cuda.is_available() and "--profile" in sys.argv:
-        profile()
-    elif not torch.cuda.is_available():
-        inputs = LazyInputs("cpu")
-        fns = {"triformer": lambda h, w, t: linear_cross_entropy(h, w, t, chunk_rows=32), "eager": eager}
-        cases = [case(inputs, shape, fns) for shape in CPU_SHAPES]
-        for c in cases:  # smoke: every provider runs once on small CPU inputs
-            for fn in c.providers.values():
-                fn()
-        print(f"built and ran {len(cases)} small CPU case(s) (no GPU: nothing timed)")
-    elif "--sweep" in sys.argv:
-        sweep()
-    elif "--profile" in sys.argv:
-        profile()
-    else:
-        inputs, fns = LazyInputs("cuda"), peers()
-        report_above_gradients(run_cases("linear_cross_entropy", [case(inputs, s, fns) for s in GPU_SHAPES]))
+    cpu_fns = {"triformer": lambda h, w, t: linear_cross_entropy(h, w, t, chunk_rows=32), "eager": eager}
+    main("linear_cross_entropy", lambda: build_cases("cuda", GPU_SHAPES, peers()),
+         lambda: build_cases("cpu", CPU_SHAPES, cpu_fns),
+         run_on_cpu=True, report=report_above_gradients,
+         gpu_flags={"--sweep": sweep, "--profile": profile}, cpu_flags={"--profile": profile})

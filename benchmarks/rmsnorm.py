@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.layernorm import main  # noqa: E402
+from benchmarks.layernorm import run  # noqa: E402
 
 if __name__ == "__main__":
-    main("rms", "rmsnorm")
+    run("rms", "rmsnorm")

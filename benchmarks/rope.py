@@ -14,8 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, liger_available, run_cases  # noqa: E402
-from benchmarks.gelu import MODES, mode_providers  # noqa: E402
+from benchmarks.common import Case, liger_import, main, mode_cases  # noqa: E402
 from triformer.rope import apply_rope, rope_cos_sin  # noqa: E402
 
 
@@ -28,18 +27,12 @@ def hf_rotate(q, k, cos, sin):
 
 
 def liger_rope():
-    if not liger_available():
-        return None
-    try:
-        from liger_kernel.transformers.rope import liger_rotary_pos_emb
-    except Exception as exc:
-        print(f"liger import failed: {exc!r}")
-        return None
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
     return liger_rotary_pos_emb
 
 
 def build_cases(device: str, scale: int = 1) -> list[Case]:
-    liger = liger_rope() if device == "cuda" else None
+    liger = liger_import(liger_rope) if device == "cuda" else None
     cases = []
     configs = [  # (B, H, Hk, T, D, layout): GPT-2-small-like MHA, and Llama-3-8B-like GQA
         (16, 12, 12, 1024, 64, "bhtd"),
@@ -79,16 +72,10 @@ def build_cases(device: str, scale: int = 1) -> list[Case]:
         if liger is not None:
             providers["liger"] = lambda *leaves, split=split, cos=cos_hf, sin=sin_hf: liger(*split(*leaves), cos, sin)
         io_bytes = 2 * (q.numel() + k.numel()) * q.element_size()  # read q, k + write both rotations
-        for mode in MODES:
-            cases.append(Case(
-                op=f"rope_{layout}", shape=f"B{B} H{H} Hk{Hk} T{T} D{D}", dtype="bfloat16", mode=mode,
-                bytes_moved={"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode] * io_bytes, flops=0,
-                providers={name: mode_providers(fn, leaves, mode) for name, fn in providers.items()}))
+        cases += mode_cases(f"rope_{layout}", f"B{B} H{H} Hk{Hk} T{T} D{D}", dtype, providers, leaves,
+                            passes={"fwd": 1, "bwd": 1, "fwd+bwd": 2}, unit_bytes=io_bytes)
     return cases
 
 
 if __name__ == "__main__":
-    if torch.cuda.is_available():
-        run_cases("rope", build_cases("cuda"))
-    else:
-        print(f"no GPU: built {len(build_cases('cpu', scale=256))} rope cases (timing needs CUDA)")
+    main("rope", lambda: build_cases("cuda"), lambda: build_cases("cpu", scale=256))

@@ -13,8 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, liger_available, run_cases  # noqa: E402
-from benchmarks.gelu import MODES, mode_providers  # noqa: E402
+from benchmarks.common import Case, liger_import, main, mode_cases  # noqa: E402
 from triformer.softmax import softmax  # noqa: E402
 
 # (shape, dtype): rows 4k-32k, columns 1k-32k, each tensor well above the 50 MB L2 except the 16384x1024
@@ -33,13 +32,7 @@ SCALE = 0.125
 
 
 def liger_softmax():
-    if not liger_available():
-        return None
-    try:
-        from liger_kernel.ops.softmax import LigerSoftmaxFunction
-    except Exception as exc:
-        print(f"liger import failed: {exc!r}")
-        return None
+    from liger_kernel.ops.softmax import LigerSoftmaxFunction
     return LigerSoftmaxFunction.apply
 
 
@@ -55,7 +48,7 @@ def eager_causal(x):
 
 def build_cases(device: str, shrink: int = 1) -> list[Case]:
     """``shrink`` divides every dimension (a CPU smoke test builds tiny cases)."""
-    liger = liger_softmax()
+    liger = liger_import(liger_softmax)
     cases = []
     for causal, configs in ((False, PLAIN), (True, CAUSAL)):
         for shape, dtype in configs:
@@ -72,17 +65,10 @@ def build_cases(device: str, shrink: int = 1) -> list[Case]:
                 fns = {"triformer": softmax, "eager": eager_plain, "compile": torch.compile(eager_plain)}
                 if liger is not None:
                     fns["liger"] = liger
-            for mode in MODES:
-                cases.append(Case(
-                    op="softmax_causal" if causal else "softmax", shape="x".join(map(str, shape)),
-                    dtype=str(dtype).removeprefix("torch."), mode=mode,
-                    bytes_moved=passes[mode] * x.numel() * x.element_size(), flops=0,
-                    providers={name: mode_providers(fn, [x], mode) for name, fn in fns.items()}))
+            cases += mode_cases("softmax_causal" if causal else "softmax", "x".join(map(str, shape)), dtype, fns, [x],
+                                passes=passes, unit_bytes=x.numel() * x.element_size())
     return cases
 
 
 if __name__ == "__main__":
-    if torch.cuda.is_available():
-        run_cases("softmax", build_cases("cuda"))
-    else:
-        print(f"no GPU: built {len(build_cases('cpu', shrink=256))} softmax cases (timing needs CUDA)")
+    main("softmax", lambda: build_cases("cuda"), lambda: build_cases("cpu", shrink=256))

@@ -15,23 +15,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, liger_available, run_cases  # noqa: E402
-from benchmarks.gelu import MODES, mode_providers  # noqa: E402
+from benchmarks.common import Case, liger_import, main, mode_cases  # noqa: E402
 from triformer.swiglu import SwiGLUMLP, geglu, geglu_reference, swiglu, swiglu_reference  # noqa: E402
 
 PASSES = {"fwd": 3, "bwd": 5, "fwd+bwd": 8}  # F-sized reads + writes of each mode
 
 
 def liger_ops():
-    if not liger_available():
-        return {}
-    try:
-        from liger_kernel.ops.geglu import LigerGELUMulFunction
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
-    except Exception as exc:  # an incompatible liger version is reported, not fatal
-        print(f"liger import failed: {exc!r}")
-        return {}
+    from liger_kernel.ops.geglu import LigerGELUMulFunction
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
     return {"swiglu": LigerSiLUMulFunction.apply, "geglu": LigerGELUMulFunction.apply, "mlp": LigerSwiGLUMLP}
 
 
@@ -49,11 +42,8 @@ def activation_cases(device: str, rows: int, cols: int, liger: dict) -> list[Cas
             op = liger[kind]
             # Liger takes separate tensors; for the packed input it gets the two half views
             providers["liger"] = (lambda x, op=op: op(*x.chunk(2, dim=-1))) if packed else op
-        for mode in MODES:
-            cases.append(Case(
-                op=kind + ("_packed" if packed else ""), shape=f"{rows}x{cols}", dtype="bfloat16", mode=mode,
-                bytes_moved=PASSES[mode] * rows * cols * 2, flops=0,
-                providers={name: mode_providers(fn, inputs, mode) for name, fn in providers.items()}))
+        cases += mode_cases(kind + ("_packed" if packed else ""), f"{rows}x{cols}", dtype, providers, inputs,
+                            passes=PASSES, unit_bytes=rows * cols * 2)
     return cases
 
 
@@ -75,24 +65,15 @@ def mlp_cases(device: str, tokens: int, dim: int, hidden: int, liger: dict) -> l
         liger_mlp = liger["mlp"](config).to(device=device, dtype=dtype)
         providers["liger"] = (lambda x, *_: liger_mlp(x), [x, *liger_mlp.parameters()])
     flops_fwd = 2 * tokens * dim * 3 * hidden
-    cases = []
-    for mode in MODES:
-        flops = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode] * flops_fwd
-        cases.append(Case(
-            op="swiglu_mlp", shape=f"{tokens}x{dim}->{hidden}", dtype="bfloat16", mode=mode, bytes_moved=0,
-            flops=flops,
-            providers={name: mode_providers(fn, inputs, mode) for name, (fn, inputs) in providers.items()}))
-    return cases
+    return mode_cases("swiglu_mlp", f"{tokens}x{dim}->{hidden}", dtype, providers,
+                      flops={"fwd": flops_fwd, "bwd": 2 * flops_fwd, "fwd+bwd": 3 * flops_fwd})
 
 
 def build_cases(device: str, scale: int = 1) -> list[Case]:
-    liger = liger_ops() if device == "cuda" else {}
+    liger = (liger_import(liger_ops) or {}) if device == "cuda" else {}
     return (activation_cases(device, 16384 // scale, 8192 // scale, liger)
             + mlp_cases(device, 8192 // scale, 4096 // scale, 14336 // scale, liger))
 
 
 if __name__ == "__main__":
-    if torch.cuda.is_available():
-        run_cases("swiglu", build_cases("cuda"))
-    else:
-        print(f"no GPU: built {len(build_cases('cpu', scale=512))} swiglu cases (timing needs CUDA)")
+    main("swiglu", lambda: build_cases("cuda"), lambda: build_cases("cpu", scale=512))
