@@ -135,6 +135,8 @@ class GPT(nn.Module):
         if idx.shape[1] + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
                              f"block_size {self.config.block_size}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"temperature must be a number >= 0, got {type(temperature).__name__}")
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
@@ -167,6 +169,16 @@ class GPT(nn.Module):
             raise ValueError(f"{name} must be 2-D [batch, seq], got shape {tuple(idx.shape)}")
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size {self.config.block_size}")
+        if idx.shape[1] == 0:
+            raise ValueError(f"{name} must hold at least one position, got shape {tuple(idx.shape)}")
+        if name == "idx":  # targets may also hold the ignore index -100
+            V = self.config.vocab_size
+            in_range = ((idx >= 0) & (idx < V)).all()
+            if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+                if not in_range:
+                    raise ValueError(f"idx holds token ids outside [0, {V}): min {int(idx.min())}, max {int(idx.max())}")
+            else:  # no host sync on the GPU (or in a compiled graph): an assert at the next synchronization
+                torch._assert_async(in_range, f"idx holds token ids outside [0, {V})")
 
     def _hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, C] of ``idx``, which continues the cached positions if any."""

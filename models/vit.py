@@ -85,9 +85,15 @@ class ViT(nn.Module):
         cfg = self.config
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise TypeError(f"images must be a float tensor, got {getattr(images, 'dtype', type(images).__name__)}")
+        param_dtype = self.patch_embed.weight.dtype
+        if images.dtype != param_dtype and not torch.is_autocast_enabled(images.device.type):
+            raise TypeError(f"images must be a float tensor of the model's dtype {param_dtype} (or run under "
+                            f"torch.autocast), got {images.dtype}")
         expected = (cfg.in_channels, cfg.image_size, cfg.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {tuple(images.shape)}")
+        if targets is not None and not isinstance(targets, torch.Tensor):
+            raise TypeError(f"targets must be an int64/int32 tensor, got {type(targets).__name__}")
         if targets is not None and (targets.dtype not in (torch.int64, torch.int32)
                                     or targets.shape != images.shape[:1]):
             raise ValueError(f"targets must be int64/int32 of shape [{images.shape[0]}], got {targets.dtype} "

@@ -1,8 +1,6 @@
 """Bad-input cases of docs/bad_input.md that no op's own test file covers.
 
-Each case asserts the exception type and that the message names the offending argument. Cases marked
-xfail(strict=True) are known defects (an input that is accepted silently or fails deep inside with an
-error that does not name it); they are left unfixed on purpose and listed in docs/bad_input.md.
+Each case asserts the exception type and that the message names the offending argument.
 """
 import pytest
 import torch
@@ -118,42 +116,31 @@ def test_vit_rejects_float_targets(vit):
 
 
 # ------------------------------------------------------------------------------------ known defects
-@pytest.mark.xfail(strict=True, reason="GPT.forward does not range-check token ids: an id in [vocab_size, padded "
-                   "vocab) reads a padding row of wte and returns logits silently")
 def test_gpt_rejects_token_id_past_vocab(gpt):
     with pytest.raises(ValueError, match="idx"):
         gpt(tokens(1, V + 3))
 
 
-@pytest.mark.xfail(strict=True, reason="a negative token id fails inside nn.Embedding with IndexError "
-                   "'index out of range in self' (a device-side assert on CUDA), not naming idx")
 def test_gpt_rejects_negative_token_id(gpt):
     with pytest.raises(ValueError, match="idx"):
         gpt(tokens(1, -1))
 
 
-@pytest.mark.xfail(strict=True, reason="an empty sequence (T=0) fails in the attention reshape with "
-                   "RuntimeError 'cannot reshape tensor of 0 elements', not naming idx")
 def test_gpt_rejects_empty_sequence(gpt):
     with pytest.raises(ValueError, match="idx"):
         gpt(torch.zeros(1, 0, dtype=torch.int64, device=DEV))
 
 
-@pytest.mark.xfail(strict=True, reason="generate compares temperature with >= unchecked: a str raises Python's "
-                   "own TypeError, which does not name temperature")
 def test_generate_rejects_str_temperature(gpt):
     with pytest.raises(TypeError, match="temperature"):
         gpt.generate(tokens(1, 2), 1, temperature="hot")
 
 
-@pytest.mark.xfail(strict=True, reason="ViT.forward reads targets.dtype unchecked: a list raises AttributeError")
 def test_vit_rejects_list_targets(vit):
     with pytest.raises((TypeError, ValueError), match="targets"):
         vit(images(), [1, 2])
 
 
-@pytest.mark.xfail(strict=True, reason="ViT.forward accepts any float dtype for images; float64 then fails in "
-                   "the patch-embedding matmul ('mat1 and mat2 must have the same dtype'), not naming images")
 def test_vit_rejects_float64_images(vit):
     with pytest.raises((TypeError, ValueError), match="images"):
         vit(images().double())
