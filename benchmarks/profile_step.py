@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triformer  # noqa: E402
 import models  # noqa: E402
 from benchmarks.common import environment, out_dir  # noqa: E402
+from benchmarks.train_step import build, train_steps  # noqa: E402
 
 
 def profile_calls(fn, steps: int):
@@ -43,18 +44,8 @@ def op_fwd_bwd():
 
 
 def gpt_step(loss: str):
-    model = models.create_model("gpt2-small", kernels="triton", dropout=0.0, loss=loss).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    tokens = torch.randint(0, 50257, (16, 1025), device="cuda")
-    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, l = model(x, y)
-        l.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    model, opt, _ = build(lambda: models.create_model("gpt2-small", kernels="triton", dropout=0.0, loss=loss), False)
+    return lambda: train_steps(model, opt, "gpt", 16, 1024, 1)
 
 
 def main():
