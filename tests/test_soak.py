@@ -1,6 +1,7 @@
 """Soak: many small training steps through triformer's kernels show no growth in memory or step time.
 
-CI runs 120 steps (a minute on the interpreter); `TRIFORMER_SOAK_STEPS=3000 python -m pytest tests/test_soak.py` is the long run.
+CI runs 120 steps (a minute on the interpreter); the long run is
+`TRIFORMER_SOAK_STEPS=3000 python -m pytest tests/test_soak.py`.
 """
 import os
 import statistics
