@@ -2,6 +2,12 @@
 # Runs on the lent GPU machine (no network): installs the wheels carried in .whl/, then runs whatever
 # steps are named: `tests` (the op test suite, compiled), `bench OP...` (benchmarks/OP.py), or any
 # `python ...` script given after `py`. Everything lands in $OUT/results.tar.gz plus $OUT/log.txt.
+# The GPU image lacks these; fetch them once into .whl/ (git-ignored) and carry .whl with the call:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5 pytest pluggy iniconfig pygments hypothesis \
+#     sortedcontainers pytest-xdist execnet packaging hydra-core omegaconf==2.3.1 pyyaml
+#   pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
+# (and .assets/gpt2.tiktoken from scripts/fetch_gpt2_bpe.sh for GPT-2 BPE runs).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
