@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -8,6 +9,19 @@ import triformer  # noqa: F401  (decides interpreter vs compiled before any kern
 # Two xdist workers share two cores: one torch thread each keeps them from fighting.
 if triformer.INTERPRET:
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail any IP connection (the data and eval tests must run offline). Not autouse: DDP tests use loopback."""
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"a test tried to use the network: {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-import socket
 from collections import Counter
 
 import numpy as np
@@ -21,16 +20,7 @@ from training.data import vision as vision_mod
 from training.data.vision import ImageConfig, ImageData, augment_batch
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    real_connect = socket.socket.connect
-
-    def connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            raise AssertionError(f"a test tried to use the network: {address}")
-        return real_connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
+pytestmark = pytest.mark.usefixtures("no_network")  # real code paths, local data only
 
 
 def reference_augment(images, offsets, flips, padding, mean, std):
