@@ -3,11 +3,12 @@
     python benchmarks/train_step.py gpt    # gpt2-small, 16 x 1024 tokens, bf16 autocast, fused AdamW
     python benchmarks/train_step.py vit    # vit-base/16 at 224, batch 128, bf16 autocast
 
-Variants, each eager and under torch.compile: triformer's model with Triton kernels (each loss option),
+Variants, each eager, and on request under torch.compile (--compile) and as a CUDA-graphed whole step
+(--graph: forward, backward and AdamW captured once and replayed): triformer's model with Triton kernels (each loss option),
 the same model built from the PyTorch references (kernels=torch), and a plain-PyTorch model written the
 usual way (nanoGPT-style GPT-2 with SDPA flash attention and F.cross_entropy; a ViT with SDPA). Reports
-tokens/s (images/s), MFU against 989 TFLOP/s dense bf16, peak allocated memory, and the largest batch
-that fits. Results: benchmarks/results/train_step_<gpt|vit>.{csv,md,png}.
+tokens/s (images/s), MFU against 989 TFLOP/s dense bf16, peak allocated memory, and (--max-batch) the
+largest batch that fits on the card. Results: benchmarks/results/train_step_<gpt|vit>.{csv,md,png}.
 """
 from __future__ import annotations
 
@@ -128,27 +129,59 @@ def train_steps(model, opt, task, batch, seq, steps):
     return loss
 
 
-def build(ctor, compiled: bool):
+def build(ctor, compiled: bool, capturable: bool = False):
     model = ctor().cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=capturable)
     return (torch.compile(model) if compiled else model), opt, model
 
 
-def measure(task, name, ctor, compiled, batch, seq, steps, warmup):
+def graphed_steps(model, opt, task, batch, seq, warmup):
+    """Capture one whole training step (forward, backward, AdamW) in a CUDA graph after ``warmup`` eager
+    steps (autotuning, allocator pools, optimizer state) and return ``run(steps)``, which replays it: the
+    host then launches one graph per step instead of hundreds of kernels. The batch lives in static
+    buffers that a real loop would refill with ``copy_`` before each replay."""
+    x, y = make_batch(task, batch, seq)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph requires
+        train_steps(model, opt, task, batch, seq, warmup)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # grads are None here, so backward allocates them in the graph's pool
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+
+    def run(steps):
+        for _ in range(steps):
+            graph.replay()
+        return loss
+    return run
+
+
+def measure(task, name, ctor, mode, batch, seq, steps, warmup):
+    """One row: ``mode`` is "eager", "compile" (torch.compile of the model) or "graph" (CUDA graph replay)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model, opt, raw = build(ctor, compiled)
-    train_steps(model, opt, task, batch, seq, warmup)
+    model, opt, raw = build(ctor, mode == "compile", capturable=mode == "graph")
+    if mode == "graph":
+        run = graphed_steps(model, opt, task, batch, seq, warmup)
+    else:
+        train_steps(model, opt, task, batch, seq, warmup)
+
+        def run(n):
+            return train_steps(model, opt, task, batch, seq, n)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    loss = train_steps(model, opt, task, batch, seq, steps)
+    loss = run(steps)
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30
     per_step = batch * (seq if task == "gpt" else 1)
     flops = flops_per_example(task, seq)
-    del model, opt, raw
-    return {"variant": name, "compiled": compiled, "batch": batch, "ms_per_step": round(dt * 1e3, 2),
+    del model, opt, raw, run
+    return {"variant": name, "mode": mode, "batch": batch, "ms_per_step": round(dt * 1e3, 2),
             ("tokens_per_s" if task == "gpt" else "images_per_s"): round(per_step / dt),
             "MFU": round(flops * batch / dt / H100_BF16_DENSE_PEAK, 3),
             "peak_GiB": round(peak, 2), "final_loss": round(float(loss.detach()), 3)}
@@ -185,6 +218,8 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", default="all",
                    help="comma-separated substrings of the variants to also run under torch.compile ('all', 'none')")
+    p.add_argument("--graph", default="none",
+                   help="comma-separated substrings of the variants to also run as a CUDA-graphed step ('all', 'none')")
     p.add_argument("--max-batch", default="none",
                    help="comma-separated substrings of the variants whose largest batch to search (eager; 'all')")
     args = p.parse_args()
@@ -196,14 +231,15 @@ def main():
     batch, seq = (16, 1024) if args.task == "gpt" else (128, None)
     rows = []
     for name, ctor in variants(args.task).items():
-        for compiled in ([False, True] if chosen(args.compile, name) else [False]):
+        modes = ["eager"] + ["graph"] * chosen(args.graph, name) + ["compile"] * chosen(args.compile, name)
+        for mode in modes:
             try:
-                row = measure(args.task, name, ctor, compiled, batch, seq, args.steps, args.warmup)
+                row = measure(args.task, name, ctor, mode, batch, seq, args.steps, args.warmup)
             except Exception as exc:
-                print(f"{name} compiled={compiled}: failed: {exc!r}"[:400], flush=True)
+                print(f"{name} mode={mode}: failed: {exc!r}"[:400], flush=True)
                 continue
-            if chosen(args.max_batch, name) and not compiled:
-                row["max_batch_80GB"] = largest_batch(args.task, ctor, seq, batch)
+            if chosen(args.max_batch, name) and mode == "eager":
+                row["max_batch"] = largest_batch(args.task, ctor, seq, batch)
             rows.append(row)
             print(row, flush=True)
     print(environment())

@@ -11,6 +11,8 @@ device the chosen mode cannot run on is an error.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 
@@ -46,6 +48,37 @@ os.environ["TRITON_INTERPRET"] = "1" if INTERPRET else "0"
 import triton  # noqa: E402  (after TRITON_INTERPRET is set: see above)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def custom_op(name: str, mutates_args: tuple[str, ...]):
+    """``torch.library.custom_op`` for torch.compile, without its cost in eager mode.
+
+    While torch.compile traces, a call goes through the registered op, so the graph holds one opaque node
+    whose shapes come from its ``register_fake`` rule. Outside tracing, the dispatcher's Python layers
+    cost far more host time than many of the kernels behind them take on the GPU (on an H200 with torch
+    2.11: ~25 us for a forward without autograd and ~330 us per call under autograd; see
+    benchmarks/results/host_overhead.md), so eager calls run the function directly and only bump the
+    version counters of the arguments it writes, as the registered op would, so autograd still catches
+    a mutated tensor that an earlier op saved for its backward.
+    """
+    def register(fn):
+        op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return op(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if mutates_args:
+                bound = signature.bind(*args, **kwargs).arguments
+                torch.autograd.graph.increment_version([bound[a] for a in mutates_args if bound.get(a) is not None])
+            return result
+
+        call.register_fake = op.register_fake
+        call.op = op
+        return call
+    return register
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

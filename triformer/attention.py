@@ -463,7 +463,7 @@ def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p):
 # Custom ops
 # ----------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("triformer::attention_fwd", mutates_args=())
+@_runtime.custom_op("triformer::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                    key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], is_causal: bool,
                    dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,7 +486,7 @@ def _attention_fwd_fake(q, k, v, attn_mask, key_padding_mask, seed, is_causal, d
     return _bthd_empty(B, H, Tq, D, q), _empty((B, H, Tq), q, torch.float32)
 
 
-@torch.library.custom_op("triformer::attention_bwd", mutates_args=())
+@_runtime.custom_op("triformer::attention_bwd", mutates_args=())
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                    seed: Optional[torch.Tensor], is_causal: bool, dropout_p: float,

@@ -252,7 +252,7 @@ def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
     )
 
 
-@torch.library.custom_op("triformer::cross_entropy_bwd", mutates_args=("grad",))
+@_runtime.custom_op("triformer::cross_entropy_bwd", mutates_args=("grad",))
 def _cross_entropy_bwd(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     """Scale a gradient stored by a forward pass by ``grad_output`` in place (no new buffer)."""
     scale_rows_(grad, grad_output)
@@ -290,7 +290,7 @@ def _loss_fake(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> t
     return logits.new_empty(targets.shape if reduction == "none" else ())
 
 
-@torch.library.custom_op("triformer::cross_entropy_fwd", mutates_args=())
+@_runtime.custom_op("triformer::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
                        reduction: str, n_chunks: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, gradient for an upstream gradient of 1 shaped like logits, or an empty tensor)."""
@@ -306,7 +306,7 @@ def _(logits, targets, ignore_index, label_smoothing, reduction, n_chunks, compu
     return _loss_fake(logits, targets, reduction), grad
 
 
-@torch.library.custom_op("triformer::cross_entropy_fwd_inplace", mutates_args=("logits",))
+@_runtime.custom_op("triformer::cross_entropy_fwd_inplace", mutates_args=("logits",))
 def _cross_entropy_fwd_inplace(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                                label_smoothing: float, reduction: str, n_chunks: int) -> torch.Tensor:
     """The loss; ``logits`` is overwritten with the gradient for an upstream gradient of 1."""
@@ -325,11 +325,11 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, n_chunks, inplace_backward,
                 compute_grad):
         if inplace_backward:
-            loss = torch.ops.triformer.cross_entropy_fwd_inplace(logits, targets, ignore_index, label_smoothing,
+            loss = _cross_entropy_fwd_inplace(logits, targets, ignore_index, label_smoothing,
                                                                  reduction, n_chunks)
             grad = logits
         else:
-            loss, grad = torch.ops.triformer.cross_entropy_fwd(logits, targets, ignore_index, label_smoothing,
+            loss, grad = _cross_entropy_fwd(logits, targets, ignore_index, label_smoothing,
                                                                reduction, n_chunks, compute_grad)
         if compute_grad:
             ctx.save_for_backward(grad)
@@ -341,7 +341,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         # a second backward through this graph fails in this unpack: the in-place scale below bumped the
         # saved tensor's version, so autograd refuses to scale it twice
         (grad,) = ctx.saved_tensors
-        torch.ops.triformer.cross_entropy_bwd(grad, grad_loss)
+        _cross_entropy_bwd(grad, grad_loss)
         return grad, None, None, None, None, None, None, None
 
 

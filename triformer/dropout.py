@@ -104,7 +104,7 @@ def _launch(x: torch.Tensor, y: torch.Tensor, seed: int, p: float) -> None:
                                               p, scale, FLAT=flat, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
-@torch.library.custom_op("triformer::dropout", mutates_args=())
+@_runtime.custom_op("triformer::dropout", mutates_args=())
 def _dropout_op(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """Forward and backward alike: the backward drops ``dy`` with the same seed and p."""
     check_device(x=x)
@@ -157,12 +157,12 @@ class TritonDropout(torch.autograd.Function):
         seed = _seed_tensor(seed)
         ctx.save_for_backward(seed)
         ctx.p = p
-        return torch.ops.triformer.dropout(x, seed, p)
+        return _dropout_op(x, seed, p)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (seed,) = ctx.saved_tensors
-        return torch.ops.triformer.dropout(dy, seed, ctx.p), None, None
+        return _dropout_op(dy, seed, ctx.p), None, None
 
 
 # ---------------------------------------------------------------------------------------------------------

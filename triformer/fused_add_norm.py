@@ -14,12 +14,13 @@ from typing import Optional
 
 import torch
 
+from triformer import _runtime
 from triformer._runtime import check_float
 from triformer.layernorm import check_args, grad_or_none, layer_norm_bwd, layer_norm_reference, n_rows, norm_forward
 from triformer.rmsnorm import rms_norm_bwd, rms_norm_reference
 
 
-@torch.library.custom_op("triformer::add_layer_norm_fwd", mutates_args=())
+@_runtime.custom_op("triformer::add_layer_norm_fwd", mutates_args=())
 def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor],
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,7 +35,7 @@ def _(x, residual, weight, bias, eps):
             x.new_empty(rows, dtype=torch.float32))
 
 
-@torch.library.custom_op("triformer::add_rms_norm_fwd", mutates_args=())
+@_runtime.custom_op("triformer::add_rms_norm_fwd", mutates_args=())
 def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, s, _, rstd = norm_forward(x, residual, weight, None, eps, rms=True)

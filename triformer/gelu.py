@@ -157,7 +157,7 @@ def _row_groups(device: torch.device, row_blocks: int, col_blocks: int) -> int:
     return max(1, min(row_blocks, triton.cdiv(target, col_blocks)))
 
 
-@torch.library.custom_op("triformer::gelu_fwd", mutates_args=())
+@_runtime.custom_op("triformer::gelu_fwd", mutates_args=())
 def gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
@@ -177,7 +177,7 @@ def _(x, bias, approximate):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("triformer::gelu_bwd", mutates_args=())
+@_runtime.custom_op("triformer::gelu_bwd", mutates_args=())
 def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
              approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias); dbias is an empty tensor when there is no bias."""

@@ -453,7 +453,7 @@ def check_last_dim(module: nn.Module, x) -> None:
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-@torch.library.custom_op("triformer::layer_norm_fwd", mutates_args=())
+@_runtime.custom_op("triformer::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, _, mean, rstd = norm_forward(x, None, weight, bias, eps, rms=False)
@@ -466,7 +466,7 @@ def _(x, weight, bias, eps):
     return x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
 
 
-@torch.library.custom_op("triformer::layer_norm_bwd", mutates_args=())
+@_runtime.custom_op("triformer::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    mean: torch.Tensor, rstd: torch.Tensor,
                    dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

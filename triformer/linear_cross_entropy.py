@@ -45,8 +45,8 @@ import torch
 import triton
 
 from triformer import _runtime
-from triformer.cross_entropy import (check_loss_args, check_targets, check_targets_tensor, launch_cross_entropy,
-                                     mean_scale, reference_loss)
+from triformer.cross_entropy import (_cross_entropy_bwd, check_loss_args, check_targets, check_targets_tensor,
+                                     launch_cross_entropy, mean_scale, reference_loss)
 
 # Budget for the per-chunk logits buffer, the op's only large temporary.
 CHUNK_BYTES = 64 << 20
@@ -133,7 +133,7 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(0)
 
 
-@torch.library.custom_op("triformer::linear_cross_entropy_fwd", mutates_args=())
+@_runtime.custom_op("triformer::linear_cross_entropy_fwd", mutates_args=())
 def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               bias: torch.Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
                               reduction: str, need_h: bool, need_w: bool, need_b: bool,
@@ -163,7 +163,7 @@ def _(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, redu
             bias.new_empty(bias.shape) if need_b else _empty(hidden))
 
 
-@torch.library.custom_op("triformer::linear_cross_entropy_bwd", mutates_args=())
+@_runtime.custom_op("triformer::linear_cross_entropy_bwd", mutates_args=())
 def _linear_cross_entropy_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                               targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
                               label_smoothing: float, z_loss: float, need_h: bool, need_w: bool, need_b: bool,
@@ -193,7 +193,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         hidden2 = hidden.reshape(-1, hidden.shape[-1])
         targets1 = targets.reshape(-1)
         deferred = reduction == "none"
-        loss, grad_h, grad_w, grad_b = torch.ops.triformer.linear_cross_entropy_fwd(
+        loss, grad_h, grad_w, grad_b = _linear_cross_entropy_fwd(
             hidden2, weight, targets1, bias, ignore_index, label_smoothing, z_loss, reduction,
             need_h and not deferred, need_w and not deferred, need_b and not deferred, chunk_rows)
         ctx.deferred = deferred
@@ -213,7 +213,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.deferred:
             hidden2, weight, targets1, bias = ctx.saved_tensors
             ignore_index, label_smoothing, z_loss, chunk_rows = ctx.args
-            grads = torch.ops.triformer.linear_cross_entropy_bwd(
+            grads = _linear_cross_entropy_bwd(
                 grad_loss.reshape(-1), hidden2, weight, targets1, bias, ignore_index, label_smoothing, z_loss,
                 need_h, need_w, need_b, chunk_rows)
         else:
@@ -222,7 +222,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads = ctx.saved_tensors
             for g, needed in zip(grads, ctx.needs):
                 if needed:
-                    torch.ops.triformer.cross_entropy_bwd(g, grad_loss)
+                    _cross_entropy_bwd(g, grad_loss)
         grad_h, grad_w, grad_b = (g if needed else None for g, needed in zip(grads, ctx.needs))
         if grad_h is not None:
             grad_h = grad_h.view(ctx.hidden_shape)

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from triformer import _runtime
 from triformer.layernorm import (backward_fake, check_args, check_last_dim, check_normalized_shape, grad_or_none,
                                  n_rows, norm_backward, norm_forward)
 
@@ -20,7 +21,7 @@ def _resolve_eps(x: torch.Tensor, eps: Optional[float]):
     return torch.finfo(x.dtype).eps if eps is None and isinstance(x, torch.Tensor) and x.is_floating_point() else eps
 
 
-@torch.library.custom_op("triformer::rms_norm_fwd", mutates_args=())
+@_runtime.custom_op("triformer::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     y, _, _, rstd = norm_forward(x, None, weight, None, eps, rms=True)
     return y, rstd
@@ -31,7 +32,7 @@ def _(x, weight, eps):
     return x.new_empty(x.shape), x.new_empty(n_rows(x), dtype=torch.float32)
 
 
-@torch.library.custom_op("triformer::rms_norm_bwd", mutates_args=())
+@_runtime.custom_op("triformer::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor,
                  dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """dres: a gradient reaching x directly (the fused op's residual sum), added to dx."""

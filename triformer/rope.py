@@ -53,7 +53,7 @@ def _table_strides(table: torch.Tensor) -> tuple[int, int, int]:
     return table.stride(0), table.stride(1), table.stride(2)
 
 
-@torch.library.custom_op("triformer::rope_rotate", mutates_args=())
+@_runtime.custom_op("triformer::rope_rotate", mutates_args=())
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offset: int,
                 inverse: bool) -> torch.Tensor:
     """Rotate x [B, H, T, D] by the angles of positions ``position_offset + t`` (backward: ``inverse``)."""

@@ -208,7 +208,7 @@ def _launch_bwd(y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, is_causal: 
                               scale, IS_CAUSAL=is_causal, **meta)
 
 
-@torch.library.custom_op("triformer::softmax_fwd", mutates_args=())
+@_runtime.custom_op("triformer::softmax_fwd", mutates_args=())
 def _softmax_fwd(x: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
     check_device(x=x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -221,7 +221,7 @@ def _(x, is_causal, scale):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("triformer::softmax_bwd", mutates_args=())
+@_runtime.custom_op("triformer::softmax_bwd", mutates_args=())
 def _softmax_bwd(y: torch.Tensor, dy: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
     check_device(y=y, dy=dy)
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
@@ -237,7 +237,7 @@ def _(y, dy, is_causal, scale):
 class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
-        y = torch.ops.triformer.softmax_fwd(x, is_causal, scale)
+        y = _softmax_fwd(x, is_causal, scale)
         ctx.save_for_backward(y)
         ctx.is_causal = is_causal
         ctx.scale = scale
@@ -246,7 +246,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
-        return torch.ops.triformer.softmax_bwd(y, dy, ctx.is_causal, ctx.scale), None, None
+        return _softmax_bwd(y, dy, ctx.is_causal, ctx.scale), None, None
 
 
 # ---------------------------------------------------------------------------------------------------------

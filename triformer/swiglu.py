@@ -65,7 +65,7 @@ def _glu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dgu_ptr, M, N, M1, sd0, sd1, sdn, sg0,
     tl.store(out + N, (dy * act).to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op("triformer::glu_fwd", mutates_args=())
+@_runtime.custom_op("triformer::glu_fwd", mutates_args=())
 def glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """``act(gate) * up``, contiguous, in gate's dtype; ``activation`` is "silu", "gelu_tanh" or "gelu"."""
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -84,7 +84,7 @@ def _(gate, up, activation):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("triformer::glu_bwd", mutates_args=())
+@_runtime.custom_op("triformer::glu_bwd", mutates_args=())
 def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """Gradients of gate and up side by side: a contiguous [..., 2F] tensor (d gate first, then d up)."""
     dgu = torch.empty((*gate.shape[:-1], 2 * gate.shape[-1]), dtype=gate.dtype, device=gate.device)

@@ -1,0 +1,173 @@
+"""Host (CPU) time per call of triformer's ops, layer by layer, against PyTorch's own kernels (GPU only).
+
+    python benchmarks/host_overhead.py
+
+A GPT-2 step launches a few hundred kernels, most of them short, so the Python and launch time each op
+spends on the host decides the step time whenever it exceeds the kernel's GPU time. Shapes here are tiny,
+so the GPU is never the bottleneck and a loop's wall time over its call count is the host time per call.
+Each op is timed through every layer of its stack (functional, autograd.Function, custom op, launcher,
+bare Triton launch) so the difference between adjacent rows is what that layer costs; a cProfile of the
+functional form names the Python functions behind it. Writes benchmarks/results/host_overhead.md.
+"""
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import triformer  # noqa: E402  (before triton: it picks compile vs interpreter)
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triformer import attention as attn_mod, layernorm as ln_mod  # noqa: E402
+from benchmarks.common import environment, out_dir  # noqa: E402
+
+
+@triton.jit
+def _empty_kernel(X):
+    pass
+
+
+@triton.jit
+def _empty_kernel_many_args(X, R, W, B, Y, S, Mean, Rstd, M, N, rows_inner, eps, a, b, c, d, e, f,
+                            RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            ONE_TILE: tl.constexpr):
+    pass
+
+
+def host_us(fn, calls: int = 400) -> float:
+    """Microseconds of host time per call (the loop runs ahead of the GPU, which is idle most of the time);
+    NaN, with the error printed, for a layer that fails."""
+    try:
+        for _ in range(20):
+            fn()
+    except Exception as exc:
+        print(f"failed: {exc!r}"[:300])
+        return float("nan")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return host / calls * 1e6
+
+
+def layer_norm_rows():
+    x = torch.randn(64, 768, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(768, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(768, device="cuda", dtype=torch.bfloat16)
+    xg = x.clone().requires_grad_()
+    wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+    dy = torch.randn_like(x)
+    y = torch.empty_like(x)
+    mean = torch.empty(64, device="cuda")
+    rstd = torch.empty(64, device="cuda")
+    x3 = x.unsqueeze(1)
+
+    def raw_launch():
+        ln_mod._norm_fwd_kernel[(1,)](
+            x3, None, w, b, y, None, mean, rstd, 64, 768, 1, 1e-5, *x3.stride(), *x3.stride(),
+            RMS=False, HAS_RESIDUAL=False, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_M=4, BLOCK_N=1024, ONE_TILE=True,
+            num_warps=8)
+
+    def fwd_bwd_torch():
+        F.layer_norm(xg, (768,), wg, bg).backward(dy)
+
+    def fwd_bwd_triformer():
+        triformer.layer_norm(xg, wg, bg).backward(dy)
+
+    with torch.no_grad():
+        rows = [
+            ("layer_norm fwd", "torch F.layer_norm", lambda: F.layer_norm(x, (768,), w, b)),
+            ("layer_norm fwd", "triformer.layer_norm", lambda: triformer.layer_norm(x, w, b)),
+            ("layer_norm fwd", "LayerNormFunction.apply", lambda: ln_mod.LayerNormFunction.apply(x, w, b, 1e-5)),
+            ("layer_norm fwd", "custom op layer_norm_fwd", lambda: ln_mod.layer_norm_fwd(x, w, b, 1e-5)),
+            ("layer_norm fwd", "launcher norm_forward", lambda: ln_mod.norm_forward(x, None, w, b, 1e-5, False)),
+            ("layer_norm fwd", "bare Triton launch", raw_launch),
+            ("triton", "empty kernel, 1 arg", lambda: _empty_kernel[(1,)](x)),
+            ("triton", "empty kernel, 25 args", lambda: _empty_kernel_many_args[(1,)](
+                x3, None, w, b, y, None, mean, rstd, 64, 768, 1, 1e-5, 768, 768, 1, 768, 768, 1,
+                RMS=False, HAS_RESIDUAL=False, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_M=4, BLOCK_N=1024,
+                ONE_TILE=True)),
+            ("torch", "torch.empty_like", lambda: torch.empty_like(x)),
+        ]
+        measured = [(op, layer, host_us(fn)) for op, layer, fn in rows]
+    measured += [("layer_norm fwd+bwd", "torch", host_us(fwd_bwd_torch)),
+                 ("layer_norm fwd+bwd", "triformer", host_us(fwd_bwd_triformer))]
+    return measured, fwd_bwd_triformer
+
+
+def attention_rows():
+    q, k, v = (torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    do = torch.randn_like(q)
+
+    def fwd_bwd_sdpa():
+        F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).backward(do)
+
+    def fwd_bwd_triformer():
+        triformer.attention(qg, kg, vg, is_causal=True).backward(do)
+
+    with torch.no_grad():
+        rows = [
+            ("attention fwd", "torch SDPA", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+            ("attention fwd", "triformer.attention", lambda: triformer.attention(q, k, v, is_causal=True)),
+            ("attention fwd", "custom op attention_fwd",
+             lambda: attn_mod._attention_fwd(q, k, v, None, None, None, True, 0.0, 0.125)),
+        ]
+        measured = [(op, layer, host_us(fn)) for op, layer, fn in rows]
+    measured += [("attention fwd+bwd", "torch SDPA", host_us(fwd_bwd_sdpa)),
+                 ("attention fwd+bwd", "triformer", host_us(fwd_bwd_triformer))]
+    return measured, fwd_bwd_triformer
+
+
+def other_rows():
+    x = torch.randn(64, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    logits = torch.randn(64, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 1000, (64,), device="cuda")
+    dy = torch.randn_like(x)
+    return [
+        ("gelu fwd+bwd", "torch", host_us(lambda: F.gelu(x, approximate="tanh").backward(dy))),
+        ("gelu fwd+bwd", "triformer", host_us(lambda: triformer.gelu(x, approximate="tanh").backward(dy))),
+        ("cross_entropy fwd+bwd", "torch", host_us(lambda: F.cross_entropy(logits, targets).backward())),
+        ("cross_entropy fwd+bwd", "triformer", host_us(lambda: triformer.cross_entropy(logits, targets).backward())),
+    ]
+
+
+def cprofile(fn, calls: int = 300) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    return out.getvalue()
+
+
+def main():
+    ln, ln_step = layer_norm_rows()
+    at, at_step = attention_rows()
+    rows = ln + at + other_rows()
+    lines = ["# Host time per call", "", " | ".join(f"{k}: {v}" for k, v in environment().items()), "",
+             "Command: `python benchmarks/host_overhead.py`: tiny shapes, so the loop's wall time per call is host time.",
+             "", "| op | layer | host us/call |", "|---|---|---|"]
+    lines += [f"| {op} | {layer} | {us:.1f} |" for op, layer, us in rows]
+    for name, step in (("layer_norm fwd+bwd", ln_step), ("attention fwd+bwd", at_step)):
+        lines += ["", f"## cProfile: triformer {name}, 300 calls, by own time", "", "```", cprofile(step), "```"]
+    text = "\n".join(lines)
+    print(text)
+    (out_dir() / "host_overhead.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
