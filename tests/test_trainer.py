@@ -162,6 +162,17 @@ def test_compiled_model_trains_like_eager(tmp_path, data_cache):
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_step_trains_like_eager(tmp_path, data_cache):
+    # fp32, two micro-batches per step: the replayed graph must give the eager step's losses
+    runs = {}
+    for mode in ("false", "true"):
+        train(_cfg(tmp_path / mode, data_cache, "model.kernels=triton", "trainer.device=cuda", "trainer.precision=fp32",
+                   f"trainer.cuda_graph={mode}", "trainer.grad_accum=2", "trainer.eval_interval=0"))
+        runs[mode] = _records(tmp_path / mode)
+    assert len(runs["true"]) == 6 and runs["true"] == pytest.approx(runs["false"], rel=1e-6)
+
+
 def test_resume_refuses_other_model_config(tmp_path, data_cache):
     train(_cfg(tmp_path / "a", data_cache, "trainer.max_steps=3"))
     ckpt = tmp_path / "a" / "checkpoints" / "step_00000003.safetensors"
@@ -176,6 +187,7 @@ def test_resume_refuses_other_model_config(tmp_path, data_cache):
     ("trainer.precision=fp8", "trainer.precision='fp8' is not one of: auto, fp32, bf16, fp16"),
     ("model.kernels=cuda", "model.kernels='cuda' is not one of: triton, torch"),
     ("data.seq_len=64", "data.seq_len=64 exceeds the model's block_size=32"),
+    ("trainer.cuda_graph=true", "trainer.cuda_graph=true: it needs a CUDA device"),
 ])
 def test_bad_settings_fail_at_start(tmp_path, data_cache, override, message):
     with pytest.raises(ValueError, match=message):

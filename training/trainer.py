@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import models
-from training import checkpoint, distributed, memory
+from training import checkpoint, distributed, graphs, memory
 from training.logging import RunLogger
 from training.optim import build_optimizer, lr_at
 
@@ -68,6 +68,9 @@ class Trainer:
                              f"{self.ctx.world_size} * {t.grad_accum}")
         self.micro_batch = t.batch_size // per_step
         self.precision = t.precision if t.precision != "auto" else ("bf16" if self.ctx.device.type == "cuda" else "fp32")
+        if t.cuda_graph:
+            graphs.check_supported(cfg, self.ctx.device, self.ctx.world_size, self.precision)
+        self.graphed: graphs.GraphedStep | None = None  # built at the first step, from its batches
         self.run_dir = self._run_dir()
 
         _seed_everything(cfg.seed)
@@ -230,15 +233,20 @@ class Trainer:
     def _train_step(self) -> tuple[float, float, bool]:
         t = self.cfg.trainer
         self.forward_model.train()
-        total = torch.zeros((), device=self.ctx.device)
-        for i in range(t.grad_accum):
-            x, y = self.data.next_batch(self.micro_batch)
-            x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
-            with distributed.gradient_sync(self.wrapped, self.ctx, enabled=i == t.grad_accum - 1):
-                with self._autocast():
-                    _, loss = self.forward_model(x, y)
-                self.scaler.scale(loss / t.grad_accum).backward()
-            total += loss.detach().float()
+        batches = [self.data.next_batch(self.micro_batch) for _ in range(t.grad_accum)]
+        if t.cuda_graph:
+            if self.graphed is None:
+                self.graphed = graphs.GraphedStep(self.forward_model, batches, self._autocast)
+            total = self.graphed.replay(batches)
+        else:
+            total = torch.zeros((), device=self.ctx.device)
+            for i, (x, y) in enumerate(batches):
+                x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+                with distributed.gradient_sync(self.wrapped, self.ctx, enabled=i == t.grad_accum - 1):
+                    with self._autocast():
+                        _, loss = self.forward_model(x, y)
+                    self.scaler.scale(loss / t.grad_accum).backward()
+                total += loss.detach().float()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -256,7 +264,8 @@ class Trainer:
             finite = loss_finite and math.isfinite(norm_value)
             if finite:
                 self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if not t.cuda_graph:  # a captured step zeroes its gradients in place, keeping their addresses
+            self.optimizer.zero_grad(set_to_none=True)
         return loss_value, norm_value, finite
 
     def _train_metrics(self, loss: float, grad_norm: float, lr: float, steps: int, elapsed: float) -> dict[str, float]:
