@@ -5,12 +5,14 @@
 A GPT-2 step launches a few hundred kernels, most of them short, so the Python and launch time each op
 spends on the host decides the step time whenever it exceeds the kernel's GPU time. Shapes here are tiny,
 so the GPU is never the bottleneck and a loop's wall time over its call count is the host time per call.
-Each op is timed through every layer of its stack (functional, autograd.Function, custom op, launcher,
-bare Triton launch) so the difference between adjacent rows is what that layer costs; a cProfile of the
-functional form names the Python functions behind it. Writes benchmarks/results/host_overhead.md.
+Each op is timed through every layer of its stack (functional, autograd.Function, launcher, bare Triton
+launch) so the difference between adjacent rows is what that layer costs, and with the host-side shortcuts
+undone ("as before" rows: ops through torch.library's dispatcher, Triton's autotuner on every launch); a
+cProfile of the functional form names the Python functions behind it. Writes benchmarks/results/host_overhead.md.
 """
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import io
 import pstats
@@ -60,6 +62,35 @@ def host_us(fn, calls: int = 400) -> float:
     return host / calls * 1e6
 
 
+@contextlib.contextmanager
+def through_dispatcher(module, *names):
+    """The "before" of triformer's eager bypass: ``module``'s ops called through torch.library's registered op."""
+    saved = {n: getattr(module, n) for n in names}
+    try:
+        for n, fn in saved.items():
+            setattr(module, n, fn.op)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(module, n, fn)
+
+
+class _NeverTuned(dict):
+    """The "before" of attention's tuned-config cache: every launch goes through Triton's autotuner."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+@contextlib.contextmanager
+def autotuner_every_call():
+    saved, attn_mod._TUNED = attn_mod._TUNED, _NeverTuned()
+    try:
+        yield
+    finally:
+        attn_mod._TUNED = saved
+
+
 def layer_norm_rows():
     x = torch.randn(64, 768, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(768, device="cuda", dtype=torch.bfloat16)
@@ -89,7 +120,6 @@ def layer_norm_rows():
             ("layer_norm fwd", "torch F.layer_norm", lambda: F.layer_norm(x, (768,), w, b)),
             ("layer_norm fwd", "triformer.layer_norm", lambda: triformer.layer_norm(x, w, b)),
             ("layer_norm fwd", "LayerNormFunction.apply", lambda: ln_mod.LayerNormFunction.apply(x, w, b, 1e-5)),
-            ("layer_norm fwd", "custom op layer_norm_fwd", lambda: ln_mod.layer_norm_fwd(x, w, b, 1e-5)),
             ("layer_norm fwd", "launcher norm_forward", lambda: ln_mod.norm_forward(x, None, w, b, 1e-5, False)),
             ("layer_norm fwd", "bare Triton launch", raw_launch),
             ("triton", "empty kernel, 1 arg", lambda: _empty_kernel[(1,)](x)),
@@ -102,6 +132,8 @@ def layer_norm_rows():
         measured = [(op, layer, host_us(fn)) for op, layer, fn in rows]
     measured += [("layer_norm fwd+bwd", "torch", host_us(fwd_bwd_torch)),
                  ("layer_norm fwd+bwd", "triformer", host_us(fwd_bwd_triformer))]
+    with through_dispatcher(ln_mod, "layer_norm_fwd", "layer_norm_bwd"):
+        measured.append(("layer_norm fwd+bwd", "triformer, ops through the dispatcher", host_us(fwd_bwd_triformer)))
     return measured, fwd_bwd_triformer
 
 
@@ -120,12 +152,15 @@ def attention_rows():
         rows = [
             ("attention fwd", "torch SDPA", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
             ("attention fwd", "triformer.attention", lambda: triformer.attention(q, k, v, is_causal=True)),
-            ("attention fwd", "custom op attention_fwd",
-             lambda: attn_mod._attention_fwd(q, k, v, None, None, None, True, 0.0, 0.125)),
         ]
         measured = [(op, layer, host_us(fn)) for op, layer, fn in rows]
     measured += [("attention fwd+bwd", "torch SDPA", host_us(fwd_bwd_sdpa)),
                  ("attention fwd+bwd", "triformer", host_us(fwd_bwd_triformer))]
+    with autotuner_every_call():
+        measured.append(("attention fwd+bwd", "triformer, autotuner on every launch", host_us(fwd_bwd_triformer)))
+        with through_dispatcher(attn_mod, "_attention_fwd", "_attention_bwd"):
+            measured.append(("attention fwd+bwd", "triformer, autotuner + dispatcher (as before)",
+                             host_us(fwd_bwd_triformer)))
     return measured, fwd_bwd_triformer
 
 
