@@ -1,4 +1,6 @@
-"""Flash-attention benchmark (GPU): ``python benchmarks/attention.py``. Without a GPU it only builds small cases.
+"""Flash-attention benchmark (GPU): ``python benchmarks/attention.py [--quick]``. Without a GPU it only builds small
+cases. ``--quick``: the anchor shape, T=4096 and D=128 causal, and the anchor shape with dropout, against SDPA
+alone (no compile or eager peers), for a check that fits a short GPU call.
 
 Compute-bound: flops = 4*B*H*Tq*Tk*D for the forward (half of it when causal), 2.5x that for the backward,
 3.5x for fwd+bwd. Peers: SDPA pinned to its flash backend ("sdpa_flash"; with dropout, SDPA's own backend
@@ -16,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, main, mode_cases  # noqa: E402
+from benchmarks.common import Case, flag, main, mode_cases  # noqa: E402
 from triformer.attention import attention, attention_reference  # noqa: E402
 
 # (B, H, T, D): 16k tokens per batch, hidden size 768; q, k and v are 25 MB each, 75 MB together.
@@ -24,6 +26,8 @@ SHAPES = [(16, 12, 1024, 64), (8, 12, 2048, 64), (4, 12, 4096, 64),
           (16, 6, 1024, 128), (8, 6, 2048, 128), (4, 6, 4096, 128)]
 # (is_causal, dropout_p, shapes)
 SETTINGS = [(True, 0.0, SHAPES), (False, 0.0, [SHAPES[0], SHAPES[3]]), (True, 0.1, [SHAPES[0], SHAPES[2]])]
+QUICK_SETTINGS = [(True, 0.0, [SHAPES[0], SHAPES[2], SHAPES[3]]), (True, 0.1, [SHAPES[0]])]
+QUICK_PROVIDERS = ("triformer", "sdpa", "sdpa_flash")
 EAGER_MAX_T = 2048
 DTYPE = torch.bfloat16
 
@@ -49,19 +53,22 @@ def providers(is_causal: bool, dropout_p: float, T: int) -> dict:
     return fns
 
 
-def build_cases(device: str, shrink: int = 1) -> list[Case]:
+def build_cases(device: str, shrink: int = 1, quick: bool = False) -> list[Case]:
     """``shrink`` divides batch and sequence length (a CPU smoke test builds tiny cases)."""
     cases = []
-    for is_causal, dropout_p, shapes in SETTINGS:
+    for is_causal, dropout_p, shapes in QUICK_SETTINGS if quick else SETTINGS:
         for B, H, T, D in shapes:
             B, T = max(1, B // shrink), max(16, T // shrink)
             q, k, v = (torch.randn(B, H, T, D, device=device, dtype=DTYPE, requires_grad=True) for _ in range(3))
             fwd_flops = 4 * B * H * T * T * D * (0.5 if is_causal else 1.0)
             op = "attention" + ("_causal" if is_causal else "") + (f"_dropout{dropout_p}" if dropout_p else "")
-            cases += mode_cases(op, f"{B}x{H}x{T}x{D}", DTYPE, providers(is_causal, dropout_p, T), [q, k, v],
+            fns = providers(is_causal, dropout_p, T)
+            if quick:
+                fns = {name: fn for name, fn in fns.items() if name in QUICK_PROVIDERS}
+            cases += mode_cases(op, f"{B}x{H}x{T}x{D}", DTYPE, fns, [q, k, v],
                                 flops={"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops})
     return cases
 
 
 if __name__ == "__main__":
-    main("attention", lambda: build_cases("cuda"), lambda: build_cases("cpu", shrink=64))
+    main("attention", lambda: build_cases("cuda", quick=flag("--quick")), lambda: build_cases("cpu", shrink=64))
