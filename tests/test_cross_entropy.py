@@ -30,19 +30,20 @@ def torch_peer(logits, targets, ignore_index, reduction, label_smoothing):
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
-def upstream(loss):
-    return (torch.rand(loss.shape, dtype=torch.float32) + 0.5).to(loss.dtype).to(loss.device)
+def upstream(loss, generator=None):
+    return (torch.rand(loss.shape, dtype=torch.float32, generator=generator) + 0.5).to(loss.dtype).to(loss.device)
 
 
 def check_against_reference(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                            n_chunks=1, check_peer=True):
-    """Loss and gradient of ``cross_entropy`` vs float64 reference (and PyTorch's own in low precision)."""
+                            n_chunks=1, check_peer=True, generator=None):
+    """Loss and gradient of ``cross_entropy`` vs float64 reference (and PyTorch's own in low precision).
+    ``generator`` draws the upstream gradient (reproducible property-test examples)."""
     x = logits.detach().clone().requires_grad_()
     loss = cross_entropy(x, targets, ignore_index, reduction, label_smoothing, n_chunks)
     x64 = logits.detach().double().requires_grad_()
     ref = cross_entropy_reference(x64, targets, ignore_index, reduction, label_smoothing)
     assert loss.dtype == logits.dtype and loss.shape == ref.shape
-    g = upstream(loss)
+    g = upstream(loss, generator)
     loss.backward(g)
     ref.backward(g.double())
     peer_loss = peer_grad = None
@@ -341,7 +342,7 @@ def test_property(rows, n_cols, dtype, contiguous, scale, offset, reduction, lab
     targets = make_targets((rows,), n_cols, ignore_frac=ignore_frac, generator=gen)
     # PyTorch's own low-precision result sets the bar, except where 'mean' divides 0 by 0 (all ignored)
     check_against_reference(logits, targets, reduction=reduction, label_smoothing=label_smoothing,
-                            check_peer=not (ignore_frac == 1.0 and reduction == "mean"))
+                            check_peer=not (ignore_frac == 1.0 and reduction == "mean"), generator=gen)
 
 
 @pytest.mark.skipif(triformer.INTERPRET, reason="GPU memory accounting")
