@@ -1,8 +1,6 @@
-import math
-
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from triformer.gelu import GELU, BiasGELU, GELUFunction, gelu, gelu_reference
@@ -100,9 +98,10 @@ def test_gelu_layout_needing_three_leading_dims_is_handled():
     with_bias=st.booleans(),
     scale=st.sampled_from([1e-3, 1.0, 6.0, 200.0]),
 )
+@example(shape=[1, 2, 1], dtype=torch.float32, contiguous=False, approximate="tanh", with_bias=False, scale=1.0)
 def test_gelu_property(shape, dtype, contiguous, approximate, with_bias, scale):
-    # a one-element tensor is contiguous whatever its strides
-    x = random_tensor(shape, dtype, contiguous=contiguous or math.prod(shape) == 1, scale=scale)
+    # random_tensor cannot stride some one-column shapes, e.g. (1, 2, 1)
+    x = random_tensor(shape, dtype, contiguous=contiguous or shape[-1] == 1, scale=scale)
     bias = random_tensor(shape[-1:], dtype, scale=scale) if with_bias else None
     check_gelu(x, approximate, bias)
 

@@ -1,10 +1,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import triformer
+from triformer.cross_entropy import reference_loss
 from triformer.linear_cross_entropy import (CHUNK_BYTES, CHUNK_ROW_ALIGN, ROW_ALIGN, VOCAB_ALIGN,
                                             LinearCrossEntropyLoss, _chunk_rows, _vocab_parts, linear_cross_entropy,
                                             linear_cross_entropy_reference)
@@ -49,8 +50,11 @@ def torch_peer(h, w, targets, b, ignore_index, reduction, label_smoothing, z_los
     return loss.sum() / active.sum() if reduction == "mean" else loss.sum()
 
 
-def low_precision_grad_rtol(dtype, ref, peer, n_chunks):
-    """Bar for an fp16/bf16 gradient: eager's (``assert_close``'s rule, also for an fp32 parameter), plus
+def low_precision_grad_rtol(dtype, ref, peer, n_chunks, spread):
+    """Bar for an fp16/bf16 gradient: eager's (``assert_close``'s rule, also for an fp32 parameter), or that
+    slack times the error of rounding the logits gradient once (as eager does), eps/2 times ``spread``, where
+    larger: a sum that cancels amplifies it past the floor, and eager's error, one draw, can land far below
+    (a one-element fp16 grad_h with spread 8.3: eager 6.3e-4, ours 2.3e-3, found by the long profile); plus
     * one rounding: gradients are stored for an upstream gradient of 1 and rounded again when backward scales
       them, which eager folds into its first rounding (visible in single-element cases);
     * sqrt(n_chunks) roundings for a grad_W accumulated across chunks in its own dtype (a random walk);
@@ -60,7 +64,19 @@ def low_precision_grad_rtol(dtype, ref, peer, n_chunks):
     rounds = 1.0 + (n_chunks ** 0.5 if n_chunks > 1 else 0.0)
     peer_err = rel_error(peer, ref) if peer is not None else 0.0
     subnormal = (rounds + 2) * fi.tiny * fi.eps / 2 * ref.numel() ** 0.5 / max(float(ref.norm()), 1e-300)
-    return max(LOW_PRECISION_FLOOR[dtype], LOW_PRECISION_SLACK * peer_err) + rounds * fi.eps / 2 + subnormal
+    bar = max(LOW_PRECISION_FLOOR[dtype], LOW_PRECISION_SLACK * peer_err, LOW_PRECISION_SLACK * fi.eps / 2 * spread)
+    return bar + rounds * fi.eps / 2 + subnormal
+
+
+def rounding_spread(h64, w64, b64, targets, ignore_index, reduction, label_smoothing, z_loss, upstream64):
+    """Per gradient (grad_h = g W, grad_W = g^T h, grad_b = sum of g's rows, with g the float64 logits gradient):
+    ||sqrt(sum of the squared terms)|| / ||sum||, 1 or less where the terms do not cancel."""
+    logits = F.linear(h64, w64, b64).detach().requires_grad_()
+    reference_loss(logits, targets, ignore_index, reduction, label_smoothing, z_loss).backward(upstream64)
+    g, h = logits.grad.reshape(-1, w64.shape[0]), h64.reshape(-1, w64.shape[1])
+    terms = {"hidden": ((g * g) @ (w64 * w64), g @ w64), "weight": ((g * g).T @ (h * h), g.T @ h),
+             "bias": ((g * g).sum(0), g.sum(0))}
+    return {name: float(sq.sqrt().norm() / total.norm().clamp(min=1e-300)) for name, (sq, total) in terms.items()}
 
 
 def check_against_reference(h, w, targets, b=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
@@ -79,6 +95,9 @@ def check_against_reference(h, w, targets, b=None, ignore_index=-100, reduction=
     loss.backward(g)
     ref.backward(g.double())
     peers = [None] * 4
+    if h.dtype != torch.float32:
+        spread = rounding_spread(*(t.detach() if t is not None else None for t in refs), targets, ignore_index,
+                                 reduction, label_smoothing, z_loss, g.double())
     if check_peer and h.dtype != torch.float32:
         pins = [t.detach().clone().requires_grad_() if t is not None else None for t in (h, w, b)]
         peer = torch_peer(pins[0], pins[1], targets, pins[2], ignore_index, reduction, label_smoothing, z_loss)
@@ -94,7 +113,7 @@ def check_against_reference(h, w, targets, b=None, ignore_index=-100, reduction=
                 if chunk_slack and name == "weight" and ours.dtype == h.dtype:
                     n_tokens = h.numel() // h.shape[-1]
                     n_chunks = -(-n_tokens // (chunk_rows or n_tokens or 1))
-                rtol = low_precision_grad_rtol(h.dtype, r.grad, p, n_chunks)
+                rtol = low_precision_grad_rtol(h.dtype, r.grad, p, n_chunks, spread[name])
             assert_close(f"grad {name}", ours.grad, r.grad, p, rtol=rtol)
     return ins
 
@@ -281,10 +300,13 @@ def test_torch_compile_fullgraph(reduction):
 @given(
     rows=st.integers(1, 90), hidden=st.integers(1, 70), vocab=st.integers(1, 1500), dtype=st.sampled_from(DTYPES),
     contiguous=st.booleans(), bias=st.booleans(), scale=st.sampled_from([1e-2, 1.0, 8.0]),
-    reduction=st.sampled_from(["mean", "sum", "none"]), label_smoothing=st.sampled_from([0.0, 0.3]),
+    reduction=st.sampled_from(["mean", "sum", "none"]), label_smoothing=st.sampled_from([0.0, 0.3, 1.0]),
     z_loss=st.sampled_from([0.0, 1e-3]), ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
     chunk_rows=st.sampled_from([None, 7, 16]), seed=st.integers(0, 2**31 - 1),
 )
+# found by the long profile: a one-element grad_h whose sum cancels (see low_precision_grad_rtol)
+@example(rows=1, hidden=1, vocab=1133, dtype=torch.float16, contiguous=False, bias=True, scale=8.0, reduction="none",
+         label_smoothing=0.0, z_loss=0.0, ignore_frac=0.0, chunk_rows=None, seed=1133)
 def test_property(rows, hidden, vocab, dtype, contiguous, bias, scale, reduction, label_smoothing, z_loss,
                   ignore_frac, chunk_rows, seed):
     """Random shapes, layouts, dtypes, magnitudes and options against the float64 reference."""

@@ -52,6 +52,27 @@ from triformer import _runtime
 REDUCTIONS = ("mean", "sum", "none")
 
 
+# exp(y) - 1 and log(1 + z) in fp32 where the plain forms cancel. At y = 1e-3, exp(y) - 1 keeps four of fp32's
+# seven digits (and tl.exp on a GPU is an approximation); the series are exact to fp32 rounding on the ranges
+# used: below |y| = 1/4 the Taylor series to y^7 (next term < 2e-9 relative), and for z in (-1/2, 0] the series
+# 2 atanh(w), w = z / (2 + z), to w^13 (next term < 2e-8 relative).
+@triton.jit
+def _expm1(y):
+    small = tl.abs(y) < 0.25
+    z = tl.where(small, y, 0.0)
+    series = z * (1.0 + z / 2.0 * (1.0 + z / 3.0 * (1.0 + z / 4.0 * (1.0 + z / 5.0 * (1.0 + z / 6.0 * (
+        1.0 + z / 7.0))))))
+    return tl.where(small, series, tl.exp(y) - 1.0)
+
+
+@triton.jit
+def _log1p(z):
+    w = z / (2.0 + z)
+    w2 = w * w
+    return 2.0 * w * (1.0 + w2 * (1.0 / 3.0 + w2 * (1.0 / 5.0 + w2 * (1.0 / 7.0 + w2 * (1.0 / 9.0 + w2 * (
+        1.0 / 11.0 + w2 / 13.0))))))
+
+
 # A program walks its rows in [BLOCK_R, BLOCK_V] tiles: pass 1 folds every tile into a running max / scaled
 # exp-sum (online log-sum-exp, fp32) so registers never hold a whole row; pass 2 re-reads the row to write the
 # gradient. On a GPU the grid is persistent (a few programs per SM, each looping over row blocks) so that the
@@ -85,18 +106,31 @@ def _cross_entropy_fwd_kernel(
         # a finite floor instead of -inf keeps exp(m - m_new) defined when a first tile holds only -inf logits
         m = tl.full([BLOCK_R], -3.0e38, tl.float32)
         s = tl.full([BLOCK_R], 0.0, tl.float32)
-        x_sum = tl.full([BLOCK_R], 0.0, tl.float32)  # sum_j (x_j - x_ref), for label smoothing
+        # for label smoothing: x_sum = sum_j (x_j - x_ref), and t = s - (columns so far) = sum_j expm1(x_j - m),
+        # a sum of terms <= 0 that holds s - V to fp32 precision where s is close to V (a near-uniform row)
+        x_sum = tl.full([BLOCK_R], 0.0, tl.float32)
+        t = tl.full([BLOCK_R], 0.0, tl.float32)
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             col_ok = cols < n_cols
             x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
                         other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
-            m = m_new
+            rescale = tl.exp(m - m_new)
+            s = s * rescale + tl.sum(tl.exp(x - m_new[:, None]), 1)
             if HAS_SMOOTHING:
                 x_sum += tl.sum(tl.where(col_ok[None, :], x - x_ref[:, None], 0.0), 1)
+                # expm1(a + d) = exp(d) expm1(a) + expm1(d) for each earlier column, d = m - m_new
+                t = t * rescale + start * _expm1(m - m_new) + tl.sum(
+                    tl.where(col_ok[None, :], _expm1(x - m_new[:, None]), 0.0), 1)
+            m = m_new
         log_s = tl.log(s)
+        if HAS_SMOOTHING:
+            # log(s / V) to fp32 precision: its error scales every p_j - 1/V term of the gradient by p_j, and a
+            # near-uniform row has |p_j - 1/V| << p_j. From t while s > V / 2 (where log1p(t / V) loses less
+            # than log(s / V): its error is eps (V - s) / s), from s otherwise.
+            t_frac = t / n_cols
+            log_mean = tl.where(t_frac > -0.5, _log1p(t_frac), tl.log(s / n_cols))
 
         # loss = (1 - eps) * (lse - x_t) + eps * (lse - mean_j x_j) + z * lse^2, with lse = m + log_s
         loss = (m - x_ref) + log_s - (1.0 - smoothing) * (x_target - x_ref)
@@ -114,7 +148,9 @@ def _cross_entropy_fwd_kernel(
             else:
                 scale = tl.full([BLOCK_R], 1.0, tl.float32)
             # d loss / d x_j = (1 - eps) (p_j - [j == t]) + eps (p_j - 1 / V) + 2 z lse p_j, times the row's scale:
-            # written as differences of p so that where they cancel (V = 1: p = 1) the small z term survives intact
+            # written as differences of p so that where they cancel (V = 1: p = 1) the small z term survives intact;
+            # p_j - 1/V as expm1(x_j - lse + log V) / V: in a near-uniform row (small logits) p_j ~ 1/V, and the plain
+            # difference had the relative error of p_j times 1 / |V p_j - 1| (1e-4 at logits of 1e-3)
             hit = (1.0 - smoothing) * scale
             smooth = smoothing * scale
             z_coef = scale * 2.0 * z_loss * (m + log_s)
@@ -127,7 +163,7 @@ def _cross_entropy_fwd_kernel(
                 p = tl.exp((x - m[:, None]) - log_s[:, None])
                 g = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * hit[:, None]
                 if HAS_SMOOTHING:
-                    g += (p - 1.0 / n_cols) * smooth[:, None]
+                    g += _expm1((x - m[:, None]) - log_mean[:, None]) * (smooth / n_cols)[:, None]
                 if HAS_Z:
                     g += p * z_coef[:, None]
                 g = tl.where(active[:, None], g, 0.0)
