@@ -151,10 +151,11 @@ def test_attention_non_contiguous_inputs_and_grad(dtype):
     check_attention(q, k, v, grad_out, scale=0.3)
 
 
-def test_attention_reads_fused_qkv_projection_in_place():
+@pytest.mark.parametrize("B,T", [(2, 97), (6, 5)])  # a GPT's blocks; a ViT's 5 tokens, packed on the CPU
+def test_attention_reads_fused_qkv_projection_in_place(B, T):
     """The models' layout: q, k, v are strided views of one [B, T, 3, H, D] projection, output feeds a
     [B, T, H*D] reshape. The kernel reads the views as they are and its output reshapes without a copy."""
-    B, T, H, D = 2, 97, 3, 32
+    H, D = 3, 32
     fused = random_tensor((B, T, 3, H, D), torch.float32)
     q, k, v = fused.permute(2, 0, 3, 1, 4)
     out = check_attention(q, k, v, is_causal=True)
@@ -176,6 +177,24 @@ def test_causal_alignment_matches_incremental_decoding():
                                F.scaled_dot_product_attention(q64, k64, v64, is_causal=True))
 
 
+# Sequences that fit in one interpreter tile go in whole, several (batch, head) pairs per program: 15 pairs
+# of 5 tokens leave the last program short of pairs, Tq != Tk both ways, one query row, 33 keys (one pair
+# per tile). On a GPU these are ordinary single-block cases.
+@pytest.mark.parametrize("B,H,Tq,Tk", [(3, 5, 5, 5), (2, 3, 12, 8), (4, 2, 1, 7), (2, 2, 9, 33)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_short_sequences_many_pairs(B, H, Tq, Tk, is_causal):
+    check_attention(*qkv(B, H, Tq, Tk, 24, torch.float32), is_causal=is_causal)
+
+
+@pytest.mark.skipif(kernel_device().type == "cuda", reason="interpreter tiles")
+def test_interpreter_packs_short_sequences():
+    """What makes a ViT on 8x8 digits (5 tokens, batch 32, one head) train in minutes on a CPU: 8 programs
+    of 4 pairs per launch instead of 32."""
+    tiles = attention_module._tiles(5, 5, 32)
+    assert (tiles["BLOCK_M"] // tiles["SEQ_M"], tiles["SEQ_M"], tiles["SEQ_N"]) == (4, 8, 8)
+    assert attention_module._tiles(100, 5, 32)["SEQ_M"] == 0  # too long to pack: 64 x 64 blocks
+
+
 def random_masks(B, H, Tq, Tk, kind, generator=None):
     """Masks with some query rows and some keys fully excluded (so rows with nothing to attend occur)."""
     if kind == "additive":
@@ -195,8 +214,8 @@ def random_masks(B, H, Tq, Tk, kind, generator=None):
 
 @pytest.mark.parametrize("kind", ["additive", "bool", "padding"])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_attention_masks(kind, is_causal):
-    B, H, Tq, Tk = 2, 2, 75, 101
+@pytest.mark.parametrize("B,H,Tq,Tk", [(2, 2, 75, 101), (3, 3, 6, 11)])
+def test_attention_masks(kind, is_causal, B, H, Tq, Tk):
     masks = random_masks(B, H, Tq, Tk, kind)
     out = check_attention(*qkv(B, H, Tq, Tk, 32, torch.float32), is_causal=is_causal, **masks)
     assert torch.isfinite(out).all()
@@ -220,12 +239,13 @@ def test_extreme_logits_stay_finite():
     check_attention(*qkv(1, 2, 80, 130, 32, torch.float32, scale=12.0), is_causal=True)
 
 
-# Tk % 4 == 0 lets one Philox call serve four keys; other lengths draw per element: test both.
-@pytest.mark.parametrize("Tk", [100, 99])
+# Tk % 4 == 0 lets one Philox call serve four keys; other lengths draw per element: test both, in blocks
+# and in packed short sequences.
+@pytest.mark.parametrize("B,H,Tq,Tk", [(1, 2, 70, 100), (1, 2, 70, 99), (3, 3, 6, 12), (3, 3, 6, 7)])
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_attention_dropout_matches_reference(Tk, is_causal):
-    check_attention(*qkv(1, 2, 70, Tk, 32, torch.float32), is_causal=is_causal, dropout_p=0.3, seed=1234,
-                    key_padding_mask=torch.rand(1, Tk, device=kernel_device()) > 0.8)
+def test_attention_dropout_matches_reference(B, H, Tq, Tk, is_causal):
+    check_attention(*qkv(B, H, Tq, Tk, 32, torch.float32), is_causal=is_causal, dropout_p=0.3, seed=1234,
+                    key_padding_mask=torch.rand(B, Tk, device=kernel_device()) > 0.8)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 77, 132), (1, 2, 70, 131)])

@@ -188,10 +188,19 @@ def test_resume_refuses_other_model_config(tmp_path, data_cache):
     ("model.kernels=cuda", "model.kernels='cuda' is not one of: triton, torch"),
     ("data.seq_len=64", "data.seq_len=64 exceeds the model's block_size=32"),
     ("trainer.cuda_graph=true", "trainer.cuda_graph=true: it needs a CUDA device"),
+    ("trainer.cpu_threads=0", "trainer.cpu_threads must be null or a positive int, got 0"),
 ])
 def test_bad_settings_fail_at_start(tmp_path, data_cache, override, message):
     with pytest.raises(ValueError, match=message):
         Trainer(_cfg(tmp_path, data_cache, "trainer.grad_accum=2", override))
+
+
+def test_cpu_threads_sets_torch_threads(tmp_path, data_cache, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    Trainer(_cfg(tmp_path / "default", data_cache)).close()
+    Trainer(_cfg(tmp_path / "three", data_cache, "trainer.cpu_threads=3")).close()
+    assert calls == [3]
 
 
 def test_fused_loss_is_for_language_models(tmp_path, data_cache):

@@ -55,6 +55,10 @@ class Trainer:
         for key in ("batch_size", "grad_accum", "max_steps", "max_bad_steps", "keep_last"):
             if not isinstance(t[key], int) or t[key] < 1:
                 raise ValueError(f"trainer.{key} must be a positive int, got {t[key]!r}")
+        if t.cpu_threads is not None:
+            if not isinstance(t.cpu_threads, int) or t.cpu_threads < 1:
+                raise ValueError(f"trainer.cpu_threads must be null or a positive int, got {t.cpu_threads!r}")
+            torch.set_num_threads(t.cpu_threads)
         self.ctx = distributed.init(t.device, t.strategy)
         if cfg.model.kernels == "triton":
             import triformer

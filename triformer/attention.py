@@ -5,6 +5,9 @@ Layout is that of ``torch.nn.functional.scaled_dot_product_attention``: q [B, H,
 
 Forward (FA2): one program per (batch*head, block of BLOCK_M query rows) streams the key blocks with an
 online softmax; the output is normalised once at the end and only the per-row log-sum-exp is saved.
+Through Triton's interpreter (CPU), which pays per program rather than per element, short sequences are
+packed instead: one program takes the whole sequences of several (batch, head) pairs side by side in one
+tile, masked so that a pair's queries see only its own keys (``_tile_rows``).
 Backward recomputes the probabilities from that log-sum-exp: a small kernel computes
 ``delta = rowsum(dO * O)``, one kernel per key block accumulates dK/dV over the query blocks, one per
 query block accumulates dQ over the key blocks. Neither needs atomics, so every launch is a pure write
@@ -46,20 +49,29 @@ MAX_HEAD_DIM = 128  # larger tiles overflow shared memory or spill in every H100
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N: tl.constexpr, QUADS: tl.constexpr):
+def _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N: tl.constexpr, QUADS: tl.constexpr,
+                  SEQ_N: tl.constexpr):
     """Keep mask [len(offs_m), BLOCK_N] of query rows offs_m and keys start_n + arange(BLOCK_N): element
     (i, j) is element rng_base + i*Tk + j of triformer.dropout's stream. That stream takes the 4 words of
     one Philox call for 4 consecutive indices; with Tk % 4 == 0 (QUADS) a quad never straddles two rows,
-    so one call serves 4 keys here too, a quarter of the RNG work (which dominates attention with dropout)."""
+    so one call serves 4 keys here too, a quarter of the RNG work (which dominates attention with dropout).
+    In a packed tile (SEQ_N, see _tile_rows) the key index restarts at every SEQ_N columns, and rng_base
+    is per row."""
     row = rng_base + offs_m.to(tl.int64) * Tk
     if QUADS:
-        quad = (row // 4)[:, None] + (start_n // 4 + tl.arange(0, BLOCK_N // 4))[None, :]
+        quads = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+        if SEQ_N:
+            quads = quads % (SEQ_N // 4)
+        quad = (row // 4)[:, None] + quads[None, :]
         r0, r1, r2, r3 = _philox(seed, quad)
         u = tl.join(tl.join(_uniform(r0, r1, r2, r3, 0), _uniform(r0, r1, r2, r3, 2)),
                     tl.join(_uniform(r0, r1, r2, r3, 1), _uniform(r0, r1, r2, r3, 3)))  # [.., a, b] = word 2a+b
         keep = tl.reshape(u, [offs_m.shape[0], BLOCK_N]) >= dropout_p
     else:
-        keep = dropout_keep(seed, row[:, None] + (start_n + tl.arange(0, BLOCK_N))[None, :], dropout_p)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        if SEQ_N:
+            cols = cols % SEQ_N
+        keep = dropout_keep(seed, row[:, None] + cols[None, :], dropout_p)
     return keep
 
 
@@ -76,10 +88,72 @@ def _program_block(n_blocks, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _key_range(m0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+def _tile_rows(T, n_pairs, BLOCK: tl.constexpr, SEQ: tl.constexpr, REVERSE: tl.constexpr):
+    """This program's rows of a sequence axis of length T: (first row, rows [BLOCK], batch*head).
+
+    SEQ == 0 (GPU): one block of one (batch, head) pair per program, as _program_block splits it; batch*head
+    is a scalar. SEQ > 0 (the interpreter, which pays per program and per operation, not per element):
+    the whole sequences, padded to SEQ >= T rows, of BLOCK // SEQ consecutive pairs side by side in one
+    tile; batch*head is then per row, and the rows of pairs past the last one are moved to T, where every
+    load and store masks them."""
+    if SEQ == 0:
+        blk, bh = _program_block(tl.cdiv(T, BLOCK), REVERSE)
+        start = blk * BLOCK
+        rows = start + tl.arange(0, BLOCK)
+    else:
+        start = 0
+        r = tl.arange(0, BLOCK)
+        bh = tl.program_id(0) * (BLOCK // SEQ) + r // SEQ
+        rows = tl.where(bh < n_pairs, r % SEQ, T)
+    return start, rows, bh
+
+
+@triton.jit
+def _batch_head(bh, H, PACKED: tl.constexpr):
+    """(batch, head) of the pair index bh, in int64; columns [BLOCK, 1] when the pairs are packed per row."""
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    if PACKED:
+        b = b[:, None]
+        h = h[:, None]
+    return b, h
+
+
+@triton.jit
+def _partner_rows(T, n_pairs, H, bh, b, h, BLOCK: tl.constexpr, SEQ: tl.constexpr):
+    """The rows of the operand a program streams (keys for a query tile, queries for a key tile), relative
+    to the streamed block's start, with their (batch*head, batch, head): the program's own pair on a GPU,
+    the same packed pairs' rows along that axis when SEQ > 0 (see _tile_rows)."""
+    if SEQ == 0:
+        rows = tl.arange(0, BLOCK)
+        bh_o = bh
+        b_o = b
+        h_o = h
+    else:
+        _, rows, bh_o = _tile_rows(T, n_pairs, BLOCK, SEQ, False)
+        b_o, h_o = _batch_head(bh_o, H, True)
+    return rows, bh_o, b_o, h_o
+
+
+@triton.jit
+def _own_pair(j, row_pair, col_pair, Tk, PACKED: tl.constexpr):
+    """Key index tile j, moved out of range (to Tk, so masked) where a packed tile's row and column belong
+    to different (batch, head) pairs."""
+    if PACKED:
+        j = tl.where(row_pair[:, None] == col_pair[None, :], j, Tk)
+    return j
+
+
+@triton.jit
+def _key_range(m0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               PACKED: tl.constexpr):
     """Key range of query rows [m0, m0 + BLOCK_M): blocks in [0, n_full) need no mask at all, those in
-    [n_full, n_end) cross the causal diagonal or the ragged end of the keys."""
-    if IS_CAUSAL:
+    [n_full, n_end) cross the causal diagonal or the ragged end of the keys. A packed tile holds all the
+    keys of its pairs in one block, masked, which is also what keeps the pairs apart."""
+    if PACKED:
+        n_end = Tk
+        n_full = 0
+    elif IS_CAUSAL:
         off = Tk - Tq
         n_end = tl.minimum(Tk, m0 + BLOCK_M + off)
         n_full = tl.minimum(tl.maximum(m0 + off + 1, 0), Tk) // BLOCK_N * BLOCK_N
@@ -90,18 +164,25 @@ def _key_range(m0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUS
 
 
 @triton.jit
-def _query_range(n0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+def _query_range(n0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 PACKED: tl.constexpr):
     """Query range that sees keys [n0, n0 + BLOCK_N): blocks in [m_lo, m_full) cross the causal diagonal,
-    [m_full, m_mid) need no mask, [m_mid, Tq) is the ragged last query block."""
-    if IS_CAUSAL:
-        off = Tk - Tq
-        m_lo = tl.maximum(n0 - off, 0) // BLOCK_M * BLOCK_M
-        m_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
-        m_full = tl.minimum(m_full, tl.cdiv(Tq, BLOCK_M) * BLOCK_M)
-    else:
+    [m_full, m_mid) need no mask, [m_mid, Tq) is the ragged last query block (a packed tile's only one)."""
+    if PACKED:
         m_lo = 0
         m_full = 0
-    return m_lo, m_full, tl.maximum(m_full, Tq // BLOCK_M * BLOCK_M)
+        m_mid = 0
+    else:
+        if IS_CAUSAL:
+            off = Tk - Tq
+            m_lo = tl.maximum(n0 - off, 0) // BLOCK_M * BLOCK_M
+            m_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
+            m_full = tl.minimum(m_full, tl.cdiv(Tq, BLOCK_M) * BLOCK_M)
+        else:
+            m_lo = 0
+            m_full = 0
+        m_mid = tl.maximum(m_full, Tq // BLOCK_M * BLOCK_M)
+    return m_lo, m_full, m_mid
 
 
 @triton.jit
@@ -148,29 +229,28 @@ def _log2_scores(qk, i, j, Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
     return s
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "n_pairs"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     smb, smh, smm, smn, spb, spn,
-    H, Tq, Tk, qk_scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
+    H, n_pairs, Tq, Tk, qk_scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
     # A [BLOCK_M, BLOCK_D] query tile stays in registers while [BLOCK_N, BLOCK_D] key/value tiles stream
     # past it: first the blocks every row sees whole (no mask work), then the masked ones.
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    mb, bh = _program_block(tl.cdiv(Tq, BLOCK_M), True)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    m0 = mb * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    PACKED: tl.constexpr = SEQ_M != 0
+    m0, offs_m, bh = _tile_rows(Tq, n_pairs, BLOCK_M, SEQ_M, True)
+    b, h = _batch_head(bh, H, PACKED)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q + b * sqb + h * sqh + offs_d[None, :] * sqd, offs_m, sqm, Tq, d_ok, True, EVEN_D)
-    k_base = K + b * skb + h * skh + offs_d[None, :] * skd
-    v_base = V + b * svb + h * svh + offs_d[None, :] * svd
+    key_rows, bh_n, b_n, h_n = _partner_rows(Tk, n_pairs, H, bh, b, h, BLOCK_N, SEQ_N)
+    k_base = K + b_n * skb + h_n * skh + offs_d[None, :] * skd
+    v_base = V + b_n * svb + h_n * svh + offs_d[None, :] * svd
     mask_base = MASK + b * smb + h * smh
     kpm_base = KPM + b * spb
     rng_base = bh.to(tl.int64) * Tq * Tk
@@ -178,7 +258,7 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    n_full, n_end = _key_range(m0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    n_full, n_end = _key_range(m0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL, PACKED)
     for phase in tl.static_range(2):
         if phase == 0:
             lo = 0
@@ -187,9 +267,10 @@ def _attn_fwd_kernel(
             lo = n_full
             hi = n_end
         for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
+            offs_n = start_n + key_rows
             k = _load_rows(k_base, offs_n, skn, Tk, d_ok, phase == 1, EVEN_D)
-            s = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
+            s = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None],
+                             _own_pair(offs_n[None, :], bh, bh_n, Tk, PACKED),
                              Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
                              phase == 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -199,7 +280,7 @@ def _attn_fwd_kernel(
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_DROPOUT:  # the normaliser sums the undropped probabilities; only P @ V sees dropout
-                keep = _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N, QUADS)
+                keep = _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N, QUADS, SEQ_N)
                 p = tl.where(keep, p * drop_scale, 0.0)
             v = _load_rows(v_base, offs_n, svn, Tk, d_ok, phase == 1, EVEN_D)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
@@ -212,14 +293,13 @@ def _attn_fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
 
 
-@triton.jit
-def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, Tq,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+@triton.jit(do_not_specialize=["n_pairs"])
+def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, n_pairs, Tq,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           SEQ_M: tl.constexpr):
     # delta_i = rowsum(dO * O) = sum_j P_ij dP_ij (with dropout too), the softmax-backward shift term.
-    mb, bh = _program_block(tl.cdiv(Tq, BLOCK_M), False)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    _, offs_m, bh = _tile_rows(Tq, n_pairs, BLOCK_M, SEQ_M, False)
+    b, h = _batch_head(bh, H, SEQ_M != 0)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     o = _load_rows(O + b * sob + h * soh + offs_d[None, :] * sod, offs_m, som, Tq, d_ok, True, False)
@@ -228,41 +308,40 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd,
     tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "n_pairs"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sgb, sgh, sgn, sgd, smb, smh, smm, smn, spb, spn,
-    H, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
+    H, n_pairs, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
     # A [BLOCK_N, BLOCK_D] key/value tile and its dK/dV accumulators stay in registers while the query
     # blocks that see it stream past. Everything is computed transposed ([keys, queries]) so that
     # dV += P^T dO and dK += dS^T Q need no register transposes. Key rows past Tk compute garbage that
     # is never stored; query rows past Tq load lse = +inf, so their P is 0.
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    nb, bh = _program_block(tl.cdiv(Tk, BLOCK_N), False)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    n0 = nb * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    PACKED: tl.constexpr = SEQ_N != 0
+    n0, offs_n, bh = _tile_rows(Tk, n_pairs, BLOCK_N, SEQ_N, False)
+    b, h = _batch_head(bh, H, PACKED)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     k = _load_rows(K + b * skb + h * skh + offs_d[None, :] * skd, offs_n, skn, Tk, d_ok, True, EVEN_D)
     v = _load_rows(V + b * svb + h * svh + offs_d[None, :] * svd, offs_n, svn, Tk, d_ok, True, EVEN_D)
-    q_base = Q + b * sqb + h * sqh + offs_d[None, :] * sqd
-    do_base = DO + b * sdb + h * sdh + offs_d[None, :] * sdd
-    lse_base = LSE + bh.to(tl.int64) * Tq
-    delta_base = DELTA + bh.to(tl.int64) * Tq
+    query_rows, bh_m, b_m, h_m = _partner_rows(Tq, n_pairs, H, bh, b, h, BLOCK_M, SEQ_M)
+    q_base = Q + b_m * sqb + h_m * sqh + offs_d[None, :] * sqd
+    do_base = DO + b_m * sdb + h_m * sdh + offs_d[None, :] * sdd
+    lse_base = LSE + bh_m.to(tl.int64) * Tq
+    delta_base = DELTA + bh_m.to(tl.int64) * Tq
     mask_base = MASK + b * smb + h * smh
     kpm_base = KPM + b * spb
-    rng_base = bh.to(tl.int64) * Tq * Tk
+    rng_base = bh_m.to(tl.int64) * Tq * Tk
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    m_lo, m_full, m_mid = _query_range(n0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    m_lo, m_full, m_mid = _query_range(n0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL, PACKED)
     for phase in tl.static_range(3):
         if phase == 0:
             lo = m_lo
@@ -274,18 +353,19 @@ def _attn_bwd_dkdv_kernel(
             lo = m_mid
             hi = Tq
         for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
+            offs_m = start_m + query_rows
             q = _load_rows(q_base, offs_m, sqm, Tq, d_ok, phase != 1, EVEN_D)
             do = _load_rows(do_base, offs_m, sdm, Tq, d_ok, phase != 1, EVEN_D)
             lse = tl.load(lse_base + offs_m, mask=offs_m < Tq, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < Tq, other=0.0)
-            s_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :], offs_n[:, None],
+            s_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :],
+                               _own_pair(offs_n[:, None], bh, bh_m, Tk, PACKED),
                                Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
                                phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
             p_t = tl.math.exp2(s_t - lse[None, :])
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if HAS_DROPOUT:
-                keep = tl.trans(_dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, n0, BLOCK_N, QUADS))
+                keep = tl.trans(_dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, n0, BLOCK_N, QUADS, SEQ_N))
                 dv = tl.dot(tl.where(keep, p_t * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PREC)
                 dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
             else:
@@ -297,37 +377,36 @@ def _attn_bwd_dkdv_kernel(
     _store_rows(DV + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_n, sgn, Tk, d_ok, dv)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "n_pairs"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sgb, sgh, sgm, sgd, smb, smh, smm, smn, spb, spn,
-    H, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
+    H, n_pairs, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
     # The forward's blocking: Q, dO and the dQ accumulator stay in registers, key/value tiles stream.
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    mb, bh = _program_block(tl.cdiv(Tq, BLOCK_M), True)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    m0 = mb * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    PACKED: tl.constexpr = SEQ_M != 0
+    m0, offs_m, bh = _tile_rows(Tq, n_pairs, BLOCK_M, SEQ_M, True)
+    b, h = _batch_head(bh, H, PACKED)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q + b * sqb + h * sqh + offs_d[None, :] * sqd, offs_m, sqm, Tq, d_ok, True, EVEN_D)
     do = _load_rows(DO + b * sdb + h * sdh + offs_d[None, :] * sdd, offs_m, sdm, Tq, d_ok, True, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
-    k_base = K + b * skb + h * skh + offs_d[None, :] * skd
-    v_base = V + b * svb + h * svh + offs_d[None, :] * svd
+    key_rows, bh_n, b_n, h_n = _partner_rows(Tk, n_pairs, H, bh, b, h, BLOCK_N, SEQ_N)
+    k_base = K + b_n * skb + h_n * skh + offs_d[None, :] * skd
+    v_base = V + b_n * svb + h_n * svh + offs_d[None, :] * svd
     mask_base = MASK + b * smb + h * smh
     kpm_base = KPM + b * spb
     rng_base = bh.to(tl.int64) * Tq * Tk
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_full, n_end = _key_range(m0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    n_full, n_end = _key_range(m0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL, PACKED)
     for phase in tl.static_range(2):
         if phase == 0:
             lo = 0
@@ -336,16 +415,17 @@ def _attn_bwd_dq_kernel(
             lo = n_full
             hi = n_end
         for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
+            offs_n = start_n + key_rows
             k = _load_rows(k_base, offs_n, skn, Tk, d_ok, phase == 1, EVEN_D)
             v = _load_rows(v_base, offs_n, svn, Tk, d_ok, phase == 1, EVEN_D)
-            s = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
+            s = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None],
+                             _own_pair(offs_n[None, :], bh, bh_n, Tk, PACKED),
                              Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
                              phase == 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
             p = tl.math.exp2(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             if HAS_DROPOUT:
-                keep = _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N, QUADS)
+                keep = _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N, QUADS, SEQ_N)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -362,7 +442,7 @@ def _dropout_mask_kernel(OUT, seed, Tq, Tk, dropout_p, QUADS: tl.constexpr, BLOC
     rng_base = bh.to(tl.int64) * Tq * Tk
     for start_n in range(0, Tk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N, QUADS)
+        keep = _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N, QUADS, 0)
         tl.store(OUT + rng_base + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :], keep.to(tl.uint8),
                  mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 
@@ -385,8 +465,12 @@ _DKDV_CONFIGS = ([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 
 _DQ_CONFIGS = ([(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
                [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
                (128, 32, 8, 3))
-# The interpreter pays per program and per loop step, not per element: few programs with big tiles.
-_INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
+# The interpreter pays per program and per operation, hardly per element: few programs with big tiles.
+# Sequences up to _INTERPRET_TILE long go in whole, as many (batch, head) pairs side by side as fit (a ViT
+# on 8x8 digits, 5 tokens, would launch one program per image otherwise); longer ones stream 64 x 64
+# blocks. 32 rows keep every packed dot (at most 32 x 32 x 128) under the size where numpy's OpenBLAS
+# splits a matmul over threads, which on two busy cores made 64-row tiles 2-3x slower than 32-row ones.
+_INTERPRET_TILE = 32
 _TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "MASK_KIND", "HAS_KPM", "HAS_DROPOUT", "TQ_BUCKET", "TK_BUCKET"]
 
 
@@ -423,22 +507,40 @@ _attn_bwd_dq = _autotuned(_DQ_CONFIGS)(_attn_bwd_dq_kernel)
 _TUNED: dict = {}
 
 
-def _launch(kernel, seq_len: int, block: str, n_heads_total: int, *args, **consts) -> None:
+def _tiles(Tq: int, Tk: int, n_pairs: int) -> dict:
+    """The kernels' tile arguments: none on a GPU (autotuning picks BLOCK_M/BLOCK_N, SEQ 0 = one pair per
+    program); on the interpreter, packed whole sequences (SEQ_M/SEQ_N rows per pair, see _tile_rows) when
+    they fit, else 64 x 64 blocks."""
+    if not INTERPRET:
+        return dict(SEQ_M=0, SEQ_N=0)
+    seq_m, seq_n = triton.next_power_of_2(Tq), triton.next_power_of_2(Tk)
+    if max(seq_m, seq_n) > _INTERPRET_TILE:
+        return dict(BLOCK_M=64, BLOCK_N=64, SEQ_M=0, SEQ_N=0)
+    pairs = min(_INTERPRET_TILE // max(seq_m, seq_n), triton.next_power_of_2(n_pairs))
+    return dict(BLOCK_M=pairs * seq_m, BLOCK_N=pairs * seq_n, SEQ_M=seq_m, SEQ_N=seq_n)
+
+
+def _launch(kernel, seq_len: int, block: str, n_pairs: int, tiles: dict, *args, **consts) -> None:
     """Launch over (blocks of ``seq_len`` along ``block``) x batch*heads programs, 1-D so the batch*heads
-    count is not limited to the 65535 of a second grid axis. Everything the tuning key reads is in
-    ``consts`` (keywords), so the key here sees the same values as the autotuner's."""
-    def grid(meta):
-        return (triton.cdiv(seq_len, meta[block]) * n_heads_total,)
-    if INTERPRET:
-        kernel[grid](*args, **consts, **_INTERPRET_BLOCKS)
+    count is not limited to the 65535 of a second grid axis; packed tiles take BLOCK_M // SEQ_M whole pairs
+    per program. Everything the tuning key reads is in ``consts`` (keywords), so the key here sees the same
+    values as the autotuner's."""
+    if tiles["SEQ_M"]:
+        kernel[(triton.cdiv(n_pairs, tiles["BLOCK_M"] // tiles["SEQ_M"]),)](*args, **tiles, **consts)
         return
-    key = (kernel, *(a.dtype for a in args if isinstance(a, torch.Tensor)), *sorted(consts.items()))
+
+    def grid(meta):
+        return (triton.cdiv(seq_len, meta[block]) * n_pairs,)
+    if INTERPRET or not isinstance(kernel, triton.runtime.Autotuner):
+        kernel[grid](*args, **tiles, **consts)
+        return
+    key = (kernel, *(a.dtype for a in args if isinstance(a, torch.Tensor)), *sorted({**tiles, **consts}.items()))
     config = _TUNED.get(key)
     if config is None:
-        kernel[grid](*args, **consts)
+        kernel[grid](*args, **tiles, **consts)
         _TUNED[key] = kernel.best_config
     else:
-        kernel.fn[grid](*args, **consts, **config.all_kwargs())
+        kernel.fn[grid](*args, **tiles, **consts, **config.all_kwargs())
 
 
 def _buckets(Tq: int, Tk: int) -> dict[str, int]:
@@ -494,10 +596,10 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     out = _bthd_empty(B, H, Tq, D, q)
     lse = _empty((B, H, Tq), q, torch.float32)
     mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p)
-    _launch(_attn_fwd, Tq, "BLOCK_M", B * H,
+    _launch(_attn_fwd, Tq, "BLOCK_M", B * H, _tiles(Tq, Tk, B * H),
             q, k, v, out, lse, mask, kpm,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-            H, Tq, Tk, scale * LOG2E.value, *rng, IS_CAUSAL=is_causal, **_buckets(Tq, Tk), **consts)
+            H, B * H, Tq, Tk, scale * LOG2E.value, *rng, IS_CAUSAL=is_causal, **_buckets(Tq, Tk), **consts)
     return out, lse
 
 
@@ -516,19 +618,23 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     Tk = k.shape[2]
     dq, dk, dv = _bthd_empty(B, H, Tq, D, q), _bthd_empty(B, H, Tk, D, k), _bthd_empty(B, H, Tk, D, v)
     delta = _empty(lse.shape, lse)
+    tiles = _tiles(Tq, Tk, B * H)
     block_d = max(16, triton.next_power_of_2(D))
-    rows = _runtime.rows_per_program(Tq, block_d, gpu_rows=64)
-    _attn_bwd_delta_kernel[(triton.cdiv(Tq, rows) * B * H,)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Tq,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows)
+    if tiles["SEQ_M"]:  # row-wise, no dot: as many whole pairs as a row-wise tile holds
+        seq = tiles["SEQ_M"]
+        delta_tiles = dict(BLOCK_M=_runtime.rows_per_program(B * H * seq, block_d), SEQ_M=seq)
+    else:
+        delta_tiles = dict(BLOCK_M=_runtime.rows_per_program(Tq, block_d, gpu_rows=64), SEQ_M=0)
+    _launch(_attn_bwd_delta_kernel, Tq, "BLOCK_M", B * H, delta_tiles,
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), H, B * H, Tq, HEAD_DIM=D, BLOCK_D=block_d)
 
     mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p)
     shared = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    scalars = (H, Tq, Tk, scale * LOG2E.value, scale, *rng)
-    _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H,
+    scalars = (H, B * H, Tq, Tk, scale * LOG2E.value, scale, *rng)
+    _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H, tiles,
             q, k, v, grad_out, lse, delta, dk, dv, mask, kpm,
             *shared, *dk.stride(), *mask_strides, *scalars, IS_CAUSAL=is_causal, **_buckets(Tq, Tk), **consts)
-    _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H,
+    _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H, tiles,
             q, k, v, grad_out, lse, delta, dq, mask, kpm,
             *shared, *dq.stride(), *mask_strides, *scalars, IS_CAUSAL=is_causal, **_buckets(Tq, Tk), **consts)
     return dq, dk, dv
