@@ -6,9 +6,9 @@ A GPT-2 step launches a few hundred kernels, most of them short, so the Python a
 spends on the host decides the step time whenever it exceeds the kernel's GPU time. Shapes here are tiny,
 so the GPU is never the bottleneck and a loop's wall time over its call count is the host time per call.
 Each op is timed through every layer of its stack (functional, autograd.Function, launcher, bare Triton
-launch) so the difference between adjacent rows is what that layer costs, and with the host-side shortcuts
-undone ("as before" rows: ops through torch.library's dispatcher, Triton's autotuner on every launch); a
-cProfile of the functional form names the Python functions behind it. Writes benchmarks/results/host_overhead.md.
+launch) so the difference between adjacent rows is what that layer costs, and with the eager shortcut
+undone ("through the dispatcher" rows: the ops called through torch.library's registered op); a cProfile of
+the functional form names the Python functions behind it. Writes benchmarks/results/host_overhead.md.
 """
 from __future__ import annotations
 
@@ -73,22 +73,6 @@ def through_dispatcher(module, *names):
     finally:
         for n, fn in saved.items():
             setattr(module, n, fn)
-
-
-class _NeverTuned(dict):
-    """The "before" of attention's tuned-config cache: every launch goes through Triton's autotuner."""
-
-    def __setitem__(self, key, value):
-        pass
-
-
-@contextlib.contextmanager
-def autotuner_every_call():
-    saved, attn_mod._TUNED = attn_mod._TUNED, _NeverTuned()
-    try:
-        yield
-    finally:
-        attn_mod._TUNED = saved
 
 
 def layer_norm_rows():
@@ -156,11 +140,8 @@ def attention_rows():
         measured = [(op, layer, host_us(fn)) for op, layer, fn in rows]
     measured += [("attention fwd+bwd", "torch SDPA", host_us(fwd_bwd_sdpa)),
                  ("attention fwd+bwd", "triformer", host_us(fwd_bwd_triformer))]
-    with autotuner_every_call():
-        measured.append(("attention fwd+bwd", "triformer, autotuner on every launch", host_us(fwd_bwd_triformer)))
-        with through_dispatcher(attn_mod, "_attention_fwd", "_attention_bwd"):
-            measured.append(("attention fwd+bwd", "triformer, autotuner + dispatcher (as before)",
-                             host_us(fwd_bwd_triformer)))
+    with through_dispatcher(attn_mod, "_attention_fwd", "_attention_bwd"):
+        measured.append(("attention fwd+bwd", "triformer, ops through the dispatcher", host_us(fwd_bwd_triformer)))
     return measured, fwd_bwd_triformer
 
 

@@ -7,7 +7,7 @@ sequence at once: on an H200 the step of benchmarks/train_step.py went from 56 t
 non-finite checks stay outside the graph, eager and unchanged.
 
 What a graph fixes at capture: tensor addresses (the batch is copied into static buffers, the gradients
-stay allocated and are zeroed inside the graph), shapes (every micro-batch has the same shape) and every
+live in the graph's memory pool and are rewritten by each replay), shapes (every micro-batch has the same shape) and every
 host-side value a kernel was launched with. The trainer therefore refuses settings that change those
 from step to step (see ``check_supported``): dropout (its seed is drawn on the host per call), DDP/FSDP
 (their communication hooks), torch.compile and fp16 loss scaling.
@@ -52,15 +52,16 @@ class GraphedStep:
             for _ in range(self.WARMUP_PASSES):
                 self._forward_backward(model, autocast)
         torch.cuda.current_stream(device).wait_stream(side)
-        # The warm-up left every gradient allocated: the graph zeroes and refills them in place.
+        # As torch.cuda.graph's whole-network recipe does: with no gradients at capture, the captured backward
+        # allocates them in the graph's memory pool, and every replay rewrites them there (the first micro-
+        # batch's gradients replace, the later ones add). The trainer must not set them to None afterwards.
+        for p in self.params:
+            p.grad = None
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.total = self._forward_backward(model, autocast)
 
     def _forward_backward(self, model, autocast) -> torch.Tensor:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:  # none before the first warm-up pass
-            torch._foreach_zero_(grads)
         total = torch.zeros((), device=self.params[0].device)
         for x, y in self.inputs:
             with autocast():

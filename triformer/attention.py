@@ -500,13 +500,6 @@ _attn_bwd_dkdv = _autotuned(_DKDV_CONFIGS)(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq = _autotuned(_DQ_CONFIGS)(_attn_bwd_dq_kernel)
 
 
-# The config each (autotuned kernel, argument dtypes, tuning switches) settled on. Triton's autotuner rebuilds
-# its cache key from every argument on each call, ~80 us of host time per launch on an H200
-# (benchmarks/results/h200/host_overhead.md) and three launches per attention forward+backward; once a key
-# is tuned, the kernel is launched with its config directly.
-_TUNED: dict = {}
-
-
 def _tiles(Tq: int, Tk: int, n_pairs: int) -> dict:
     """The kernels' tile arguments: none on a GPU (autotuning picks BLOCK_M/BLOCK_N, SEQ 0 = one pair per
     program); on the interpreter, packed whole sequences (SEQ_M/SEQ_N rows per pair, see _tile_rows) when
@@ -523,29 +516,11 @@ def _tiles(Tq: int, Tk: int, n_pairs: int) -> dict:
 def _launch(kernel, seq_len: int, block: str, n_pairs: int, tiles: dict, *args, **consts) -> None:
     """Launch over (blocks of ``seq_len`` along ``block``) x batch*heads programs, 1-D so the batch*heads
     count is not limited to the 65535 of a second grid axis; packed tiles take BLOCK_M // SEQ_M whole pairs
-    per program. Everything the tuning key reads is in ``consts`` (keywords), so the key here sees the same
-    values as the autotuner's."""
+    per program."""
     if tiles["SEQ_M"]:
         kernel[(triton.cdiv(n_pairs, tiles["BLOCK_M"] // tiles["SEQ_M"]),)](*args, **tiles, **consts)
-        return
-
-    def grid(meta):
-        return (triton.cdiv(seq_len, meta[block]) * n_pairs,)
-    if INTERPRET or not isinstance(kernel, triton.runtime.Autotuner):
-        kernel[grid](*args, **tiles, **consts)
-        return
-    key = (kernel, *(a.dtype for a in args if isinstance(a, torch.Tensor)), *sorted({**tiles, **consts}.items()))
-    config = _TUNED.get(key)
-    if config is None:
-        kernel[grid](*args, **tiles, **consts)
-        _TUNED[key] = kernel.best_config
     else:
-        kernel.fn[grid](*args, **tiles, **consts, **config.all_kwargs())
-
-
-def _buckets(Tq: int, Tk: int) -> dict[str, int]:
-    """Sequence lengths rounded up to powers of two, the autotuner's key (a config per length would retune often)."""
-    return {"TQ_BUCKET": triton.next_power_of_2(Tq), "TK_BUCKET": triton.next_power_of_2(Tk)}
+        kernel[lambda meta: (triton.cdiv(seq_len, meta[block]) * n_pairs,)](*args, **tiles, **consts)
 
 
 def _empty(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -599,7 +574,8 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     _launch(_attn_fwd, Tq, "BLOCK_M", B * H, _tiles(Tq, Tk, B * H),
             q, k, v, out, lse, mask, kpm,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-            H, B * H, Tq, Tk, scale * LOG2E.value, *rng, IS_CAUSAL=is_causal, **_buckets(Tq, Tk), **consts)
+            H, B * H, Tq, Tk, scale * LOG2E.value, *rng, triton.next_power_of_2(Tq),
+            triton.next_power_of_2(Tk), IS_CAUSAL=is_causal, **consts)
     return out, lse
 
 
@@ -630,13 +606,14 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
     mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p)
     shared = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    scalars = (H, B * H, Tq, Tk, scale * LOG2E.value, scale, *rng)
+    scalars = (H, B * H, Tq, Tk, scale * LOG2E.value, scale, *rng, triton.next_power_of_2(Tq),
+               triton.next_power_of_2(Tk))
     _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H, tiles,
             q, k, v, grad_out, lse, delta, dk, dv, mask, kpm,
-            *shared, *dk.stride(), *mask_strides, *scalars, IS_CAUSAL=is_causal, **_buckets(Tq, Tk), **consts)
+            *shared, *dk.stride(), *mask_strides, *scalars, IS_CAUSAL=is_causal, **consts)
     _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H, tiles,
             q, k, v, grad_out, lse, delta, dq, mask, kpm,
-            *shared, *dq.stride(), *mask_strides, *scalars, IS_CAUSAL=is_causal, **_buckets(Tq, Tk), **consts)
+            *shared, *dq.stride(), *mask_strides, *scalars, IS_CAUSAL=is_causal, **consts)
     return dq, dk, dv
 
 
