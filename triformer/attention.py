@@ -59,19 +59,21 @@ def _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N: tl.co
     is per row."""
     row = rng_base + offs_m.to(tl.int64) * Tk
     if QUADS:
+        row_quad = (row // 4)[:, None]
         quads = start_n // 4 + tl.arange(0, BLOCK_N // 4)
         if SEQ_N:
             quads = quads % (SEQ_N // 4)
-        quad = (row // 4)[:, None] + quads[None, :]
+        quad = row_quad + quads[None, :]
         r0, r1, r2, r3 = _philox(seed, quad)
         u = tl.join(tl.join(_uniform(r0, r1, r2, r3, 0), _uniform(r0, r1, r2, r3, 2)),
                     tl.join(_uniform(r0, r1, r2, r3, 1), _uniform(r0, r1, r2, r3, 3)))  # [.., a, b] = word 2a+b
         keep = tl.reshape(u, [offs_m.shape[0], BLOCK_N]) >= dropout_p
     else:
+        row_start = row[:, None]
         cols = start_n + tl.arange(0, BLOCK_N)
         if SEQ_N:
             cols = cols % SEQ_N
-        keep = dropout_keep(seed, row[:, None] + cols[None, :], dropout_p)
+        keep = dropout_keep(seed, row_start + cols[None, :], dropout_p)
     return keep
 
 
@@ -88,24 +90,9 @@ def _program_block(n_blocks, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(T, n_pairs, BLOCK: tl.constexpr, SEQ: tl.constexpr, REVERSE: tl.constexpr):
-    """This program's rows of a sequence axis of length T: (first row, rows [BLOCK], batch*head).
-
-    SEQ == 0 (GPU): one block of one (batch, head) pair per program, as _program_block splits it; batch*head
-    is a scalar. SEQ > 0 (the interpreter, which pays per program and per operation, not per element):
-    the whole sequences, padded to SEQ >= T rows, of BLOCK // SEQ consecutive pairs side by side in one
-    tile; batch*head is then per row, and the rows of pairs past the last one are moved to T, where every
-    load and store masks them."""
-    if SEQ == 0:
-        blk, bh = _program_block(tl.cdiv(T, BLOCK), REVERSE)
-        start = blk * BLOCK
-        rows = start + tl.arange(0, BLOCK)
-    else:
-        start = 0
-        r = tl.arange(0, BLOCK)
-        bh = tl.program_id(0) * (BLOCK // SEQ) + r // SEQ
-        rows = tl.where(bh < n_pairs, r % SEQ, T)
-    return start, rows, bh
+def _packed_pairs(BLOCK: tl.constexpr, SEQ: tl.constexpr):
+    """batch*head of each row of a packed tile: BLOCK // SEQ consecutive pairs, SEQ rows each."""
+    return tl.program_id(0) * (BLOCK // SEQ) + tl.arange(0, BLOCK) // SEQ
 
 
 @triton.jit
@@ -120,19 +107,50 @@ def _batch_head(bh, H, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _partner_rows(T, n_pairs, H, bh, b, h, BLOCK: tl.constexpr, SEQ: tl.constexpr):
-    """The rows of the operand a program streams (keys for a query tile, queries for a key tile), relative
-    to the streamed block's start, with their (batch*head, batch, head): the program's own pair on a GPU,
-    the same packed pairs' rows along that axis when SEQ > 0 (see _tile_rows)."""
+def _block_rows(T, n_pairs, BLOCK: tl.constexpr, SEQ: tl.constexpr):
+    """Sequence rows of a tile relative to its block's start: arange(BLOCK), or in a packed tile each pair's
+    0..SEQ-1, with the rows of pairs past the last one moved to T, where every load and store masks them."""
     if SEQ == 0:
         rows = tl.arange(0, BLOCK)
+    else:
+        rows = tl.where(_packed_pairs(BLOCK, SEQ) < n_pairs, tl.arange(0, BLOCK) % SEQ, T)
+    return rows
+
+
+@triton.jit
+def _tile_rows(T, n_pairs, H, BLOCK: tl.constexpr, SEQ: tl.constexpr, REVERSE: tl.constexpr):
+    """This program's tile along a sequence axis of length T: (first row, rows [BLOCK], batch*head, batch,
+    head).
+
+    SEQ == 0 (GPU): one block of one (batch, head) pair per program, as _program_block splits it; the pair
+    is a scalar. SEQ > 0 (the interpreter, which pays per program and per operation, not per element):
+    the whole sequences, padded to SEQ >= T rows, of BLOCK // SEQ consecutive pairs side by side in one
+    tile (see _block_rows); the pair is then per row."""
+    if SEQ == 0:
+        blk, bh = _program_block(tl.cdiv(T, BLOCK), REVERSE)
+        b, h = _batch_head(bh, H, False)
+        start = blk * BLOCK
+        rows = start + _block_rows(T, n_pairs, BLOCK, SEQ)
+    else:
+        bh = _packed_pairs(BLOCK, SEQ)
+        b, h = _batch_head(bh, H, True)
+        start = 0
+        rows = _block_rows(T, n_pairs, BLOCK, SEQ)
+    return start, rows, bh, b, h
+
+
+@triton.jit
+def _partner_pairs(H, bh, b, h, BLOCK: tl.constexpr, SEQ: tl.constexpr):
+    """(batch*head, batch, head) of the operand a program streams (keys for a query tile, queries for a key
+    tile, BLOCK rows at a time): the program's own pair on a GPU, the packed pairs' rows along that axis."""
+    if SEQ == 0:
         bh_o = bh
         b_o = b
         h_o = h
     else:
-        _, rows, bh_o = _tile_rows(T, n_pairs, BLOCK, SEQ, False)
+        bh_o = _packed_pairs(BLOCK, SEQ)
         b_o, h_o = _batch_head(bh_o, H, True)
-    return rows, bh_o, b_o, h_o
+    return bh_o, b_o, h_o
 
 
 @triton.jit
@@ -243,12 +261,11 @@ def _attn_fwd_kernel(
     # past it: first the blocks every row sees whole (no mask work), then the masked ones.
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     PACKED: tl.constexpr = SEQ_M != 0
-    m0, offs_m, bh = _tile_rows(Tq, n_pairs, BLOCK_M, SEQ_M, True)
-    b, h = _batch_head(bh, H, PACKED)
+    m0, offs_m, bh, b, h = _tile_rows(Tq, n_pairs, H, BLOCK_M, SEQ_M, True)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q + b * sqb + h * sqh + offs_d[None, :] * sqd, offs_m, sqm, Tq, d_ok, True, EVEN_D)
-    key_rows, bh_n, b_n, h_n = _partner_rows(Tk, n_pairs, H, bh, b, h, BLOCK_N, SEQ_N)
+    bh_n, b_n, h_n = _partner_pairs(H, bh, b, h, BLOCK_N, SEQ_N)
     k_base = K + b_n * skb + h_n * skh + offs_d[None, :] * skd
     v_base = V + b_n * svb + h_n * svh + offs_d[None, :] * svd
     mask_base = MASK + b * smb + h * smh
@@ -267,7 +284,7 @@ def _attn_fwd_kernel(
             lo = n_full
             hi = n_end
         for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + key_rows
+            offs_n = start_n + _block_rows(Tk, n_pairs, BLOCK_N, SEQ_N)
             k = _load_rows(k_base, offs_n, skn, Tk, d_ok, phase == 1, EVEN_D)
             s = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None],
                              _own_pair(offs_n[None, :], bh, bh_n, Tk, PACKED),
@@ -298,8 +315,7 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                            SEQ_M: tl.constexpr):
     # delta_i = rowsum(dO * O) = sum_j P_ij dP_ij (with dropout too), the softmax-backward shift term.
-    _, offs_m, bh = _tile_rows(Tq, n_pairs, BLOCK_M, SEQ_M, False)
-    b, h = _batch_head(bh, H, SEQ_M != 0)
+    _, offs_m, bh, b, h = _tile_rows(Tq, n_pairs, H, BLOCK_M, SEQ_M, False)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     o = _load_rows(O + b * sob + h * soh + offs_d[None, :] * sod, offs_m, som, Tq, d_ok, True, False)
@@ -324,13 +340,12 @@ def _attn_bwd_dkdv_kernel(
     # is never stored; query rows past Tq load lse = +inf, so their P is 0.
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     PACKED: tl.constexpr = SEQ_N != 0
-    n0, offs_n, bh = _tile_rows(Tk, n_pairs, BLOCK_N, SEQ_N, False)
-    b, h = _batch_head(bh, H, PACKED)
+    n0, offs_n, bh, b, h = _tile_rows(Tk, n_pairs, H, BLOCK_N, SEQ_N, False)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     k = _load_rows(K + b * skb + h * skh + offs_d[None, :] * skd, offs_n, skn, Tk, d_ok, True, EVEN_D)
     v = _load_rows(V + b * svb + h * svh + offs_d[None, :] * svd, offs_n, svn, Tk, d_ok, True, EVEN_D)
-    query_rows, bh_m, b_m, h_m = _partner_rows(Tq, n_pairs, H, bh, b, h, BLOCK_M, SEQ_M)
+    bh_m, b_m, h_m = _partner_pairs(H, bh, b, h, BLOCK_M, SEQ_M)
     q_base = Q + b_m * sqb + h_m * sqh + offs_d[None, :] * sqd
     do_base = DO + b_m * sdb + h_m * sdh + offs_d[None, :] * sdd
     lse_base = LSE + bh_m.to(tl.int64) * Tq
@@ -353,7 +368,7 @@ def _attn_bwd_dkdv_kernel(
             lo = m_mid
             hi = Tq
         for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + query_rows
+            offs_m = start_m + _block_rows(Tq, n_pairs, BLOCK_M, SEQ_M)
             q = _load_rows(q_base, offs_m, sqm, Tq, d_ok, phase != 1, EVEN_D)
             do = _load_rows(do_base, offs_m, sdm, Tq, d_ok, phase != 1, EVEN_D)
             lse = tl.load(lse_base + offs_m, mask=offs_m < Tq, other=float("inf"))
@@ -390,15 +405,14 @@ def _attn_bwd_dq_kernel(
     # The forward's blocking: Q, dO and the dQ accumulator stay in registers, key/value tiles stream.
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     PACKED: tl.constexpr = SEQ_M != 0
-    m0, offs_m, bh = _tile_rows(Tq, n_pairs, BLOCK_M, SEQ_M, True)
-    b, h = _batch_head(bh, H, PACKED)
+    m0, offs_m, bh, b, h = _tile_rows(Tq, n_pairs, H, BLOCK_M, SEQ_M, True)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q + b * sqb + h * sqh + offs_d[None, :] * sqd, offs_m, sqm, Tq, d_ok, True, EVEN_D)
     do = _load_rows(DO + b * sdb + h * sdh + offs_d[None, :] * sdd, offs_m, sdm, Tq, d_ok, True, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
-    key_rows, bh_n, b_n, h_n = _partner_rows(Tk, n_pairs, H, bh, b, h, BLOCK_N, SEQ_N)
+    bh_n, b_n, h_n = _partner_pairs(H, bh, b, h, BLOCK_N, SEQ_N)
     k_base = K + b_n * skb + h_n * skh + offs_d[None, :] * skd
     v_base = V + b_n * svb + h_n * svh + offs_d[None, :] * svd
     mask_base = MASK + b * smb + h * smh
@@ -415,7 +429,7 @@ def _attn_bwd_dq_kernel(
             lo = n_full
             hi = n_end
         for start_n in range(lo, hi, BLOCK_N):
-            offs_n = start_n + key_rows
+            offs_n = start_n + _block_rows(Tk, n_pairs, BLOCK_N, SEQ_N)
             k = _load_rows(k_base, offs_n, skn, Tk, d_ok, phase == 1, EVEN_D)
             v = _load_rows(v_base, offs_n, svn, Tk, d_ok, phase == 1, EVEN_D)
             s = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None],
