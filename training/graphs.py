@@ -7,8 +7,8 @@ sequence at once: on an H200 the step of benchmarks/train_step.py went from 56 t
 non-finite checks stay outside the graph, eager and unchanged.
 
 What a graph fixes at capture: tensor addresses (the batch is copied into static buffers, the gradients
-live in the graph's memory pool and are rewritten by each replay), shapes (every micro-batch has the same shape) and every
-host-side value a kernel was launched with. The trainer therefore refuses settings that change those
+live in the graph's memory pool and are rewritten by each replay), shapes (every micro-batch has the same
+shape) and every host-side value a kernel was launched with. The trainer therefore refuses settings that change those
 from step to step (see ``check_supported``): dropout (its seed is drawn on the host per call), DDP/FSDP
 (their communication hooks), torch.compile and fp16 loss scaling.
 """

@@ -268,7 +268,7 @@ class Trainer:
             finite = loss_finite and math.isfinite(norm_value)
             if finite:
                 self.optimizer.step()
-        if not t.cuda_graph:  # a captured step zeroes its gradients in place, keeping their addresses
+        if not t.cuda_graph:  # a captured step's gradients live in its graph's memory, rewritten by each replay
             self.optimizer.zero_grad(set_to_none=True)
         return loss_value, norm_value, finite
 

@@ -87,9 +87,9 @@ def custom_op(name: str, mutates_args: tuple[str, ...]):
     whose shapes come from its ``register_fake`` rule. Outside tracing, the dispatcher's Python layers
     cost far more host time than many of the kernels behind them take on the GPU (on an H200 with torch
     2.11: ~25 us for a forward without autograd and ~330 us per call under autograd; see
-    benchmarks/results/host_overhead.md), so eager calls run the function directly and only bump the
-    version counters of the arguments it writes, as the registered op would, so autograd still catches
-    a mutated tensor that an earlier op saved for its backward.
+    benchmarks/results/h200/host_overhead_before_bypass.md), so eager calls run the function directly and
+    only bump the version counters of the arguments it writes, as the registered op would, so autograd
+    still catches a mutated tensor that an earlier op saved for its backward.
     """
     def register(fn):
         op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
