@@ -185,7 +185,8 @@ def run_cases(name: str, cases: list[Case]) -> list[dict]:
                 "op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": case.mode,
                 "provider": provider, "ms": round(ms, 4), "peak_MiB": round(peak, 1),
                 "GBps": round(case.bytes_moved / ms / 1e6, 1) if case.bytes_moved else "",
-                "pct_copy_bw": round(100 * case.bytes_moved / ms / 1e6 / measured_ceilings()["copy_GBps"], 1) if case.bytes_moved else "",
+                "pct_copy_bw": (round(100 * case.bytes_moved / ms / 1e6 / measured_ceilings()["copy_GBps"], 1)
+                                if case.bytes_moved else ""),
                 "TFLOPs": round(case.flops / ms / 1e9, 1) if case.flops else "",
             }
             rows.append(row)

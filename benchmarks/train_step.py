@@ -4,7 +4,8 @@
     python benchmarks/train_step.py vit    # vit-base/16 at 224, batch 128, bf16 autocast
 
 Variants, each eager, and on request under torch.compile (--compile) and as a CUDA-graphed whole step
-(--graph: forward, backward and AdamW captured once and replayed): triformer's model with Triton kernels (each loss option),
+(--graph: forward, backward and AdamW captured once and replayed): triformer's model with Triton kernels
+(each loss option),
 the same model built from the PyTorch references (kernels=torch), and a plain-PyTorch model written the
 usual way (nanoGPT-style GPT-2 with SDPA flash attention and F.cross_entropy; a ViT with SDPA). Reports
 tokens/s (images/s), MFU against 989 TFLOP/s dense bf16, peak allocated memory, and (--max-batch) the
