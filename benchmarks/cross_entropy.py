@@ -8,8 +8,8 @@ the logits), PyTorch eager, torch.compile of it, Liger's ``LigerCrossEntropyLoss
 installed. All providers share one logits tensor per shape; in-place providers leave gradients in it, which
 are still ordinary finite logits for the next call, so timings are unaffected.
 
-``--sweep`` times triformer alone at the headline shapes for a few GPU launch settings (tile bytes, warps,
-L2 budget of ``triformer.cross_entropy``) and writes ``cross_entropy_sweep``: the data to retune them.
+``--sweep`` times triformer alone for a set of GPU launch plans (fused or split, programs, column ranges, tile
+size) per shape and writes ``cross_entropy_sweep``: the data behind ``triformer.cross_entropy``'s constants.
 """
 import sys
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
+import triton  # noqa: E402
 from benchmarks.common import Case, liger_import, main, run_cases  # noqa: E402
 from triformer.cross_entropy import cross_entropy  # noqa: E402
 
@@ -89,31 +90,58 @@ def build_cases(device: str, shapes, dtypes=(torch.float32, torch.bfloat16), fns
     return cases
 
 
+# the sweep's shapes: the headline ones plus the per-chunk logits of the fused linear-CE (64 MiB of bf16 rows)
+SWEEP_SHAPES = GPU_SHAPES + [(640, 50257), (2560, 50257)]
+
+
+def sweep_plans(rows: int, vocab: int, dtype: torch.dtype) -> dict:
+    """Launch plans to time at one shape: fused with 1-4 persistent programs per SM and the split pair with
+    1-32 column ranges, each at two tile sizes; plus "default", whatever ``_plan`` picks."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    plans = {"default": None}
+    for tile in (32768, 65536):
+        block_v = min(triton.next_power_of_2(vocab), tile // dtype.itemsize)
+        warps = min(16, max(4, block_v * dtype.itemsize // 1024))
+        for per_sm in (1, 2, 4):
+            if per_sm * 32 * warps <= 2048:
+                plans[f"fused_t{tile >> 10}k_p{per_sm}"] = ce_module.Plan(1, block_v, warps, per_sm * sms)
+        for splits in (1, 2, 4, 8, 16, 32):
+            if splits <= triton.cdiv(vocab, block_v):
+                plans[f"split_t{tile >> 10}k_s{splits}"] = ce_module.Plan(1, block_v, warps, 0, splits)
+    return plans
+
+
 def sweep() -> None:
-    """triformer at the headline shape under several launch settings (module globals read at each launch)."""
-    # the L2 budget sets the programs per SM: 1 at 24 MiB for both dtypes here, several at 96 MiB
-    settings = [(tile, warps, l2) for tile in (16384, 32768, 65536) for warps in (8, 16, 32)
-                for l2 in (24 << 20, 96 << 20)]
+    """triformer alone under several launch plans per shape (``_plan`` replaced while each runs): the data behind
+    the constants of ``triformer.cross_entropy``'s GPU launch. Writes ``cross_entropy_sweep``."""
     inputs = LazyInputs("cuda")
+    chosen = ce_module._plan
     cases = []
     for dtype in (torch.float32, torch.bfloat16):
-        shape = (16384, 50257, dtype)
-        providers = {}
-        for tile, warps, l2 in settings:
-            def run(tile=tile, warps=warps, l2=l2, shape=shape):
-                ce_module.TILE_BYTES, ce_module.GPU_WARPS, ce_module.L2_ROW_BUDGET = tile, warps, l2
-                logits, targets = inputs.get(*shape)
-                return torch.autograd.grad(cross_entropy(logits, targets), logits)
-            providers[f"tile{tile // 1024}k_w{warps}_l2{l2 >> 20}M"] = run
-        cases.append(Case(op="cross_entropy", shape="16384x50257", dtype=str(dtype).removeprefix("torch."),
-                          mode="fwd+bwd", bytes_moved=2 * 16384 * 50257 * dtype.itemsize, flops=0,
-                          providers=providers))
+        for rows, vocab in SWEEP_SHAPES:
+            shape = (rows, vocab, dtype)
+            providers = {}
+            for name, plan in sweep_plans(rows, vocab, dtype).items():
+                def run(plan=plan, shape=shape):
+                    ce_module._plan = chosen if plan is None else (lambda *args, plan=plan: plan)
+                    try:
+                        logits, targets = inputs.get(*shape)
+                        return torch.autograd.grad(cross_entropy(logits, targets, inplace_backward=True), logits)
+                    finally:
+                        ce_module._plan = chosen
+                providers[name] = run
+            cases.append(Case(op="cross_entropy", shape=f"{rows}x{vocab}", dtype=str(dtype).removeprefix("torch."),
+                              mode="fwd+bwd", bytes_moved=2 * rows * vocab * dtype.itemsize, flops=0,
+                              providers=providers))
     best = {}
-    for r in run_cases("cross_entropy_sweep", cases):
-        if r["dtype"] not in best or r["ms"] < best[r["dtype"]]["ms"]:
-            best[r["dtype"]] = r
-    for dtype, r in best.items():
-        print(f"best {dtype}: {r['provider']} {r['ms']} ms")
+    results = run_cases("cross_entropy_sweep", cases)
+    for r in results:
+        key = (r["shape"], r["dtype"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    default = {(r["shape"], r["dtype"]): r["ms"] for r in results if r["provider"] == "default"}
+    for key, r in best.items():
+        print(f"best {key}: {r['provider']} {r['ms']} ms ({r.get('pct_copy_bw')}% of copy); default {default[key]} ms")
 
 
 if __name__ == "__main__":

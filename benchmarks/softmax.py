@@ -1,9 +1,12 @@
-"""Softmax benchmark (GPU): ``python benchmarks/softmax.py``. Without a GPU it only builds small cases.
+"""Softmax benchmark (GPU): ``python benchmarks/softmax.py [--sweep]``. Without a GPU it only builds small cases.
 
 Memory-bound: bytes_moved counts one read of each input and one write of each output per pass (fwd: x -> y;
 bwd: y, dy -> dx). In the causal case only the visible triangle must be read (masked entries are written as
 zeros). Peers: torch.softmax eager (causal: masked_fill then softmax, as users write it), torch.compile of
 that, and Liger's LigerSoftmaxFunction (no causal or scale variant).
+
+``--sweep`` times triformer alone at the long-row shapes for a few GPU launch settings (longest row kept in
+registers, forward and backward; column tile of the two-sweep path) and writes ``softmax_sweep``.
 """
 import sys
 from pathlib import Path
@@ -13,8 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, liger_import, main, mode_cases  # noqa: E402
+from benchmarks.common import Case, liger_import, main, mode_cases, run_cases  # noqa: E402
 from triformer.softmax import softmax  # noqa: E402
+
+softmax_module = sys.modules["triformer.softmax"]
 
 # (shape, dtype): rows 4k-32k, columns 1k-32k, each tensor well above the 50 MB L2 except the 16384x1024
 # anchor (the shape of the published eager/Liger numbers); the L2 is flushed between repeats anyway.
@@ -70,5 +75,37 @@ def build_cases(device: str, shrink: int = 1) -> list[Case]:
     return cases
 
 
+SWEEP = [((8192, 32768), torch.bfloat16), ((4096, 32768), torch.float32), ((32768, 4096), torch.float32),
+         ((4096, 65536), torch.bfloat16)]
+
+
+def with_settings(run, values: dict):
+    """``run`` (a whole timed call: forward and/or backward) with ``triformer.softmax``'s globals set to ``values``."""
+    def timed():
+        saved = {k: getattr(softmax_module, k) for k in values}
+        vars(softmax_module).update(values)
+        try:
+            return run()
+        finally:
+            vars(softmax_module).update(saved)
+    return timed
+
+
+def sweep() -> None:
+    """The launch constants of ``triformer.softmax`` (module globals read at each launch) over their candidates."""
+    settings = {f"single{s >> 10}k_loop{b >> 10}k": dict(MAX_SINGLE_BLOCK=max(s, 32768), MAX_SINGLE_BLOCK_BWD=s,
+                                                          LOOP_BLOCK=b)
+                for s in (16384, 32768, 65536) for b in (4096, 8192, 16384)}
+    cases = []
+    for shape, dtype in SWEEP:
+        x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+        for name, values in settings.items():
+            for case in mode_cases("softmax", "x".join(map(str, shape)), dtype, {name: softmax}, [x],
+                                   passes={"fwd": 2, "bwd": 3, "fwd+bwd": 5}, unit_bytes=x.numel() * x.element_size()):
+                case.providers = {name: with_settings(case.providers[name], values)}
+                cases.append(case)
+    run_cases("softmax_sweep", cases)
+
+
 if __name__ == "__main__":
-    main("softmax", lambda: build_cases("cuda"), lambda: build_cases("cpu", shrink=256))
+    main("softmax", lambda: build_cases("cuda"), lambda: build_cases("cpu", shrink=256), gpu_flags={"--sweep": sweep})

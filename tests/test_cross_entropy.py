@@ -1,3 +1,6 @@
+import dataclasses
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,7 @@ from triformer.cross_entropy import (CrossEntropyLoss, TritonCrossEntropyLoss, c
 from triformer.testing import LOW_PRECISION_FLOOR, assert_close, kernel_device, poison_, random_tensor
 
 DEV = kernel_device()
+ce_module = sys.modules["triformer.cross_entropy"]  # the package attribute of that name is the function
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # 111 rows over 1531 classes: more than one row tile and more than one column block on the interpreter
 # (64 x 1024 tiles) and on the GPU (1 x 1024 or more).
@@ -148,9 +152,34 @@ def test_n_chunks_only_splits_launches():
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
 
 
+def force_plan(monkeypatch, n_splits):
+    """Launch every row set with ``n_splits`` column ranges (0: the fused kernel) and tiles of at most 256
+    columns, whatever the device's own choice; the kernels run for real."""
+    chosen = ce_module._plan
+
+    def plan(n_rows, n_cols, dtype, device):
+        p = chosen(n_rows, n_cols, dtype, device)
+        return dataclasses.replace(p, block_v=min(p.block_v, 256), programs=p.programs or 4, n_splits=n_splits)
+    monkeypatch.setattr(ce_module, "_plan", plan)
+
+
+@pytest.mark.parametrize("n_splits", [0, 1, 4, 40])  # fused; split into 1, 4 and more ranges than tiles (6)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_launch_shapes_match_reference(monkeypatch, n_splits, label_smoothing, dtype):
+    """Both launch shapes on every device: the fused kernel and the split pair, whose range statistics (max,
+    exp-sum, and for smoothing the logit sum and expm1 sum) are merged per row."""
+    force_plan(monkeypatch, n_splits)
+    logits = random_tensor(SHAPE, dtype, contiguous=False)
+    check_against_reference(logits, make_targets(SHAPE[:-1], SHAPE[-1]), reduction="none",
+                            label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("n_splits", [0, 3])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_kernel_writes_every_output_element(inplace):
+def test_kernel_writes_every_output_element(monkeypatch, inplace, n_splits):
     """Poisoned loss and gradient buffers (NaN): every element must be overwritten, ignored rows included."""
+    force_plan(monkeypatch, n_splits)
     logits = random_tensor((1, 70, 1100), torch.float32)
     targets = make_targets((1, 70), 1100, ignore_frac=0.3)
     x64 = logits.double().requires_grad_()

@@ -41,6 +41,7 @@ does not synchronize: the failure surfaces at the next synchronization as a devi
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -73,12 +74,121 @@ def _log1p(z):
         1.0 / 11.0 + w2 / 13.0))))))
 
 
-# A program walks its rows in [BLOCK_R, BLOCK_V] tiles: pass 1 folds every tile into a running max / scaled
-# exp-sum (online log-sum-exp, fp32) so registers never hold a whole row; pass 2 re-reads the row to write the
-# gradient. On a GPU the grid is persistent (a few programs per SM, each looping over row blocks) so that the
-# rows being streamed at any moment fit in L2 and pass 2 re-reads them from there, not from DRAM. Rows are
-# addressed through two strides (outer, inner) so [B, T, V] views with permuted batch dims need no copy.
-# grad_ptr may equal logits_ptr: every element is read before the same program overwrites it.
+# A program walks rows in [BLOCK_R, BLOCK_V] tiles. Pass 1 (_row_stats) folds every tile of a column range into
+# a running max / scaled exp-sum (online log-sum-exp, fp32) so registers never hold a whole row; pass 2
+# (_store_grad) re-reads the range to write the gradient. Rows are addressed through two strides (outer,
+# inner) so [B, T, V] views with permuted batch dims need no copy. grad_ptr may equal logits_ptr: every element
+# is read before the program that reads it overwrites it.
+#
+# Two launch shapes (see _plan):
+# * fused: one program owns whole rows, both passes. On a GPU the grid is persistent (a few programs per SM,
+#   each looping over row blocks) so that the rows being streamed at any moment fit in L2 and pass 2 re-reads
+#   them from there, not from DRAM. Used when there are enough rows to fill the GPU.
+# * split: each row's columns are cut into `n_splits` ranges, one program per (row block, range), in two
+#   launches: _cross_entropy_partial_kernel writes each range's statistics, _cross_entropy_combine_kernel merges
+#   a row's ranges and writes its loss and the gradient of its own range. Few long rows (the 640-row chunks of
+#   the fused linear-CE, or 4k rows of a 256k vocabulary) would otherwise leave SMs idle or each streaming one
+#   row at a time.
+@triton.jit
+def _load_rows(logits_ptr, targets_ptr, rows, row_end, n_cols, inner, stride_xo, stride_xi, stride_xc, stride_t,
+               ignore_index):
+    row_ok = rows < row_end
+    # padded rows re-read the last real row (never stored) so no tile row is all -inf and no NaN appears
+    rows = tl.minimum(rows, row_end - 1).to(tl.int64)
+    x_base = logits_ptr + (rows // inner) * stride_xo + (rows % inner) * stride_xi
+    target = tl.load(targets_ptr + rows * stride_t).to(tl.int64)
+    active = target != ignore_index
+    in_range = (target >= 0) & (target < n_cols)
+    x_target = tl.load(x_base + target * stride_xc, mask=active & in_range, other=0.0).to(tl.float32)
+    # Everything is kept relative to the row max m (and to x_ref, the target logit where finite) so that logits
+    # with a large common offset lose no fp32 precision: lse - x_t never subtracts two large numbers.
+    x_ref = tl.where(tl.abs(x_target) < float("inf"), x_target, 0.0)
+    return rows, row_ok, x_base, target, active, in_range, x_target, x_ref
+
+
+@triton.jit
+def _row_stats(x_base, stride_xc, x_ref, col_start, col_end,
+               HAS_SMOOTHING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    # a finite floor instead of -inf keeps exp(m - m_new) defined when a first tile holds only -inf logits
+    m = tl.full([BLOCK_R], -3.0e38, tl.float32)
+    s = tl.full([BLOCK_R], 0.0, tl.float32)
+    # for label smoothing: x_sum = sum_j (x_j - x_ref), and t = s - (columns so far) = sum_j expm1(x_j - m), a
+    # sum of terms <= 0 that holds s - V to fp32 precision where s is close to V (a near-uniform row)
+    x_sum = tl.full([BLOCK_R], 0.0, tl.float32)
+    t = tl.full([BLOCK_R], 0.0, tl.float32)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_ok = cols < col_end
+        x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
+                    other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        rescale = tl.exp(m - m_new)
+        s = s * rescale + tl.sum(tl.exp(x - m_new[:, None]), 1)
+        if HAS_SMOOTHING:
+            x_sum += tl.sum(tl.where(col_ok[None, :], x - x_ref[:, None], 0.0), 1)
+            # expm1(a + d) = exp(d) expm1(a) + expm1(d) for each earlier column, d = m - m_new
+            t = t * rescale + (start - col_start) * _expm1(m - m_new) + tl.sum(
+                tl.where(col_ok[None, :], _expm1(x - m_new[:, None]), 0.0), 1)
+        m = m_new
+    return m, s, x_sum, t
+
+
+@triton.jit
+def _row_loss(m, s, x_sum, t, x_target, x_ref, active, in_range, n_cols, smoothing, z_loss,
+              HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr):
+    """(loss, log s, log(s / V)) of rows whose statistics are complete."""
+    log_s = tl.log(s)
+    log_mean = log_s
+    if HAS_SMOOTHING:
+        # log(s / V) to fp32 precision: its error scales every p_j - 1/V term of the gradient by p_j, and a
+        # near-uniform row has |p_j - 1/V| << p_j. From t while s > V / 2 (where log1p(t / V) loses less than
+        # log(s / V): its error is eps (V - s) / s), from s otherwise.
+        t_frac = t / n_cols
+        log_mean = tl.where(t_frac > -0.5, _log1p(t_frac), tl.log(s / n_cols))
+    # loss = (1 - eps) * (lse - x_t) + eps * (lse - mean_j x_j) + z * lse^2, with lse = m + log_s
+    loss = (m - x_ref) + log_s - (1.0 - smoothing) * (x_target - x_ref)
+    if HAS_SMOOTHING:
+        loss -= smoothing * x_sum / n_cols
+    if HAS_Z:
+        loss += z_loss * (m + log_s) * (m + log_s)
+    loss = tl.where(active, loss, 0.0)
+    loss = tl.where(active & ~in_range, float("nan"), loss)
+    return loss, log_s, log_mean
+
+
+@triton.jit
+def _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, stride_gc, scale_ptr, stride_s,
+                row_ok, target, active, m, log_s, log_mean, col_start, col_end, n_cols, smoothing, z_loss,
+                HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + rows * stride_s).to(tl.float32)
+    else:
+        scale = tl.full([BLOCK_R], 1.0, tl.float32)
+    # d loss / d x_j = (1 - eps) (p_j - [j == t]) + eps (p_j - 1 / V) + 2 z lse p_j, times the row's scale:
+    # written as differences of p so that where they cancel (V = 1: p = 1) the small z term survives intact;
+    # p_j - 1/V as expm1(x_j - lse + log V) / V: in a near-uniform row (small logits) p_j ~ 1/V, and the plain
+    # difference had the relative error of p_j times 1 / |V p_j - 1| (1e-4 at logits of 1e-3)
+    hit = (1.0 - smoothing) * scale
+    smooth = smoothing * scale
+    z_coef = scale * 2.0 * z_loss * (m + log_s)
+    g_base = grad_ptr + (rows // inner) * stride_go + (rows % inner) * stride_gi
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_ok = cols < col_end
+        x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
+                    other=float("-inf")).to(tl.float32)
+        p = tl.exp((x - m[:, None]) - log_s[:, None])
+        g = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * hit[:, None]
+        if HAS_SMOOTHING:
+            g += _expm1((x - m[:, None]) - log_mean[:, None]) * (smooth / n_cols)[:, None]
+        if HAS_Z:
+            g += p * z_coef[:, None]
+        g = tl.where(active[:, None], g, 0.0)
+        tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * stride_gc, g.to(grad_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
 @triton.jit
 def _cross_entropy_fwd_kernel(
     logits_ptr, grad_ptr, targets_ptr, loss_ptr, scale_ptr,
@@ -90,85 +200,84 @@ def _cross_entropy_fwd_kernel(
 ):
     n_blocks = tl.cdiv(row_end - row_start, BLOCK_R)
     for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        rows = row_start + block * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < row_end
-        # padded rows re-read the last real row (never stored) so no tile row is all -inf and no NaN appears
-        rows = tl.minimum(rows, row_end - 1).to(tl.int64)
-        x_base = logits_ptr + (rows // inner) * stride_xo + (rows % inner) * stride_xi
-        target = tl.load(targets_ptr + rows * stride_t).to(tl.int64)
-        active = target != ignore_index
-        in_range = (target >= 0) & (target < n_cols)
-        x_target = tl.load(x_base + target * stride_xc, mask=active & in_range, other=0.0).to(tl.float32)
-
-        # Everything is kept relative to the row max m (and to x_ref, the target logit where finite) so that
-        # logits with a large common offset lose no fp32 precision: lse - x_t never subtracts two large numbers.
-        x_ref = tl.where(tl.abs(x_target) < float("inf"), x_target, 0.0)
-        # a finite floor instead of -inf keeps exp(m - m_new) defined when a first tile holds only -inf logits
-        m = tl.full([BLOCK_R], -3.0e38, tl.float32)
-        s = tl.full([BLOCK_R], 0.0, tl.float32)
-        # for label smoothing: x_sum = sum_j (x_j - x_ref), and t = s - (columns so far) = sum_j expm1(x_j - m),
-        # a sum of terms <= 0 that holds s - V to fp32 precision where s is close to V (a near-uniform row)
-        x_sum = tl.full([BLOCK_R], 0.0, tl.float32)
-        t = tl.full([BLOCK_R], 0.0, tl.float32)
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            col_ok = cols < n_cols
-            x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
-                        other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, 1))
-            rescale = tl.exp(m - m_new)
-            s = s * rescale + tl.sum(tl.exp(x - m_new[:, None]), 1)
-            if HAS_SMOOTHING:
-                x_sum += tl.sum(tl.where(col_ok[None, :], x - x_ref[:, None], 0.0), 1)
-                # expm1(a + d) = exp(d) expm1(a) + expm1(d) for each earlier column, d = m - m_new
-                t = t * rescale + start * _expm1(m - m_new) + tl.sum(
-                    tl.where(col_ok[None, :], _expm1(x - m_new[:, None]), 0.0), 1)
-            m = m_new
-        log_s = tl.log(s)
-        if HAS_SMOOTHING:
-            # log(s / V) to fp32 precision: its error scales every p_j - 1/V term of the gradient by p_j, and a
-            # near-uniform row has |p_j - 1/V| << p_j. From t while s > V / 2 (where log1p(t / V) loses less
-            # than log(s / V): its error is eps (V - s) / s), from s otherwise.
-            t_frac = t / n_cols
-            log_mean = tl.where(t_frac > -0.5, _log1p(t_frac), tl.log(s / n_cols))
-
-        # loss = (1 - eps) * (lse - x_t) + eps * (lse - mean_j x_j) + z * lse^2, with lse = m + log_s
-        loss = (m - x_ref) + log_s - (1.0 - smoothing) * (x_target - x_ref)
-        if HAS_SMOOTHING:
-            loss -= smoothing * x_sum / n_cols
-        if HAS_Z:
-            loss += z_loss * (m + log_s) * (m + log_s)
-        loss = tl.where(active, loss, 0.0)
-        loss = tl.where(active & ~in_range, float("nan"), loss)
+        rows, row_ok, x_base, target, active, in_range, x_target, x_ref = _load_rows(
+            logits_ptr, targets_ptr, row_start + block * BLOCK_R + tl.arange(0, BLOCK_R), row_end, n_cols, inner,
+            stride_xo, stride_xi, stride_xc, stride_t, ignore_index)
+        m, s, x_sum, t = _row_stats(x_base, stride_xc, x_ref, 0, n_cols, HAS_SMOOTHING, BLOCK_R, BLOCK_V)
+        loss, log_s, log_mean = _row_loss(m, s, x_sum, t, x_target, x_ref, active, in_range, n_cols, smoothing,
+                                          z_loss, HAS_SMOOTHING, HAS_Z)
         tl.store(loss_ptr + rows, loss, mask=row_ok)
-
         if HAS_GRAD:
-            if HAS_SCALE:
-                scale = tl.load(scale_ptr + rows * stride_s).to(tl.float32)
-            else:
-                scale = tl.full([BLOCK_R], 1.0, tl.float32)
-            # d loss / d x_j = (1 - eps) (p_j - [j == t]) + eps (p_j - 1 / V) + 2 z lse p_j, times the row's scale:
-            # written as differences of p so that where they cancel (V = 1: p = 1) the small z term survives intact;
-            # p_j - 1/V as expm1(x_j - lse + log V) / V: in a near-uniform row (small logits) p_j ~ 1/V, and the plain
-            # difference had the relative error of p_j times 1 / |V p_j - 1| (1e-4 at logits of 1e-3)
-            hit = (1.0 - smoothing) * scale
-            smooth = smoothing * scale
-            z_coef = scale * 2.0 * z_loss * (m + log_s)
-            g_base = grad_ptr + (rows // inner) * stride_go + (rows % inner) * stride_gi
-            for start in range(0, n_cols, BLOCK_V):
-                cols = start + tl.arange(0, BLOCK_V)
-                col_ok = cols < n_cols
-                x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
-                            other=float("-inf")).to(tl.float32)
-                p = tl.exp((x - m[:, None]) - log_s[:, None])
-                g = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * hit[:, None]
-                if HAS_SMOOTHING:
-                    g += _expm1((x - m[:, None]) - log_mean[:, None]) * (smooth / n_cols)[:, None]
-                if HAS_Z:
-                    g += p * z_coef[:, None]
-                g = tl.where(active[:, None], g, 0.0)
-                tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * stride_gc, g.to(grad_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & col_ok[None, :])
+            _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, stride_gc, scale_ptr,
+                        stride_s, row_ok, target, active, m, log_s, log_mean, 0, n_cols, n_cols, smoothing, z_loss,
+                        HAS_SCALE, HAS_SMOOTHING, HAS_Z, BLOCK_R, BLOCK_V)
+
+
+# Split launch, pass 1: statistics (m, s, and for smoothing x_sum, t) of one column range of a row block into
+# part_ptr[stat, split, row], fp32; a row block's n_splits programs are adjacent, so they read one region of
+# memory together.
+@triton.jit
+def _cross_entropy_partial_kernel(
+    logits_ptr, targets_ptr, part_ptr, row_start, row_end, n_cols, inner, n_splits, span, part_rows,
+    stride_xo, stride_xi, stride_xc, stride_t, ignore_index,
+    HAS_SMOOTHING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    block = tl.program_id(0) // n_splits
+    split = tl.program_id(0) % n_splits
+    rows, row_ok, x_base, target, active, in_range, x_target, x_ref = _load_rows(
+        logits_ptr, targets_ptr, row_start + block * BLOCK_R + tl.arange(0, BLOCK_R), row_end, n_cols, inner,
+        stride_xo, stride_xi, stride_xc, stride_t, ignore_index)
+    col_start = split * span
+    m, s, x_sum, t = _row_stats(x_base, stride_xc, x_ref, col_start, tl.minimum(col_start + span, n_cols),
+                                HAS_SMOOTHING, BLOCK_R, BLOCK_V)
+    out = part_ptr + split * part_rows + (rows - row_start)
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + n_splits * part_rows, s, mask=row_ok)
+    if HAS_SMOOTHING:
+        tl.store(out + 2 * n_splits * part_rows, x_sum, mask=row_ok)
+        tl.store(out + 3 * n_splits * part_rows, t, mask=row_ok)
+
+
+# Split launch, pass 2: merge a row's range statistics (rescaled to the row max, as the online update does
+# tile by tile), then the range's gradient; split 0 of each row block stores the loss. Without a gradient one
+# program per row block (grid_splits = 1) only merges.
+@triton.jit
+def _cross_entropy_combine_kernel(
+    logits_ptr, grad_ptr, targets_ptr, loss_ptr, scale_ptr, part_ptr,
+    row_start, row_end, n_cols, inner, n_splits, grid_splits, span, part_rows,
+    stride_xo, stride_xi, stride_xc, stride_go, stride_gi, stride_gc, stride_t, stride_s,
+    ignore_index, smoothing, z_loss,
+    HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    block = tl.program_id(0) // grid_splits
+    split = tl.program_id(0) % grid_splits
+    rows, row_ok, x_base, target, active, in_range, x_target, x_ref = _load_rows(
+        logits_ptr, targets_ptr, row_start + block * BLOCK_R + tl.arange(0, BLOCK_R), row_end, n_cols, inner,
+        stride_xo, stride_xi, stride_xc, stride_t, ignore_index)
+    ks = tl.arange(0, SPLITS)
+    k_ok = (ks < n_splits)[None, :]
+    parts = part_ptr + ks[None, :] * part_rows + (rows - row_start)[:, None]
+    m_k = tl.load(parts, mask=k_ok, other=-3.0e38)
+    m = tl.max(m_k, 1)
+    weight = tl.exp(m_k - m[:, None])
+    s = tl.sum(tl.load(parts + n_splits * part_rows, mask=k_ok, other=0.0) * weight, 1)
+    x_sum = tl.zeros([BLOCK_R], tl.float32)
+    t = tl.zeros([BLOCK_R], tl.float32)
+    if HAS_SMOOTHING:
+        x_sum = tl.sum(tl.load(parts + 2 * n_splits * part_rows, mask=k_ok, other=0.0), 1)
+        cols_k = tl.minimum(tl.maximum(n_cols - ks * span, 0), span).to(tl.float32)
+        t = tl.sum(tl.load(parts + 3 * n_splits * part_rows, mask=k_ok, other=0.0) * weight
+                   + cols_k[None, :] * _expm1(m_k - m[:, None]), 1)
+    loss, log_s, log_mean = _row_loss(m, s, x_sum, t, x_target, x_ref, active, in_range, n_cols, smoothing, z_loss,
+                                      HAS_SMOOTHING, HAS_Z)
+    if split == 0:
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+    if HAS_GRAD:
+        col_start = split * span
+        _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, stride_gc, scale_ptr, stride_s,
+                    row_ok, target, active, m, log_s, log_mean, col_start, tl.minimum(col_start + span, n_cols),
+                    n_cols, smoothing, z_loss, HAS_SCALE, HAS_SMOOTHING, HAS_Z, BLOCK_R, BLOCK_V)
 
 
 # Backward of the fused forward: multiply the stored gradient by grad_output in place, row by row (one factor
@@ -192,11 +301,26 @@ def _scale_rows_kernel(x_ptr, scale_ptr, n_rows, n_cols, inner, stride_o, stride
             tl.store(ptrs, (x * scale[:, None]).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-# GPU launch: a row tile of TILE_BYTES per loop step (64 bytes per thread at 16 warps), and as many resident
-# programs per SM as keep the rows being streamed within L2_ROW_BUDGET (at least one, at most what fits).
+# GPU launch: a row tile of TILE_BYTES per loop step (64 bytes per thread at 16 warps). Fused launches keep as
+# many resident programs per SM as hold the rows being streamed within L2_ROW_BUDGET (at least one, at most what
+# fits). Fewer rows than FUSED_MIN_ROWS_PER_SM per SM go split, into enough column ranges for SPLIT_PROGRAMS_PER_SM
+# programs per SM (each range at least one tile).
 TILE_BYTES = 32768
 GPU_WARPS = 16
 L2_ROW_BUDGET = 24 << 20
+FUSED_MIN_ROWS_PER_SM = 8
+SPLIT_PROGRAMS_PER_SM = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one launch covers its rows: ``n_splits`` 0 is the fused kernel on ``programs`` persistent programs;
+    ``n_splits`` >= 1 the split pair with that many column ranges per row (``programs`` unused)."""
+    block_r: int
+    block_v: int
+    num_warps: int
+    programs: int
+    n_splits: int = 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,17 +328,21 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _launch_config(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_V, num_warps, programs). Interpreter: few programs with 64k-element tiles of many rows."""
+@functools.lru_cache(maxsize=256)
+def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device) -> Plan:
+    """Interpreter: fused, few programs with 64k-element tiles of many rows. GPU: see the constants above."""
     if _runtime.INTERPRET:
         block_v = min(triton.next_power_of_2(n_cols), max(1024, 65536 // min(triton.next_power_of_2(n_rows), 64)))
         block_r = _runtime.rows_per_program(n_rows, block_v)
-        return block_r, block_v, 4, triton.cdiv(n_rows, block_r)
+        return Plan(block_r, block_v, 4, triton.cdiv(n_rows, block_r))
     block_v = min(triton.next_power_of_2(n_cols), TILE_BYTES // dtype.itemsize)
     num_warps = min(GPU_WARPS, max(4, block_v * dtype.itemsize // 1024))
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if n_rows < FUSED_MIN_ROWS_PER_SM * sms and n_cols > block_v:
+        n_splits = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, n_rows), triton.cdiv(n_cols, block_v))
+        return Plan(1, block_v, num_warps, 0, n_splits)
     per_sm = min(max(1, L2_ROW_BUDGET // (sms * n_cols * dtype.itemsize)), 2048 // (32 * num_warps))
-    return 1, block_v, num_warps, min(n_rows, per_sm * sms)
+    return Plan(1, block_v, num_warps, min(n_rows, per_sm * sms))
 
 
 def rows_view(x: torch.Tensor, what: str, copy_ok: bool) -> torch.Tensor:
@@ -246,27 +374,43 @@ def check_targets(targets: torch.Tensor, n_cols: int, ignore_index: int) -> None
 def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
                          grad3: torch.Tensor | None, scale: torch.Tensor | None, ignore_index: int,
                          label_smoothing: float, z_loss: float, n_chunks: int = 1) -> None:
-    """Run the kernel on ``logits3[outer, inner, V]``: per-row fp32 loss into ``loss_rows[N]`` and, when
+    """Run the kernels on ``logits3[outer, inner, V]``: per-row fp32 loss into ``loss_rows[N]`` and, when
     ``grad3`` is given (it may be ``logits3`` itself), the gradient times ``scale`` (one value, or one per
     row) into ``grad3``. Rows go in ``n_chunks`` successive launches."""
     outer, inner, n_cols = logits3.shape
     n_rows = outer * inner
     if n_rows == 0:
         return
-    block_r, block_v, num_warps, programs = _launch_config(n_rows, n_cols, logits3.dtype, logits3.device)
     g = grad3 if grad3 is not None else logits3  # never written when HAS_GRAD is off
     per_row_scale = scale is not None and scale.numel() > 1
+    common = dict(HAS_SMOOTHING=label_smoothing > 0)
+    flags = dict(HAS_GRAD=grad3 is not None, HAS_SCALE=scale is not None, HAS_Z=z_loss > 0, **common)
+    strides = (*logits3.stride(), *g.stride(), targets.stride(0), scale.stride(0) if per_row_scale else 0)
+    scale_arg = scale if scale is not None else loss_rows
     chunk = triton.cdiv(n_rows, n_chunks)
     for first in range(0, n_rows, chunk):
         last = min(first + chunk, n_rows)
-        _cross_entropy_fwd_kernel[(min(programs, triton.cdiv(last - first, block_r)),)](
-            logits3, g, targets, loss_rows, scale if scale is not None else loss_rows,
-            first, last, n_cols, inner,
-            *logits3.stride(), *g.stride(), targets.stride(0), scale.stride(0) if per_row_scale else 0,
-            ignore_index, float(label_smoothing), float(z_loss),
-            HAS_GRAD=grad3 is not None, HAS_SCALE=scale is not None, HAS_SMOOTHING=label_smoothing > 0,
-            HAS_Z=z_loss > 0, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=num_warps,
-        )
+        plan = _plan(last - first, n_cols, logits3.dtype, logits3.device)
+        tiles = dict(BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
+        row_blocks = triton.cdiv(last - first, plan.block_r)
+        if not plan.n_splits:
+            _cross_entropy_fwd_kernel[(min(plan.programs, row_blocks),)](
+                logits3, g, targets, loss_rows, scale_arg, first, last, n_cols, inner, *strides,
+                ignore_index, float(label_smoothing), float(z_loss), **flags, **tiles)
+            continue
+        # ranges of whole tiles; the statistics of row r of this launch sit at part[stat, split, r - first]
+        span = triton.cdiv(triton.cdiv(n_cols, plan.n_splits), plan.block_v) * plan.block_v
+        n_splits = triton.cdiv(n_cols, span)
+        part = torch.empty((4 if label_smoothing > 0 else 2, n_splits, last - first), dtype=torch.float32,
+                           device=logits3.device)
+        _cross_entropy_partial_kernel[(row_blocks * n_splits,)](
+            logits3, targets, part, first, last, n_cols, inner, n_splits, span, last - first,
+            *logits3.stride(), targets.stride(0), ignore_index, **common, **tiles)
+        grid_splits = n_splits if grad3 is not None else 1
+        _cross_entropy_combine_kernel[(row_blocks * grid_splits,)](
+            logits3, g, targets, loss_rows, scale_arg, part, first, last, n_cols, inner, n_splits, grid_splits,
+            span, last - first, *strides, ignore_index, float(label_smoothing), float(z_loss), **flags,
+            SPLITS=triton.next_power_of_2(n_splits), **tiles)
 
 
 def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:

@@ -106,24 +106,28 @@ def _sweep(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bi
     grad_w = ((torch.zeros if zero_w else torch.empty)(weight.shape, dtype=weight.dtype, device=weight.device)
               if need_w else None)
     grad_b = torch.zeros(n_cols, dtype=torch.float32, device=hidden.device) if need_b else None
+    # the loop enqueues ~10 kernels per chunk, so the views it needs are made once where they can be
+    w_parts = [(w[part], w[part].t(), b[part] if b is not None else None) for part in parts]
+    grad_w_parts = [grad_w[part] for part in parts] if need_w else None
     for start in range(0, n_rows, rows):
         stop = min(start + rows, n_rows)
         h = hidden[start:stop]
         logits = buf[: stop - start]
-        for part in parts:
-            if b is None:
-                torch.mm(h, w[part].t(), out=logits[:, part])
+        logit_parts = [logits[:, part] for part in parts]
+        for out, (_, w_t, b_part) in zip(logit_parts, w_parts):
+            if b_part is None:
+                torch.mm(h, w_t, out=out)
             else:
-                torch.addmm(b[part], h, w[part].t(), out=logits[:, part])
+                torch.addmm(b_part, h, w_t, out=out)
         row_scale = scale if scale is None or scale.numel() == 1 else scale[start:stop]
         logits3 = logits.unsqueeze(0)
         launch_cross_entropy(logits3, targets[start:stop], loss_rows[start:stop], logits3 if any_grad else None,
                              row_scale, ignore_index, label_smoothing, z_loss)
-        for i, part in enumerate(parts):
+        for i, (g, (w_part, _, _)) in enumerate(zip(logit_parts, w_parts)):
             if need_h:
-                _mm_into(grad_h[start:stop], logits[:, part], w[part], first=i == 0)
+                _mm_into(grad_h[start:stop], g, w_part, first=i == 0)
             if need_w:
-                _mm_into(grad_w[part], logits[:, part].t(), h, first=start == 0)
+                _mm_into(grad_w_parts[i], g.t(), h, first=start == 0)
         if need_b:
             grad_b += logits.sum(0, dtype=torch.float32)
     return grad_h, grad_w, grad_b.to(bias.dtype) if grad_b is not None else None
