@@ -90,8 +90,7 @@ def _log1p(z):
 #   the fused linear-CE, or 4k rows of a 256k vocabulary) would otherwise leave SMs idle or each streaming one
 #   row at a time.
 @triton.jit
-def _load_rows(logits_ptr, targets_ptr, rows, row_end, n_cols, inner, stride_xo, stride_xi, stride_xc, stride_t,
-               ignore_index):
+def _load_rows(targets_ptr, logits_ptr, rows, row_end, n_cols, inner, stride_xo, stride_xi, stride_t, ignore_index):
     row_ok = rows < row_end
     # padded rows re-read the last real row (never stored) so no tile row is all -inf and no NaN appears
     rows = tl.minimum(rows, row_end - 1).to(tl.int64)
@@ -99,11 +98,16 @@ def _load_rows(logits_ptr, targets_ptr, rows, row_end, n_cols, inner, stride_xo,
     target = tl.load(targets_ptr + rows * stride_t).to(tl.int64)
     active = target != ignore_index
     in_range = (target >= 0) & (target < n_cols)
+    return rows, row_ok, x_base, target, active, in_range
+
+
+@triton.jit
+def _target_logit(x_base, stride_xc, target, active, in_range):
     x_target = tl.load(x_base + target * stride_xc, mask=active & in_range, other=0.0).to(tl.float32)
     # Everything is kept relative to the row max m (and to x_ref, the target logit where finite) so that logits
     # with a large common offset lose no fp32 precision: lse - x_t never subtracts two large numbers.
     x_ref = tl.where(tl.abs(x_target) < float("inf"), x_target, 0.0)
-    return rows, row_ok, x_base, target, active, in_range, x_target, x_ref
+    return x_target, x_ref
 
 
 @triton.jit
@@ -200,9 +204,10 @@ def _cross_entropy_fwd_kernel(
 ):
     n_blocks = tl.cdiv(row_end - row_start, BLOCK_R)
     for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        rows, row_ok, x_base, target, active, in_range, x_target, x_ref = _load_rows(
-            logits_ptr, targets_ptr, row_start + block * BLOCK_R + tl.arange(0, BLOCK_R), row_end, n_cols, inner,
-            stride_xo, stride_xi, stride_xc, stride_t, ignore_index)
+        rows, row_ok, x_base, target, active, in_range = _load_rows(
+            targets_ptr, logits_ptr, row_start + block * BLOCK_R + tl.arange(0, BLOCK_R), row_end, n_cols, inner,
+            stride_xo, stride_xi, stride_t, ignore_index)
+        x_target, x_ref = _target_logit(x_base, stride_xc, target, active, in_range)
         m, s, x_sum, t = _row_stats(x_base, stride_xc, x_ref, 0, n_cols, HAS_SMOOTHING, BLOCK_R, BLOCK_V)
         loss, log_s, log_mean = _row_loss(m, s, x_sum, t, x_target, x_ref, active, in_range, n_cols, smoothing,
                                           z_loss, HAS_SMOOTHING, HAS_Z)
@@ -213,9 +218,9 @@ def _cross_entropy_fwd_kernel(
                         HAS_SCALE, HAS_SMOOTHING, HAS_Z, BLOCK_R, BLOCK_V)
 
 
-# Split launch, pass 1: statistics (m, s, and for smoothing x_sum, t) of one column range of a row block into
-# part_ptr[stat, split, row], fp32; a row block's n_splits programs are adjacent, so they read one region of
-# memory together.
+# Split launch, pass 1: statistics of one column range of a row block into part_ptr[plane, split, row] (fp32;
+# planes m, s, and for smoothing x_sum, t), and the target logit into the plane after them: pass 2 cannot read
+# it from the logits, which other ranges' programs may already have overwritten with their gradient.
 @triton.jit
 def _cross_entropy_partial_kernel(
     logits_ptr, targets_ptr, part_ptr, row_start, row_end, n_cols, inner, n_splits, span, part_rows,
@@ -224,23 +229,27 @@ def _cross_entropy_partial_kernel(
 ):
     block = tl.program_id(0) // n_splits
     split = tl.program_id(0) % n_splits
-    rows, row_ok, x_base, target, active, in_range, x_target, x_ref = _load_rows(
-        logits_ptr, targets_ptr, row_start + block * BLOCK_R + tl.arange(0, BLOCK_R), row_end, n_cols, inner,
-        stride_xo, stride_xi, stride_xc, stride_t, ignore_index)
+    rows, row_ok, x_base, target, active, in_range = _load_rows(
+        targets_ptr, logits_ptr, row_start + block * BLOCK_R + tl.arange(0, BLOCK_R), row_end, n_cols, inner,
+        stride_xo, stride_xi, stride_t, ignore_index)
+    x_target, x_ref = _target_logit(x_base, stride_xc, target, active, in_range)
     col_start = split * span
     m, s, x_sum, t = _row_stats(x_base, stride_xc, x_ref, col_start, tl.minimum(col_start + span, n_cols),
                                 HAS_SMOOTHING, BLOCK_R, BLOCK_V)
+    plane = n_splits * part_rows
     out = part_ptr + split * part_rows + (rows - row_start)
     tl.store(out, m, mask=row_ok)
-    tl.store(out + n_splits * part_rows, s, mask=row_ok)
+    tl.store(out + plane, s, mask=row_ok)
     if HAS_SMOOTHING:
-        tl.store(out + 2 * n_splits * part_rows, x_sum, mask=row_ok)
-        tl.store(out + 3 * n_splits * part_rows, t, mask=row_ok)
+        tl.store(out + 2 * plane, x_sum, mask=row_ok)
+        tl.store(out + 3 * plane, t, mask=row_ok)
+    if split == 0:
+        tl.store(part_ptr + (4 if HAS_SMOOTHING else 2) * plane + (rows - row_start), x_target, mask=row_ok)
 
 
-# Split launch, pass 2: merge a row's range statistics (rescaled to the row max, as the online update does
-# tile by tile), then the range's gradient; split 0 of each row block stores the loss. Without a gradient one
-# program per row block (grid_splits = 1) only merges.
+# Split launch, pass 2: merge a row's range statistics one range at a time with the update _row_stats applies
+# tile by tile, then write the range's gradient; split 0 of each row block stores the loss. Without a gradient
+# one program per row block (grid_splits = 1) only merges.
 @triton.jit
 def _cross_entropy_combine_kernel(
     logits_ptr, grad_ptr, targets_ptr, loss_ptr, scale_ptr, part_ptr,
@@ -248,27 +257,33 @@ def _cross_entropy_combine_kernel(
     stride_xo, stride_xi, stride_xc, stride_go, stride_gi, stride_gc, stride_t, stride_s,
     ignore_index, smoothing, z_loss,
     HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     block = tl.program_id(0) // grid_splits
     split = tl.program_id(0) % grid_splits
-    rows, row_ok, x_base, target, active, in_range, x_target, x_ref = _load_rows(
-        logits_ptr, targets_ptr, row_start + block * BLOCK_R + tl.arange(0, BLOCK_R), row_end, n_cols, inner,
-        stride_xo, stride_xi, stride_xc, stride_t, ignore_index)
-    ks = tl.arange(0, SPLITS)
-    k_ok = (ks < n_splits)[None, :]
-    parts = part_ptr + ks[None, :] * part_rows + (rows - row_start)[:, None]
-    m_k = tl.load(parts, mask=k_ok, other=-3.0e38)
-    m = tl.max(m_k, 1)
-    weight = tl.exp(m_k - m[:, None])
-    s = tl.sum(tl.load(parts + n_splits * part_rows, mask=k_ok, other=0.0) * weight, 1)
+    rows, row_ok, x_base, target, active, in_range = _load_rows(
+        targets_ptr, logits_ptr, row_start + block * BLOCK_R + tl.arange(0, BLOCK_R), row_end, n_cols, inner,
+        stride_xo, stride_xi, stride_t, ignore_index)
+    plane = n_splits * part_rows
+    part = part_ptr + (rows - row_start)
+    x_target = tl.load(part + (4 if HAS_SMOOTHING else 2) * plane)
+    x_ref = tl.where(tl.abs(x_target) < float("inf"), x_target, 0.0)
+    m = tl.full([BLOCK_R], -3.0e38, tl.float32)
+    s = tl.zeros([BLOCK_R], tl.float32)
     x_sum = tl.zeros([BLOCK_R], tl.float32)
     t = tl.zeros([BLOCK_R], tl.float32)
-    if HAS_SMOOTHING:
-        x_sum = tl.sum(tl.load(parts + 2 * n_splits * part_rows, mask=k_ok, other=0.0), 1)
-        cols_k = tl.minimum(tl.maximum(n_cols - ks * span, 0), span).to(tl.float32)
-        t = tl.sum(tl.load(parts + 3 * n_splits * part_rows, mask=k_ok, other=0.0) * weight
-                   + cols_k[None, :] * _expm1(m_k - m[:, None]), 1)
+    for k in range(0, n_splits):
+        m_k = tl.load(part + k * part_rows)
+        m_new = tl.maximum(m, m_k)
+        rescale = tl.exp(m - m_new)
+        rescale_k = tl.exp(m_k - m_new)
+        s = s * rescale + tl.load(part + plane + k * part_rows) * rescale_k
+        if HAS_SMOOTHING:
+            x_sum += tl.load(part + 2 * plane + k * part_rows)
+            # t of the columns so far and of range k, both moved to the new max (columns before range k: k * span)
+            t = (t * rescale + (k * span) * _expm1(m - m_new) + tl.load(part + 3 * plane + k * part_rows) * rescale_k
+                 + tl.minimum(span, n_cols - k * span) * _expm1(m_k - m_new))
+        m = m_new
     loss, log_s, log_mean = _row_loss(m, s, x_sum, t, x_target, x_ref, active, in_range, n_cols, smoothing, z_loss,
                                       HAS_SMOOTHING, HAS_Z)
     if split == 0:
@@ -398,10 +413,11 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
                 logits3, g, targets, loss_rows, scale_arg, first, last, n_cols, inner, *strides,
                 ignore_index, float(label_smoothing), float(z_loss), **flags, **tiles)
             continue
-        # ranges of whole tiles; the statistics of row r of this launch sit at part[stat, split, r - first]
+        # ranges of whole tiles; row r of this launch has its statistics at part[plane, split, r - first]
         span = triton.cdiv(triton.cdiv(n_cols, plan.n_splits), plan.block_v) * plan.block_v
         n_splits = triton.cdiv(n_cols, span)
-        part = torch.empty((4 if label_smoothing > 0 else 2, n_splits, last - first), dtype=torch.float32,
+        planes = 4 if label_smoothing > 0 else 2
+        part = torch.empty(planes * n_splits * (last - first) + (last - first), dtype=torch.float32,
                            device=logits3.device)
         _cross_entropy_partial_kernel[(row_blocks * n_splits,)](
             logits3, targets, part, first, last, n_cols, inner, n_splits, span, last - first,
@@ -409,8 +425,7 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
         grid_splits = n_splits if grad3 is not None else 1
         _cross_entropy_combine_kernel[(row_blocks * grid_splits,)](
             logits3, g, targets, loss_rows, scale_arg, part, first, last, n_cols, inner, n_splits, grid_splits,
-            span, last - first, *strides, ignore_index, float(label_smoothing), float(z_loss), **flags,
-            SPLITS=triton.next_power_of_2(n_splits), **tiles)
+            span, last - first, *strides, ignore_index, float(label_smoothing), float(z_loss), **flags, **tiles)
 
 
 def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
