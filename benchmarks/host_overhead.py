@@ -6,14 +6,17 @@ A GPT-2 step launches a few hundred kernels, most of them short, so the Python a
 spends on the host decides the step time whenever it exceeds the kernel's GPU time. Shapes here are tiny,
 so the GPU is never the bottleneck and a loop's wall time over its call count is the host time per call.
 Each op is timed through every layer of its stack (functional, autograd.Function, launcher, bare Triton
-launch) so the difference between adjacent rows is what that layer costs, and with the eager shortcut
-undone ("through the dispatcher" rows: the ops called through torch.library's registered op); a cProfile of
-the functional form names the Python functions behind it. Writes benchmarks/results/host_overhead.md.
+launch) so the difference between adjacent rows is what that layer costs, and with the host-side shortcuts
+undone ("through the dispatcher" rows: the ops called through torch.library's registered op; "through the
+autotuner" rows: attention's kernels launched through Triton's autotuner every time, not with the config it
+chose); a cProfile of the functional form names the Python functions behind it. Writes
+benchmarks/results/host_overhead.md.
 """
 from __future__ import annotations
 
 import contextlib
 import cProfile
+import importlib
 import io
 import pstats
 import sys
@@ -27,8 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triformer  # noqa: E402  (before triton: it picks compile vs interpreter)
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triformer import attention as attn_mod, layernorm as ln_mod  # noqa: E402
+from triformer import layernorm as ln_mod  # noqa: E402
 from benchmarks.common import environment, out_dir  # noqa: E402
+
+# The module, not the function triformer exports under the same name (which ``from triformer import`` returns).
+attn_mod = importlib.import_module("triformer.attention")
 
 
 @triton.jit
@@ -73,6 +79,23 @@ def through_dispatcher(module, *names):
     finally:
         for n, fn in saved.items():
             setattr(module, n, fn)
+
+
+class _NeverTuned(dict):
+    """A tuned-config cache that keeps nothing."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+@contextlib.contextmanager
+def through_autotuner():
+    """The "before" of attention's tuned-config launch: every launch goes through Triton's Autotuner.run."""
+    saved, attn_mod._TUNED = attn_mod._TUNED, _NeverTuned()
+    try:
+        yield
+    finally:
+        attn_mod._TUNED = saved
 
 
 def layer_norm_rows():
@@ -132,14 +155,21 @@ def attention_rows():
     def fwd_bwd_triformer():
         triformer.attention(qg, kg, vg, is_causal=True).backward(do)
 
+    def fwd_triformer():
+        triformer.attention(q, k, v, is_causal=True)
+
     with torch.no_grad():
         rows = [
             ("attention fwd", "torch SDPA", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-            ("attention fwd", "triformer.attention", lambda: triformer.attention(q, k, v, is_causal=True)),
+            ("attention fwd", "triformer.attention", fwd_triformer),
         ]
         measured = [(op, layer, host_us(fn)) for op, layer, fn in rows]
+        with through_autotuner():
+            measured.append(("attention fwd", "triformer.attention, through the autotuner", host_us(fwd_triformer)))
     measured += [("attention fwd+bwd", "torch SDPA", host_us(fwd_bwd_sdpa)),
                  ("attention fwd+bwd", "triformer", host_us(fwd_bwd_triformer))]
+    with through_autotuner():
+        measured.append(("attention fwd+bwd", "triformer, through the autotuner", host_us(fwd_bwd_triformer)))
     with through_dispatcher(attn_mod, "_attention_fwd", "_attention_bwd"):
         measured.append(("attention fwd+bwd", "triformer, ops through the dispatcher", host_us(fwd_bwd_triformer)))
     return measured, fwd_bwd_triformer

@@ -13,6 +13,8 @@ from triformer.dropout import dropout, dropout_keep_reference
 from triformer.testing import (FP32_RTOL, LOW_PRECISION_FLOOR, LOW_PRECISION_SLACK, assert_close, kernel_device,
                                poison_, random_tensor, rel_error)
 
+import triton  # noqa: E402  (after triformer, which picks compile vs interpreter)
+
 # triformer.attention is also the name of the exported function, which shadows the module as an attribute.
 attention_module = importlib.import_module("triformer.attention")
 # CPU tests use fp32 and fp16 only: triton 3.9's interpreter computes tl.dot on bf16 wrongly.
@@ -193,6 +195,66 @@ def test_interpreter_packs_short_sequences():
     tiles = attention_module._tiles(5, 5, 32)
     assert (tiles["BLOCK_M"] // tiles["SEQ_M"], tiles["SEQ_M"], tiles["SEQ_N"]) == (4, 8, 8)
     assert attention_module._tiles(100, 5, 32)["SEQ_M"] == 0  # too long to pack: 64 x 64 blocks
+
+
+class _RecordingKernel(triton.runtime.KernelInterface):
+    """Stands in for a compiled kernel under triton.autotune: records each launch's grid and keywords."""
+
+    def __init__(self, kernel):
+        self.fn, self.arg_names, self.launches = kernel.fn, kernel.arg_names, []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        meta = {**dict(zip(self.arg_names, args)), **kwargs}
+        self.launches.append((grid(meta) if callable(grid) else grid, kwargs))
+
+
+def test_tuned_config_launch(monkeypatch):
+    """The GPU launch path, with the kernel replaced by a recorder: a launch whose tuning key was seen skips
+    Triton's autotuner and launches the config it chose, with the grid it would have used; a new dtype (of q
+    or of the mask), head dim, causal flag, mask, dropout flag or sequence bucket goes through the autotuner
+    once more."""
+    recorder = _RecordingKernel(attention_module._attn_fwd_kernel)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 32}, num_warps=w) for m, w in ((128, 8), (64, 4))]
+
+    def bench(call, quantiles):  # the second config wins, so a cached first one would show
+        call()
+        return [recorder.launches[-1][1]["BLOCK_M"]] * 3
+    tuner = triton.autotune(configs=configs, key=attention_module._TUNE_KEY, do_bench=bench)(recorder)
+    tuner_runs, tuner_run = [], tuner.run
+
+    def counted_run(*args, **kwargs):
+        tuner_runs.append(1)
+        return tuner_run(*args, **kwargs)
+    monkeypatch.setattr(tuner, "run", counted_run)
+    monkeypatch.setattr(attention_module, "_attn_fwd", tuner)
+    monkeypatch.setattr(attention_module, "_tiles", lambda Tq, Tk, n_pairs: dict(SEQ_M=0, SEQ_N=0))
+    monkeypatch.setattr(attention_module, "_TUNED", {})
+
+    def forward(B=1, H=2, Tq=100, Tk=100, D=64, dtype=torch.float16, is_causal=False, dropout_p=0.0, mask=None):
+        """(autotuner runs, (grid, keywords) of the launch) of one forward; ``mask``: an additive mask's dtype."""
+        q, k, v = (torch.empty(B, H, T, D, dtype=dtype) for T in (Tq, Tk, Tk))
+        attn_mask = None if mask is None else torch.zeros(Tq, Tk, dtype=mask)
+        runs = len(tuner_runs)
+        attention_module._attention_fwd(q, k, v, attn_mask, None, torch.tensor(7) if dropout_p else None,
+                                        is_causal, dropout_p, 0.125)
+        return len(tuner_runs) - runs, recorder.launches[-1]
+
+    for variant in [{}, dict(dtype=torch.bfloat16), dict(dtype=torch.float32), dict(D=40), dict(is_causal=True),
+                    dict(dropout_p=0.1), dict(Tq=200), dict(Tk=300), dict(mask=torch.float16),
+                    dict(mask=torch.float32)]:
+        runs, tuned = forward(**variant)
+        assert runs == 1, variant
+        assert tuned[1]["BLOCK_M"] == 64 and tuned[1]["num_warps"] == 4
+        assert forward(**variant) == (0, tuned), variant
+    # the same key (Tq 100 -> 120 stays in bucket 128) with another grid: the cached BLOCK_M sizes it
+    runs, (grid, kwargs) = forward(B=3, H=5, Tq=120)
+    assert runs == 0 and grid == (triton.cdiv(120, 64) * 15,) and kwargs["BLOCK_M"] == 64
+    # a kernel tiled along the keys (dK/dV) sizes its grid by BLOCK_N, tuned or cached
+    for _ in range(2):
+        attention_module._launch(tuner, 300, "BLOCK_N", 6, dict(SEQ_M=0, SEQ_N=0), (torch.empty(1),),
+                                 **{name: 1 for name in attention_module._TUNE_KEY})
+        assert recorder.launches[-1][0] == (triton.cdiv(300, 32) * 6,)
+    assert len(tuner_runs) == 11
 
 
 def random_masks(B, H, Tq, Tk, kind, generator=None):

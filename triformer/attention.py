@@ -514,37 +514,76 @@ _attn_bwd_dkdv = _autotuned(_DKDV_CONFIGS)(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq = _autotuned(_DQ_CONFIGS)(_attn_bwd_dq_kernel)
 
 
+# Host-side arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are ConstexprFunction objects
+# (Triton 3.6 and 3.9), a few microseconds per call, and a forward+backward made eleven such calls.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length()
+
+
+# The config Triton's autotuner chose for each tuning key. Its run() rebuilds the key from every argument on
+# each launch (~80 us of own time per launch in benchmarks/results/h200/host_overhead.md's cProfile, three
+# launches per forward+backward); once a key is tuned, its config is launched directly.
+_TUNED: dict = {}
+
+
+def _tune_key(kernel, tensors: tuple, consts: dict) -> tuple:
+    """What Triton's autotuner keys a launch on (the _TUNE_KEY values, then the dtype of every tensor
+    argument), per kernel. It covers all that the prune reads: Q's dtype, HEAD_DIM (hence BLOCK_D),
+    MASK_KIND and HAS_KPM."""
+    return (kernel, *[consts[name] for name in _TUNE_KEY], *[t.dtype for t in tensors])
+
+
 def _tiles(Tq: int, Tk: int, n_pairs: int) -> dict:
     """The kernels' tile arguments: none on a GPU (autotuning picks BLOCK_M/BLOCK_N, SEQ 0 = one pair per
     program); on the interpreter, packed whole sequences (SEQ_M/SEQ_N rows per pair, see _tile_rows) when
     they fit, else 64 x 64 blocks."""
     if not INTERPRET:
         return dict(SEQ_M=0, SEQ_N=0)
-    seq_m, seq_n = triton.next_power_of_2(Tq), triton.next_power_of_2(Tk)
+    seq_m, seq_n = _pow2(Tq), _pow2(Tk)
     if max(seq_m, seq_n) > _INTERPRET_TILE:
         return dict(BLOCK_M=64, BLOCK_N=64, SEQ_M=0, SEQ_N=0)
-    pairs = min(_INTERPRET_TILE // max(seq_m, seq_n), triton.next_power_of_2(n_pairs))
+    pairs = min(_INTERPRET_TILE // max(seq_m, seq_n), _pow2(n_pairs))
     return dict(BLOCK_M=pairs * seq_m, BLOCK_N=pairs * seq_n, SEQ_M=seq_m, SEQ_N=seq_n)
 
 
-def _launch(kernel, seq_len: int, block: str, n_pairs: int, tiles: dict, *args, **consts) -> None:
+def _launch(kernel, seq_len: int, block: str, n_pairs: int, tiles: dict, tensors: tuple, *scalars,
+            **consts) -> None:
     """Launch over (blocks of ``seq_len`` along ``block``) x batch*heads programs, 1-D so the batch*heads
     count is not limited to the 65535 of a second grid axis; packed tiles take BLOCK_M // SEQ_M whole pairs
-    per program."""
+    per program. ``tensors`` must hold every tensor argument (they lead each kernel's signature): their
+    dtypes are part of the tuning key."""
+    args = (*tensors, *scalars)
     if tiles["SEQ_M"]:
-        kernel[(triton.cdiv(n_pairs, tiles["BLOCK_M"] // tiles["SEQ_M"]),)](*args, **tiles, **consts)
+        kernel[(_cdiv(n_pairs, tiles["BLOCK_M"] // tiles["SEQ_M"]),)](*args, **tiles, **consts)
+    elif not isinstance(kernel, triton.runtime.Autotuner):  # the interpreter, or a kernel given its tile
+        kernel[(_cdiv(seq_len, tiles[block]) * n_pairs,)](*args, **tiles, **consts)
     else:
-        kernel[lambda meta: (triton.cdiv(seq_len, meta[block]) * n_pairs,)](*args, **tiles, **consts)
+        key = _tune_key(kernel, tensors, consts)
+        tuned = _TUNED.get(key)
+        if tuned is None:  # a new key: Triton prunes and benchmarks, then launches its pick
+            kernel[lambda meta: (_cdiv(seq_len, meta[block]) * n_pairs,)](*args, **tiles, **consts)
+            config = kernel.best_config
+            _TUNED[key] = (config.kwargs[block], config.all_kwargs())
+        else:  # what Autotuner.run does with a cached config (ours have no pre_hook), minus rebuilding its key
+            kernel.fn[(_cdiv(seq_len, tuned[0]) * n_pairs,)](*args, **tiles, **consts, **tuned[1])
 
 
-def _empty(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def _empty(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None, strides=None) -> torch.Tensor:
     """Every buffer the ops fill comes from here, so a test can poison them all."""
-    return like.new_empty(shape, dtype=dtype or like.dtype)
+    if strides is None:
+        return like.new_empty(shape, dtype=dtype or like.dtype)
+    return like.new_empty_strided(shape, strides, dtype=dtype or like.dtype)
 
 
 def _bthd_empty(B: int, H: int, T: int, D: int, like: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, D] view of [B, T, H, D] memory: heads interleave per token, as the next projection wants."""
-    return _empty((B, T, H, D), like).transpose(1, 2)
+    """[B, H, T, D] with the strides of [B, T, H, D] memory: heads interleave per token, as the next
+    projection wants (allocated with those strides: one call instead of new_empty + transpose)."""
+    return _empty((B, H, T, D), like, strides=(T * H * D, D, H * D, 1))
 
 
 def _mask_operand(attn_mask: Optional[torch.Tensor], B: int, H: int, Tq: int, Tk: int, placeholder: torch.Tensor):
@@ -558,8 +597,9 @@ def _mask_operand(attn_mask: Optional[torch.Tensor], B: int, H: int, Tq: int, Tk
     return 1, m, m.stride()
 
 
-def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p):
-    """Mask operands and their strides, RNG scalars, and the compile-time switches shared by the kernels."""
+def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_causal):
+    """Mask operands and their strides, RNG scalars, and the keyword arguments shared by the kernels: their
+    compile-time switches and the sequence-length buckets, so that all of _TUNE_KEY is among them."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     mask_kind, mask, mask_strides = _mask_operand(attn_mask, B, H, Tq, Tk, q)
@@ -567,8 +607,9 @@ def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p):
     kpm_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
     rng = (int(seed) if dropout_p > 0 else 0, dropout_p, 1.0 / (1.0 - dropout_p))
     dot_prec = "ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
-    consts = dict(MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None, HAS_DROPOUT=dropout_p > 0,
-                  QUADS=Tk % 4 == 0, DOT_PREC=dot_prec, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
+                  HAS_DROPOUT=dropout_p > 0, QUADS=Tk % 4 == 0, DOT_PREC=dot_prec, HEAD_DIM=D,
+                  BLOCK_D=max(16, _pow2(D)), TQ_BUCKET=_pow2(Tq), TK_BUCKET=_pow2(Tk))
     return mask, kpm, (*mask_strides, *kpm_strides), rng, consts
 
 
@@ -584,12 +625,11 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     Tk = k.shape[2]
     out = _bthd_empty(B, H, Tq, D, q)
     lse = _empty((B, H, Tq), q, torch.float32)
-    mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p)
-    _launch(_attn_fwd, Tq, "BLOCK_M", B * H, _tiles(Tq, Tk, B * H),
-            q, k, v, out, lse, mask, kpm,
+    mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p,
+                                                            is_causal)
+    _launch(_attn_fwd, Tq, "BLOCK_M", B * H, _tiles(Tq, Tk, B * H), (q, k, v, out, lse, mask, kpm),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-            H, B * H, Tq, Tk, scale * LOG2E.value, *rng, triton.next_power_of_2(Tq),
-            triton.next_power_of_2(Tk), IS_CAUSAL=is_causal, **consts)
+            H, B * H, Tq, Tk, scale * LOG2E.value, *rng, **consts)
     return out, lse
 
 
@@ -608,26 +648,24 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     Tk = k.shape[2]
     dq, dk, dv = _bthd_empty(B, H, Tq, D, q), _bthd_empty(B, H, Tk, D, k), _bthd_empty(B, H, Tk, D, v)
     delta = _empty(lse.shape, lse)
+    mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p,
+                                                            is_causal)
     tiles = _tiles(Tq, Tk, B * H)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = consts["BLOCK_D"]
     if tiles["SEQ_M"]:  # row-wise, no dot: as many whole pairs as a row-wise tile holds
         seq = tiles["SEQ_M"]
         delta_tiles = dict(BLOCK_M=_runtime.rows_per_program(B * H * seq, block_d), SEQ_M=seq)
     else:
         delta_tiles = dict(BLOCK_M=_runtime.rows_per_program(Tq, block_d, gpu_rows=64), SEQ_M=0)
-    _launch(_attn_bwd_delta_kernel, Tq, "BLOCK_M", B * H, delta_tiles,
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), H, B * H, Tq, HEAD_DIM=D, BLOCK_D=block_d)
+    _launch(_attn_bwd_delta_kernel, Tq, "BLOCK_M", B * H, delta_tiles, (out, grad_out, delta),
+            *out.stride(), *grad_out.stride(), H, B * H, Tq, HEAD_DIM=D, BLOCK_D=block_d)
 
-    mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p)
     shared = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    scalars = (H, B * H, Tq, Tk, scale * LOG2E.value, scale, *rng, triton.next_power_of_2(Tq),
-               triton.next_power_of_2(Tk))
-    _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H, tiles,
-            q, k, v, grad_out, lse, delta, dk, dv, mask, kpm,
-            *shared, *dk.stride(), *mask_strides, *scalars, IS_CAUSAL=is_causal, **consts)
-    _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H, tiles,
-            q, k, v, grad_out, lse, delta, dq, mask, kpm,
-            *shared, *dq.stride(), *mask_strides, *scalars, IS_CAUSAL=is_causal, **consts)
+    scalars = (H, B * H, Tq, Tk, scale * LOG2E.value, scale, *rng)
+    _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H, tiles, (q, k, v, grad_out, lse, delta, dk, dv, mask, kpm),
+            *shared, *dk.stride(), *mask_strides, *scalars, **consts)
+    _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H, tiles, (q, k, v, grad_out, lse, delta, dq, mask, kpm),
+            *shared, *dq.stride(), *mask_strides, *scalars, **consts)
     return dq, dk, dv
 
 
@@ -729,7 +767,7 @@ def attention_dropout_mask(shape, dropout_p: float, seed, device=None) -> torch.
     device = torch.device("cpu" if INTERPRET else "cuda") if device is None else torch.device(device)
     out = _empty((B, H, Tq, Tk), torch.empty(0, dtype=torch.uint8, device=device))
     block_m = 64 if INTERPRET else 32
-    _dropout_mask_kernel[(triton.cdiv(Tq, block_m) * B * H,)](
+    _dropout_mask_kernel[(_cdiv(Tq, block_m) * B * H,)](
         out, int(_seed_tensor(seed)), Tq, Tk, float(dropout_p), QUADS=Tk % 4 == 0, BLOCK_M=block_m, BLOCK_N=64)
     return out.view(torch.bool)
 
