@@ -95,17 +95,16 @@ SWEEP_SHAPES = GPU_SHAPES + [(640, 50257), (2560, 50257)]
 
 
 def sweep_plans(rows: int, vocab: int, dtype: torch.dtype) -> dict:
-    """Launch plans to time at one shape: fused with 1-4 persistent programs per SM and the split pair with
-    1-32 column ranges, each at two tile sizes; plus "default", whatever ``_plan`` picks."""
+    """Launch plans to time at one shape: fused with 1-2 persistent programs per SM and the split pair with
+    1-8 column ranges, each at two tile sizes; plus "default", whatever ``_plan`` picks."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     plans = {"default": None}
     for tile in (32768, 65536):
         block_v = min(triton.next_power_of_2(vocab), tile // dtype.itemsize)
         warps = min(16, max(4, block_v * dtype.itemsize // 1024))
-        for per_sm in (1, 2, 4):
-            if per_sm * 32 * warps <= 2048:
-                plans[f"fused_t{tile >> 10}k_p{per_sm}"] = ce_module.Plan(1, block_v, warps, per_sm * sms)
-        for splits in (1, 2, 4, 8, 16, 32):
+        for per_sm in (1, 2):
+            plans[f"fused_t{tile >> 10}k_p{per_sm}"] = ce_module.Plan(1, block_v, warps, per_sm * sms)
+        for splits in (1, 2, 4, 8):
             if splits <= triton.cdiv(vocab, block_v):
                 plans[f"split_t{tile >> 10}k_s{splits}"] = ce_module.Plan(1, block_v, warps, 0, splits)
     return plans

@@ -257,6 +257,24 @@ def test_tuned_config_launch(monkeypatch):
     assert len(tuner_runs) == 11
 
 
+@pytest.mark.skipif(kernel_device().type != "cuda", reason="autotuned kernels run on a GPU only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cached_config_launch_equals_tuned_launch(monkeypatch, dtype):
+    """On the GPU: the first call tunes (through Triton's autotuner), the next ones launch the cached config;
+    outputs and all three gradients are bitwise equal, and each kernel was tuned once."""
+    monkeypatch.setattr(attention_module, "_TUNED", {})
+    q, k, v = (random_tensor((2, 4, 300, 64), dtype).requires_grad_() for _ in range(3))
+    do = random_tensor((2, 4, 300, 64), dtype)
+    runs = []
+    for _ in range(3):
+        out = attention(q, k, v, is_causal=True)
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), do)))
+    assert len(attention_module._TUNED) == 3  # forward, dK/dV, dQ
+    for later in runs[1:]:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), runs[0], later):
+            assert torch.equal(a, b), name
+
+
 def random_masks(B, H, Tq, Tk, kind, generator=None):
     """Masks with some query rows and some keys fully excluded (so rows with nothing to attend occur)."""
     if kind == "additive":

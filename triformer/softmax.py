@@ -153,13 +153,15 @@ def _softmax_bwd_kernel(y_ptr, dy_ptr, dx_ptr, n_rows, n_cols, tq, shift,
 # Launch
 # ---------------------------------------------------------------------------------------------------------
 
-# Longest row kept whole in registers. On a GPU 32768 fp32 values over 32 warps is 32 registers a thread;
-# the backward holds two such rows (y, dy) and would spill, so it stops at 16384. On the interpreter a small
+# Longest row kept whole in registers. On a GPU 32768 fp32 values over 32 warps is 32 registers a thread. The
+# backward holds two such rows (y, dy): at 32768 ptxas spills ~280 bytes a thread, and it is still faster than
+# two sweeps (H200, `benchmarks/softmax.py --sweep`: 8192x32768 bf16 bwd 0.50 -> 0.40 ms, 4096x32768 fp32
+# 0.63 -> 0.46 ms); at 65536 both directions spill more and lose to the sweeps. On the interpreter a small
 # bound keeps the two-sweep path cheap to test.
 MAX_SINGLE_BLOCK = 1024 if INTERPRET else 32768
-MAX_SINGLE_BLOCK_BWD = 1024 if INTERPRET else 16384
-# Column tile of the two-sweep path.
-LOOP_BLOCK = 512 if INTERPRET else 8192
+MAX_SINGLE_BLOCK_BWD = 1024 if INTERPRET else 32768
+# Column tile of the two-sweep path (16384 beat 4096 and 8192 at 4096x65536 bf16 in the same sweep).
+LOOP_BLOCK = 512 if INTERPRET else 16384
 
 LOG2_E = 1.4426950408889634
 
