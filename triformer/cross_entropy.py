@@ -316,13 +316,16 @@ def _scale_rows_kernel(x_ptr, scale_ptr, n_rows, n_cols, inner, stride_o, stride
             tl.store(ptrs, (x * scale[:, None]).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-# GPU launch: a row tile of TILE_BYTES per loop step (64 bytes per thread at 16 warps). Fused launches keep as
-# many resident programs per SM as hold the rows being streamed within L2_ROW_BUDGET (at least one, at most what
-# fits). Fewer rows than FUSED_MIN_ROWS_PER_SM per SM go split, into enough column ranges for SPLIT_PROGRAMS_PER_SM
-# programs per SM (each range at least one tile).
+# GPU launch (constants from `benchmarks/cross_entropy.py --sweep` on an H200, results in benchmarks/results/):
+# a row tile of TILE_BYTES per loop step (64 bytes per thread at 16 warps). Fused launches keep two resident
+# programs per SM when the rows they stream fit in 1.5 x L2_ROW_BUDGET (48 MiB, about the 50 MB L2), else one
+# (32768x32000 fp32: 3.18 -> 2.70 ms at two; 16384x50257 fp32: 2.89 -> 3.44 ms at two). Rows so long that one
+# program per SM already streams more than L2_ROW_BUDGET lose pass 2's L2 hits anyway and go split (4096x256000 bf16:
+# 2.30 -> 1.73 ms; 8192x128256 bf16: 2.16 -> 1.72 ms), as do fewer than FUSED_MIN_ROWS_PER_SM rows per SM,
+# into enough column ranges for SPLIT_PROGRAMS_PER_SM programs per SM.
 TILE_BYTES = 32768
 GPU_WARPS = 16
-L2_ROW_BUDGET = 24 << 20
+L2_ROW_BUDGET = 32 << 20
 FUSED_MIN_ROWS_PER_SM = 8
 SPLIT_PROGRAMS_PER_SM = 8
 
@@ -353,10 +356,11 @@ def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device) ->
     block_v = min(triton.next_power_of_2(n_cols), TILE_BYTES // dtype.itemsize)
     num_warps = min(GPU_WARPS, max(4, block_v * dtype.itemsize // 1024))
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if n_rows < FUSED_MIN_ROWS_PER_SM * sms and n_cols > block_v:
+    streamed = sms * n_cols * dtype.itemsize  # bytes of rows in flight at one fused program per SM
+    if n_cols > block_v and (n_rows < FUSED_MIN_ROWS_PER_SM * sms or streamed > L2_ROW_BUDGET):
         n_splits = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, n_rows), triton.cdiv(n_cols, block_v))
         return Plan(1, block_v, num_warps, 0, n_splits)
-    per_sm = min(max(1, L2_ROW_BUDGET // (sms * n_cols * dtype.itemsize)), 2048 // (32 * num_warps))
+    per_sm = 2 if 2 * streamed <= 1.5 * L2_ROW_BUDGET else 1
     return Plan(1, block_v, num_warps, min(n_rows, per_sm * sms))
 
 
