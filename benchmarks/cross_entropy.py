@@ -26,9 +26,10 @@ from triformer.cross_entropy import cross_entropy  # noqa: E402
 
 ce_module = sys.modules["triformer.cross_entropy"]  # the package attribute of that name is the function
 
-# (rows, vocab): inputs of 0.8-1.1 G elements, far beyond L2; 50257 (odd) is GPT-2's vocabulary.
-GPU_SHAPES = [(16384, 50257), (4096, 256000), (32768, 32000), (8192, 128256)]
-CPU_SHAPES = [(64, 1031)]
+# (rows, vocab[, row stride]): inputs of 0.8-1.1 G elements, far beyond L2; 50257 (odd) is GPT-2's vocabulary,
+# also as the logits of triformer's GPT-2 (a view of the LM head's output, whose rows are padded to 50304).
+GPU_SHAPES = [(16384, 50257), (16384, 50257, 50304), (4096, 256000), (32768, 32000), (8192, 128256)]
+CPU_SHAPES = [(64, 1031), (64, 1031, 1088)]
 
 
 class LazyInputs:
@@ -38,16 +39,17 @@ class LazyInputs:
     def __init__(self, device):
         self.device, self.key, self.value = device, None, None
 
-    def get(self, rows, vocab, dtype):
-        if self.key != (rows, vocab, dtype):
+    def get(self, rows, vocab, dtype, row_stride=None):
+        if self.key != (rows, vocab, dtype, row_stride):
             self.value = None
             if self.device == "cuda":
                 torch.cuda.empty_cache()
-            base = torch.randn(rows, vocab, device=self.device, dtype=dtype, requires_grad=True)
-            logits = base * 1.0  # an intermediate, like an LM head's output (inplace_backward needs one)
+            base = torch.randn(rows, row_stride or vocab, device=self.device, dtype=dtype, requires_grad=True)
+            # an intermediate, like an LM head's output (inplace_backward needs one)
+            logits = (base * 1.0)[:, :vocab]
             targets = torch.randint(0, vocab, (rows,), device=self.device)
             targets[::10] = -100
-            self.key, self.value = (rows, vocab, dtype), (logits, targets)
+            self.key, self.value = (rows, vocab, dtype, row_stride), (logits, targets)
         return self.value
 
 
@@ -81,17 +83,18 @@ def build_cases(device: str, shapes, dtypes=(torch.float32, torch.bfloat16), fns
     fns = fns or peers()
     cases = []
     for dtype in dtypes:
-        for rows, vocab in shapes:
-            shape = (rows, vocab, dtype)
+        for rows, vocab, *row_stride in shapes:
+            shape = (rows, vocab, dtype, *row_stride)
+            label = f"{rows}x{vocab}" + (f" (rows of {row_stride[0]})" if row_stride else "")
             cases.append(Case(
-                op="cross_entropy", shape=f"{rows}x{vocab}", dtype=str(dtype).removeprefix("torch."),
+                op="cross_entropy", shape=label, dtype=str(dtype).removeprefix("torch."),
                 mode="fwd+bwd", bytes_moved=2 * rows * vocab * dtype.itemsize, flops=0,
                 providers={name: provider(inputs, shape, fn) for name, fn in fns.items()}))
     return cases
 
 
 # the sweep's shapes: the headline ones plus the per-chunk logits of the fused linear-CE (64 MiB of bf16 rows)
-SWEEP_SHAPES = GPU_SHAPES + [(640, 50257), (2560, 50257)]
+SWEEP_SHAPES = [(16384, 50257), (4096, 256000), (32768, 32000), (8192, 128256), (640, 50257), (2560, 50257)]
 
 
 def sweep_plans(rows: int, vocab: int, dtype: torch.dtype) -> dict:
