@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import triformer
 from triformer.cross_entropy import reference_loss
 from triformer.linear_cross_entropy import (CHUNK_BYTES, CHUNK_ROW_ALIGN, ROW_ALIGN, VOCAB_ALIGN,
-                                            LinearCrossEntropyLoss, _chunk_rows, _vocab_parts, linear_cross_entropy,
+                                            LinearCrossEntropyLoss, _chunk_rows, _vocab_split, linear_cross_entropy,
                                             linear_cross_entropy_reference)
 from triformer.testing import (LOW_PRECISION_FLOOR, LOW_PRECISION_SLACK, assert_close, kernel_device, random_tensor,
                                rel_error)
@@ -225,9 +225,9 @@ def test_chunk_size_policy(n_rows, n_cols, itemsize):
 
 def test_vocab_split():
     """The matmuls see an aligned bulk of the vocabulary plus a tail shorter than VOCAB_ALIGN."""
-    assert _vocab_parts(50257) == [slice(0, 50256), slice(50256, 50257)]
-    assert _vocab_parts(1536) == [slice(0, 1536)]
-    assert _vocab_parts(5) == [slice(0, 5)] and VOCAB_ALIGN > 5
+    assert _vocab_split(50257) == 50256
+    assert _vocab_split(1536) == 1536
+    assert _vocab_split(5) == 0 and VOCAB_ALIGN > 5
 
 
 @pytest.mark.parametrize("vocab", [VOCAB_ALIGN - 3, 8 * VOCAB_ALIGN, 8 * VOCAB_ALIGN + VOCAB_ALIGN - 1])
