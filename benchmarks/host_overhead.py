@@ -1,6 +1,7 @@
-"""Host (CPU) time per call of triformer's ops, layer by layer, against PyTorch's own kernels (GPU only).
+"""Host (CPU) time per call of triformer's ops, layer by layer, against PyTorch's own kernels (GPU; see --cpu-stub).
 
     python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py --cpu-stub   # CPU only (TRIFORMER_INTERPRET=1 on a GPU machine)
 
 A GPT-2 step launches a few hundred kernels, most of them short, so the Python and launch time each op
 spends on the host decides the step time whenever it exceeds the kernel's GPU time. Shapes here are tiny,
@@ -11,9 +12,16 @@ undone ("through the dispatcher" rows: the ops called through torch.library's re
 autotuner" rows: attention's kernels launched through Triton's autotuner every time, not with the config it
 chose); a cProfile of the functional form names the Python functions behind it. Writes
 benchmarks/results/host_overhead.md.
+
+``--cpu-stub`` times only triformer's own Python around the kernels, on CPU tensors: every kernel launch is
+a no-op that counts itself, so neither Triton's launcher nor its interpreter runs. It also counts the
+allocations each call makes. It prints, and writes nothing: CPU numbers compare two versions of the code on
+one machine, and do not give the host time on a GPU machine.
 """
 from __future__ import annotations
 
+import argparse
+import collections
 import contextlib
 import cProfile
 import importlib
@@ -25,11 +33,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triformer  # noqa: E402  (before triton: it picks compile vs interpreter)
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.runtime.jit import KernelInterface  # noqa: E402
 from triformer import layernorm as ln_mod  # noqa: E402
 from benchmarks.common import environment, out_dir  # noqa: E402
 
@@ -200,7 +210,96 @@ def cprofile(fn, calls: int = 300) -> str:
     return out.getvalue()
 
 
+class _KernelStub:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` only counts the launch."""
+
+    def __init__(self, name: str, launches: collections.Counter):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        self.launches[self.name] += 1
+
+
+@contextlib.contextmanager
+def stubbed_kernels(launches: collections.Counter):
+    """Every kernel of triformer's modules replaced by a _KernelStub counting into ``launches``."""
+    kernels = [(mod, name, obj) for mod in list(sys.modules.values()) if mod.__name__.startswith("triformer")
+               for name, obj in list(vars(mod).items()) if isinstance(obj, KernelInterface)]
+    for mod, name, _ in kernels:
+        setattr(mod, name, _KernelStub(name, launches))
+    try:
+        yield
+    finally:
+        for mod, name, obj in kernels:
+            setattr(mod, name, obj)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def cpu_us(fn, calls: int = 3000, repeats: int = 5) -> float:
+    """Microseconds per call, the best of ``repeats`` loops (the least disturbed by the rest of the machine)."""
+    for _ in range(200):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def cpu_stub_rows():
+    """(op, us/call, launches, allocations) of the norms and GELU with every kernel stubbed."""
+    x, r, w, b = (torch.randn(shape, dtype=torch.bfloat16, requires_grad=True)
+                  for shape in ((64, 768), (64, 768), 768, 768))
+    dy = torch.randn(64, 768, dtype=torch.bfloat16)
+    # autograd.grad, not backward: accumulating the stubs' uninitialized gradients into .grad can hit
+    # denormals, which made some loops 30x slower.
+    cases = [
+        ("layer_norm fwd", lambda: triformer.layer_norm(x.detach(), w.detach(), b.detach())),
+        ("layer_norm fwd+bwd", lambda: torch.autograd.grad(triformer.layer_norm(x, w, b), (x, w, b), dy)),
+        ("rms_norm fwd+bwd", lambda: torch.autograd.grad(triformer.rms_norm(x, w), (x, w), dy)),
+        ("add_layer_norm fwd+bwd",
+         lambda: torch.autograd.grad(triformer.add_layer_norm(x, r, w, b), (x, r, w, b), (dy, dy))),
+        ("gelu fwd+bwd", lambda: torch.autograd.grad(triformer.gelu(x), x, dy)),
+        ("gelu with bias fwd+bwd", lambda: torch.autograd.grad(triformer.gelu(x, bias=b), (x, b), dy)),
+    ]
+    launches = collections.Counter()
+    rows = []
+    with stubbed_kernels(launches):
+        for name, fn in cases:
+            us = cpu_us(fn)
+            launches.clear()
+            with _CountOps() as counted:
+                fn()
+            allocations = sum(n for op, n in counted.ops.items() if op.startswith(("empty", "new_empty", "zeros")))
+            rows.append((name, us, sum(launches.values()), allocations))
+    return rows
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-stub", action="store_true", help="time triformer's Python alone, with no-op kernels")
+    if parser.parse_args().cpu_stub:
+        if not triformer.INTERPRET:
+            parser.error("--cpu-stub runs on CPU tensors: set TRIFORMER_INTERPRET=1")
+        print(" | ".join(f"{k}: {v}" for k, v in environment().items()), "| kernels stubbed", "\n")
+        print("| op | host us/call | launches | allocations |\n|---|---|---|---|")
+        for name, us, launches, allocations in cpu_stub_rows():
+            print(f"| {name} | {us:.1f} | {launches} | {allocations} |")
+        return
     ln, ln_step = layer_norm_rows()
     at, at_step = attention_rows()
     rows = ln + at + other_rows()

@@ -141,6 +141,12 @@ def check_device(**tensors: torch.Tensor | None) -> torch.device:
     return device
 
 
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``device_index`` (a tensor's ``get_device()``)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def rows_per_program(n_rows: int, block_cols: int, gpu_rows: int = 1) -> int:
     """How many rows one program of a row-wise kernel handles (a power of two).
 

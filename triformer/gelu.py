@@ -114,6 +114,11 @@ def row_layout(*tensors: torch.Tensor):
     """
     tensors = tuple(t.reshape(1) if t.dim() == 0 else t for t in tensors)  # a 0-d tensor: one element
     shape = tensors[0].shape
+    if all(t.is_contiguous() for t in tensors) and tensors[0].numel():
+        # What the loop below makes of contiguous rows (one group at stride N, none for one row), without
+        # its per-dim Python, which costs microseconds of host time per call.
+        m = tensors[0].numel() // shape[-1]
+        return tensors, m, m, shape[-1], [(0, shape[-1] if m > 1 else 0, t.stride(-1)) for t in tensors]
     groups = []  # [size, strides of each tensor]; the merged dims are contiguous with each other
     for d in range(len(shape) - 1):
         if shape[d] == 1:
@@ -132,8 +137,9 @@ def row_layout(*tensors: torch.Tensor):
     return tensors, m0 * m1, m1, shape[-1], strides
 
 
+@functools.lru_cache(maxsize=256)
 def elementwise_tiles(M: int, N: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for a streaming kernel over an [M, N] view.
+    """(BLOCK_M, BLOCK_N) for a streaming kernel over an [M, N] view (cached: it runs on every launch).
 
     GPU: 4096-element tiles at most 1024 wide, i.e. 32 values per thread of 4 warps, loaded as a few
     16-byte vectors along a row. Interpreter: rows up to 16k wide, as many as fit 64k elements.
@@ -143,32 +149,51 @@ def elementwise_tiles(M: int, N: int) -> tuple[int, int]:
     return block_m, block_n
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+# Launch parameters are computed once per shape: on the host, Triton 3.9's cdiv and next_power_of_2 cost ~2 us
+# a call, and a backward with a bias made ten such calls.
+@functools.lru_cache(maxsize=256)
+def _fwd_launch(M: int, N: int):
+    """(grid, meta-parameters) of the forward."""
+    block_m, block_n = elementwise_tiles(M, N)
+    return (triton.cdiv(M, block_m), triton.cdiv(N, block_n)), dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
 
-def _row_groups(device: torch.device, row_blocks: int, col_blocks: int) -> int:
+@functools.lru_cache(maxsize=256)
+def _bwd_launch(M: int, N: int, has_bias: bool, device_index: int):
+    """(grid, rows per group, meta-parameters) of the backward, then (grid, meta-parameters) of the bias
+    gradient's _sum_rows_kernel."""
+    block_m, block_n = elementwise_tiles(M, N)
+    row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
+    groups = _row_groups(device_index, row_blocks, col_blocks) if has_bias else row_blocks
+    rows_per_group = triton.cdiv(row_blocks, groups) * block_m
+    groups = triton.cdiv(M, rows_per_group)
+    sum_n = min(triton.next_power_of_2(N), 1 << 14 if _runtime.INTERPRET else 128)
+    # GPU: up to 64 partial rows per step; the interpreter takes two, so its few groups still loop
+    sum_g = min(triton.next_power_of_2(groups), 2 if _runtime.INTERPRET else 64)
+    # row groups on grid axis 0: axes 1 and 2 are limited to 65535 programs
+    return ((groups, col_blocks), rows_per_group, dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4),
+            (triton.cdiv(N, sum_n),), dict(BLOCK_G=sum_g, BLOCK_N=sum_n, num_warps=4))
+
+
+def _row_groups(device_index: int, row_blocks: int, col_blocks: int) -> int:
     """How many row groups the bias-gradient backward splits the rows into (= fp32 partial rows)."""
     if _runtime.INTERPRET:
         return triton.cdiv(row_blocks, 2)  # two tiles per program, so the loop is exercised on the CPU too
     # about 4 resident programs per multiprocessor: enough loads in flight, and few partial rows to sum
-    target = 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(row_blocks, triton.cdiv(target, col_blocks)))
+    return max(1, min(row_blocks, triton.cdiv(4 * _runtime.multiprocessors(device_index), col_blocks)))
 
 
 @_runtime.custom_op("triformer::gelu_fwd", mutates_args=())
 def gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # size=: a positional torch.Size takes ~1 us longer to parse
+    y = torch.empty(size=x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y
     (x2,), M, M1, N, ((sx0, sx1, sxn),) = row_layout(x)
-    block_m, block_n = elementwise_tiles(M, N)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    grid, meta = _fwd_launch(M, N)
     _gelu_fwd_kernel[grid](x2, bias if bias is not None else x2, y, M, N, M1, sx0, sx1, sxn,
                            bias.stride(0) if bias is not None else 0,
-                           HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
-                           BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+                           HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **meta)
     return y
 
 
@@ -181,32 +206,22 @@ def _(x, bias, approximate):
 def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
              approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias); dbias is an empty tensor when there is no bias."""
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = torch.empty(size=x.shape, dtype=x.dtype, device=x.device)
     if bias is None:
         dbias = torch.empty(0, dtype=x.dtype, device=x.device)
     else:
-        dbias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device)
+        dbias = torch.empty(size=bias.shape, dtype=bias.dtype, device=bias.device)
     if x.numel() == 0:
         return dx, dbias.zero_()
     (dy2, x2), M, M1, N, ((sd0, sd1, sdn), (sx0, sx1, sxn)) = row_layout(dy, x)
-    block_m, block_n = elementwise_tiles(M, N)
-    row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
-    groups = _row_groups(x.device, row_blocks, col_blocks) if bias is not None else row_blocks
-    rows_per_group = triton.cdiv(row_blocks, groups) * block_m
-    groups = triton.cdiv(M, rows_per_group)
-    partials = torch.empty((groups, N), dtype=torch.float32, device=x.device) if bias is not None else dx
-    # row groups on grid axis 0: axes 1 and 2 are limited to 65535 programs
-    _gelu_bwd_kernel[(groups, col_blocks)](
+    grid, rows_per_group, meta, sum_grid, sum_meta = _bwd_launch(M, N, bias is not None, x.get_device())
+    partials = torch.empty(grid[0], N, dtype=torch.float32, device=x.device) if bias is not None else dx
+    _gelu_bwd_kernel[grid](
         dy2, x2, bias if bias is not None else x2, dx, partials, M, N, M1, sd0, sd1, sdn, sx0, sx1, sxn,
         bias.stride(0) if bias is not None else 0, rows_per_group,
-        HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh",
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+        HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **meta)
     if bias is not None:
-        sum_n = min(triton.next_power_of_2(N), 1 << 14 if _runtime.INTERPRET else 128)
-        # GPU: up to 64 partial rows per step; the interpreter takes two, so its few groups still loop
-        sum_g = min(triton.next_power_of_2(groups), 2 if _runtime.INTERPRET else 64)
-        _sum_rows_kernel[(triton.cdiv(N, sum_n),)](partials, dbias, groups, N, dbias.stride(0),
-                                                    BLOCK_G=sum_g, BLOCK_N=sum_n, num_warps=4)
+        _sum_rows_kernel[sum_grid](partials, dbias, grid[0], N, dbias.stride(0), **sum_meta)
     return dx, dbias
 
 

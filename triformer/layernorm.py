@@ -290,11 +290,21 @@ def _sum_rows_kernel(Part, Out0, Out1, P, N, TWO: tl.constexpr, BLOCK_P: tl.cons
 
 
 # ------------------------------------------------------------------------------------------- launchers
-def _row_grids(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
-    """Views of same-shaped tensors as [outer, inner, N] grids of one shape, which the kernels index through
-    their strides (None entries stay None). Where every tensor's rows sit at one stride the grid is [M, 1, N],
-    and the kernels then skip the per-row division. This copies only when a >3-D tensor's leading dims
-    cannot merge into two."""
+# At GPT-2 sizes a norm's kernels take ~20 us on the GPU and the Python around them took several times that
+# (benchmarks/results/h200/host_overhead.md), so the launchers keep their per-call work small: launch
+# parameters are computed once per shape (Triton 3.9's cdiv and next_power_of_2 are constexpr-function
+# wrappers, ~2 us a call on the host), contiguous inputs go to the kernels without views, and torch.empty
+# gets its sizes as ``size=`` (a positional torch.Size takes ~1 us longer to parse).
+def _row_grids(x: torch.Tensor, *others: Optional[torch.Tensor]):
+    """x and tensors of its shape (None entries stay None) as [outer, inner, N] grids of one shape, which the
+    kernels index through their strides. Returns (grids, rows_inner, strides), strides[i] being grid i's
+    (outer, inner, column) strides, or x's for a None entry so that an absent tensor adds no specialization.
+    Where every tensor's rows sit at one stride the grid is [M, 1, N], and the kernels then skip the per-row
+    division. This copies only when a >3-D tensor's leading dims cannot merge into two."""
+    tensors = (x, *others)
+    if all(t is None or t.is_contiguous() for t in tensors):
+        n = x.shape[-1]
+        return tensors, 1, ((n, n, 1),) * len(tensors)  # the strides the views below would have
     views = []
     for t in tensors:
         if t is not None:
@@ -305,7 +315,7 @@ def _row_grids(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]
     present = [v for v in views if v is not None]
     if all(v.shape[0] == 1 or v.shape[1] == 1 or v.stride(0) == v.shape[1] * v.stride(1) for v in present):
         views = [None if v is None else v.flatten(0, 1).unsqueeze(1) for v in views]
-    return views
+    return views, views[0].shape[1], [(views[0] if v is None else v).stride() for v in views]
 
 
 def _tile(n_rows: int, n_cols: int, max_block_n: int, gpu_tile: int, per_thread: int,
@@ -318,40 +328,49 @@ def _tile(n_rows: int, n_cols: int, max_block_n: int, gpu_tile: int, per_thread:
     return block_m, block_n, num_warps
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+@functools.lru_cache(maxsize=256)
+def _fwd_launch(m: int, n: int, max_block_n: int):
+    """(grid, meta-parameters) of the forward."""
+    block_m, block_n, num_warps = _tile(m, n, max_block_n, gpu_tile=4096, per_thread=16, max_warps=16)
+    return (triton.cdiv(m, block_m),), dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=block_n >= n,
+                                            num_warps=num_warps)
 
 
-def _sum_rows(part: torch.Tensor, outs: list[torch.Tensor]) -> None:
-    """outs[i][:] = part[i].sum(0), each in its own dtype (one or two outputs)."""
-    _, n_parts, n_cols = part.shape
+@functools.lru_cache(maxsize=256)
+def _bwd_launch(m: int, n: int, max_block_n: int, device_index: int):
+    """(programs, row blocks, meta-parameters) of the backward, then (column blocks, meta-parameters) of
+    _sum_rows_kernel, which adds the programs' partial dweight/dbias rows."""
+    # Measured with ptxas for sm_90: at 8 elements per thread the backward takes 80-88 registers, so an SM holds
+    # about 20 of its warps. The persistent grid is sized to what is resident at once (no second wave).
+    block_m, block_n, num_warps = _tile(m, n, max_block_n, gpu_tile=2048, per_thread=8, max_warps=32)
+    n_row_blocks = triton.cdiv(m, block_m)
+    # Two interpreter programs exercise both the persistent row loop and the cross-program reduction.
+    programs = min(n_row_blocks, 2 if INTERPRET else _runtime.multiprocessors(device_index) * max(1, 20 // num_warps))
     if INTERPRET:
-        block_p = triton.next_power_of_2(n_parts)
-        block_n = min(triton.next_power_of_2(n_cols), (1 << 16) // block_p)
+        sum_p = triton.next_power_of_2(programs)
+        sum_n = min(triton.next_power_of_2(n), (1 << 16) // sum_p)
     else:
-        block_p, block_n = 128, 32
-    _sum_rows_kernel[(triton.cdiv(n_cols, block_n), len(outs))](
-        part, outs[0], outs[-1], n_parts, n_cols, TWO=len(outs) == 2, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+        sum_p, sum_n = 128, 32
+    return (programs, n_row_blocks,
+            dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=block_n >= n, num_warps=num_warps),
+            triton.cdiv(n, sum_n), dict(BLOCK_P=sum_p, BLOCK_N=sum_n, num_warps=4))
 
 
 def norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], eps: float, rms: bool):
     """Launch the forward. Returns (y, sum or None, mean or None (RMS), rstd), with mean and rstd fp32 per row."""
     n, m = x.shape[-1], n_rows(x)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
+    y = torch.empty(size=x.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty(size=x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
     mean = None if rms else torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return y, s, mean, rstd
-    x3, r3 = _row_grids(x, residual)
-    block_m, block_n, num_warps = _tile(m, n, FWD_MAX_BLOCK_N, gpu_tile=4096, per_thread=16, max_warps=16)
-    _norm_fwd_kernel[(triton.cdiv(m, block_m),)](
-        x3, r3, weight, bias, y, s, mean, rstd,
-        m, n, x3.shape[1], eps, *x3.stride(), *(x3 if r3 is None else r3).stride(),
-        RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=block_n >= n, num_warps=num_warps,
+    (x3, r3), rows_inner, (sx, sr) = _row_grids(x, residual)
+    grid, meta = _fwd_launch(m, n, FWD_MAX_BLOCK_N)
+    _norm_fwd_kernel[grid](
+        x3, r3, weight, bias, y, s, mean, rstd, m, n, rows_inner, eps, *sx, *sr,
+        RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **meta,
     )
     return y, s, mean, rstd
 
@@ -362,33 +381,26 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
     reaches x directly, to dx. Returns (dx, dweight or None, dbias or None), each in its input's dtype.
     ``bias`` only says whether there is one, and its dtype."""
     n, m = x.shape[-1], n_rows(x)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = torch.empty(size=x.shape, dtype=x.dtype, device=x.device)
     if m == 0:  # no rows: parameter gradients are empty sums
         return (dx, None if weight is None else torch.zeros_like(weight),
                 None if bias is None else torch.zeros_like(bias))
-    # Measured with ptxas for sm_90: at 8 elements per thread the backward takes 80-88 registers, so an SM holds
-    # about 20 of its warps. The persistent grid is sized to what is resident at once (no second wave).
-    block_m, block_n, num_warps = _tile(m, n, BWD_MAX_BLOCK_N, gpu_tile=2048, per_thread=8, max_warps=32)
-    n_row_blocks = triton.cdiv(m, block_m)
-    # Two interpreter programs exercise both the persistent row loop and the cross-program reduction.
-    programs = min(n_row_blocks, 2 if INTERPRET else _sm_count(x.device) * max(1, 20 // num_warps))
-    one_tile = block_n >= n
-    f32 = dict(dtype=torch.float32, device=x.device)
+    programs, n_row_blocks, meta, sum_blocks, sum_meta = _bwd_launch(m, n, BWD_MAX_BLOCK_N, x.get_device())
     params = [p for p in (weight, bias) if p is not None]
-    part = torch.empty((len(params), programs, n), **f32) if params else None
-    dw_part = part[0] if weight is not None else None
-    db_part = part[-1] if bias is not None else None
-    row_sums = None if one_tile else torch.empty((2, m), **f32)
-    dy3, x3, d3 = _row_grids(dy, x, dres)
+    # Each program's partial dweight row, then its partial dbias row, in one fp32 buffer ([params, programs, N]).
+    part = torch.empty(len(params), programs, n, dtype=torch.float32, device=x.device) if params else None
+    row_sums = None if meta["ONE_TILE"] else torch.empty(2, m, dtype=torch.float32, device=x.device)
+    (x3, dy3, d3), rows_inner, (sx, sdy, sd) = _row_grids(x, dy, dres)
     _norm_bwd_kernel[(programs,)](
-        dy3, x3, weight, mean, rstd, d3, dx, dw_part, db_part, row_sums,
-        m, n, x3.shape[1], n_row_blocks, *dy3.stride(), *x3.stride(), *(x3 if d3 is None else d3).stride(),
+        dy3, x3, weight, mean, rstd, d3, dx, part if weight is not None else None,  # part[0]'s pointer, without a view
+        part[-1] if bias is not None else None, row_sums, m, n, rows_inner, n_row_blocks, *sdy, *sx, *sd,
         RMS=mean is None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DRES=dres is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=num_warps,
+        **meta,
     )
     grads = [torch.empty(n, dtype=p.dtype, device=x.device) for p in params]
-    if grads:
-        _sum_rows(part, grads)
+    if grads:  # grads[i] = part[i].sum(0), each in its parameter's dtype; grid axis 1 picks the output
+        _sum_rows_kernel[(sum_blocks, len(grads))](part, grads[0], grads[-1], programs, n, TWO=len(grads) == 2,
+                                                   **sum_meta)
     dw = grads[0] if weight is not None else None
     db = grads[-1] if bias is not None else None
     return dx, dw, db
