@@ -206,7 +206,8 @@ def write_results(name: str, rows: list[dict], env: dict[str, str] | None = None
         w.writeheader()
         w.writerows(rows)
     lines = [f"# {name} benchmark", "", " | ".join(f"{k}: {v}" for k, v in env.items()), "",
-             f"Command: `python benchmarks/{name}.py`; time is do_bench's median, memory the peak above inputs.", "",
+             f"Command: `python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`; time is do_bench's median, "
+             "memory the peak above inputs.", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
     (d / f"{name}.md").write_text("\n".join(lines) + "\n")
