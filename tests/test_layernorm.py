@@ -222,13 +222,22 @@ def test_layer_norm_function_is_the_autograd_path():
     offset=st.sampled_from([0.0, 8.0, -4.0]),
     eps=st.sampled_from([1e-5, 1e-2, 0.0]),
     block_n=st.sampled_from([None, 16]),
+    seed=st.integers(0, 2**31 - 1),
 )
 @example(lead=(), rows=1, cols=2, dtypes=(F32, F32), contiguous=False, affine=(True, True), scale=1.0, offset=0.0,
-         eps=1e-5, block_n=None)
-def test_layer_norm_property(lead, rows, cols, dtypes, contiguous, affine, scale, offset, eps, block_n):
+         eps=1e-5, block_n=None, seed=0)
+@example(lead=(2,), rows=1, cols=1, dtypes=(F32, F32), contiguous=False, affine=(True, True), scale=1e-3, offset=0.0,
+         eps=1e-5, block_n=None, seed=0)
+def test_layer_norm_property(lead, rows, cols, dtypes, contiguous, affine, scale, offset, eps, block_n, seed):
+    torch.manual_seed(seed)  # the inputs are a function of the example, so a failure replays
     contiguous = contiguous or cols == 1  # random_tensor cannot stride some one-column shapes, e.g. (3, 1, 1)
-    if cols <= 2:
-        # one column has zero variance (eps = 0 would divide by zero); with two, x_hat = +-(var / (var + eps))^(1/2)
+    if cols == 1:
+        # one column: the gradient in x is exactly 0 (g - mean(g) with x_hat = 0), so what is compared is rounding
+        # noise times rstd = (var + eps)^(-1/2) with var = 0: on an H200 a one-ulp difference between g and mean(g)
+        # gave 1.7e-5 at eps = 1e-5. eps >= 1 keeps that noise below 1e-7.
+        eps = max(eps, 1.0)
+    elif cols == 2:
+        # with two columns, x_hat = +-(var / (var + eps))^(1/2)
         # and the gradient in x is eps / (var + eps) times the terms the backward subtracts, so fp32 keeps
         # 6e-8 (var + eps) / eps of it (1.4e-3 at var 1, eps 1e-5; PyTorch's fp32 2.4e-3), and at eps = 0 it is 0
         # against float64 rounding noise. eps ~ var keeps it well-conditioned.

@@ -353,13 +353,15 @@ def _scale_rows_kernel(x_ptr, scale_ptr, n_rows, n_cols, inner, stride_o, stride
             tl.store(ptrs, (x * scale[:, None]).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-# GPU launch (constants from `benchmarks/cross_entropy.py --sweep` on an H200, results in benchmarks/results/):
-# a row tile of TILE_BYTES per loop step (64 bytes per thread at 16 warps). Fused launches keep two resident
-# programs per SM when the rows they stream fit in 1.5 x L2_ROW_BUDGET (48 MiB, about the 50 MB L2), else one
-# (32768x32000 fp32: 3.18 -> 2.70 ms at two; 16384x50257 fp32: 2.89 -> 3.44 ms at two). Rows so long that one
-# program per SM already streams more than L2_ROW_BUDGET lose pass 2's L2 hits anyway and go split (4096x256000 bf16:
-# 2.30 -> 1.73 ms; 8192x128256 bf16: 2.16 -> 1.72 ms), as do fewer than FUSED_MIN_ROWS_PER_SM rows per SM,
-# into enough column ranges for SPLIT_PROGRAMS_PER_SM programs per SM.
+# GPU launch (constants from `benchmarks/cross_entropy.py --sweep` on an H200, results in benchmarks/results/h200):
+# a row tile of TILE_BYTES per loop step (64 bytes per thread at 16 warps). Fused launches that write the
+# gradient over the logits keep two resident programs per SM when the rows they stream fit in 1.5 x
+# L2_ROW_BUDGET (48 MiB, about the 50 MB L2), else one (32768x32000 fp32: 3.18 -> 2.70 ms at two; 16384x50257
+# fp32: 2.89 -> 3.44 ms at two). A separate gradient buffer doubles the bytes in flight; with it, two programs
+# per SM measured slower (16384x50257 bf16: 3.24 ms, against 2.40 in place at one), so it keeps one. Rows so
+# long that one program per SM already streams more than L2_ROW_BUDGET lose pass 2's L2 hits anyway and go
+# split (4096x256000 bf16: 2.30 -> 1.73 ms; 8192x128256 bf16: 2.16 -> 1.72 ms), as do fewer than
+# FUSED_MIN_ROWS_PER_SM rows per SM, into enough column ranges for SPLIT_PROGRAMS_PER_SM programs per SM.
 TILE_BYTES = 32768
 GPU_WARPS = 16
 L2_ROW_BUDGET = 32 << 20
@@ -384,7 +386,7 @@ def _sm_count(device_index: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device) -> Plan:
+def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, in_place: bool) -> Plan:
     """Interpreter: fused, few programs with 64k-element tiles of many rows. GPU: see the constants above."""
     if _runtime.INTERPRET:
         block_v = min(triton.next_power_of_2(n_cols), max(1024, 65536 // min(triton.next_power_of_2(n_rows), 64)))
@@ -397,7 +399,7 @@ def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device) ->
     if n_cols > block_v and (n_rows < FUSED_MIN_ROWS_PER_SM * sms or streamed > L2_ROW_BUDGET):
         n_splits = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, n_rows), triton.cdiv(n_cols, block_v))
         return Plan(1, block_v, num_warps, 0, n_splits)
-    per_sm = 2 if 2 * streamed <= 1.5 * L2_ROW_BUDGET else 1
+    per_sm = 2 if in_place and 2 * streamed <= 1.5 * L2_ROW_BUDGET else 1
     return Plan(1, block_v, num_warps, min(n_rows, per_sm * sms))
 
 
@@ -446,7 +448,7 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
     chunk = triton.cdiv(n_rows, n_chunks)
     for first in range(0, n_rows, chunk):
         last = min(first + chunk, n_rows)
-        plan = _plan(last - first, n_cols, logits3.dtype, logits3.device)
+        plan = _plan(last - first, n_cols, logits3.dtype, logits3.device, grad3 is logits3)
         tiles = dict(BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
         row_blocks = triton.cdiv(last - first, plan.block_r)
         if not plan.n_splits:
