@@ -111,33 +111,6 @@ def _target_logit(x_base, stride_xc, target, active, in_range):
 
 
 @triton.jit
-def _fold_tile(x_base, stride_xc, x_ref, start, n_before, col_end, m, s, x_sum, t,
-               MASKED: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The online update for columns [start, start + BLOCK_V), those below col_end when MASKED."""
-    cols = start + tl.arange(0, BLOCK_V)
-    ptrs = x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc
-    if MASKED:
-        x = tl.load(ptrs, mask=(cols < col_end)[None, :], other=float("-inf")).to(tl.float32)
-    else:
-        x = tl.load(ptrs).to(tl.float32)
-    m_new = tl.maximum(m, tl.max(x, 1))
-    rescale = tl.exp(m - m_new)
-    s = s * rescale + tl.sum(tl.exp(x - m_new[:, None]), 1)
-    if HAS_SMOOTHING:
-        shifted = x - x_ref[:, None]
-        below = _expm1(x - m_new[:, None])
-        if MASKED:
-            shifted = tl.where((cols < col_end)[None, :], shifted, 0.0)
-            below = tl.where((cols < col_end)[None, :], below, 0.0)
-        x_sum += tl.sum(shifted, 1)
-        # expm1(a + d) = exp(d) expm1(a) + expm1(d) for each earlier column, d = m - m_new
-        t = t * rescale + n_before * _expm1(m - m_new) + tl.sum(below, 1)
-    return m_new, s, x_sum, t
-
-
-# Whole tiles load without a column mask: a mask whose bound is not a multiple of 16 (GPT-2's 50257) stops the
-# compiler from vectorizing a tile's loads and stores, so only the last, partial tile of a range takes one.
-@triton.jit
 def _row_stats(x_base, stride_xc, x_ref, col_start, col_end,
                HAS_SMOOTHING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     # a finite floor instead of -inf keeps exp(m - m_new) defined when a first tile holds only -inf logits
@@ -147,13 +120,20 @@ def _row_stats(x_base, stride_xc, x_ref, col_start, col_end,
     # sum of terms <= 0 that holds s - V to fp32 precision where s is close to V (a near-uniform row)
     x_sum = tl.full([BLOCK_R], 0.0, tl.float32)
     t = tl.full([BLOCK_R], 0.0, tl.float32)
-    full_end = col_start + (col_end - col_start) // BLOCK_V * BLOCK_V
-    for start in range(col_start, full_end, BLOCK_V):
-        m, s, x_sum, t = _fold_tile(x_base, stride_xc, x_ref, start, start - col_start, col_end, m, s, x_sum, t,
-                                    False, HAS_SMOOTHING, BLOCK_V)
-    if full_end < col_end:
-        m, s, x_sum, t = _fold_tile(x_base, stride_xc, x_ref, full_end, full_end - col_start, col_end, m, s, x_sum,
-                                    t, True, HAS_SMOOTHING, BLOCK_V)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_ok = cols < col_end
+        x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
+                    other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        rescale = tl.exp(m - m_new)
+        s = s * rescale + tl.sum(tl.exp(x - m_new[:, None]), 1)
+        if HAS_SMOOTHING:
+            x_sum += tl.sum(tl.where(col_ok[None, :], x - x_ref[:, None], 0.0), 1)
+            # expm1(a + d) = exp(d) expm1(a) + expm1(d) for each earlier column, d = m - m_new
+            t = t * rescale + (start - col_start) * _expm1(m - m_new) + tl.sum(
+                tl.where(col_ok[None, :], _expm1(x - m_new[:, None]), 0.0), 1)
+        m = m_new
     return m, s, x_sum, t
 
 
@@ -181,30 +161,6 @@ def _row_loss(m, s, x_sum, t, x_target, x_ref, active, in_range, n_cols, smoothi
 
 
 @triton.jit
-def _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, target, active, m, log_s, log_mean,
-               hit, smooth, z_coef, n_cols, MASKED: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
-               BLOCK_V: tl.constexpr):
-    cols = start + tl.arange(0, BLOCK_V)
-    offs = cols[None, :].to(tl.int64)
-    if MASKED:
-        col_ok = (cols < col_end)[None, :]
-        x = tl.load(x_base[:, None] + offs * stride_xc, mask=col_ok, other=float("-inf")).to(tl.float32)
-    else:
-        x = tl.load(x_base[:, None] + offs * stride_xc).to(tl.float32)
-    p = tl.exp((x - m[:, None]) - log_s[:, None])
-    g = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * hit[:, None]
-    if HAS_SMOOTHING:
-        g += _expm1((x - m[:, None]) - log_mean[:, None]) * (smooth / n_cols)[:, None]
-    if HAS_Z:
-        g += p * z_coef[:, None]
-    g = tl.where(active[:, None], g, 0.0).to(g_base.dtype.element_ty)
-    if MASKED:
-        tl.store(g_base[:, None] + offs * stride_gc, g, mask=row_ok[:, None] & col_ok)
-    else:
-        tl.store(g_base[:, None] + offs * stride_gc, g, mask=row_ok[:, None])
-
-
-@triton.jit
 def _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, stride_gc, scale_ptr, stride_s,
                 row_ok, target, active, m, log_s, log_mean, col_start, col_end, n_cols, smoothing, z_loss,
                 HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
@@ -221,13 +177,20 @@ def _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, 
     smooth = smoothing * scale
     z_coef = scale * 2.0 * z_loss * (m + log_s)
     g_base = grad_ptr + (rows // inner) * stride_go + (rows % inner) * stride_gi
-    full_end = col_start + (col_end - col_start) // BLOCK_V * BLOCK_V
-    for start in range(col_start, full_end, BLOCK_V):
-        _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, target, active, m, log_s, log_mean,
-                   hit, smooth, z_coef, n_cols, False, HAS_SMOOTHING, HAS_Z, BLOCK_V)
-    if full_end < col_end:
-        _grad_tile(x_base, stride_xc, g_base, stride_gc, full_end, col_end, row_ok, target, active, m, log_s,
-                   log_mean, hit, smooth, z_coef, n_cols, True, HAS_SMOOTHING, HAS_Z, BLOCK_V)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_ok = cols < col_end
+        x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
+                    other=float("-inf")).to(tl.float32)
+        p = tl.exp((x - m[:, None]) - log_s[:, None])
+        g = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * hit[:, None]
+        if HAS_SMOOTHING:
+            g += _expm1((x - m[:, None]) - log_mean[:, None]) * (smooth / n_cols)[:, None]
+        if HAS_Z:
+            g += p * z_coef[:, None]
+        g = tl.where(active[:, None], g, 0.0)
+        tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * stride_gc, g.to(grad_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
