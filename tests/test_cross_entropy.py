@@ -175,6 +175,30 @@ def test_launch_shapes_match_reference(monkeypatch, n_splits, label_smoothing, d
                             label_smoothing=label_smoothing)
 
 
+@pytest.mark.parametrize("n_splits", [0, 4])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unmasked_whole_tiles_match_reference(monkeypatch, n_splits, label_smoothing, dtype):
+    """Logits laid out like the LM head's (rows padded to a multiple of 64, viewed at V = 1531, not a multiple of
+    16): whole tiles load without a column mask and only each range's last tile is masked."""
+    force_plan(monkeypatch, n_splits)
+    n_cols = SHAPE[-1]
+    padded = random_tensor(SHAPE[:-1] + (1536,), dtype).requires_grad_()
+    logits = padded[..., :n_cols]
+    assert ce_module._unmasked_tiles(ce_module.rows_view(logits, "logits", copy_ok=False))
+    assert not ce_module._unmasked_tiles(ce_module.rows_view(logits.contiguous(), "logits", copy_ok=False))
+    targets = make_targets(SHAPE[:-1], n_cols)
+    loss = cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
+    x64 = logits.detach().double().requires_grad_()
+    ref = cross_entropy_reference(x64, targets, reduction="none", label_smoothing=label_smoothing)
+    g = upstream(loss)
+    loss.backward(g)
+    ref.backward(g.double())
+    assert_close("loss", loss, ref, torch_peer(logits.detach(), targets, -100, "none", label_smoothing))
+    assert_close("grad logits", padded.grad[..., :n_cols], x64.grad)
+    assert torch.all(padded.grad[..., n_cols:] == 0)
+
+
 @pytest.mark.parametrize("n_splits", [0, 3])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_kernel_writes_every_output_element(monkeypatch, inplace, n_splits):
