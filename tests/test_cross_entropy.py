@@ -152,14 +152,15 @@ def test_n_chunks_only_splits_launches():
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
 
 
-def force_plan(monkeypatch, n_splits):
-    """Launch every row set with ``n_splits`` column ranges (0: the fused kernel) and tiles of at most 256
-    columns, whatever the device's own choice; the kernels run for real."""
+def force_plan(monkeypatch, n_splits, max_block_v=256):
+    """Launch every row set with ``n_splits`` column ranges (0: the fused kernel) and tiles of at most
+    ``max_block_v`` columns, whatever the device's own choice; the kernels run for real."""
     chosen = ce_module._plan
 
     def plan(n_rows, n_cols, dtype, device, in_place):
         p = chosen(n_rows, n_cols, dtype, device, in_place)
-        return dataclasses.replace(p, block_v=min(p.block_v, 256), programs=p.programs or 4, n_splits=n_splits)
+        return dataclasses.replace(p, block_v=min(p.block_v, max_block_v), programs=p.programs or 4,
+                                   n_splits=n_splits)
     monkeypatch.setattr(ce_module, "_plan", plan)
 
 
@@ -411,6 +412,39 @@ def test_property(rows, n_cols, dtype, contiguous, scale, offset, reduction, lab
     # PyTorch's own low-precision result sets the bar, except where 'mean' divides 0 by 0 (all ignored)
     check_against_reference(logits, targets, reduction=reduction, label_smoothing=label_smoothing,
                             check_peer=not (ignore_frac == 1.0 and reduction == "mean"), generator=gen)
+
+
+@given(
+    rows=st.integers(1, 40), n_cols=st.integers(1, 2200), dtype=st.sampled_from(DTYPES),
+    n_splits=st.integers(0, 9), max_block_v=st.sampled_from([64, 256, 1024]), padded=st.booleans(),
+    inplace=st.booleans(), label_smoothing=st.sampled_from([0.0, 0.2]), scale=st.sampled_from([1e-3, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_launch_plans(rows, n_cols, dtype, n_splits, max_block_v, padded, inplace, label_smoothing, scale,
+                               seed):
+    """Either launch shape (fused, or split into 1-9 column ranges), any tile width, rows padded to a multiple
+    of 64 (the LM head's layout, which takes the unmasked tile loop when V is not a multiple of 16) or not, the
+    gradient in place or in its own buffer: loss and gradient against float64. Small logits (near-uniform
+    rows) make label smoothing's gradient depend on the merged expm1 sums."""
+    gen = torch.Generator().manual_seed(seed)
+    width = -(-n_cols // 64) * 64 if padded else n_cols
+    base = random_tensor((rows, width), torch.float32, scale=scale, generator=gen).to(dtype).requires_grad_()
+    logits = (base * 1.0)[:, :n_cols]  # an intermediate (in place needs one), a view of padded rows
+    targets = make_targets((rows,), n_cols, generator=gen)
+    with pytest.MonkeyPatch.context() as mp:
+        force_plan(mp, n_splits, max_block_v)
+        loss = cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing,
+                             inplace_backward=inplace)
+    x64 = base.detach()[:, :n_cols].double().requires_grad_()
+    ref = cross_entropy_reference(x64, targets, reduction="none", label_smoothing=label_smoothing)
+    g = upstream(loss, gen)
+    loss.backward(g)
+    ref.backward(g.double())
+    peer = torch_peer(base.detach()[:, :n_cols], targets, -100, "none", label_smoothing)
+    assert_close("loss", loss, ref, peer)
+    xp = base.detach()[:, :n_cols].clone().requires_grad_()
+    torch_peer(xp, targets, -100, "none", label_smoothing).backward(g)
+    assert_close("grad logits", base.grad[:, :n_cols], x64.grad, xp.grad)
 
 
 @pytest.mark.skipif(triformer.INTERPRET, reason="GPU memory accounting")
