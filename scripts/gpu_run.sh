@@ -15,6 +15,7 @@ export PYTHONPATH=/tmp/site:$PWD
 export TRIFORMER_BENCH_OUT=/tmp/results
 mkdir -p $TRIFORMER_BENCH_OUT
 run_steps() {
+  local n=0
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   while [ $# -gt 0 ]; do
@@ -24,7 +25,10 @@ run_steps() {
         shift ;;
       bench) shift; echo "== bench $1"; read -r op args <<< "$1"  # "layernorm --quick": script and its flags
         timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/$op.py $args 2>&1 | tail -60; shift ;;
-      py) shift; echo "== $1"; timeout ${PY_TIMEOUT:-500} python3 $1 2>&1 | tail -80; shift ;;
+      # the whole output also goes to results (py-N.txt): a step killed at its time limit loses pytest's summary,
+      # but `-v` lines name every test that finished, and failures are in there
+      py) shift; echo "== $1"; n=$((n + 1))
+        timeout ${PY_TIMEOUT:-500} python3 $1 2>&1 | tee $TRIFORMER_BENCH_OUT/py-$n.txt | tail -80; shift ;;
       *) echo "unknown step $1"; shift ;;
     esac
   done
