@@ -374,8 +374,8 @@ def _scale_rows_kernel(x_ptr, scale_ptr, n_rows, n_cols, inner, stride_o, stride
 # a row tile of TILE_BYTES per loop step (64 bytes per thread at 16 warps). Fused launches that write the
 # gradient over the logits keep two resident programs per SM when the rows they stream fit in 1.5 x
 # L2_ROW_BUDGET (48 MiB, about the 50 MB L2), else one (32768x32000 fp32: 3.18 -> 2.70 ms at two; 16384x50257
-# fp32: 2.89 -> 3.44 ms at two). A separate gradient buffer doubles the bytes in flight; with it, two programs
-# per SM measured slower (16384x50257 bf16: 3.24 ms, against 2.40 in place at one), so it keeps one. Rows so
+# fp32: 2.89 -> 3.44 ms at two). A separate gradient buffer doubles the bytes in flight, so it keeps one (two,
+# with the separate buffer, were timed only together with a slower tile loop, run 6). Rows so
 # long that one program per SM already streams more than L2_ROW_BUDGET lose pass 2's L2 hits anyway and go
 # split (4096x256000 bf16: 2.30 -> 1.73 ms; 8192x128256 bf16: 2.16 -> 1.72 ms), as do fewer than
 # FUSED_MIN_ROWS_PER_SM rows per SM, into enough column ranges for SPLIT_PROGRAMS_PER_SM programs per SM.
@@ -447,9 +447,9 @@ def check_targets(targets: torch.Tensor, n_cols: int, ignore_index: int) -> None
 
 
 def _unmasked_tiles(t3: torch.Tensor) -> bool:
-    """Whether whole tiles of ``t3[outer, inner, V]`` go unmasked (see _row_stats): its rows start 16 elements
-    apart at a 16-byte-aligned address, its columns are contiguous, and V is not a multiple of 16 (then the
-    masked loads vectorize already, and measured faster)."""
+    """Whether whole tiles of ``t3[outer, inner, V]`` go unmasked (see _row_stats): its row strides are multiples
+    of 16 elements from a 16-byte-aligned address, its columns are contiguous, and V is not a multiple of 16
+    (where it is, the masked loads vectorize already, and measured faster)."""
     n_cols = t3.shape[-1]
     return (n_cols % 16 != 0 and t3.stride(2) == 1 and t3.stride(0) % 16 == 0
             and (t3.shape[1] == 1 or t3.stride(1) % 16 == 0) and t3.data_ptr() % 16 == 0)

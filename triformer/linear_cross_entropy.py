@@ -121,12 +121,12 @@ def _sweep(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bi
         stop = min(start + rows, n_rows)
         h = hidden[start:stop]
         logits = buf[: stop - start]
-        g_bulk = logits[:, :split]
+        bulk = logits[:, :split]
         if split:
             if b_bulk is None:
-                torch.mm(h, w_bulk_t, out=g_bulk)
+                torch.mm(h, w_bulk_t, out=bulk)
             else:
-                torch.addmm(b_bulk, h, w_bulk_t, out=g_bulk)
+                torch.addmm(b_bulk, h, w_bulk_t, out=bulk)
         if tail:
             logits[:, split:].copy_(tail_logits[start:stop])
         row_scale = scale if scale is None or scale.numel() == 1 else scale[start:stop]
@@ -135,9 +135,9 @@ def _sweep(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bi
                              row_scale, ignore_index, label_smoothing, z_loss)
         if split:
             if need_h:
-                _mm_into(grad_h[start:stop], g_bulk, w_bulk, first=True)
+                _mm_into(grad_h[start:stop], bulk, w_bulk, first=True)
             if need_w:
-                _mm_into(grad_w_bulk, g_bulk.t(), h, first=start == 0)
+                _mm_into(grad_w_bulk, bulk.t(), h, first=start == 0)
         if tail and tail_grad is not None:
             tail_grad[start:stop].copy_(logits[:, split:])
         if need_b:
