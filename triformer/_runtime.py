@@ -93,16 +93,17 @@ def custom_op(name: str, mutates_args: tuple[str, ...]):
     """
     def register(fn):
         op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
-        signature = inspect.signature(fn)
+        params = list(inspect.signature(fn).parameters)
+        mutated = [(params.index(a), a) for a in mutates_args]  # (position, name), looked up once
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
             if torch.compiler.is_compiling():
                 return op(*args, **kwargs)
             result = fn(*args, **kwargs)
-            if mutates_args:
-                bound = signature.bind(*args, **kwargs).arguments
-                torch.autograd.graph.increment_version([bound[a] for a in mutates_args if bound.get(a) is not None])
+            if mutated:
+                written = [args[i] if i < len(args) else kwargs.get(a) for i, a in mutated]
+                torch.autograd.graph.increment_version([t for t in written if t is not None])
             return result
 
         call.register_fake = op.register_fake

@@ -397,11 +397,6 @@ class Plan:
     n_splits: int = 0
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 @functools.lru_cache(maxsize=256)
 def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, in_place: bool) -> Plan:
     """Interpreter: fused, few programs with 64k-element tiles of many rows. GPU: see the constants above."""
@@ -411,7 +406,7 @@ def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, in
         return Plan(block_r, block_v, 4, triton.cdiv(n_rows, block_r))
     block_v = min(triton.next_power_of_2(n_cols), TILE_BYTES // dtype.itemsize)
     num_warps = min(GPU_WARPS, max(4, block_v * dtype.itemsize // 1024))
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _runtime.multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     streamed = sms * n_cols * dtype.itemsize  # bytes of rows in flight at one fused program per SM
     if n_cols > block_v and (n_rows < FUSED_MIN_ROWS_PER_SM * sms or streamed > L2_ROW_BUDGET):
         n_splits = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, n_rows), triton.cdiv(n_cols, block_v))
