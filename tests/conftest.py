@@ -1,3 +1,4 @@
+import multiprocessing
 import os
 import socket
 
@@ -5,6 +6,13 @@ import pytest
 import torch
 
 import triformer  # noqa: F401  (decides interpreter vs compiled before any kernel is defined)
+
+# Tests that start processes use the forkserver, never a plain fork of the test process: by then that holds
+# threads (tqdm's monitor, wandb's asyncio loop, execnet's I/O), and a fork that catches one of them holding a
+# lock leaves the child waiting on it forever. The server is started once per worker with these imported, so
+# its children still start in milliseconds.
+multiprocessing.set_forkserver_preload(["torch", "safetensors.torch", "triformer", "training.trainer",
+                                        "training.checkpoint"])
 
 # Two xdist workers share two cores: one torch thread each keeps them from fighting.
 if triformer.INTERPRET:

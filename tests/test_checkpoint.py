@@ -218,8 +218,9 @@ def _slow_save_file(tensors, filename, metadata=None):
             time.sleep(0.005)
 
 
-def _writer(directory, payload):
+def _writer(directory):
     checkpoint.save_file = _slow_save_file  # this child process only
+    payload = {"w": torch.randn(1_000_000), "step": 0}
     mgr = CheckpointManager(directory, keep_last=2)
     step = max([s for s, _ in checkpoint.step_checkpoints(directory)], default=0)
     while True:
@@ -231,12 +232,11 @@ def _writer(directory, payload):
 def test_sigkill_during_writes_never_leaves_a_torn_checkpoint(tmp_path):
     """A writer saving back to back is SIGKILLed 20 times at random moments; afterwards every visible
     checkpoint (the newest complete one included) loads, and interrupted writes left only temporaries."""
-    payload = {"w": torch.randn(1_000_000), "step": 0}
-    ctx = multiprocessing.get_context("fork")  # torch already imported: the child starts in milliseconds
+    ctx = multiprocessing.get_context("forkserver")  # torch preloaded there (conftest): starts in milliseconds
     rng = random.Random(0)
     last_step, interrupted, seen = 0, 0, set()
     for _ in range(20):
-        proc = ctx.Process(target=_writer, args=(tmp_path, payload))
+        proc = ctx.Process(target=_writer, args=(tmp_path,))
         proc.start()
         time.sleep(rng.uniform(0.05, 0.4))
         os.kill(proc.pid, signal.SIGKILL)

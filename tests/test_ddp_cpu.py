@@ -1,7 +1,7 @@
 """Two processes (DDP or FSDP2 over gloo on CPU) train exactly like one process with the same global batch.
 
-The two ranks are forked from the test process (torch and the kernels already imported, so they start in
-milliseconds) with the environment torchrun would give them; ``train.py`` under torchrun reads the same."""
+The two ranks start from the forkserver (see conftest) with the environment torchrun would give them;
+``train.py`` under torchrun reads the same."""
 import json
 import os
 import socket
@@ -47,7 +47,7 @@ def test_two_processes_match_one(tmp_path, kernels, strategy):
     train(compose(_overrides(single, cache, kernels)))
     multi = tmp_path / "multi"
     cfg = compose(_overrides(multi, cache, kernels, f"trainer.strategy={strategy}"))
-    mp.start_processes(_rank, args=(cfg, _free_port()), nprocs=2, start_method="fork")
+    mp.start_processes(_rank, args=(cfg, _free_port()), nprocs=2, start_method="forkserver")
     (train_1, val_1), (train_2, val_2) = _losses(single), _losses(multi)
     assert sorted(train_2) == [1, 2, 3, 4] and sorted(val_2) == [2, 4]
     # the gradient all-reduce sums in another order: equal up to float32 rounding

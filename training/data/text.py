@@ -212,7 +212,10 @@ def _tokenize_files(writer, split: str, files: list[Path], cfg: TextConfig, toke
         results = map(_encode_file, files)
         pool = None
     else:
-        pool = multiprocessing.Pool(n_proc, initializer=_init_worker, initargs=(tokenizer, cfg.separator))
+        # forkserver, not fork: by now this process may hold threads (tqdm's monitor, wandb) whose locks a fork
+        # could copy while held, and a worker would then wait on them forever
+        pool = multiprocessing.get_context("forkserver").Pool(n_proc, initializer=_init_worker,
+                                                              initargs=(tokenizer, cfg.separator))
         results = pool.imap(_encode_file, files, chunksize=4)  # ordered: the stream order is the file order
     try:
         for ids, n_chars in results:
