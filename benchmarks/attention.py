@@ -28,6 +28,9 @@ SHAPES = [(16, 12, 1024, 64), (8, 12, 2048, 64), (4, 12, 4096, 64),
 SETTINGS = [(True, 0.0, SHAPES), (False, 0.0, [SHAPES[0], SHAPES[3]]), (True, 0.1, [SHAPES[0], SHAPES[2]])]
 QUICK_SETTINGS = [(True, 0.0, [SHAPES[0], SHAPES[2], SHAPES[3]]), (True, 0.1, [SHAPES[0]])]
 QUICK_PROVIDERS = ("triformer", "sdpa", "sdpa_flash")
+# Also timed as CUDA-graph replays: the kernels' time without the host's (launches, autograd), which at
+# T=1024 is about as long as the GPU's (benchmarks/results/h200/host_overhead.md).
+GRAPHED = ("triformer", "sdpa_flash", "sdpa")
 EAGER_MAX_T = 2048
 DTYPE = torch.bfloat16
 
@@ -66,7 +69,8 @@ def build_cases(device: str, shrink: int = 1, quick: bool = False) -> list[Case]
             if quick:
                 fns = {name: fn for name, fn in fns.items() if name in QUICK_PROVIDERS}
             cases += mode_cases(op, f"{B}x{H}x{T}x{D}", DTYPE, fns, [q, k, v],
-                                flops={"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops})
+                                flops={"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops},
+                                graphed=GRAPHED if device == "cuda" else ())
     return cases
 
 

@@ -83,15 +83,44 @@ def mode_providers(fn, inputs, mode):
     return run
 
 
+def cuda_graphed(run: Callable[[], object]) -> Callable[[], None]:
+    """``run`` captured into a CUDA graph on its first call (after warm-up calls on a side stream, which also
+    autotune), then replayed: the GPU's time alone, without the host's launch and autograd work, which is what
+    a graph-captured training step pays."""
+    graph = []
+
+    def replay():
+        if not graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph.append(torch.cuda.CUDAGraph())
+            with torch.cuda.graph(graph[0]):
+                run()
+        graph[0].replay()
+    return replay
+
+
 def mode_cases(op: str, shape: str, dtype, fns: dict, inputs=None, *, passes: dict | None = None,
-               unit_bytes: float = 0, flops: dict | None = None) -> list[Case]:
+               unit_bytes: float = 0, flops: dict | None = None, graphed: tuple[str, ...] = ()) -> list[Case]:
     """One Case per mode of MODES. ``fns`` maps a provider to ``fn(*inputs)``, or to ``(fn, its inputs)`` when it
     differentiates tensors of its own (a module's parameters). Memory-bound cases give ``passes`` (mode -> how
-    many ``unit_bytes``-sized tensors it reads and writes), compute-bound ones ``flops`` (mode -> flops)."""
+    many ``unit_bytes``-sized tensors it reads and writes), compute-bound ones ``flops`` (mode -> flops). The
+    providers named in ``graphed`` are also timed as CUDA-graph replays, as "<name>_graph"."""
+    def providers(mode):
+        timed = {}
+        for name, fn in fns.items():
+            timed[name] = mode_providers(*(fn if isinstance(fn, tuple) else (fn, inputs)), mode)
+            if name in graphed:
+                timed[f"{name}_graph"] = cuda_graphed(timed[name])
+        return timed
+
     return [Case(op=op, shape=shape, dtype=str(dtype).removeprefix("torch."), mode=mode,
                  bytes_moved=passes[mode] * unit_bytes if passes else 0, flops=flops[mode] if flops else 0,
-                 providers={name: mode_providers(*(fn if isinstance(fn, tuple) else (fn, inputs)), mode)
-                            for name, fn in fns.items()})
+                 providers=providers(mode))
             for mode in MODES]
 
 

@@ -8,9 +8,9 @@ online softmax; the output is normalised once at the end and only the per-row lo
 Through Triton's interpreter (CPU), which pays per program rather than per element, short sequences are
 packed instead: one program takes the whole sequences of several (batch, head) pairs side by side in one
 tile, masked so that a pair's queries see only its own keys (``_tile_rows``).
-Backward recomputes the probabilities from that log-sum-exp: a small kernel computes
-``delta = rowsum(dO * O)``, one kernel per key block accumulates dK/dV over the query blocks, one per
-query block accumulates dQ over the key blocks. Neither needs atomics, so every launch is a pure write
+Backward recomputes the probabilities from that log-sum-exp: one kernel per query block accumulates dQ
+over the key blocks and writes ``delta = rowsum(dO * O)`` for its rows on the way, then one kernel per key
+block accumulates dK/dV over the query blocks. Neither needs atomics, so every launch is a pure write
 (which also keeps ``triton.autotune`` safe to re-run them).
 
 Semantics:
@@ -310,20 +310,6 @@ def _attn_fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
 
 
-@triton.jit(do_not_specialize=["n_pairs"])
-def _attn_bwd_delta_kernel(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, n_pairs, Tq,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           SEQ_M: tl.constexpr):
-    # delta_i = rowsum(dO * O) = sum_j P_ij dP_ij (with dropout too), the softmax-backward shift term.
-    _, offs_m, bh, b, h = _tile_rows(Tq, n_pairs, H, BLOCK_M, SEQ_M, False)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    o = _load_rows(O + b * sob + h * soh + offs_d[None, :] * sod, offs_m, som, Tq, d_ok, True, False)
-    do = _load_rows(DO + b * sdb + h * sdh + offs_d[None, :] * sdd, offs_m, sdm, Tq, d_ok, True, False)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
-
-
 @triton.jit(do_not_specialize=["seed", "n_pairs"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
@@ -394,8 +380,8 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["seed", "n_pairs"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
+    Q, K, V, O, DO, LSE, DELTA, DQ, MASK, KPM,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, sdb, sdh, sdm, sdd,
     sgb, sgh, sgm, sgd, smb, smh, smm, smn, spb, spn,
     H, n_pairs, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -403,6 +389,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
     # The forward's blocking: Q, dO and the dQ accumulator stay in registers, key/value tiles stream.
+    # Launched before dK/dV: it also writes delta_i = rowsum(dO * O) = sum_j P_ij dP_ij (with dropout too),
+    # the softmax-backward shift term both kernels need, from the dO rows it holds anyway.
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     PACKED: tl.constexpr = SEQ_M != 0
     m0, offs_m, bh, b, h = _tile_rows(Tq, n_pairs, H, BLOCK_M, SEQ_M, True)
@@ -410,8 +398,10 @@ def _attn_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q + b * sqb + h * sqh + offs_d[None, :] * sqd, offs_m, sqm, Tq, d_ok, True, EVEN_D)
     do = _load_rows(DO + b * sdb + h * sdh + offs_d[None, :] * sdd, offs_m, sdm, Tq, d_ok, True, EVEN_D)
+    o = _load_rows(O + b * sob + h * soh + offs_d[None, :] * sod, offs_m, som, Tq, d_ok, True, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
     bh_n, b_n, h_n = _partner_pairs(H, bh, b, h, BLOCK_N, SEQ_N)
     k_base = K + b_n * skb + h_n * skh + offs_d[None, :] * skd
     v_base = V + b_n * svb + h_n * svh + offs_d[None, :] * svd
@@ -651,21 +641,12 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p,
                                                             is_causal)
     tiles = _tiles(Tq, Tk, B * H)
-    block_d = consts["BLOCK_D"]
-    if tiles["SEQ_M"]:  # row-wise, no dot: as many whole pairs as a row-wise tile holds
-        seq = tiles["SEQ_M"]
-        delta_tiles = dict(BLOCK_M=_runtime.rows_per_program(B * H * seq, block_d), SEQ_M=seq)
-    else:
-        delta_tiles = dict(BLOCK_M=_runtime.rows_per_program(Tq, block_d, gpu_rows=64), SEQ_M=0)
-    _launch(_attn_bwd_delta_kernel, Tq, "BLOCK_M", B * H, delta_tiles, (out, grad_out, delta),
-            *out.stride(), *grad_out.stride(), H, B * H, Tq, HEAD_DIM=D, BLOCK_D=block_d)
-
-    shared = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    shared = (*q.stride(), *k.stride(), *v.stride())
     scalars = (H, B * H, Tq, Tk, scale * LOG2E.value, scale, *rng)
+    _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H, tiles, (q, k, v, out, grad_out, lse, delta, dq, mask, kpm),
+            *shared, *out.stride(), *grad_out.stride(), *dq.stride(), *mask_strides, *scalars, **consts)
     _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H, tiles, (q, k, v, grad_out, lse, delta, dk, dv, mask, kpm),
-            *shared, *dk.stride(), *mask_strides, *scalars, **consts)
-    _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H, tiles, (q, k, v, grad_out, lse, delta, dq, mask, kpm),
-            *shared, *dq.stride(), *mask_strides, *scalars, **consts)
+            *shared, *grad_out.stride(), *dk.stride(), *mask_strides, *scalars, **consts)
     return dq, dk, dv
 
 
