@@ -454,3 +454,20 @@ def test_attention_property(shape, dtype, contiguous, is_causal, magnitude, mask
     q, k, v = qkv(B, H, Tq, Tk, D, dtype, contiguous, magnitude, gen)
     check_attention(q, k, v, random_tensor(q.shape, dtype, generator=gen), is_causal=is_causal,
                     dropout_p=dropout_p, seed=seed if dropout_p else None, **masks)
+
+
+def test_sm90_codegen_pipelines_loads_without_spills():
+    """The first forward candidate, compiled for sm_90 on this machine (no GPU needed): its key/value loads
+    become asynchronous copies (software pipelining), its matmuls warpgroup MMAs, and nothing spills."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_sm90.py"
+    proc = subprocess.run([sys.executable, str(script), "--first"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = proc.stdout.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "fwd", row
+    regs, stack, smem, cp_async, wgmma = map(int, cells[4:9])
+    assert stack == 0 and cp_async > 0 and wgmma > 0, row
