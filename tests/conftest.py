@@ -2,6 +2,7 @@ import multiprocessing
 import os
 import socket
 
+import multiprocess
 import pytest
 import torch
 
@@ -13,6 +14,10 @@ import triformer  # noqa: F401  (decides interpreter vs compiled before any kern
 # its children still start in milliseconds.
 multiprocessing.set_forkserver_preload(["torch", "safetensors.torch", "triformer", "training.trainer",
                                         "training.checkpoint"])
+# The same for HF datasets' map(num_proc=...), whose pool comes from `multiprocess` (dill's fork of
+# multiprocessing) and forks by default. A training run builds its data before wandb or any other thread
+# starts; a test process has them already.
+multiprocess.set_start_method("forkserver", force=True)
 
 # Two xdist workers share two cores: one torch thread each keeps them from fighting.
 if triformer.INTERPRET:
