@@ -292,5 +292,4 @@ def results_from_log(log_path: str) -> None:
 
 
 if __name__ == "__main__":
-    import sys
     results_from_log(sys.argv[1])

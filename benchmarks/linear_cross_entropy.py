@@ -209,8 +209,8 @@ def profile_matmuls(shape, rows_old: int, rows_new: int) -> dict:
         f"eager-like ld={n_voc} r={rows_new}": (rows_new, n_voc, ops(rows_new, packed, w, grad_w[:n_voc])),
         f"new bulk V={split} r={rows_new}": (rows_new, split, ops(rows_new, buf[:rows_new, :split], w[:split],
                                                                    grad_w[:split])),
-        f"new bulk, grad_W first chunk (mm)": (rows_new, split, ops(rows_new, buf[:rows_new, :split], w[:split],
-                                                                     grad_w[:split], accumulate=False)),
+        "new bulk, grad_W first chunk (mm)": (rows_new, split, ops(rows_new, buf[:rows_new, :split], w[:split],
+                                                                    grad_w[:split], accumulate=False)),
         f"new tail V={n_voc - split} r={rows_new}": (rows_new, n_voc - split,
                                                      ops(rows_new, buf[:rows_new, split:n_voc], w[split:],
                                                          grad_w[split:n_voc])),
@@ -245,7 +245,7 @@ def profile_cross_entropy(shape, row_counts) -> dict:
     loss_rows = torch.empty(n_tok, device=dev)
     scale = mean_scale(targets, -100)
     out = {}
-    print(f"\n== cross-entropy kernel on one chunk (logits -> gradient in place): ms (GB/s of 1 read + 1 write) ==")
+    print("\n== cross-entropy kernel on one chunk (logits -> gradient in place): ms (GB/s of 1 read + 1 write) ==")
     for r in row_counts:
         logits3 = (torch.randn(r, padded, device=dev, dtype=dtype)[:, :n_voc]).unsqueeze(0)
         ms = bench_ms(lambda: launch_cross_entropy(logits3, targets[:r], loss_rows[:r], logits3, scale, -100, 0.0, 0.0))

@@ -141,7 +141,6 @@ class GPT(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        cfg = self.config
         caches = None
         if use_cache:
             caches = [KVCache(idx.shape[1] + max_new_tokens) for _ in self.blocks]
