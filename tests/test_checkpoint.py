@@ -218,11 +218,12 @@ def _slow_save_file(tensors, filename, metadata=None):
             time.sleep(0.005)
 
 
-def _writer(directory):
+def _writer(directory, writing):
     checkpoint.save_file = _slow_save_file  # this child process only
     payload = {"w": torch.randn(1_000_000), "step": 0}
     mgr = CheckpointManager(directory, keep_last=2)
     step = max([s for s, _ in checkpoint.step_checkpoints(directory)], default=0)
+    writing.set()
     while True:
         step += 1
         payload["step"] = step
@@ -232,12 +233,16 @@ def _writer(directory):
 def test_sigkill_during_writes_never_leaves_a_torn_checkpoint(tmp_path):
     """A writer saving back to back is SIGKILLed 20 times at random moments; afterwards every visible
     checkpoint (the newest complete one included) loads, and interrupted writes left only temporaries."""
-    ctx = multiprocessing.get_context("forkserver")  # torch preloaded there (conftest): starts in milliseconds
+    ctx = multiprocessing.get_context("forkserver")  # torch preloaded there (conftest)
     rng = random.Random(0)
     last_step, interrupted, seen = 0, 0, set()
     for _ in range(20):
-        proc = ctx.Process(target=_writer, args=(tmp_path,))
+        writing = ctx.Event()
+        proc = ctx.Process(target=_writer, args=(tmp_path, writing))
         proc.start()
+        # the kill's moment counts from the first write, not from the start: a busy machine can take longer
+        # to start the child (it imports this module) than the whole random interval
+        assert writing.wait(120), "the writer process did not start"
         time.sleep(rng.uniform(0.05, 0.4))
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
