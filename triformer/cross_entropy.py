@@ -102,12 +102,15 @@ def _load_rows(targets_ptr, logits_ptr, rows, row_end, n_cols, inner, stride_xo,
 
 
 @triton.jit
-def _target_logit(x_base, stride_xc, target, active, in_range):
-    x_target = tl.load(x_base + target * stride_xc, mask=active & in_range, other=0.0).to(tl.float32)
+def _with_reference(x_target):
     # Everything is kept relative to the row max m (and to x_ref, the target logit where finite) so that logits
     # with a large common offset lose no fp32 precision: lse - x_t never subtracts two large numbers.
-    x_ref = tl.where(tl.abs(x_target) < float("inf"), x_target, 0.0)
-    return x_target, x_ref
+    return x_target, tl.where(tl.abs(x_target) < float("inf"), x_target, 0.0)
+
+
+@triton.jit
+def _target_logit(x_base, stride_xc, target, active, in_range):
+    return _with_reference(tl.load(x_base + target * stride_xc, mask=active & in_range, other=0.0).to(tl.float32))
 
 
 @triton.jit
@@ -143,6 +146,15 @@ def _fold_tile(x_base, stride_xc, x_ref, start, n_before, col_end, m, s, x_sum, 
 # faster (H200, runs 7-8 in benchmarks/results/h200: contiguous 16384x50257 bf16 2.39 ms masked against 3.19
 # unmasked; rows of 50304: 2.94 masked against 2.63 unmasked; linear-CE chunks 0.19 against 0.10 ms).
 @triton.jit
+def _masked_start(col_start, col_end, UNMASKED: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Where the masked tiles of [col_start, col_end) begin: all of them, or with UNMASKED the partial last one."""
+    start = col_start
+    if UNMASKED:
+        start = col_start + (col_end - col_start) // BLOCK_V * BLOCK_V
+    return start
+
+
+@triton.jit
 def _row_stats(x_base, stride_xc, x_ref, col_start, col_end,
                HAS_SMOOTHING: tl.constexpr, UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     # a finite floor instead of -inf keeps exp(m - m_new) defined when a first tile holds only -inf logits
@@ -152,18 +164,14 @@ def _row_stats(x_base, stride_xc, x_ref, col_start, col_end,
     # sum of terms <= 0 that holds s - V to fp32 precision where s is close to V (a near-uniform row)
     x_sum = tl.full([BLOCK_R], 0.0, tl.float32)
     t = tl.full([BLOCK_R], 0.0, tl.float32)
+    masked_start = _masked_start(col_start, col_end, UNMASKED, BLOCK_V)
     if UNMASKED:
-        full_end = col_start + (col_end - col_start) // BLOCK_V * BLOCK_V
-        for start in range(col_start, full_end, BLOCK_V):
+        for start in range(col_start, masked_start, BLOCK_V):
             m, s, x_sum, t = _fold_tile(x_base, stride_xc, x_ref, start, start - col_start, col_end, m, s, x_sum,
                                         t, False, HAS_SMOOTHING, BLOCK_V)
-        if full_end < col_end:
-            m, s, x_sum, t = _fold_tile(x_base, stride_xc, x_ref, full_end, full_end - col_start, col_end, m, s,
-                                        x_sum, t, True, HAS_SMOOTHING, BLOCK_V)
-    else:
-        for start in range(col_start, col_end, BLOCK_V):
-            m, s, x_sum, t = _fold_tile(x_base, stride_xc, x_ref, start, start - col_start, col_end, m, s, x_sum,
-                                        t, True, HAS_SMOOTHING, BLOCK_V)
+    for start in range(masked_start, col_end, BLOCK_V):
+        m, s, x_sum, t = _fold_tile(x_base, stride_xc, x_ref, start, start - col_start, col_end, m, s, x_sum, t,
+                                    True, HAS_SMOOTHING, BLOCK_V)
     return m, s, x_sum, t
 
 
@@ -233,18 +241,14 @@ def _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, 
     smooth = smoothing * scale
     z_coef = scale * 2.0 * z_loss * (m + log_s)
     g_base = grad_ptr + (rows // inner) * stride_go + (rows % inner) * stride_gi
+    masked_start = _masked_start(col_start, col_end, UNMASKED, BLOCK_V)
     if UNMASKED:
-        full_end = col_start + (col_end - col_start) // BLOCK_V * BLOCK_V
-        for start in range(col_start, full_end, BLOCK_V):
+        for start in range(col_start, masked_start, BLOCK_V):
             _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, target, active, m, log_s,
                        log_mean, hit, smooth, z_coef, n_cols, False, HAS_SMOOTHING, HAS_Z, BLOCK_V)
-        if full_end < col_end:
-            _grad_tile(x_base, stride_xc, g_base, stride_gc, full_end, col_end, row_ok, target, active, m, log_s,
-                       log_mean, hit, smooth, z_coef, n_cols, True, HAS_SMOOTHING, HAS_Z, BLOCK_V)
-    else:
-        for start in range(col_start, col_end, BLOCK_V):
-            _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, target, active, m, log_s,
-                       log_mean, hit, smooth, z_coef, n_cols, True, HAS_SMOOTHING, HAS_Z, BLOCK_V)
+    for start in range(masked_start, col_end, BLOCK_V):
+        _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, target, active, m, log_s,
+                   log_mean, hit, smooth, z_coef, n_cols, True, HAS_SMOOTHING, HAS_Z, BLOCK_V)
 
 
 @triton.jit
@@ -320,8 +324,7 @@ def _cross_entropy_combine_kernel(
         stride_xo, stride_xi, stride_t, ignore_index)
     plane = n_splits * part_rows
     part = part_ptr + (rows - row_start)
-    x_target = tl.load(part + (4 if HAS_SMOOTHING else 2) * plane)
-    x_ref = tl.where(tl.abs(x_target) < float("inf"), x_target, 0.0)
+    x_target, x_ref = _with_reference(tl.load(part + (4 if HAS_SMOOTHING else 2) * plane))
     m = tl.full([BLOCK_R], -3.0e38, tl.float32)
     s = tl.zeros([BLOCK_R], tl.float32)
     x_sum = tl.zeros([BLOCK_R], tl.float32)
