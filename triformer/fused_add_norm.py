@@ -20,7 +20,7 @@ from triformer.layernorm import check_args, grad_or_none, layer_norm_bwd, layer_
 from triformer.rmsnorm import rms_norm_bwd, rms_norm_reference
 
 
-@_runtime.custom_op("triformer::add_layer_norm_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::add_layer_norm_fwd", mutates_args=())
 def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor],
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -28,23 +28,11 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional
     return s, y, mean, rstd
 
 
-@add_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps):
-    rows = n_rows(x)
-    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32),
-            x.new_empty(rows, dtype=torch.float32))
-
-
-@_runtime.custom_op("triformer::add_rms_norm_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::add_rms_norm_fwd", mutates_args=())
 def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, s, _, rstd = norm_forward(x, residual, weight, None, eps, rms=True)
     return s, y, rstd
-
-
-@add_rms_norm_fwd.register_fake
-def _(x, residual, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(n_rows(x), dtype=torch.float32)
 
 
 # Both Functions let an unused output's gradient arrive as None (set_materialize_grads(False)). When only

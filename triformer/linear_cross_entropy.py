@@ -154,7 +154,7 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(0)
 
 
-@_runtime.custom_op("triformer::linear_cross_entropy_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::linear_cross_entropy_fwd", mutates_args=())
 def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               bias: torch.Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
                               reduction: str, need_h: bool, need_w: bool, need_b: bool,
@@ -175,16 +175,7 @@ def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, target
     return (loss.to(hidden.dtype), *(g if g is not None else _empty(hidden) for g in grads))
 
 
-@_linear_cross_entropy_fwd.register_fake
-def _(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction, need_h, need_w, need_b,
-      chunk_rows):
-    loss = hidden.new_empty(targets.shape if reduction == "none" else ())
-    return (loss, hidden.new_empty(hidden.shape) if need_h else _empty(hidden),
-            weight.new_empty(weight.shape) if need_w else _empty(hidden),
-            bias.new_empty(bias.shape) if need_b else _empty(hidden))
-
-
-@_runtime.custom_op("triformer::linear_cross_entropy_bwd", mutates_args=())
+@_runtime.kernel_op("triformer::linear_cross_entropy_bwd", mutates_args=())
 def _linear_cross_entropy_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                               targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
                               label_smoothing: float, z_loss: float, need_h: bool, need_w: bool, need_b: bool,
@@ -194,14 +185,6 @@ def _linear_cross_entropy_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, wei
     grads = _sweep(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, grad_loss, loss_rows,
                    need_h, need_w, need_b, chunk_rows)
     return tuple(g if g is not None else _empty(hidden) for g in grads)
-
-
-@_linear_cross_entropy_bwd.register_fake
-def _(grad_loss, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, need_h, need_w, need_b,
-      chunk_rows):
-    return (hidden.new_empty(hidden.shape) if need_h else _empty(hidden),
-            weight.new_empty(weight.shape) if need_w else _empty(hidden),
-            bias.new_empty(bias.shape) if need_b else _empty(hidden))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

@@ -21,28 +21,18 @@ def _resolve_eps(x: torch.Tensor, eps: Optional[float]):
     return torch.finfo(x.dtype).eps if eps is None and isinstance(x, torch.Tensor) and x.is_floating_point() else eps
 
 
-@_runtime.custom_op("triformer::rms_norm_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     y, _, _, rstd = norm_forward(x, None, weight, None, eps, rms=True)
     return y, rstd
 
 
-@rms_norm_fwd.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(n_rows(x), dtype=torch.float32)
-
-
-@_runtime.custom_op("triformer::rms_norm_bwd", mutates_args=())
+@_runtime.kernel_op("triformer::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor,
                  dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """dres: a gradient reaching x directly (the fused op's residual sum), added to dx."""
     dx, dw, _ = norm_backward(dy, x, weight, None, None, rstd, dres)
     return dx, x.new_empty(0) if dw is None else dw
-
-
-@rms_norm_bwd.register_fake
-def _(dy, x, weight, rstd, dres):
-    return backward_fake(x, weight, None)[:2]
 
 
 class RMSNormFunction(torch.autograd.Function):

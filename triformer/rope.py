@@ -53,7 +53,7 @@ def _table_strides(table: torch.Tensor) -> tuple[int, int, int]:
     return table.stride(0), table.stride(1), table.stride(2)
 
 
-@_runtime.custom_op("triformer::rope_rotate", mutates_args=())
+@_runtime.kernel_op("triformer::rope_rotate", mutates_args=())
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offset: int,
                 inverse: bool) -> torch.Tensor:
     """Rotate x [B, H, T, D] by the angles of positions ``position_offset + t`` (backward: ``inverse``)."""
@@ -65,15 +65,10 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_
     block_d = triton.next_power_of_2(half)
     # GPU: 2048-value half tiles (4096 values with both halves), 32 per thread of 4 warps.
     block_r = _runtime.rows_per_program(R, 2 * block_d, gpu_rows=max(1, 2048 // block_d))
-    _rope_kernel[(triton.cdiv(R, block_r),)](
+    _runtime.launch(_rope_kernel, (triton.cdiv(R, block_r),))(
         x, cos, sin, y, R, H, T, half, position_offset, *x.stride(), *_table_strides(cos), *_table_strides(sin),
         INVERSE=inverse, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     return y
-
-
-@rope_rotate.register_fake
-def _(x, cos, sin, position_offset, inverse):
-    return x.new_empty(x.shape)
 
 
 class RopeFunction(torch.autograd.Function):

@@ -197,7 +197,7 @@ def _launch_fwd(x: torch.Tensor, y: torch.Tensor, is_causal: bool, scale: float)
         return
     x3, y3 = _scores_view(x), _scores_view(y, output=True)
     grid, n_rows, tq, tk, meta = _launch_config(x3, MAX_SINGLE_BLOCK)
-    _softmax_fwd_kernel[grid](x3, y3, n_rows, tk, tq, tk - tq, *x3.stride(), *y3.stride(), scale * LOG2_E,
+    _runtime.launch(_softmax_fwd_kernel, grid)(x3, y3, n_rows, tk, tq, tk - tq, *x3.stride(), *y3.stride(), scale * LOG2_E,
                               IS_CAUSAL=is_causal, **meta)
 
 
@@ -206,11 +206,11 @@ def _launch_bwd(y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, is_causal: 
         return
     y3, g3, x3 = _scores_view(y), _scores_view(dy), _scores_view(dx, output=True)
     grid, n_rows, tq, tk, meta = _launch_config(y3, MAX_SINGLE_BLOCK_BWD)
-    _softmax_bwd_kernel[grid](y3, g3, x3, n_rows, tk, tq, tk - tq, *y3.stride(), *g3.stride(), *x3.stride(),
+    _runtime.launch(_softmax_bwd_kernel, grid)(y3, g3, x3, n_rows, tk, tq, tk - tq, *y3.stride(), *g3.stride(), *x3.stride(),
                               scale, IS_CAUSAL=is_causal, **meta)
 
 
-@_runtime.custom_op("triformer::softmax_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::softmax_fwd", mutates_args=())
 def _softmax_fwd(x: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
     check_device(x=x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -218,22 +218,12 @@ def _softmax_fwd(x: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor
     return y
 
 
-@_softmax_fwd.register_fake
-def _(x, is_causal, scale):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-@_runtime.custom_op("triformer::softmax_bwd", mutates_args=())
+@_runtime.kernel_op("triformer::softmax_bwd", mutates_args=())
 def _softmax_bwd(y: torch.Tensor, dy: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
     check_device(y=y, dy=dy)
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     _launch_bwd(y, dy, dx, is_causal, scale)
     return dx
-
-
-@_softmax_bwd.register_fake
-def _(y, dy, is_causal, scale):
-    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
 
 
 class SoftmaxFunction(torch.autograd.Function):

@@ -65,7 +65,7 @@ def _glu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dgu_ptr, M, N, M1, sd0, sd1, sdn, sg0,
     tl.store(out + N, (dy * act).to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
-@_runtime.custom_op("triformer::glu_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::glu_fwd", mutates_args=())
 def glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """``act(gate) * up``, contiguous, in gate's dtype; ``activation`` is "silu", "gelu_tanh" or "gelu"."""
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -74,17 +74,12 @@ def glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tens
     (g, u), M, M1, N, ((sg0, sg1, sgn), (su0, su1, sun)) = row_layout(gate, up)
     block_m, block_n = elementwise_tiles(M, N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _glu_fwd_kernel[grid](g, u, y, M, N, M1, sg0, sg1, sgn, su0, su1, sun,
+    _runtime.launch(_glu_fwd_kernel, grid)(g, u, y, M, N, M1, sg0, sg1, sgn, su0, su1, sun,
                           ACT=_ACTIVATIONS[activation], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return y
 
 
-@glu_fwd.register_fake
-def _(gate, up, activation):
-    return gate.new_empty(gate.shape)
-
-
-@_runtime.custom_op("triformer::glu_bwd", mutates_args=())
+@_runtime.kernel_op("triformer::glu_bwd", mutates_args=())
 def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """Gradients of gate and up side by side: a contiguous [..., 2F] tensor (d gate first, then d up)."""
     dgu = torch.empty((*gate.shape[:-1], 2 * gate.shape[-1]), dtype=gate.dtype, device=gate.device)
@@ -93,14 +88,9 @@ def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: 
     (d, g, u), M, M1, N, ((sd0, sd1, sdn), (sg0, sg1, sgn), (su0, su1, sun)) = row_layout(dy, gate, up)
     block_m, block_n = elementwise_tiles(M, N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _glu_bwd_kernel[grid](d, g, u, dgu, M, N, M1, sd0, sd1, sdn, sg0, sg1, sgn, su0, su1, sun,
+    _runtime.launch(_glu_bwd_kernel, grid)(d, g, u, dgu, M, N, M1, sd0, sd1, sdn, sg0, sg1, sgn, su0, su1, sun,
                           ACT=_ACTIVATIONS[activation], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return dgu
-
-
-@glu_bwd.register_fake
-def _(dy, gate, up, activation):
-    return gate.new_empty((*gate.shape[:-1], 2 * gate.shape[-1]))
 
 
 class GLUFunction(torch.autograd.Function):
