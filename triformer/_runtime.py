@@ -135,20 +135,27 @@ def kernel_op(name: str, mutates_args: tuple[str, ...]):
 # an implicit fallback's arguments into an INFO log message even when nobody logs (torch/_inductor/graph.py), and
 # an argument that is a deep unrealized expression (the residual stream after a few blocks) prints in time
 # exponential in its depth: a 4-layer GPT never finished compiling. Ops named in FALLBACK_ALLOW_LIST skip
-# that message. Registered when torch.compile first traces one of them, since importing Inductor takes seconds.
+# that message. They are added when Dynamo first traces a kernel_op call: importing Inductor at import time
+# would cost seconds.
 _inductor_fallbacks: list[str] = []
 
 
-def _register_inductor_fallbacks() -> None:
-    if not _inductor_fallbacks:
-        return
-    from torch._inductor import lowering
+def _register_inductor_fallbacks() -> bool:
+    if _inductor_fallbacks:
+        from torch._inductor import lowering
 
-    allow = getattr(lowering, "FALLBACK_ALLOW_LIST", None)
-    if allow is not None:
-        for name in _inductor_fallbacks:
-            allow.add(name)
-    _inductor_fallbacks.clear()
+        allow = getattr(lowering, "FALLBACK_ALLOW_LIST", None)
+        if allow is not None:
+            for name in _inductor_fallbacks:
+                allow.add(name)
+        _inductor_fallbacks.clear()
+    return True
+
+
+# Dynamo runs a function marked so at trace time and keeps its result as a constant, so the registration above
+# happens before Inductor lowers the graph instead of being recorded as a side effect to replay afterwards (what
+# torch._dynamo.assume_constant_result sets, without importing Dynamo here).
+_register_inductor_fallbacks._dynamo_marked_constant = True
 
 
 def _direct_launches():
