@@ -266,3 +266,25 @@ def test_create_graph_without_second_order_dependence_keeps_the_kernel_path(monk
     with recorded_checks(monkeypatch) as answers:
         g, = torch.autograd.grad(dropout(apply_rope(x, x, cos, sin)[0], 0.5, seed=1).sum(), x, create_graph=True)
     assert answers == [False, False] and not g.requires_grad
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "gelu"])
+def test_mixed_dtypes_under_autocast_rules(op):
+    """bf16 activations with an fp32 parameter (autocast's layout): each gradient of the penalty comes back in
+    its input's dtype and matches the reference run on the same inputs (the path is the reference)."""
+    gen = _gen()
+    x = random_tensor((3, 37), torch.bfloat16, generator=gen)
+    w = random_tensor((37,), F32, generator=gen)
+    fn, ref = {"layer_norm": (lambda x, w: layer_norm(x, w, w), lambda x, w: layer_norm_reference(x, w, w)),
+               "gelu": (lambda x, b: gelu(x, "tanh", b), lambda x, b: gelu_reference(x, "tanh", b))}[op]
+
+    def run(f):
+        leaves = [x.detach().requires_grad_(), w.detach().requires_grad_()]
+        y = f(*leaves)
+        assert y.dtype == torch.bfloat16
+        grads = torch.autograd.grad((y.float() ** 2).sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum((g.float() ** 2).sum() for g in grads), leaves)
+
+    for ours, theirs, dtype in zip(run(fn), run(ref), (torch.bfloat16, F32)):
+        assert ours.dtype == dtype
+        assert_close("penalty gradient", ours, theirs.double(), rtol=2e-2)
