@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from triformer import _runtime  # noqa: F401  (decides compile vs interpreter before kernels are defined)
+from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import INTERPRET, check_device, check_float
 from triformer.dropout import _philox, _seed_tensor, _uniform, dropout_keep, dropout_keep_reference
 
@@ -671,6 +672,14 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, attn_mask, key_padding_mask, seed = ctx.saved_tensors
+        if needs_graph(grad_out, q, k, v):
+            # create_graph=True: through attention_reference with the same arguments (the same seed regenerates the
+            # kernel's dropout mask); it builds the [B, H, Tq, Tk] scores. See triformer._double_backward.
+            dq, dk, dv = reference_grads(
+                lambda q_, k_, v_: attention_reference(q_, k_, v_, ctx.is_causal, ctx.dropout_p, ctx.scale, attn_mask,
+                                                       key_padding_mask, seed),
+                (q, k, v), (grad_out,), ctx.needs_input_grad[:3])
+            return dq, dk, dv, None, None, None, None, None, None
         dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed,
                                     ctx.is_causal, ctx.dropout_p, ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None

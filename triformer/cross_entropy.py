@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from triformer import _runtime
+from triformer._double_backward import double_backward_unsupported
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -581,11 +582,19 @@ class CrossEntropyFunction(torch.autograd.Function):
                                                                reduction, n_chunks, compute_grad)
         if compute_grad:
             ctx.save_for_backward(grad)
+        ctx.inplace = inplace_backward
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: the logits are gone (triformer._double_backward)
+            raise double_backward_unsupported(
+                "cross_entropy",
+                "with inplace_backward=True its forward wrote d(loss)/d(logits) over the logits" if ctx.inplace else
+                "it keeps only d(loss)/d(logits) from its forward, not the logits, whose curvature the second "
+                "order needs",
+                "compute this loss with triformer.cross_entropy_reference (same arguments, plain PyTorch) or "
+                "torch.nn.functional.cross_entropy")
         # a second backward through this graph fails in this unpack: the in-place scale below bumped the
         # saved tensor's version, so autograd refuses to scale it twice
         (grad,) = ctx.saved_tensors

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from triformer import _runtime  # noqa: F401  (decides compile vs interpret before the kernels below)
+from triformer._double_backward import needs_graph
 from triformer._runtime import INTERPRET, check_device, check_float
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,6 +161,10 @@ class TritonDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (seed,) = ctx.saved_tensors
+        if needs_graph(dy):
+            # create_graph=True: dropout is linear, so its backward (the same mask and scale applied to dy) is this
+            # Function again, whose own backward makes it differentiable. See triformer._double_backward.
+            return TritonDropout.apply(dy, ctx.p, seed), None, None
         return _dropout_op(dy, seed, ctx.p), None, None
 
 

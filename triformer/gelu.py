@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import nn
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph, reference_grads
 
 _APPROXIMATIONS = ("tanh", "none")
 
@@ -230,6 +231,10 @@ class GELUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
+        if needs_graph(dy, x, bias):  # create_graph=True: through the reference (triformer._double_backward)
+            dx, dbias = reference_grads(lambda x_, b_: gelu_reference(x_, ctx.approximate, b_), (x, bias), (dy,),
+                                        ctx.needs_input_grad[:2])
+            return dx, dbias, None
         dx, dbias = gelu_bwd(dy, x, bias, ctx.approximate)
         return dx, (dbias if bias is not None else None), None
 

@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import nn
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import INTERPRET
 
 # Widest column block kept as one tile. A wider row loops over column blocks. On the GPU a backward tile
@@ -487,12 +488,16 @@ class LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         y, mean, rstd = layer_norm_fwd(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.eps = eps
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
+        if needs_graph(dy, x, weight, bias):  # create_graph=True: through the reference (triformer._double_backward)
+            dx, dw, db = reference_grads(lambda x_, w_, b_: layer_norm_reference(x_, w_, b_, ctx.eps),
+                                         (x, weight, bias), (dy,), ctx.needs_input_grad[:3])
+            return dx, dw, db, None
         dx, dw, db = layer_norm_bwd(dy, x, weight, bias, mean, rstd, None)
         return dx, grad_or_none(dw, weight), grad_or_none(db, bias), None
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph, reference_grads
 from triformer.layernorm import (backward_fake, check_args, check_last_dim, check_normalized_shape, grad_or_none,
                                  n_rows, norm_backward, norm_forward)
 
@@ -40,12 +41,16 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         y, rstd = rms_norm_fwd(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.eps = eps
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
+        if needs_graph(dy, x, weight):  # create_graph=True: through the reference (triformer._double_backward)
+            dx, dw = reference_grads(lambda x_, w_: rms_norm_reference(x_, w_, ctx.eps), (x, weight), (dy,),
+                                     ctx.needs_input_grad[:2])
+            return dx, dw, None
         dx, dw = rms_norm_bwd(dy, x, weight, rstd, None)
         return dx, grad_or_none(dw, weight), None
 

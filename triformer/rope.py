@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import nn
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph
 
 
 @triton.jit
@@ -83,6 +84,10 @@ class RopeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
+        if needs_graph(dy):
+            # create_graph=True: the rotation is linear, its backward the inverse rotation, i.e. the rotation by
+            # (cos, -sin): this Function again, differentiable through its own backward. See triformer._double_backward.
+            return RopeFunction.apply(dy, cos, -sin, ctx.position_offset), None, None, None
         return rope_rotate(dy, cos, sin, ctx.position_offset, True), None, None, None
 
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph
 from triformer._runtime import INTERPRET, check_device, check_float
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,6 +239,14 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
+        if needs_graph(dy, y):
+            # create_graph=True: the input is not kept, so softmax's backward formula in plain PyTorch on the saved
+            # output (whose graph leads back to x through this backward); masked entries have y = 0, so dx = 0
+            # there, as in softmax_reference. See triformer._double_backward.
+            compute = torch.promote_types(y.dtype, torch.float32)
+            yf, dyf = y.to(compute), dy.to(compute)
+            dx = ctx.scale * yf * (dyf - (yf * dyf).sum(-1, keepdim=True))
+            return dx.to(y.dtype), None, None
         return _softmax_bwd(y, dy, ctx.is_causal, ctx.scale), None, None
 
 

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import nn
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph, reference_grads
 from triformer.gelu import elementwise_tiles, gelu_and_grad, row_layout, row_offsets
 
 # constexpr codes of the gating activation
@@ -99,15 +100,26 @@ class GLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, activation):
         ctx.packed = up is None
+        packed = gate if ctx.packed else None  # the input itself (no copy): double backward differentiates it
         if ctx.packed:
             gate, up = gate.chunk(2, dim=-1)
-        ctx.save_for_backward(gate, up)
+        ctx.save_for_backward(gate, up, packed)
         ctx.activation = activation
         return glu_fwd(gate, up, activation)
 
     @staticmethod
     def backward(ctx, dy):
-        gate, up = ctx.saved_tensors
+        gate, up, packed = ctx.saved_tensors
+        if needs_graph(dy, gate, up, packed):  # create_graph=True: through the reference (triformer._double_backward)
+            if ctx.activation == "silu":
+                reference = swiglu_reference
+            else:
+                def reference(g, u=None):
+                    return geglu_reference(g, u, "tanh" if ctx.activation == "gelu_tanh" else "none")
+            if ctx.packed:  # the chunks saved above are not connected to the input's graph: differentiate it whole
+                return reference_grads(reference, (packed,), (dy,), ctx.needs_input_grad[:1])[0], None, None
+            d_gate, d_up = reference_grads(reference, (gate, up), (dy,), ctx.needs_input_grad[:2])
+            return d_gate, d_up, None
         dgu = glu_bwd(dy, gate, up, ctx.activation)
         if ctx.packed:
             return dgu, None, None
