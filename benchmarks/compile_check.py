@@ -78,7 +78,7 @@ def run_one(name: str, mode: str, steps: int) -> dict:
     try:
         losses, compile_s = _curve(compiled, batches, steps, mark_step=mode == "reduce-overhead")
     except Exception as exc:  # reported, never hidden: the row says why
-        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:600])
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[-1500:])
         return row
     torch.cuda.synchronize()
     t0 = time.perf_counter()
