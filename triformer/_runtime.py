@@ -82,7 +82,7 @@ if INTERPRET:
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def kernel_op(name: str, mutates_args: tuple[str, ...]):
+def kernel_op(name: str, mutates_args: tuple[str, ...], opaque: bool = False):
     """Register ``fn`` (whose kernels launch through ``launch``) as the operator ``name`` for torch.compile,
     without the dispatcher's cost in eager mode.
 
@@ -93,7 +93,9 @@ def kernel_op(name: str, mutates_args: tuple[str, ...]):
     traceable: shapes and strides only, never a tensor's values or address.
 
     Under the interpreter (CPU tensors) the operator is an opaque ``torch.library.custom_op``, since Inductor
-    can launch Triton kernels only on a GPU; ``fn`` is its fake rule too, with the launches skipped.
+    can launch Triton kernels only on a GPU; ``fn`` is its fake rule too, with the launches skipped. ``opaque``
+    keeps an op opaque on the GPU as well: for a body whose point is its in-place memory plan (functionalization
+    would turn each in-place buffer into a copy).
 
     Outside tracing, the dispatcher's Python layers cost far more host time than many of the kernels behind
     them take on the GPU (on an H200 with torch 2.11: ~25 us for a forward without autograd and ~330 us per
@@ -102,8 +104,13 @@ def kernel_op(name: str, mutates_args: tuple[str, ...]):
     autograd still catches a mutated tensor that an earlier op saved for its backward.
     """
     def register(fn):
-        if INTERPRET:
-            op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+        if INTERPRET or opaque:
+            @functools.wraps(fn)
+            def run_directly(*args, **kwargs):
+                with _direct_launches():
+                    return fn(*args, **kwargs)
+            op = torch.library.custom_op(name, run_directly, mutates_args=mutates_args,
+                                         schema=torch.library.infer_schema(fn, mutates_args=mutates_args))
             op.register_fake(fn)
         else:
             op = torch.library.triton_op(name, fn, mutates_args=mutates_args)
@@ -175,14 +182,12 @@ def traced_launches() -> bool:
 
 def launch(kernel, grid):
     """``kernel[grid]``, as torch.compile must see it: a ``wrap_triton`` node while a ``kernel_op`` body is
-    traced on a GPU; nothing while the interpreter's opaque ops run on fake tensors (their shape rule); the
-    kernel itself otherwise."""
-    if INTERPRET:
-        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
-            return _skip_launch
-        return kernel[grid]
-    if is_wrap_triton_enabled():  # tracing (kernel_op's eager calls and op bodies switch it off)
+    traced on a GPU (``kernel_op``'s eager calls and opaque op bodies switch that off); nothing while an opaque
+    op's body runs on fake tensors as its shape rule; the kernel itself otherwise."""
+    if not INTERPRET and is_wrap_triton_enabled():
         return torch.library.wrap_triton(kernel)[grid]
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return _skip_launch
     return kernel[grid]
 
 

@@ -258,6 +258,9 @@ def _attn_fwd_kernel(
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
+    # fp32 math: Inductor passes Python floats as fp64
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    dropout_p, drop_scale = tl.cast(dropout_p, tl.float32), tl.cast(drop_scale, tl.float32)
     # A [BLOCK_M, BLOCK_D] query tile stays in registers while [BLOCK_N, BLOCK_D] key/value tiles stream
     # past it: first the blocks every row sees whole (no mask work), then the masked ones.
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -322,6 +325,9 @@ def _attn_bwd_dkdv_kernel(
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
+    # fp32 math: Inductor passes Python floats as fp64
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)
+    dropout_p, drop_scale = tl.cast(dropout_p, tl.float32), tl.cast(drop_scale, tl.float32)
     # A [BLOCK_N, BLOCK_D] key/value tile and its dK/dV accumulators stay in registers while the query
     # blocks that see it stream past. Everything is computed transposed ([keys, queries]) so that
     # dV += P^T dO and dK += dS^T Q need no register transposes. Key rows past Tk compute garbage that
@@ -391,6 +397,9 @@ def _attn_bwd_dq_kernel(
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
+    # fp32 math: Inductor passes Python floats as fp64
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)
+    dropout_p, drop_scale = tl.cast(dropout_p, tl.float32), tl.cast(drop_scale, tl.float32)
     # The forward's blocking: Q, dO and the dQ accumulator stay in registers, key/value tiles stream.
     # Launched before dK/dV: it also writes delta_i = rowsum(dO * O) = sum_j P_ij dP_ij (with dropout too),
     # the softmax-backward shift term both kernels need, from the dO rows it holds anyway.
@@ -444,6 +453,7 @@ def _attn_bwd_dq_kernel(
 @triton.jit
 def _dropout_mask_kernel(OUT, SEED, Tq, Tk, dropout_p, QUADS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
+    dropout_p = tl.cast(dropout_p, tl.float32)  # fp32 math: Inductor passes Python floats as fp64
     # The mask's flat index is the RNG counter: the whole contract between the attention kernels and dropout.
     mb, bh = _program_block(tl.cdiv(Tq, BLOCK_M), False)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -261,6 +261,8 @@ def _cross_entropy_fwd_kernel(
     HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
     UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # fp32 math: Inductor passes Python floats as fp64
+    smoothing, z_loss = tl.cast(smoothing, tl.float32), tl.cast(z_loss, tl.float32)
     n_blocks = tl.cdiv(row_end - row_start, BLOCK_R)
     for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
         rows, row_ok, x_base, target, active, in_range = _load_rows(
@@ -318,6 +320,8 @@ def _cross_entropy_combine_kernel(
     HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
     UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # fp32 math: Inductor passes Python floats as fp64
+    smoothing, z_loss = tl.cast(smoothing, tl.float32), tl.cast(z_loss, tl.float32)
     block = tl.program_id(0) // grid_splits
     split = tl.program_id(0) % grid_splits
     rows, row_ok, x_base, target, active, in_range = _load_rows(

@@ -64,6 +64,8 @@ def dropout_keep(seed, offsets, p):
 @triton.jit
 def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n_elements, n_cols, stride_r, stride_c, p, scale,
                     FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    # fp32 math: Inductor passes Python floats as fp64
+    p, scale = tl.cast(p, tl.float32), tl.cast(scale, tl.float32)
     # Each program owns BLOCK consecutive logical indices as a [BLOCK // 4, 4] tile: row k of the tile is
     # the four elements one Philox call covers, so the RNG runs on BLOCK // 4 counters. The seed is read from
     # device memory, not passed by value, so a compiled graph or CUDA graph draws a new one every step.

@@ -110,6 +110,7 @@ def _norm_fwd_kernel(
     RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # fp32 math: Inductor passes Python floats as fp64
     # One program per BLOCK_M rows. Outputs (Y, S) are contiguous [M, N], and statistics are fp32 [M].
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M

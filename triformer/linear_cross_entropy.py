@@ -155,7 +155,10 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(0)
 
 
-@_runtime.kernel_op("triformer::linear_cross_entropy_fwd", mutates_args=())
+# Opaque to Inductor: the sweep's point is its memory plan (one chunk buffer reused in place by the matmuls and the
+# cross-entropy kernel, gradients written into preallocated outputs), which functionalization would turn into
+# copies; and the matmuls inside are already cuBLAS calls that Inductor would not fuse.
+@_runtime.kernel_op("triformer::linear_cross_entropy_fwd", mutates_args=(), opaque=True)
 def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               bias: torch.Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
                               reduction: str, need_h: bool, need_w: bool, need_b: bool,
@@ -176,7 +179,7 @@ def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, target
     return (loss.to(hidden.dtype), *(g if g is not None else _empty(hidden) for g in grads))
 
 
-@_runtime.kernel_op("triformer::linear_cross_entropy_bwd", mutates_args=())
+@_runtime.kernel_op("triformer::linear_cross_entropy_bwd", mutates_args=(), opaque=True)
 def _linear_cross_entropy_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                               targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
                               label_smoothing: float, z_loss: float, need_h: bool, need_w: bool, need_b: bool,

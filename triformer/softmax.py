@@ -89,6 +89,7 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, n_rows, n_cols, tq, shift,
                         sxb, sxq, sxk, syb, syq, syk, coef,
                         IS_CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                         SINGLE: tl.constexpr):
+    coef = tl.cast(coef, tl.float32)  # fp32 math: Inductor passes Python floats as fp64
     # coef = scale * log2(e): the max is taken on raw scores (scale > 0 commutes with it) and the scale is
     # applied to x - max, so large scores lose no precision to a pre-scaled copy.
     b, q, row_ok, last = _row_coords(n_rows, tq, shift, ROWS)
@@ -125,6 +126,7 @@ def _softmax_bwd_kernel(y_ptr, dy_ptr, dx_ptr, n_rows, n_cols, tq, shift,
                         syb, syq, syk, sgb, sgq, sgk, sxb, sxq, sxk, scale,
                         IS_CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                         SINGLE: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)  # fp32 math: Inductor passes Python floats as fp64
     # Masked entries have y == 0, so they are not read (dx is 0 there even if dy holds inf/NaN).
     b, q, row_ok, last = _row_coords(n_rows, tq, shift, ROWS)
     y_row = b * syb + q * syq
