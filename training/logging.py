@@ -131,12 +131,12 @@ class RunLogger:
         self._plot_memory_savings(plt)
 
     def _plot_memory_savings(self, plt) -> None:
-        torch_b = self.summary_data.get("memory/activations_torch_bytes")
-        triton_b = self.summary_data.get("memory/activations_triton_bytes")
+        torch_b = self.summary_data.get("memory/activations_plain_bytes")
+        triton_b = self.summary_data.get("memory/activations_triformer_bytes")
         if not torch_b or triton_b is None:
             return
         fig, ax = plt.subplots(figsize=(4, 4))
-        ax.bar(["PyTorch", "triformer"], [torch_b / 2**20, triton_b / 2**20], color=["tab:gray", "tab:blue"])
+        ax.bar(["plain PyTorch", "triformer"], [torch_b / 2**20, triton_b / 2**20], color=["tab:gray", "tab:blue"])
         ax.set_ylabel("activation memory saved for backward (MiB)")
         ax.set_title(f"one training step: {1 - triton_b / torch_b:.0%} less")
         fig.tight_layout()

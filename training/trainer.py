@@ -154,18 +154,20 @@ class Trainer:
         return batch
 
     def _measure_memory(self) -> memory.MemoryReport:
+        """One step of this model against the plain PyTorch model of the same size (``models.plain``)."""
+        from models.plain import plain_model_like
+
         m = self.cfg.model
-        other = "torch" if m.kernels == "triton" else "triton"
         x, y = (t.to(self.ctx.device) for t in self.sample_batch)
         shape = "x".join(map(str, x.shape[:2] if self.data.task == "lm" else x.shape[:1]))
-        # The twin's initialization and the dropout masks draw random numbers; the run's streams must not
+        kernels = "" if m.kernels == "triton" else f", kernels={m.kernels}"
+        # The plain model's initialization and the dropout masks draw random numbers; the run's streams must not
         # notice (a run with the report must train exactly like one without).
         with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
-            twin = models.create_model(m.name, kernels=other, **self.model_overrides).to(self.ctx.device)
-            twin.load_state_dict(self.model.state_dict())
-            pair = (self.model, twin) if m.kernels == "triton" else (twin, self.model)
-            report = memory.compare(*pair, x, y, f"{m.name}, micro-batch {shape}, {self.precision}", self._autocast)
-        del twin
+            plain = plain_model_like(self.model)
+            report = memory.compare(self.model, plain, x, y, f"{m.name}{kernels}, micro-batch {shape}, {self.precision}",
+                                    self._autocast)
+        del plain
         if self.ctx.device.type == "cuda":
             torch.cuda.empty_cache()
         return report
