@@ -60,11 +60,15 @@ def _check_number(key: str, value: Any, *, integer: bool = False, minimum: float
     if ok and maximum is not None:
         ok = value < maximum if max_exclusive else value <= maximum
     if not ok:
-        lo = "" if minimum is None else (f"> {minimum}" if min_exclusive else f">= {minimum}")
-        hi = "" if maximum is None else (f"< {maximum}" if max_exclusive else f"<= {maximum}")
-        bounds = " and ".join(b for b in (lo, hi) if b)
-        want = f"{'null or ' if optional else ''}an {kind}" if kind == "int" else f"{'null or ' if optional else ''}a {kind}"
-        raise ValueError(f"{key} must be {want}{' ' + bounds if bounds else ''}, got {value!r}")
+        null = "null or " if optional else ""
+        if integer and minimum in (0, 1) and maximum is None and not min_exclusive:
+            want = f"{null}a {'positive' if minimum == 1 else 'non-negative'} int"
+        else:
+            lo = "" if minimum is None else (f"> {minimum}" if min_exclusive else f">= {minimum}")
+            hi = "" if maximum is None else (f"< {maximum}" if max_exclusive else f"<= {maximum}")
+            bounds = " and ".join(b for b in (lo, hi) if b)
+            want = f"{null}{'an int' if integer else 'a number'}{' ' + bounds if bounds else ''}"
+        raise ValueError(f"{key} must be {want}, got {value!r}")
 
 
 def _positive_int(key, value, optional=False):
@@ -210,7 +214,7 @@ def clean_stale_temporaries(checkpoint_dir: str | os.PathLike, lock: RunDirLock 
     return removed
 
 
-def remove_if_empty(run_dir: str | os.PathLike) -> bool:
+def remove_if_empty(run_dir: str | os.PathLike, remove_parent: bool = False) -> bool:
     """Delete a failed run's directory when it holds nothing but Hydra's bookkeeping (and our lock)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -219,11 +223,11 @@ def remove_if_empty(run_dir: str | os.PathLike) -> bool:
     if not names <= HYDRA_FILES:
         return False
     shutil.rmtree(run_dir, ignore_errors=True)
-    parent = run_dir.parent
-    try:  # the experiment's folder too, if this was its only run
-        parent.rmdir()
-    except OSError:
-        pass
+    if remove_parent:  # the experiment's folder too (runs/<name>), if this was its only run
+        try:
+            run_dir.parent.rmdir()
+        except OSError:
+            pass
     return True
 
 
