@@ -32,8 +32,8 @@ LOCK_FILE = ".lock"
 # What save_checkpoint / CheckpointManager (and tempfile.mkstemp's default prefix) name their temporaries.
 STALE_TEMPORARY = re.compile(r"^\.(step_\d+|best)\.safetensors\.tmp-[A-Za-z0-9_]+$|^\.tmp[A-Za-z0-9_]{6,}$")
 # Files Hydra writes into a job's output directory before our code runs: a run that failed while its
-# directory holds only these (and our lock) leaves nothing of value.
-HYDRA_FILES = {".hydra", "train.log", "eval.log", LOCK_FILE}
+# directory holds only these leaves nothing of value. (A live run's .lock keeps its directory.)
+HYDRA_FILES = {".hydra", "train.log", "eval.log"}
 
 
 class RunDirBusyError(RuntimeError):

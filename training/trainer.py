@@ -47,7 +47,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer = Trainer(cfg)
     except run.RunComplete as done:
-        log.info(str(done))
+        log.info(done.args[0])
         return {"complete": True, **done.args[1]}
     try:
         with _tqdm_safe_logging():
@@ -509,11 +509,23 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-            if self.failed and (self._auto_run_dir or self._created_run_dir):
-                run.remove_if_empty(self.run_dir, remove_parent=self._auto_run_dir)
+        if self.failed and (self.ctx is None or self.ctx.is_main):
+            # a run refused before its directory was chosen still had one made by Hydra
+            target = self.run_dir or (None if self.cfg.run_dir else _hydra_output_dir())
+            if target is not None and (self._auto_run_dir or self._created_run_dir):
+                run.remove_if_empty(target, remove_parent=self._auto_run_dir)
         if self.ctx is not None:
             distributed.shutdown()
             self.ctx = None
+
+
+def _hydra_output_dir() -> Path | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return None
 
 
 def _check_choice(name: str, value, choices) -> None:
