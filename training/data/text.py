@@ -25,6 +25,7 @@ split (evenly spaced over it when ``max_batches`` keeps fewer), the same on ever
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -271,11 +272,61 @@ def _encode_rows(batch: dict, tokenizer: Tokenizer, field: str, separator: str |
     return {"ids": ids, "chars": [len(t or "") for t in batch[field]]}
 
 
-def _tokenize_hf(writer, split: str, source_split: str, cfg: TextConfig, tokenizer: Tokenizer) -> dict:
+class DataUnavailableError(RuntimeError):
+    """A dataset that is neither in the local cache nor reachable (offline)."""
+
+
+def _hub_dataset(hf_path: str) -> bool:
+    """A Hub dataset id (``owner/name``), as opposed to a builder (json, parquet, text) or a local folder."""
+    return "/" in hf_path and not Path(hf_path).exists()
+
+
+@contextlib.contextmanager
+def _hf_offline_mode():
+    """datasets/huggingface_hub in offline mode for one call: the local cache only, no 5 retries per file.
+    (Their flags are read from the environment at import; this sets the imported values.)"""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+def _load_hf(cfg: TextConfig, source_split: str):
     import datasets
 
-    ds = datasets.load_dataset(cfg.hf_path, cfg.hf_name, split=source_split, revision=cfg.hf_revision,
-                               data_files=cfg.hf_data_files, cache_dir=cfg.hf_cache_dir)
+    from training.data.tokenizers import network_reachable, offline_requested
+
+    def load():
+        return datasets.load_dataset(cfg.hf_path, cfg.hf_name, split=source_split, revision=cfg.hf_revision,
+                                     data_files=cfg.hf_data_files, cache_dir=cfg.hf_cache_dir)
+
+    if not _hub_dataset(cfg.hf_path):
+        return load()
+    offline = offline_requested() or not network_reachable("huggingface.co")
+    if not offline:
+        return load()
+    try:
+        with _hf_offline_mode():
+            return load()
+    except Exception as e:  # noqa: BLE001 - whatever datasets raises offline, the remedy is the same
+        cache = cfg.hf_cache_dir or os.environ.get("HF_DATASETS_CACHE") or "~/.cache/huggingface/datasets"
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DataUnavailableError(
+            f"data={cfg.name} needs the Hugging Face dataset {cfg.hf_path!r} (split {source_split!r}), which is not "
+            f"in the local cache ({cache}) and the Hub is unreachable (offline; datasets said: {reason}). Either run "
+            f"once with network access to download it (then it works offline), copy a prepared datasets cache there "
+            f"(or set data.hf_cache_dir), or point the config at local files: data=text_files "
+            f"data.paths=[/path/to/texts] (plain text), or data.hf_path=parquet (or json) "
+            f"data.hf_data_files=/path/to/*.parquet with data.text_field=<column>") from None
+
+
+def _tokenize_hf(writer, split: str, source_split: str, cfg: TextConfig, tokenizer: Tokenizer) -> dict:
+    ds = _load_hf(cfg, source_split)
     if cfg.text_field not in ds.column_names:
         raise ValueError(f"hf dataset {cfg.hf_path!r} split {source_split!r} has no column "
                          f"text_field={cfg.text_field!r}; columns: {ds.column_names}")
