@@ -131,9 +131,9 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, file_mode())  # mkstemp's 0600 -> what open() would give: the rest of the run's files' mode
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, file_mode())  # mkstemp's 0600 -> what open() would give: the rest of the run's files' mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
