@@ -305,3 +305,77 @@ def test_train_and_eval_command_lines_log_to_their_directories(tmp_path):
     out = cli("eval.py", f"checkpoint={run_dir}", "max_tokens=200", "context=16", f"hydra.run.dir={tmp_path}/eval")
     assert "checkpoints/best.safetensors" in out and "perplexity on test" in out
     assert "evaluating" in (tmp_path / "eval" / "eval.log").read_text()
+
+
+# -------------------------------------------------------------------------------------------- messages
+def _eval_cfg(checkpoint, out, **extra):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    overrides = [f"checkpoint={checkpoint}", f"output_dir={out}", "device=cpu", "max_tokens=200", "context=16"]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return hydra_compose("eval", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_cache):
+    run_dir = tmp_path_factory.mktemp("smoke_run")
+    train(_cfg(data_cache, f"run_dir={run_dir}", "trainer.max_steps=3"))
+    return run_dir
+
+
+def test_eval_checkpoint_directory(tmp_path, smoke_run):
+    from training import evaluate as ev
+
+    results = ev.run(_eval_cfg(smoke_run, tmp_path / "out"))  # the run directory: its best checkpoint
+    assert results["checkpoint"] == str(smoke_run / "checkpoints" / "best.safetensors")
+    assert "test/loss" in results
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint=.*empty is a directory without checkpoints"):
+        ev.run(_eval_cfg(empty, tmp_path / "out2"))
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        ev.run(_eval_cfg(tmp_path / "missing.safetensors", tmp_path / "out3"))
+
+
+def test_language_model_checkpoint_with_image_data_names_the_mismatch(tmp_path, smoke_run):
+    from training import evaluate as ev
+
+    with pytest.raises(ValueError, match=r"holds a language model \(gpt2-nano\) but data=digits is image-classification"):
+        ev.run(_eval_cfg(smoke_run, tmp_path / "out", data="digits"))
+
+
+def test_one_utf8_policy_for_eval_and_training(tmp_path, smoke_run, data_cache, capsys):
+    from training import evaluate as ev
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 au lait, na\u00efve\n".encode("latin-1") * 3)
+    results = ev.run(_eval_cfg(smoke_run, tmp_path / "out", text_file=bad))
+    assert results[f"{bad}/tokens"] > 0
+    err = capsys.readouterr().err
+    assert f"{bad} (6 invalid sequences)" in err and "not valid UTF-8" in err and "U+FFFD" in err
+    # training reads its files under the same policy and names the file too
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "good.txt").write_text("plain text " * 200, encoding="utf-8")
+    (corpus / "bad.txt").write_bytes(bad.read_bytes() * 50)
+    build = training.data.build_data(dict(task="lm", name="utf8", source="files", paths=[str(corpus)],
+                                          cache_dir=str(tmp_path / "cache"), num_proc=1, seq_len=16), seed=0)
+    assert build.vocab_size == 257
+    err = capsys.readouterr().err
+    assert f"{corpus / 'bad.txt'} (300 invalid sequences)" in err and "good.txt" not in err
+
+
+def test_hub_dataset_offline_gives_one_clear_message(tmp_path, no_network, monkeypatch):
+    from training.data.text import DataUnavailableError
+
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    cfg = compose(["data=openwebtext", "data.tokenizer=bytes", f"data.cache_dir={tmp_path}/c",
+                   f"data.hf_cache_dir={tmp_path}/hf", "data.num_proc=1"])
+    with pytest.raises(DataUnavailableError) as caught:
+        training.data.build_data(cfg.data, seed=0)
+    message = str(caught.value)
+    assert "Skylion007/openwebtext" in message and "not in the local cache" in message and f"{tmp_path}/hf" in message
+    assert "data=text_files" in message and "data.hf_data_files" in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__  # no chained traceback wall
