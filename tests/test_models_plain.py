@@ -54,3 +54,13 @@ def test_plain_defaults_are_gpt2_small_and_vit_base():
 def test_plain_model_like_refuses_other_models():
     with pytest.raises(TypeError, match="models.GPT or models.ViT"):
         plain_model_like(torch.nn.Linear(2, 2))
+
+
+def test_memory_chart_is_drawn_from_the_committed_results(tmp_path):
+    from benchmarks.plot_memory import DEFAULT, load_rows, plot
+
+    rows = load_rows(DEFAULT)
+    assert {r["variant"] for r in rows} >= {"plain PyTorch GPT-2", "triformer (ce)"}
+    assert not any("torch kernels" in r["variant"] for r in rows)  # the references' twin is not a peer
+    png = plot(rows, tmp_path / "m.png", "t")
+    assert png.read_bytes()[:4] == b"\x89PNG"
