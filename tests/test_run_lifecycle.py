@@ -379,3 +379,21 @@ def test_hub_dataset_offline_gives_one_clear_message(tmp_path, no_network, monke
     assert "Skylion007/openwebtext" in message and "not in the local cache" in message and f"{tmp_path}/hf" in message
     assert "data=text_files" in message and "data.hf_data_files" in message
     assert caught.value.__cause__ is None and caught.value.__suppress_context__  # no chained traceback wall
+
+
+def test_large_model_on_the_cpu_is_announced_and_estimated(tmp_path, data_cache, monkeypatch, capsys):
+    import models
+
+    monkeypatch.setattr(models.GPT, "num_params", lambda self, non_embedding=True: 124_000_000)
+    calls = []
+
+    def estimate(seconds, steps_left, name, params):
+        calls.append((steps_left, name, params))
+        return f"estimate for {name}"
+
+    monkeypatch.setattr(run, "cpu_estimate", estimate)
+    train(_cfg(data_cache, f"run_dir={tmp_path}", "trainer.max_steps=3", "trainer.eval_interval=0"))
+    err = capsys.readouterr().err
+    assert "gpt2-nano has 124M parameters and runs on the CPU" in err and "A GPU (trainer=gpu)" in err
+    assert err.index("124M parameters") < err.index("step 3: val/loss")  # up front
+    assert calls == [(2, "gpt2-nano", 124_000_000)] and "warning: estimate for gpt2-nano" in err  # after step 1 only
