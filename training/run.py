@@ -50,7 +50,6 @@ def _check_number(key: str, value: Any, *, integer: bool = False, minimum: float
                   optional: bool = False) -> None:
     if value is None and optional:
         return
-    kind = "int" if integer else "number"
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     ok = ok and not isinstance(value, bool)
     if ok and not integer and value != value:  # NaN

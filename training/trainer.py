@@ -85,7 +85,7 @@ class Trainer:
         self.ctx = None
         try:
             self._setup()
-        except BaseException as e:
+        except BaseException:
             self.failed = True  # a refused or complete run leaves no empty folder behind
             self.close()
             raise
@@ -161,7 +161,6 @@ class Trainer:
         self.step = 0
         self.best_val = math.inf
         self.last_ckpt: Path | None = None
-        self.best_ckpt: Path | None = None
         if self.resume_path is not None:
             self._resume(self.resume_path)
         self.logger = RunLogger(self.run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),
