@@ -20,70 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triformer  # noqa: E402,F401
 import models  # noqa: E402
+from models.plain import PlainGPT, PlainViT  # noqa: E402  (one plain model for the trainer and here)
 from benchmarks.common import environment, out_dir  # noqa: E402
 
 H100_BF16_DENSE_PEAK = 989e12
-
-
-class PlainBlock(nn.Module):
-    """A pre-norm transformer block written the usual PyTorch way (the peer triformer must beat)."""
-
-    def __init__(self, dim: int, heads: int, causal: bool, mlp_ratio: int = 4):
-        super().__init__()
-        self.heads, self.causal = heads, causal
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc, self.out = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
-
-
-class PlainGPT(nn.Module):
-    def __init__(self, vocab=50304, block=1024, layers=12, heads=12, dim=768):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
-        self.blocks = nn.ModuleList(PlainBlock(dim, heads, causal=True) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-        self.head.weight = self.wte.weight
-        for p in (self.wte.weight, self.wpe.weight):  # GPT-2's init: N(0, 1) embeddings make the tied logits huge
-            nn.init.normal_(p, std=0.02)
-
-    def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-        for b in self.blocks:
-            x = b(x)
-        logits = self.head(self.ln_f(x))
-        return logits, F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
-
-
-class PlainViT(nn.Module):
-    def __init__(self, image=224, patch=16, layers=12, heads=12, dim=768, classes=1000):
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, patch, patch)
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.zeros(1, (image // patch) ** 2 + 1, dim))
-        self.blocks = nn.ModuleList(PlainBlock(dim, heads, causal=False) for _ in range(layers))
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
-
-    def forward(self, images, targets):
-        x = self.patch(images).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
-        for b in self.blocks:
-            x = b(x)
-        logits = self.head(self.norm(x)[:, 0])
-        return logits, F.cross_entropy(logits.float(), targets)
 
 
 def variants(task: str):

@@ -52,6 +52,7 @@ OP_CASES = {
     "add_rms_norm_weight_shape": (lambda: tf.add_rms_norm(rows(3, 8), rows(3, 8), rows(7)), ValueError,
                                   r"weight must have shape \(8,\)"),
     "softmax_x_device": (lambda: tf.softmax(torch.empty(3, 4, device="meta")), ValueError, "x is on meta"),
+    "dropout_x_device": (lambda: tf.dropout(torch.empty(3, 4, device="meta"), 0.5, True), ValueError, "x is on meta"),
     "cross_entropy_targets_device": (
         lambda: tf.cross_entropy(rows(3, 5), torch.tensor([1, 2, 3], device="meta")), ValueError, "targets is on meta"),
     "cross_entropy_label_smoothing_type": (

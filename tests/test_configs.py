@@ -44,11 +44,18 @@ def test_model_configs_match_the_registry():
 
 def test_defaults_are_the_cpu_gpt_run():
     cfg = compose()
-    assert (cfg.model.name, cfg.data.name, cfg.model.kernels, cfg.name) == ("gpt2-nano", "stdlib", "triton", "gpt-stdlib-cpu")
+    assert (cfg.model.name, cfg.data.name, cfg.model.kernels) == ("gpt2-nano", "stdlib", "triton")
+    assert cfg.name == "gpt2-nano-stdlib" and cfg.logger.name == "none"  # runs/<model>-<data>/; wandb is opt-in
     assert cfg.trainer.device == "auto" and cfg.memory_report
     same = compose(["experiment=gpt-stdlib-cpu"])
     assert OmegaConf.to_container(same.model) == OmegaConf.to_container(cfg.model)
     assert OmegaConf.to_container(same.data) == OmegaConf.to_container(cfg.data)
+
+
+def test_runs_are_named_after_experiment_or_model_and_data():
+    assert compose(["model=gpt2-small", "data=tinyshakespeare"]).name == "gpt2-small-tinyshakespeare"
+    assert compose(["experiment=vit-digits"]).name == "vit-digits"
+    assert compose(["experiment=vit-digits", "name=mine"]).name == "mine"
 
 
 def test_unknown_model_option_lists_choices():

@@ -1,5 +1,6 @@
 """The activation-memory report: exact accounting of what autograd saves, a positive saving for triformer's
-kernels on a tiny model, and the trainer's report line (which must not disturb the run's random streams)."""
+kernels on a tiny model against the plain PyTorch model of its size (models.plain), and the trainer's report line
+(which must not disturb the run's random streams)."""
 import json
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 import models
+from models.plain import PlainGPT, PlainViT, plain_model_like
 from training import memory
 from training.config import compose
 from training.trainer import train
@@ -35,10 +37,10 @@ def test_counts_unique_activation_storages():
 
 def test_message_reports_savings_and_losses():
     saves = memory.MemoryReport(memory.StepMemory(1 << 30, None), memory.StepMemory(3 << 30, None), "m, batch 4, fp32")
-    assert saves.message() == ("triformer saves 2.0 GiB (67%) of activation memory vs PyTorch "
+    assert saves.message() == ("triformer saves 2.0 GiB (67%) of activation memory vs plain PyTorch "
                                "(m, batch 4, fp32: 3.0 GiB -> 1.0 GiB)")
     uses = memory.MemoryReport(memory.StepMemory(3 << 20, None), memory.StepMemory(2 << 20, None), "m")
-    assert uses.message().startswith("triformer uses 1.0 MiB (50%) more activation memory vs PyTorch")
+    assert uses.message().startswith("triformer uses 1.0 MiB (50%) more activation memory vs plain PyTorch")
     assert saves.metrics()["memory/activations_saved_fraction"] == pytest.approx(2 / 3)
 
 
@@ -50,11 +52,11 @@ def test_message_reports_savings_and_losses():
 ])
 def test_triformer_saves_activation_memory_on_a_tiny_model(name, overrides, make_batch):
     triton_model = models.create_model(name, kernels="triton", dropout=0.1, **overrides)
-    torch_model = models.create_model(name, kernels="torch", dropout=0.1, **overrides)
-    torch_model.load_state_dict(triton_model.state_dict())
+    plain = plain_model_like(triton_model)
+    assert isinstance(plain, PlainGPT if name.startswith("gpt") else PlainViT)  # not triformer's kernels=torch twin
     x, y = make_batch(torch.Generator().manual_seed(0))
-    report = memory.compare(triton_model, torch_model, x, y, name)
-    assert report.triton.saved_bytes > 0
+    report = memory.compare(triton_model, plain, x, y, name)
+    assert report.triformer.saved_bytes > 0
     assert report.saved_bytes > 0, report.message()
     assert report.message().startswith("triformer saves ")
 
@@ -66,11 +68,11 @@ def test_trainer_prints_report_without_changing_the_run(tmp_path, capsys):
                               "data.num_proc=1"]))
 
     summary = run("with", "true")
-    line = next(l for l in capsys.readouterr().err.splitlines() if "activation memory vs PyTorch" in l)
-    assert line.startswith("triformer saves ") and "gpt2-nano, micro-batch 8x32, fp32" in line
+    line = next(l for l in capsys.readouterr().err.splitlines() if "activation memory vs plain PyTorch" in l)
+    assert line.startswith("triformer ") and "gpt2-nano, kernels=torch, micro-batch 8x32, fp32" in line
     assert summary["memory_savings"] == line
     written = json.loads((tmp_path / "with" / "summary.json").read_text())
-    assert written["memory/activations_saved_bytes"] > 0 and written["memory_savings"] == line
+    assert written["memory/activations_plain_bytes"] > 0 and written["memory_savings"] == line
     run("without", "false")
     losses = [[json.loads(r)["loss"] for r in (tmp_path / w / "metrics.jsonl").read_text().splitlines()
                if json.loads(r)["kind"] == "train"] for w in ("with", "without")]

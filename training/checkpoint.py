@@ -83,15 +83,16 @@ def _add_tensor(t: torch.Tensor, path: str, tensors: dict, aliases: dict, storag
     return key
 
 
-def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _decode(obj: Any, tensors: dict[str, torch.Tensor] | None) -> Any:
+    """The payload tree back from its JSON form; ``tensors=None``: tensors and arrays become ``None``."""
     if isinstance(obj, list):
         return [_decode(v, tensors) for v in obj]
     if not isinstance(obj, dict):
         return obj
     if "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
+        return None if tensors is None else tensors[obj["__tensor__"]]
     if "__ndarray__" in obj:
-        return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
+        return None if tensors is None else tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
     if "__tuple__" in obj:
         return tuple(_decode(v, tensors) for v in obj["__tuple__"])
     if "__dict__" in obj:
@@ -132,6 +133,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, file_mode())  # mkstemp's 0600 -> what open() would give: the rest of the run's files' mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -140,6 +142,34 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file under the process's umask (0644 under the usual 022)."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)  # read it by setting it (not thread-safe, hence the fallback only)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's non-tensor payload (step, config, model_name, ...) without reading or verifying its tensors
+    (tensors appear as ``None``): for decisions before a run starts. ``load_checkpoint`` verifies the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a triformer checkpoint (cannot parse it as safetensors: {e})") from e
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a triformer checkpoint (format "
+                              f"{metadata.get('format')!r}, expected {FORMAT!r}); refusing to load it")
+    return _decode(json.loads(metadata.get("payload", "{}")), None)
 
 
 def _fsync_dir(directory: Path) -> None:

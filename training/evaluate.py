@@ -9,7 +9,9 @@ summed negative log-likelihood (in bits) by the UTF-8 bytes of the scored tokens
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,9 @@ import torch.nn.functional as F
 
 from training.data import build_data, load_tokenizer
 from training.data.common import check_positive_int, to_plain
+from training.data.text import read_text
+
+log = logging.getLogger("triformer.eval")
 
 
 # ------------------------------------------------------------------------------------------- perplexity
@@ -53,9 +58,10 @@ def _full_logits(model, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sliding_window_nll(model, tokens, context: int, stride: int, batch_size: int = 8,
                        byte_lengths: np.ndarray | None = None, device: str | torch.device = "cpu",
-                       autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+                       autocast_dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, float]:
     """Summed NLL (nats) of every token after the first of ``tokens`` (1-D ints) under ``model``, the number of
-    scored tokens, and their UTF-8 bytes when ``byte_lengths`` (per id) is given."""
+    scored tokens, and their UTF-8 bytes when ``byte_lengths`` (per id) is given. ``progress``: a tqdm bar over
+    the windows (stderr)."""
     check_positive_int("batch_size", batch_size)
     tokens = np.asarray(tokens)
     windows = sliding_windows(len(tokens), context, stride)
@@ -70,7 +76,9 @@ def sliding_window_nll(model, tokens, context: int, stride: int, batch_size: int
             groups[-1].append(w)
         else:
             groups.append([w])
+    bar = _bar(len(windows), "windows", progress)
     for group in groups:
+        bar.update(len(group))
         length = group[0][1] - group[0][0]
         rows = np.stack([tokens[b: e + 1] for b, e, _ in group]).astype(np.int64)
         chunk = torch.from_numpy(rows).to(device)
@@ -86,10 +94,18 @@ def sliding_window_nll(model, tokens, context: int, stride: int, batch_size: int
         scored += int(mask.sum())
         if byte_table is not None:
             n_bytes += int(byte_table[y][mask].sum())
+    bar.close()
     out = {"nll_sum": float(nll), "tokens": scored}
     if byte_lengths is not None:
         out["bytes"] = n_bytes
     return out
+
+
+def _bar(total: int | None, unit: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, desc="evaluating", disable=not enabled, file=sys.stderr, mininterval=1.0,
+                dynamic_ncols=True)
 
 
 def perplexity_metrics(stats: dict[str, float]) -> dict[str, float]:
@@ -132,19 +148,23 @@ def sample(model, tokenizer, prompt: str, num_samples: int = 1, max_new_tokens: 
 
 @torch.no_grad()
 def classify(model, data, split: str, batch_size: int, max_batches: int | None = None,
-             device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
+             device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
+             progress: bool = False) -> dict[str, Any]:
     """Top-1 accuracy, mean cross entropy and the confusion matrix (rows: true class, columns: predicted)."""
     device = torch.device(device)
     K = data.num_classes
     confusion = torch.zeros(K * K, dtype=torch.int64)
     nll, n = 0.0, 0
+    bar = _bar(None, "images", progress)
     for x, y in data.eval_batches(split, batch_size, max_batches):
+        bar.update(len(y))
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits, _ = model(x.to(device))
         logits = logits.float().cpu()
         nll += float(F.cross_entropy(logits, y, reduction="sum"))
         n += len(y)
         confusion += torch.bincount(y * K + logits.argmax(-1), minlength=K * K)
+    bar.close()
     confusion = confusion.view(K, K)
     return {"accuracy": float(confusion.diagonal().sum()) / n, "loss": nll / n, "examples": n,
             "confusion": confusion.numpy()}
@@ -214,29 +234,68 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return table[precision]
 
 
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """``checkpoint=``: a checkpoint file, or a run directory / its checkpoints folder (its best.safetensors,
+    else its newest step checkpoint)."""
+    from training.checkpoint import BEST_FILE, step_checkpoints
+
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for folder in (path / "checkpoints", path):
+            if (folder / BEST_FILE).is_file():
+                return folder / BEST_FILE
+            found = step_checkpoints(folder)
+            if found:
+                return found[-1][1]
+        raise FileNotFoundError(f"checkpoint={spec} is a directory without checkpoints (no {BEST_FILE} or "
+                                f"step_*.safetensors in it or in its checkpoints/ folder); pass a checkpoint file, e.g. "
+                                f"runs/<name>/<time>/checkpoints/{BEST_FILE}")
+    raise FileNotFoundError(f"checkpoint={spec}: no such file or directory")
+
+
 def run(cfg) -> dict[str, Any]:
     """``eval.py``'s work (configs/eval.yaml): metrics of one checkpoint, written to ``output_dir``."""
+    from training import run as lifecycle
+
+    lifecycle.setup_logging()
     cfg = to_plain(cfg)
     if not cfg.get("checkpoint"):
         raise ValueError("checkpoint=path/to/step_N.safetensors is required")
+    lifecycle.validate_eval_config(cfg)
+    path = resolve_checkpoint(cfg["checkpoint"])
+    if str(path) != str(cfg["checkpoint"]):
+        log.info(f"checkpoint={cfg['checkpoint']} is a directory: evaluating {path}")
     device = _device(cfg["device"])
-    model, state = load_model(cfg["checkpoint"], cfg["kernels"], device)
+    model, state = load_model(path, cfg["kernels"], device)
     data_cfg = cfg.get("data") or state["config"]["data"]
+    task = data_cfg.get("task")
+    if task != getattr(model, "task", task):
+        kinds = {"lm": "a language model", "image": "an image classifier"}
+        data_kind = {"lm": "text (language-model) data", "image": "image-classification data"}.get(task, f"task={task!r} data")
+        raise ValueError(f"{path} holds {kinds.get(model.task, model.task)} ({state['model_name']}) but data="
+                         f"{data_cfg.get('name')} is {data_kind}; evaluate it on data of its own task (leave data "
+                         f"unset to use the checkpoint's own, {state['config']['data'].get('name')})")
     amp = _autocast_dtype(cfg["precision"], device)
     out_dir = Path(cfg["output_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"checkpoint": str(cfg["checkpoint"]), "step": state.get("step")}
+    log.info(f"evaluating {path}: {state['model_name']} at step {state.get('step')}, data {data_cfg.get('name')}, "
+             f"on {device} ({cfg['kernels']} kernels); results go to {out_dir}")
+    results: dict[str, Any] = {"checkpoint": str(path), "step": state.get("step")}
     if data_cfg["task"] == "lm":
         results.update(_run_lm(cfg, model, data_cfg, device, amp, out_dir))
     else:
         data = build_data(data_cfg, seed=0)
-        r = classify(model, data, cfg["split"], cfg["batch_size"], cfg.get("max_batches"), device, amp)
+        log.info(f"split {cfg['split']}: top-1 accuracy over {data.name} images")
+        r = classify(model, data, cfg["split"], cfg["batch_size"], cfg.get("max_batches"), device, amp, progress=True)
         png = plot_confusion(r.pop("confusion"), data.class_names, out_dir / f"confusion_{cfg['split']}.png",
                              title=f"{data.name} {cfg['split']}: top-1 {r['accuracy']:.2%}")
         results.update({f"{cfg['split']}/{k}": v for k, v in r.items()}, confusion_png=str(png))
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
     for k, v in results.items():
         print(f"{k}: {v}")
+    log.info("results: " + ", ".join(f"{k} {v}" for k, v in results.items()))
     return results
 
 
@@ -248,7 +307,7 @@ def _run_lm(cfg: dict, model, data_cfg: dict, device, amp, out_dir: Path) -> dic
     results: dict[str, Any] = {}
     if cfg.get("perplexity", True):
         if cfg.get("text_file"):
-            text = Path(cfg["text_file"]).read_text(encoding="utf-8")
+            text = read_text(cfg["text_file"])  # UTF-8; invalid bytes -> U+FFFD with a warning naming the file
             # end-of-text first, as between training documents, so the file's first token is scored too
             tokens = np.asarray([tokenizer.eot_token_id] + tokenizer.encode(text), dtype=np.int64)
             where = str(cfg["text_file"])
@@ -261,8 +320,9 @@ def _run_lm(cfg: dict, model, data_cfg: dict, device, amp, out_dir: Path) -> dic
         if context > model.config.block_size:
             raise ValueError(f"context ({context}) exceeds the model's block_size ({model.config.block_size})")
         stride = cfg.get("stride") or max(1, context // 2)
+        log.info(f"perplexity on {where}: {len(tokens):,} tokens, windows of {context} tokens every {stride}")
         stats = sliding_window_nll(model, tokens, context, stride, cfg["batch_size"],
-                                   tokenizer.token_byte_lengths(), device, amp)
+                                   tokenizer.token_byte_lengths(), device, amp, progress=True)
         results.update({f"{where}/{k}": v for k, v in perplexity_metrics(stats).items()},
                        context=context, stride=stride)
     if cfg.get("prompt") is not None:

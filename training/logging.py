@@ -1,4 +1,9 @@
-"""Run records: metrics as JSONL (streamed) and CSV, a summary JSON, PNG plots at the end, and wandb.
+"""Run records: metrics as JSONL (streamed) and CSV, a summary JSON, PNG plots at the end, and (opt-in,
+``logger=wandb``) wandb. The default logger (``logger=none``) keeps only the local records.
+
+Plots: ``loss.png`` (train and validation loss), ``accuracy.png`` (image models: validation accuracy), ``lr.png``,
+``throughput.png``, ``memory.png`` (the process's memory per logged step: CUDA peak allocated on a GPU, resident set
+on the CPU) and ``activation_memory.png`` (the start-of-run comparison with the plain PyTorch model).
 
 Only the main rank writes. wandb runs ``online`` only when the user is logged in (WANDB_API_KEY or a netrc
 entry for the wandb host), otherwise ``offline`` (synced later with ``wandb sync``), so a run never waits
@@ -106,13 +111,19 @@ class RunLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        memory_label = ("peak CUDA memory allocated per step (GiB)" if self._on_cuda()
+                        else "process resident memory, CPU (GiB)")
+        # name -> (series, y label, title)
         panels = {
-            "loss": [("train", "loss", "train"), ("eval", "val/loss", "val")],
-            "lr": [("train", "lr", "learning rate")],
-            "throughput": [("train", "throughput", f"{self.throughput_unit}/s")],
-            "memory": [("train", "memory_gib", "memory (GiB)")],
+            "loss": ([("train", "loss", "train"), ("eval", "val/loss", "val")], "loss (cross entropy)", "loss"),
+            "accuracy": ([("eval", "val/accuracy", "val"), ("eval", "test/accuracy", "test")], "top-1 accuracy",
+                         "accuracy"),
+            "lr": ([("train", "lr", "learning rate")], "learning rate", "learning rate"),
+            "throughput": ([("train", "throughput", f"{self.throughput_unit}/s")],
+                           f"training throughput ({self.throughput_unit}/s)", "throughput"),
+            "memory": ([("train", "memory_gib", "memory")], memory_label, "memory during training"),
         }
-        for name, series in panels.items():
+        for name, (series, ylabel, title) in panels.items():
             drawn = [(label, *self._series(kind, key)) for kind, key, label in series]
             drawn = [d for d in drawn if d[1]]
             if not drawn:
@@ -121,7 +132,10 @@ class RunLogger:
             for label, xs, ys in drawn:
                 ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None)
             ax.set_xlabel("step")
-            ax.set_ylabel(drawn[0][0] if len(drawn) == 1 else name)
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            if name == "memory":  # a few MiB of drift must not look like a trend: start the axis at 0
+                ax.set_ylim(bottom=0, top=max(max(d[2]) for d in drawn) * 1.15 or 1)
             if len(drawn) > 1:
                 ax.legend()
             ax.grid(alpha=0.3)
@@ -130,15 +144,22 @@ class RunLogger:
             plt.close(fig)
         self._plot_memory_savings(plt)
 
+    def _on_cuda(self) -> bool:
+        device = str(self.summary_data.get("device") or "")
+        if device:
+            return device.startswith("cuda")
+        return any(r.get("kind") == "train" and "mfu" in r for r in self.records)
+
     def _plot_memory_savings(self, plt) -> None:
-        torch_b = self.summary_data.get("memory/activations_torch_bytes")
-        triton_b = self.summary_data.get("memory/activations_triton_bytes")
+        torch_b = self.summary_data.get("memory/activations_plain_bytes")
+        triton_b = self.summary_data.get("memory/activations_triformer_bytes")
         if not torch_b or triton_b is None:
             return
         fig, ax = plt.subplots(figsize=(4, 4))
-        ax.bar(["PyTorch", "triformer"], [torch_b / 2**20, triton_b / 2**20], color=["tab:gray", "tab:blue"])
-        ax.set_ylabel("activation memory saved for backward (MiB)")
-        ax.set_title(f"one training step: {1 - triton_b / torch_b:.0%} less")
+        ax.bar(["plain PyTorch", "triformer"], [torch_b / 2**20, triton_b / 2**20], color=["tab:gray", "tab:blue"])
+        ax.set_ylabel("activations saved for backward, one step (MiB)")
+        change = 1 - triton_b / torch_b
+        ax.set_title(f"vs plain PyTorch: {abs(change):.0%} {'less' if change >= 0 else 'more'}")
         fig.tight_layout()
         fig.savefig(self.run_dir / "activation_memory.png", dpi=100)
         plt.close(fig)

@@ -1,11 +1,12 @@
-"""How much activation memory triformer's kernels save against the same model built on PyTorch ops.
+"""How much activation memory triformer's model saves against the plain PyTorch model a user would otherwise run.
 
-Both variants have identical parameters (``models/`` guarantees it), so one training step of each on the
-same batch differs only in what the ops keep for backward. That is counted exactly, on any device, with
-``torch.autograd.graph.saved_tensors_hooks``: every tensor autograd saves passes through the pack hook, and
-the sum of the *unique* storages' sizes (views and re-saves of one buffer count once; parameters are not
-activations and are left out) is the activation memory of the step. On CUDA the peak allocated during the
-step (above what was allocated before it) is reported too; it includes gradients and temporaries.
+The baseline is ``models.plain`` (nn.LayerNorm, ``F.scaled_dot_product_attention``, nn.GELU, ``F.cross_entropy``)
+of the same size and layout, not triformer's own model built from the ``*_reference`` ops (which nobody would
+train). One training step of each on the same batch: what autograd saves for backward is counted exactly, on
+any device, with ``torch.autograd.graph.saved_tensors_hooks``: every tensor autograd saves passes through the
+pack hook, and the sum of the *unique* storages' sizes (views and re-saves of one buffer count once; parameters
+are not activations and are left out) is the activation memory of the step. On CUDA the peak allocated during
+the step (above what was allocated before it) is reported too; it includes gradients and temporaries.
 """
 from __future__ import annotations
 
@@ -26,36 +27,36 @@ class StepMemory:
 
 @dataclasses.dataclass
 class MemoryReport:
-    triton: StepMemory
-    torch: StepMemory
+    triformer: StepMemory
+    plain: StepMemory         # the plain PyTorch model of the same size (models.plain)
     description: str          # e.g. "gpt2-nano, batch 16x256, fp32"
 
     @property
     def saved_bytes(self) -> int:
-        return self.torch.saved_bytes - self.triton.saved_bytes
+        return self.plain.saved_bytes - self.triformer.saved_bytes
 
     @property
     def saved_fraction(self) -> float:
-        return self.saved_bytes / self.torch.saved_bytes if self.torch.saved_bytes else 0.0
+        return self.saved_bytes / self.plain.saved_bytes if self.plain.saved_bytes else 0.0
 
     def message(self) -> str:
         verb = "saves" if self.saved_bytes >= 0 else "uses"
         amount = f"{format_bytes(abs(self.saved_bytes))} ({abs(self.saved_fraction):.0%})"
-        line = (f"triformer {verb} {amount} {'of' if verb == 'saves' else 'more'} activation memory vs PyTorch "
-                f"({self.description}: {format_bytes(self.torch.saved_bytes)} -> {format_bytes(self.triton.saved_bytes)})")
-        if self.triton.cuda_peak_bytes is not None:
-            line += (f"; step peak {format_bytes(self.torch.cuda_peak_bytes)} -> "
-                     f"{format_bytes(self.triton.cuda_peak_bytes)}")
+        line = (f"triformer {verb} {amount} {'of' if verb == 'saves' else 'more'} activation memory vs plain PyTorch "
+                f"({self.description}: {format_bytes(self.plain.saved_bytes)} -> {format_bytes(self.triformer.saved_bytes)})")
+        if self.triformer.cuda_peak_bytes is not None:
+            line += (f"; step peak {format_bytes(self.plain.cuda_peak_bytes)} -> "
+                     f"{format_bytes(self.triformer.cuda_peak_bytes)}")
         return line
 
     def metrics(self) -> dict[str, float]:
-        out = {"memory/activations_torch_bytes": self.torch.saved_bytes,
-               "memory/activations_triton_bytes": self.triton.saved_bytes,
+        out = {"memory/activations_plain_bytes": self.plain.saved_bytes,
+               "memory/activations_triformer_bytes": self.triformer.saved_bytes,
                "memory/activations_saved_bytes": self.saved_bytes,
                "memory/activations_saved_fraction": self.saved_fraction}
-        if self.triton.cuda_peak_bytes is not None:
-            out["memory/step_peak_torch_bytes"] = self.torch.cuda_peak_bytes
-            out["memory/step_peak_triton_bytes"] = self.triton.cuda_peak_bytes
+        if self.triformer.cuda_peak_bytes is not None:
+            out["memory/step_peak_plain_bytes"] = self.plain.cuda_peak_bytes
+            out["memory/step_peak_triformer_bytes"] = self.triformer.cuda_peak_bytes
         return out
 
 
@@ -100,19 +101,20 @@ def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return StepMemory(sum(storages.values()), peak)
 
 
-def compare(triton_model: nn.Module, torch_model: nn.Module, x: torch.Tensor, y: torch.Tensor, description: str,
+def compare(triformer_model: nn.Module, plain_model: nn.Module, x: torch.Tensor, y: torch.Tensor, description: str,
             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> MemoryReport:
-    """Measure both variants on the same batch, in train mode (dropout masks are saved tensors too). Dropout
-    draws random numbers: callers that must keep their streams untouched wrap this in ``fork_rng``."""
+    """Measure both models (each taking ``(x, y)`` and returning ``(logits, loss)``) on the same batch, in train
+    mode (dropout masks are saved tensors too). Dropout and a fresh plain model's initialization draw random
+    numbers: callers that must keep their streams untouched wrap this in ``fork_rng``."""
     results = []
-    for model in (triton_model, torch_model):
+    for model in (triformer_model, plain_model):
         was_training = model.training
         model.train()
         try:
             results.append(measure_step(model, x, y, autocast))
         finally:
             model.train(was_training)
-    return MemoryReport(triton=results[0], torch=results[1], description=description)
+    return MemoryReport(triformer=results[0], plain=results[1], description=description)
 
 
 def current_bytes(device: torch.device) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import math
 import random
 import sys
@@ -24,10 +25,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import models
-from training import checkpoint, distributed, graphs, memory
+from training import checkpoint, distributed, graphs, memory, run
 from training.logging import RunLogger
 from training.optim import build_optimizer, lr_at
 
+log = logging.getLogger("triformer.train")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -37,27 +39,67 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run the training described by ``cfg``; returns the run summary (also written to summary.json)."""
-    trainer = Trainer(cfg)
+    """Run the training described by ``cfg``; returns the run summary (also written to summary.json).
+
+    A ``resume`` of a run that already reached ``trainer.max_steps`` trains nothing: it says so (and how to
+    extend the run) and returns ``{"complete": True, ...}``."""
+    run.setup_logging()
     try:
-        return trainer.fit()
+        trainer = Trainer(cfg)
+    except run.RunComplete as done:
+        log.info(done.args[0])
+        return {"complete": True, **done.args[1]}
+    try:
+        with _tqdm_safe_logging():
+            summary = trainer.fit()
+        trainer.report_finished(summary)
+        return summary
+    except BaseException:
+        trainer.failed = True
+        raise
     finally:
         trainer.close()
+
+
+@contextlib.contextmanager
+def _tqdm_safe_logging():
+    """Under Hydra its console handler writes to the terminal: route it through tqdm so bars stay whole."""
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with logging_redirect_tqdm():
+        yield
 
 
 class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        self.lock: run.RunDirLock | None = None
+        self.logger: RunLogger | None = None
+        self.failed = False
+        self._created_run_dir = False
+        self._auto_run_dir = not cfg.run_dir
+        self.run_dir: Path | None = None
+        self.ctx = None
+        try:
+            self._setup()
+        except BaseException:
+            self.failed = True  # a refused or complete run leaves no empty folder behind
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        cfg = self.cfg
         t = cfg.trainer
+        run.setup_logging()
+        run.validate_train_config(cfg)  # every numeric value, before any work
         _check_choice("trainer.precision", t.precision, PRECISIONS)
         _check_choice("model.name", cfg.model.name, models.list_models())
         _check_choice("model.kernels", cfg.model.kernels, ("triton", "torch"))
-        for key in ("batch_size", "grad_accum", "max_steps", "max_bad_steps", "keep_last"):
-            if not isinstance(t[key], int) or t[key] < 1:
-                raise ValueError(f"trainer.{key} must be a positive int, got {t[key]!r}")
+        self.resume_path = self._check_resume() if cfg.resume else None
         if t.cpu_threads is not None:
-            if not isinstance(t.cpu_threads, int) or t.cpu_threads < 1:
-                raise ValueError(f"trainer.cpu_threads must be null or a positive int, got {t.cpu_threads!r}")
             torch.set_num_threads(t.cpu_threads)
         self.ctx = distributed.init(t.device, t.strategy)
         if cfg.model.kernels == "triton":
@@ -76,10 +118,20 @@ class Trainer:
             graphs.check_supported(cfg, self.ctx.device, self.ctx.world_size, self.precision)
         self.graphed: graphs.GraphedStep | None = None  # built at the first step, from its batches
         self.run_dir = self._run_dir()
+        if self.ctx.is_main:
+            self._created_run_dir = self._created_run_dir or not self.run_dir.exists()
+            # this run owns the directory until close(): a second run into it is refused
+            self.lock = run.RunDirLock(self.run_dir).acquire()
+            run.clean_stale_temporaries(self.run_dir / "checkpoints", self.lock)
+            if self.resume_path is not None and self.resume_path.parent.resolve() != (self.run_dir / "checkpoints").resolve():
+                run.clean_stale_temporaries(self.resume_path.parent)
+        distributed.barrier(self.ctx)
 
         _seed_everything(cfg.seed)
         from training.data import build_data
 
+        self._say(f"run directory: {self.run_dir}")
+        self._say(f"preparing data {cfg.data.name} ...")
         self.data = build_data(cfg.data, seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size)
         self.sample_batch = self._peek_batch()
         self.items_per_example = self.sample_batch[0].shape[1] if self.data.task == "lm" else 1
@@ -90,11 +142,14 @@ class Trainer:
             raise ValueError(f"data.seq_len={self.items_per_example} exceeds the model's block_size="
                              f"{self.model.config.block_size}; lower data.seq_len or raise model.block_size")
         self.model.to(self.ctx.device)
+        self._warn_if_slow_on_cpu()
         # Dropout masks differ between ranks, as they would between the rows of one big batch.
         _seed_everything(cfg.seed + self.ctx.rank)
 
         self.memory_report = None
         if cfg.memory_report and self.ctx.is_main:
+            self._say("measuring activation memory: one training step of this model and one of the plain PyTorch "
+                      "model of its size ...")
             self.memory_report = self._measure_memory()
         distributed.barrier(self.ctx)
 
@@ -106,25 +161,63 @@ class Trainer:
         self.step = 0
         self.best_val = math.inf
         self.last_ckpt: Path | None = None
-        if cfg.resume:
-            self._resume(cfg.resume)
+        if self.resume_path is not None:
+            self._resume(self.resume_path)
         self.logger = RunLogger(self.run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),
                                 enabled=self.ctx.is_main, throughput_unit="tokens" if self.data.task == "lm" else "images")
         if self.memory_report is not None:
             self._say(self.memory_report.message())
             self.logger.summary(memory_savings=self.memory_report.message(), **self.memory_report.metrics())
 
+    def _check_resume(self) -> Path:
+        """Resolve ``resume`` and decide from the checkpoint's metadata, before any work: a finished run has
+        nothing to train; other batch or data settings are refused unless ``resume_allow_changes``."""
+        cfg = self.cfg
+        path = checkpoint.resolve_resume(cfg.resume, Path(cfg.runs_root) / cfg.name)
+        meta = checkpoint.read_metadata(path)
+        step, max_steps = meta.get("step", 0), cfg.trainer.max_steps
+        if step >= max_steps:
+            source = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            best = path.parent / checkpoint.BEST_FILE
+            best = best if best.is_file() else path
+            raise run.RunComplete(
+                f"nothing to train: {source} is complete ({path.name} is at step {step}, trainer.max_steps="
+                f"{max_steps}). To train it further, raise the step budget, e.g. python train.py resume={cfg.resume} "
+                f"trainer.max_steps={max(2 * step, step + 1)} (the learning-rate schedule then stretches to the new "
+                f"max_steps). To evaluate it: {run.eval_command(best)}",
+                {"steps": step, "resumed_from": str(path), "best_checkpoint": str(best)})
+        saved = meta.get("config") or {}
+        current = OmegaConf.to_container(cfg, resolve=True)
+        diffs = run.check_resume(saved, current, path, bool(cfg.get("resume_allow_changes", False)))
+        if diffs:
+            log.warning("resuming with other settings (resume_allow_changes=true): " + "; ".join(diffs)
+                        + ". The run will not continue exactly as the original would have")
+        return path
+
+    def _warn_if_slow_on_cpu(self) -> None:
+        """A large model on the CPU: say so before the minutes of silence (the estimate follows the first step)."""
+        if self.ctx.device.type != "cpu":
+            return
+        params = self.model.num_params()
+        if params > 20e6:
+            how = "through Triton's interpreter" if self.cfg.model.kernels == "triton" else "with the PyTorch references"
+            self._say(f"warning: {self.cfg.model.name} has {params / 1e6:.0f}M parameters and runs on the CPU {how}: "
+                      "expect minutes per step (a time estimate follows the first step). A GPU (trainer=gpu) or a "
+                      "small model (python train.py, model=gpt2-nano, experiment=vit-digits) is the practical choice")
+
     # ------------------------------------------------------------------------------------------------ setup
     def _run_dir(self) -> Path:
         if self.cfg.run_dir:
             path = self.cfg.run_dir
+            self._created_run_dir = not Path(path).exists()
         else:
             try:
                 from hydra.core.hydra_config import HydraConfig
 
                 path = HydraConfig.get().runtime.output_dir
             except ValueError:  # not launched through Hydra's main (e.g. compose API)
-                path = Path(self.cfg.runs_root) / self.cfg.name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+                # microseconds: two runs started in the same second get two directories
+                path = Path(self.cfg.runs_root) / self.cfg.name / datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
         # Ranks may resolve a timestamped directory a second apart: rank 0's choice is the run's.
         return Path(distributed.gather_objects(str(path), self.ctx)[0])
 
@@ -154,18 +247,20 @@ class Trainer:
         return batch
 
     def _measure_memory(self) -> memory.MemoryReport:
+        """One step of this model against the plain PyTorch model of the same size (``models.plain``)."""
+        from models.plain import plain_model_like
+
         m = self.cfg.model
-        other = "torch" if m.kernels == "triton" else "triton"
         x, y = (t.to(self.ctx.device) for t in self.sample_batch)
         shape = "x".join(map(str, x.shape[:2] if self.data.task == "lm" else x.shape[:1]))
-        # The twin's initialization and the dropout masks draw random numbers; the run's streams must not
+        kernels = "" if m.kernels == "triton" else f", kernels={m.kernels}"
+        # The plain model's initialization and the dropout masks draw random numbers; the run's streams must not
         # notice (a run with the report must train exactly like one without).
         with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
-            twin = models.create_model(m.name, kernels=other, **self.model_overrides).to(self.ctx.device)
-            twin.load_state_dict(self.model.state_dict())
-            pair = (self.model, twin) if m.kernels == "triton" else (twin, self.model)
-            report = memory.compare(*pair, x, y, f"{m.name}, micro-batch {shape}, {self.precision}", self._autocast)
-        del twin
+            plain = plain_model_like(self.model)
+            report = memory.compare(self.model, plain, x, y, f"{m.name}{kernels}, micro-batch {shape}, {self.precision}",
+                                    self._autocast)
+        del plain
         if self.ctx.device.type == "cuda":
             torch.cuda.empty_cache()
         return report
@@ -183,10 +278,11 @@ class Trainer:
         window_time, window_steps = 0.0, 0  # training time only: evaluations and checkpoints excluded
         val = None
         summary = {}
+        first_step = True
         try:
             if t.eval_at_start and self.step == 0:
                 start = self._evaluate_and_log("val", t.eval_batches)
-                bar.write("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
+                self._say("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
                 summary.update({f"initial_{k}": v for k, v in start.items()})
             while self.step < t.max_steps:
                 lr = lr_at(self.step, self.cfg.optim, t.max_steps)
@@ -194,9 +290,16 @@ class Trainer:
                     group["lr"] = lr
                 started = time.perf_counter()
                 loss, grad_norm, finite = self._train_step()
-                window_time += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                window_time += elapsed
                 self.step += 1
                 window_steps += 1
+                if first_step and self.ctx.device.type == "cpu":
+                    first_step = False
+                    warning = run.cpu_estimate(elapsed, t.max_steps - self.step, self.cfg.model.name,
+                                               self.model.num_params())
+                    if warning:
+                        self._say("warning: " + warning, logging.WARNING)
                 if finite:
                     bad_steps = 0
                 else:
@@ -216,7 +319,7 @@ class Trainer:
                 evaluated = None
                 if (t.eval_interval and self.step % t.eval_interval == 0) or last:
                     val = evaluated = self._evaluate_and_log("val", t.eval_batches)
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                    self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
                 # never during a run of bad steps: the newest checkpoint stays one from before the trouble
                 if bad_steps == 0 and ((t.ckpt_interval and self.step % t.ckpt_interval == 0) or last):
                     self._save(evaluated)
@@ -377,13 +480,51 @@ class Trainer:
                 f"precision bf16/fp32 instead of fp16.")
 
     # -------------------------------------------------------------------------------------------------- misc
-    def _say(self, message: str) -> None:
-        if self.ctx.is_main:
-            print(message, file=sys.stderr, flush=True)
+    def _say(self, message: str, level: int = logging.INFO) -> None:
+        if self.ctx is None or self.ctx.is_main:
+            log.log(level, message)
+
+    def report_finished(self, summary: dict[str, Any]) -> None:
+        """Where the finished run is, its best checkpoint, final metrics and the command to evaluate it."""
+        finals = {k[len("final_"):]: v for k, v in summary.items()
+                  if k.startswith("final_") and isinstance(v, (int, float))}
+        best = self.run_dir / "checkpoints" / checkpoint.BEST_FILE
+        lines = [f"finished: {summary.get('steps')} steps", f"  run directory:   {self.run_dir}"]
+        if best.is_file():
+            lines.append(f"  best checkpoint: {best} (val/loss {self.best_val:.4f})")
+        if self.last_ckpt:
+            lines.append(f"  last checkpoint: {self.last_ckpt}")
+        if finals:
+            lines.append("  final metrics:   " + ", ".join(f"{k} {v:.4f}" for k, v in finals.items()))
+        target = best if best.is_file() else self.last_ckpt
+        if target:
+            lines.append(f"  evaluate it:     {run.eval_command(target)}")
+        self._say("\n".join(lines))
 
     def close(self) -> None:
-        self.logger.close()
-        distributed.shutdown()
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self.failed and (self.ctx is None or self.ctx.is_main):
+            # a run refused before its directory was chosen still had one made by Hydra
+            target = self.run_dir or (None if self.cfg.run_dir else _hydra_output_dir())
+            if target is not None and (self._auto_run_dir or self._created_run_dir):
+                run.remove_if_empty(target, remove_parent=self._auto_run_dir)
+        if self.ctx is not None:
+            distributed.shutdown()
+            self.ctx = None
+
+
+def _hydra_output_dir() -> Path | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return None
 
 
 def _check_choice(name: str, value, choices) -> None:

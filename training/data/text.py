@@ -12,6 +12,9 @@ source (file paths, sizes and mtimes, or the hf dataset coordinates), the tokeni
 separator. Local files are concatenated in a fixed shuffle of their sorted order, so that a split carved
 from the tail is a random sample of files rather than the alphabetically last ones.
 
+Text encoding (one policy, also ``eval.py text_file=``): files are read as UTF-8; bytes that are not valid UTF-8
+become U+FFFD and a warning names each such file (``decode_utf8`` / ``read_text``).
+
 Splits: the source's own splits where it has them; ``val``/``test`` missing from ``splits``/``paths`` are
 carved from the end of the train stream (``val_fraction``, ``test_fraction`` of its tokens) in the order
 train | val | test, so they never overlap.
@@ -22,7 +25,9 @@ split (evenly spaced over it when ``max_batches`` keeps fewer), the same on ever
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import multiprocessing
 import os
 import sysconfig
@@ -37,6 +42,7 @@ from training.data.cache import ArrayCache
 from training.data.common import (Sampler, check_fraction, check_positive_int, parse_config)
 from training.data.tokenizers import Tokenizer, load_tokenizer
 
+log = logging.getLogger("triformer.data")
 SPLITS = ("train", "val", "test")
 # Fixed, so the concatenation order (and thus the carved splits) depends on the file list only.
 _FILE_ORDER_SEED = 0
@@ -194,9 +200,35 @@ def encode_document(text: str, tokenizer: Tokenizer, separator: str | None) -> n
     return out.astype(tokenizer.token_dtype)
 
 
-def _encode_file(path: Path) -> tuple[np.ndarray, int]:
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    return encode_document(text, _worker_tokenizer, _worker_separator), len(text)
+def decode_utf8(raw: bytes) -> tuple[str, int]:
+    """The one text policy of training and ``eval.py text_file=``: files are UTF-8; bytes that are not valid
+    UTF-8 become U+FFFD (the replacement character) and are counted, so the caller can name the file."""
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
+    return text, bad
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A text file under ``decode_utf8``'s policy, with a warning naming the file when bytes were replaced."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a text file")
+    text, bad = decode_utf8(path.read_bytes())
+    if bad:
+        log.warning(utf8_warning([(path, bad)]))
+    return text
+
+
+def utf8_warning(files: list[tuple[Path, int]]) -> str:
+    named = ", ".join(f"{p} ({n} invalid sequence{'s' * (n != 1)})" for p, n in files[:5])
+    more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+    return (f"{len(files)} file(s) are not valid UTF-8: {named}{more}; the invalid bytes were read as U+FFFD "
+            f"(the replacement character). Convert the file(s) to UTF-8 (e.g. iconv -f latin1 -t utf-8) to keep them")
+
+
+def _encode_file(path: Path) -> tuple[np.ndarray, int, int]:
+    text, bad = decode_utf8(path.read_bytes())
+    return encode_document(text, _worker_tokenizer, _worker_separator), len(text), bad
 
 
 def _num_proc(cfg: TextConfig, jobs: int) -> int:
@@ -207,6 +239,7 @@ def _tokenize_files(writer, split: str, files: list[Path], cfg: TextConfig, toke
     n_proc = _num_proc(cfg, len(files))
     bar = tqdm(total=len(files), desc=f"tokenizing {cfg.name}/{split}", unit="file", mininterval=2.0)
     tokens = chars = 0
+    not_utf8: list[tuple[Path, int]] = []
     if n_proc == 1:
         _init_worker(tokenizer, cfg.separator)
         results = map(_encode_file, files)
@@ -218,7 +251,9 @@ def _tokenize_files(writer, split: str, files: list[Path], cfg: TextConfig, toke
                                                               initargs=(tokenizer, cfg.separator))
         results = pool.imap(_encode_file, files, chunksize=4)  # ordered: the stream order is the file order
     try:
-        for ids, n_chars in results:
+        for path, (ids, n_chars, bad) in zip(files, results):
+            if bad:
+                not_utf8.append((path, bad))
             writer.append(split, ids)
             tokens += ids.size
             chars += n_chars
@@ -227,6 +262,8 @@ def _tokenize_files(writer, split: str, files: list[Path], cfg: TextConfig, toke
         bar.close()
         if pool is not None:
             pool.terminate()
+    if not_utf8:
+        log.warning(utf8_warning(not_utf8))
     return dict(tokens=tokens, chars=chars, documents=len(files))
 
 
@@ -235,11 +272,61 @@ def _encode_rows(batch: dict, tokenizer: Tokenizer, field: str, separator: str |
     return {"ids": ids, "chars": [len(t or "") for t in batch[field]]}
 
 
-def _tokenize_hf(writer, split: str, source_split: str, cfg: TextConfig, tokenizer: Tokenizer) -> dict:
+class DataUnavailableError(RuntimeError):
+    """A dataset that is neither in the local cache nor reachable (offline)."""
+
+
+def _hub_dataset(hf_path: str) -> bool:
+    """A Hub dataset id (``owner/name``), as opposed to a builder (json, parquet, text) or a local folder."""
+    return "/" in hf_path and not Path(hf_path).exists()
+
+
+@contextlib.contextmanager
+def _hf_offline_mode():
+    """datasets/huggingface_hub in offline mode for one call: the local cache only, no 5 retries per file.
+    (Their flags are read from the environment at import; this sets the imported values.)"""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+def _load_hf(cfg: TextConfig, source_split: str):
     import datasets
 
-    ds = datasets.load_dataset(cfg.hf_path, cfg.hf_name, split=source_split, revision=cfg.hf_revision,
-                               data_files=cfg.hf_data_files, cache_dir=cfg.hf_cache_dir)
+    from training.data.tokenizers import network_reachable, offline_requested
+
+    def load():
+        return datasets.load_dataset(cfg.hf_path, cfg.hf_name, split=source_split, revision=cfg.hf_revision,
+                                     data_files=cfg.hf_data_files, cache_dir=cfg.hf_cache_dir)
+
+    if not _hub_dataset(cfg.hf_path):
+        return load()
+    offline = offline_requested() or not network_reachable("huggingface.co")
+    if not offline:
+        return load()
+    try:
+        with _hf_offline_mode():
+            return load()
+    except Exception as e:  # noqa: BLE001 - whatever datasets raises offline, the remedy is the same
+        cache = cfg.hf_cache_dir or os.environ.get("HF_DATASETS_CACHE") or "~/.cache/huggingface/datasets"
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DataUnavailableError(
+            f"data={cfg.name} needs the Hugging Face dataset {cfg.hf_path!r} (split {source_split!r}), which is not "
+            f"in the local cache ({cache}) and the Hub is unreachable (offline; datasets said: {reason}). Either run "
+            f"once with network access to download it (then it works offline), copy a prepared datasets cache there "
+            f"(or set data.hf_cache_dir), or point the config at local files: data=text_files "
+            f"data.paths=[/path/to/texts] (plain text), or data.hf_path=parquet (or json) "
+            f"data.hf_data_files=/path/to/*.parquet with data.text_field=<column>") from None
+
+
+def _tokenize_hf(writer, split: str, source_split: str, cfg: TextConfig, tokenizer: Tokenizer) -> dict:
+    ds = _load_hf(cfg, source_split)
     if cfg.text_field not in ds.column_names:
         raise ValueError(f"hf dataset {cfg.hf_path!r} split {source_split!r} has no column "
                          f"text_field={cfg.text_field!r}; columns: {ds.column_names}")
