@@ -254,7 +254,7 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, GROUP,
+    H, n_pairs, Tq, Tk, qk_scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
@@ -268,7 +268,7 @@ def _attn_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q + b * sqb + h * sqh + offs_d[None, :] * sqd, offs_m, sqm, Tq, d_ok, True, EVEN_D)
     bh_n, b_n, h_n = _partner_pairs(H, bh, b, h, BLOCK_N, SEQ_N)
-    h_kv = h_n // GROUP  # grouped-query attention: GROUP query heads share one key/value head
+    h_kv = h_n // kv_group  # grouped-query attention: kv_group query heads share one key/value head
     k_base = K + b_n * skb + h_kv * skh + offs_d[None, :] * skd
     v_base = V + b_n * svb + h_kv * svh + offs_d[None, :] * svd
     mask_base = MASK + b * smb + h * smh
@@ -318,7 +318,7 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sgb, sgh, sgn, sgd, smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, GROUP,
+    H, n_pairs, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
@@ -327,32 +327,32 @@ def _attn_bwd_dkdv_kernel(
     # blocks that see it stream past. Everything is computed transposed ([keys, queries]) so that
     # dV += P^T dO and dK += dS^T Q need no register transposes. Key rows past Tk compute garbage that
     # is never stored; query rows past Tq load lse = +inf, so their P is 0.
-    # With grouped-query attention (GROUP = H / H_kv query heads per key/value head) a program owns keys of
-    # one key/value pair (n_pairs = B * H_kv of them) and accumulates dK/dV over the GROUP query heads that
+    # With grouped-query attention (kv_group = H / H_kv query heads per key/value head) a program owns keys of
+    # one key/value pair (n_pairs = B * H_kv of them) and accumulates dK/dV over the kv_group query heads that
     # read it, one after the other: no atomics, and dK/dV come out [B, H_kv, Tk, D].
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     PACKED: tl.constexpr = SEQ_N != 0
-    H_KV = H // GROUP
-    n_pairs = n_pairs // GROUP  # the launch passes B * H (query pairs); this kernel's pairs are B * H_kv
-    n0, offs_n, bh, b, h = _tile_rows(Tk, n_pairs, H_KV, BLOCK_N, SEQ_N, False)
+    h_kv_heads = H // kv_group
+    n_pairs = n_pairs // kv_group  # the launch passes B * H (query pairs); this kernel's pairs are B * H_kv
+    n0, offs_n, bh, b, h = _tile_rows(Tk, n_pairs, h_kv_heads, BLOCK_N, SEQ_N, False)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     k = _load_rows(K + b * skb + h * skh + offs_d[None, :] * skd, offs_n, skn, Tk, d_ok, True, EVEN_D)
     v = _load_rows(V + b * svb + h * svh + offs_d[None, :] * svd, offs_n, svn, Tk, d_ok, True, EVEN_D)
-    bh_m, b_m, h_m = _partner_pairs(H_KV, bh, b, h, BLOCK_M, SEQ_M)
+    bh_m, b_m, h_m = _partner_pairs(h_kv_heads, bh, b, h, BLOCK_M, SEQ_M)
     kpm_base = KPM + b * spb
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     m_lo, m_full, m_mid = _query_range(n0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL, PACKED)
-    for g in range(0, GROUP):
-        hq_m = h_m * GROUP + g  # the query head (and batch*head pair) of the query rows that stream past
-        bhq_m = (bh_m // H_KV) * H + (bh_m % H_KV) * GROUP + g
+    for g in range(0, kv_group):
+        hq_m = h_m * kv_group + g  # the query head (and batch*head pair) of the query rows that stream past
+        bhq_m = (bh_m // h_kv_heads) * H + (bh_m % h_kv_heads) * kv_group + g
         q_base = Q + b_m * sqb + hq_m * sqh + offs_d[None, :] * sqd
         do_base = DO + b_m * sdb + hq_m * sdh + offs_d[None, :] * sdd
         lse_base = LSE + bhq_m.to(tl.int64) * Tq
         delta_base = DELTA + bhq_m.to(tl.int64) * Tq
-        mask_base = MASK + b * smb + (h * GROUP + g) * smh
+        mask_base = MASK + b * smb + (h * kv_group + g) * smh
         rng_base = bhq_m.to(tl.int64) * Tq * Tk
         for phase in tl.static_range(3):
             if phase == 0:
@@ -396,7 +396,7 @@ def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, sdb, sdh, sdm, sdd,
     sgb, sgh, sgm, sgd, smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, GROUP,
+    H, n_pairs, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
@@ -416,7 +416,7 @@ def _attn_bwd_dq_kernel(
     tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
     bh_n, b_n, h_n = _partner_pairs(H, bh, b, h, BLOCK_N, SEQ_N)
-    h_kv = h_n // GROUP  # grouped-query attention: GROUP query heads share one key/value head
+    h_kv = h_n // kv_group  # grouped-query attention: kv_group query heads share one key/value head
     k_base = K + b_n * skb + h_kv * skh + offs_d[None, :] * skd
     v_base = V + b_n * svb + h_kv * svh + offs_d[None, :] * svd
     mask_base = MASK + b * smb + h * smh
@@ -614,7 +614,7 @@ def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_caus
     dot_prec = "ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
     consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
                   HAS_DROPOUT=dropout_p > 0, QUADS=Tk % 4 == 0, DOT_PREC=dot_prec, HEAD_DIM=D,
-                  BLOCK_D=max(16, _pow2(D)), TQ_BUCKET=_pow2(Tq), TK_BUCKET=_pow2(Tk), GROUP=H // k.shape[1])
+                  BLOCK_D=max(16, _pow2(D)), TQ_BUCKET=_pow2(Tq), TK_BUCKET=_pow2(Tk), kv_group=H // k.shape[1])
     return mask, kpm, (*mask_strides, *kpm_strides), rng, consts
 
 
