@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import models
-from training import checkpoint, distributed, graphs, memory
+from training import checkpoint, distributed, graphs, init_from, memory
 from training.logging import RunLogger
 from training.optim import build_optimizer, lr_at
 
@@ -78,6 +78,8 @@ class Trainer:
         self.run_dir = self._run_dir()
 
         _seed_everything(cfg.seed)
+        if cfg.get("init_from"):  # fine-tuning: the data may need the checkpoint's tokenizer
+            init_from.prepare_config(cfg, self._say)
         from training.data import build_data
 
         self.data = build_data(cfg.data, seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size)
@@ -85,7 +87,8 @@ class Trainer:
         self.items_per_example = self.sample_batch[0].shape[1] if self.data.task == "lm" else 1
         self.model_overrides = self._model_overrides()
         # Built on the CPU under the same seed on every rank (identical initial weights), then moved.
-        self.model = models.create_model(cfg.model.name, kernels=cfg.model.kernels, **self.model_overrides)
+        self.model = (init_from.build_model(cfg, self.model_overrides, self._say) if cfg.get("init_from") else
+                      models.create_model(cfg.model.name, kernels=cfg.model.kernels, **self.model_overrides))
         if self.data.task == "lm" and self.items_per_example > self.model.config.block_size:
             raise ValueError(f"data.seq_len={self.items_per_example} exceeds the model's block_size="
                              f"{self.model.config.block_size}; lower data.seq_len or raise model.block_size")
@@ -161,7 +164,7 @@ class Trainer:
         # The twin's initialization and the dropout masks draw random numbers; the run's streams must not
         # notice (a run with the report must train exactly like one without).
         with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
-            twin = models.create_model(m.name, kernels=other, **self.model_overrides).to(self.ctx.device)
+            twin = type(self.model)(dataclasses.replace(self.model.config, kernels=other)).to(self.ctx.device)
             twin.load_state_dict(self.model.state_dict())
             pair = (self.model, twin) if m.kernels == "triton" else (twin, self.model)
             report = memory.compare(*pair, x, y, f"{m.name}, micro-batch {shape}, {self.precision}", self._autocast)
