@@ -243,3 +243,17 @@ def test_bad_arguments():
         triformer.patch("model")
     with pytest.raises(TypeError, match="norm must be a bool"):
         triformer.patch(torch.nn.Linear(2, 2), norm=1)
+
+
+def test_benchmark_script_smoke(tmp_path, monkeypatch):
+    """benchmarks/patch_llama.py's code path on tiny configs (1 step each, in this process)."""
+    import sys
+    from pathlib import Path
+    monkeypatch.setenv("TRIFORMER_BENCH_OUT", str(tmp_path))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    bench = importlib.import_module("benchmarks.patch_llama")
+    rows = bench.main(["--smoke", "--in-process", "--only", "llama", "--variants", "unpatched,triformer"])
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["triformer"]["swapped"] == "attention=2 rope=2 mlp=2 norm=5 loss=1"
+    assert by_variant["triformer"]["loss_first"] == pytest.approx(by_variant["unpatched"]["loss_first"], rel=1e-5)
+    assert (tmp_path / "patch_llama_smoke.md").exists() and (tmp_path / "patch_llama_smoke.csv").exists()
