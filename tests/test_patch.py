@@ -257,3 +257,23 @@ def test_benchmark_script_smoke(tmp_path, monkeypatch):
     assert by_variant["triformer"]["swapped"] == "attention=2 rope=2 mlp=2 norm=5 loss=1"
     assert by_variant["triformer"]["loss_first"] == pytest.approx(by_variant["unpatched"]["loss_first"], rel=1e-5)
     assert (tmp_path / "patch_llama_smoke.md").exists() and (tmp_path / "patch_llama_smoke.csv").exists()
+
+
+def test_deepcopy_of_patched_model_is_independent(calls):
+    ref, patched, _ = pair(transformers.LlamaForCausalLM, llama_config())
+    clone = copy.deepcopy(patched)
+    attn = clone.model.layers[0].self_attn
+    assert attn.forward.__self__ is attn and attn._triformer_inner_forward.__self__ is attn
+    assert clone._triformer_inner_forward.__self__ is clone
+    ids, mask, labels = lm_batch(61)
+    with torch.no_grad():
+        clone.lm_head.weight.mul_(2.0)
+        clone.model.layers[0].self_attn.q_proj.weight.mul_(-1.0)
+    patched.train(), clone.train()
+    a = patched(input_ids=ids, attention_mask=mask, labels=labels).loss
+    b = clone(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert rel_error(a, ref.train()(input_ids=ids, attention_mask=mask, labels=labels).loss) <= FP32_RTOL
+    assert abs(float(a.detach()) - float(b.detach())) > 1e-3
+    assert calls["apply_rope"] > 0 and calls["linear_cross_entropy"] == 2
+    report = triformer.patch(clone)  # patching again changes nothing
+    assert report.swapped == [] and clone.forward.__func__ is patch_module._fused_loss_forward

@@ -348,18 +348,18 @@ def _install_rope_dispatcher(module_name: str) -> bool:
     return True
 
 
+def _rope_forward(self, *args, **kwargs):
+    token = _ROPE_ACTIVE.set(True)
+    try:
+        return self._triformer_inner_forward(*args, **kwargs)
+    finally:
+        _ROPE_ACTIVE.reset(token)
+
+
 def _with_rope(module: nn.Module) -> None:
-    forward = module.forward
-
-    @functools.wraps(forward)
-    def wrapped(*args, **kwargs):
-        token = _ROPE_ACTIVE.set(True)
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            _ROPE_ACTIVE.reset(token)
-
-    module.forward = wrapped
+    # bound methods, not closures: copy.deepcopy of a patched model rebinds them to the copy's modules
+    module._triformer_inner_forward = module.forward
+    module.forward = types.MethodType(_rope_forward, module)
     module._triformer_rope = True
 
 
@@ -373,59 +373,66 @@ def _head_forward(self, x):
     return F.linear(x, self.weight, self.bias)
 
 
-def _fused_loss_forward(model: nn.Module, head: nn.Linear):
-    forward = model.forward
-    signature = inspect.signature(forward)
+_SIGNATURES: dict = {}
 
-    @functools.wraps(forward)
-    def wrapped(*args, **kwargs):
-        try:
-            bound = signature.bind_partial(*args, **kwargs)
-        except TypeError:
-            return forward(*args, **kwargs)
-        labels = bound.arguments.get("labels")
-        if labels is None or not model.training:
-            return forward(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        extra = arguments.pop("kwargs", {}) if "kwargs" in signature.parameters else {}
-        arguments.pop("labels")
-        shift_labels = extra.pop("shift_labels", None)
-        num_items = extra.pop("num_items_in_batch", None)
-        ignore_index = extra.pop("ignore_index", -100)
-        token = _HEAD_PASSTHROUGH.set(True)
-        try:
-            out = forward(**arguments, **extra)
-        finally:
-            _HEAD_PASSTHROUGH.reset(token)
-        as_tuple = isinstance(out, tuple)
-        hidden = out[0] if as_tuple else out.logits
-        if shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        shift_labels = shift_labels.to(hidden.device)
-        device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):  # the LM head's matmul would have run in this dtype
-            hidden = hidden.to(torch.get_autocast_dtype(device_type))
-        reduction = "mean" if num_items is None else "sum"
-        loss = linear_cross_entropy(hidden, head.weight, shift_labels, head.bias, ignore_index, reduction)
-        if num_items is not None:
-            if torch.is_tensor(num_items):
-                num_items = num_items.to(loss.device)
-            loss = loss / num_items
-        if as_tuple:
-            return (loss,) + tuple(out[1:])
-        out["logits"] = None
-        out["loss"] = loss
-        return out
 
-    return wrapped
+def _fused_loss_forward(self, *args, **kwargs):
+    """A causal LM's forward: with labels in training mode, the loss from the hidden states and the LM head's
+    weight by triformer.linear_cross_entropy (HF's causal-LM loss semantics), and ``logits=None``."""
+    forward = self._triformer_inner_forward
+    signature = _SIGNATURES.get(type(self))
+    if signature is None:
+        signature = _SIGNATURES[type(self)] = inspect.signature(forward)
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return forward(*args, **kwargs)
+    labels = bound.arguments.get("labels")
+    if labels is None or not self.training:
+        return forward(*args, **kwargs)
+    arguments = dict(bound.arguments)
+    extra = arguments.pop("kwargs", {}) if "kwargs" in signature.parameters else {}
+    arguments.pop("labels")
+    shift_labels = extra.pop("shift_labels", None)
+    num_items = extra.pop("num_items_in_batch", None)
+    ignore_index = extra.pop("ignore_index", -100)
+    token = _HEAD_PASSTHROUGH.set(True)
+    try:
+        out = forward(**arguments, **extra)
+    finally:
+        _HEAD_PASSTHROUGH.reset(token)
+    head = self.lm_head
+    as_tuple = isinstance(out, tuple)
+    hidden = out[0] if as_tuple else out.logits
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.to(hidden.device)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # the LM head's matmul would have run in this dtype
+        hidden = hidden.to(torch.get_autocast_dtype(device_type))
+    reduction = "mean" if num_items is None else "sum"
+    loss = linear_cross_entropy(hidden, head.weight, shift_labels, head.bias, ignore_index, reduction)
+    if num_items is not None:
+        if torch.is_tensor(num_items):
+            num_items = num_items.to(loss.device)
+        loss = loss / num_items
+    if as_tuple:
+        return (loss,) + tuple(out[1:])
+    out["logits"] = None
+    out["loss"] = loss
+    return out
 
 
 def _patch_loss(model: nn.Module, report: PatchReport) -> None:
     name = _cls(model)
     head = getattr(model, "lm_head", None)
+    if getattr(model, "_triformer_loss", False):
+        return
     if name in CAUSAL_LMS and _from(model, "transformers.") and type(head) is nn.Linear:
         _bind(head, _head_forward)
-        model.forward = _fused_loss_forward(model, head)
+        model._triformer_inner_forward = model.forward
+        model.forward = types.MethodType(_fused_loss_forward, model)
+        model._triformer_loss = True
         report.swapped.append(("", f"loss: {name} with labels in training mode -> triformer.linear_cross_entropy "
                                    "on the hidden states (no logits)"))
     elif name in CAUSAL_LMS:
