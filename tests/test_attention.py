@@ -497,13 +497,13 @@ def check_gqa(B, H, H_kv, Tq, Tk, D, dtype=torch.float32, contiguous=True, **kwa
     out_rep = attention(q, *rep, **kwargs)
     d_rep = torch.autograd.grad(out_rep, rep, grad_out)
     d_rep = [d.reshape(B, H_kv, group, Tk, D).sum(2) for d in d_rep]
+    rtol = 2 * FP32_RTOL if dtype == torch.float32 else None
     for name, ours, ref, peer in zip(("out", "dq", "dk", "dv"), (out, *grads), refs, peers):
         assert ours.dtype == dtype
-        assert_close(name, ours, ref, peer, rtol=2 * FP32_RTOL if dtype == torch.float32 else None)
-    assert_close("out vs copied heads", out, out_rep.double(), out_rep, rtol=2 * FP32_RTOL if dtype == torch.float32 else None)
+        assert_close(name, ours, ref, peer, rtol=rtol)
+    assert_close("out vs copied heads", out, out_rep.double(), out_rep, rtol=rtol)
     for name, ours, theirs in zip(("dk", "dv"), grads[1:], d_rep):
-        assert_close(f"{name} vs copied heads", ours, theirs.double(), theirs,
-                     rtol=2 * FP32_RTOL if dtype == torch.float32 else None)
+        assert_close(f"{name} vs copied heads", ours, theirs.double(), theirs, rtol=rtol)
 
 
 @pytest.mark.parametrize("B,H,H_kv,Tq,Tk", [(2, 6, 2, 37, 37), (1, 4, 1, 70, 45), (3, 4, 2, 5, 5), (2, 6, 3, 9, 13)])

@@ -345,15 +345,13 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     m_lo, m_full, m_mid = _query_range(n0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL, PACKED)
-    for g in range(0, kv_group):
-        hq_m = h_m * kv_group + g  # the query head (and batch*head pair) of the query rows that stream past
-        bhq_m = (bh_m // h_kv_heads) * H + (bh_m % h_kv_heads) * kv_group + g
-        q_base = Q + b_m * sqb + hq_m * sqh + offs_d[None, :] * sqd
-        do_base = DO + b_m * sdb + hq_m * sdh + offs_d[None, :] * sdd
-        lse_base = LSE + bhq_m.to(tl.int64) * Tq
-        delta_base = DELTA + bhq_m.to(tl.int64) * Tq
-        mask_base = MASK + b * smb + (h * kv_group + g) * smh
-        rng_base = bhq_m.to(tl.int64) * Tq * Tk
+    if kv_group == 1:  # a constant on the GPU (Triton specialises arguments equal to 1): no group loop at all
+        q_base = Q + b_m * sqb + h_m * sqh + offs_d[None, :] * sqd
+        do_base = DO + b_m * sdb + h_m * sdh + offs_d[None, :] * sdd
+        lse_base = LSE + bh_m.to(tl.int64) * Tq
+        delta_base = DELTA + bh_m.to(tl.int64) * Tq
+        mask_base = MASK + b * smb + h * smh
+        rng_base = bh_m.to(tl.int64) * Tq * Tk
         for phase in tl.static_range(3):
             if phase == 0:
                 lo = m_lo
@@ -379,6 +377,49 @@ def _attn_bwd_dkdv_kernel(
                 if HAS_DROPOUT:
                     keep = tl.trans(_dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, n0, BLOCK_N, QUADS,
                                                   SEQ_N))
+                    dv = tl.dot(tl.where(keep, p_t * drop_scale, 0.0).to(do.dtype), do, dv,
+                                input_precision=DOT_PREC)
+                    dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+                else:
+                    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    else:
+        # grouped: one flat loop per phase over (group member g, query block), the same loop nest as above, so
+        # the software pipeliner keeps its shape (a loop over g around the block loops spilled in 12 of 14 sm_90
+        # configs, this in 6: benchmarks/results/attention_sm90_gqa.md). The body is the one above, per g.
+        for phase in tl.static_range(3):
+            if phase == 0:
+                lo = m_lo
+                hi = m_full
+            elif phase == 1:
+                lo = m_full
+                hi = m_mid
+            else:
+                lo = m_mid
+                hi = Tq
+            n_blocks = tl.cdiv(hi - lo, BLOCK_M)
+            for it in range(0, n_blocks * kv_group):
+                g = it // n_blocks
+                start_m = lo + (it - g * n_blocks) * BLOCK_M
+                hq_m = h_m * kv_group + g  # the query head (and batch*head pair) of the rows streaming past
+                bhq_m = (bh_m // h_kv_heads) * H + (bh_m % h_kv_heads) * kv_group + g
+                offs_m = start_m + _block_rows(Tq, n_pairs, BLOCK_M, SEQ_M)
+                q = _load_rows(Q + b_m * sqb + hq_m * sqh + offs_d[None, :] * sqd, offs_m, sqm, Tq, d_ok,
+                               phase != 1, EVEN_D)
+                do = _load_rows(DO + b_m * sdb + hq_m * sdh + offs_d[None, :] * sdd, offs_m, sdm, Tq, d_ok,
+                                phase != 1, EVEN_D)
+                lse = tl.load(LSE + bhq_m.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
+                delta = tl.load(DELTA + bhq_m.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+                s_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :],
+                                   _own_pair(offs_n[:, None], bh, bh_m, Tk, PACKED),
+                                   Tq, Tk, qk_scale, MASK + b * smb + (h * kv_group + g) * smh, smm, smn,
+                                   kpm_base, spn, phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
+                p_t = tl.math.exp2(s_t - lse[None, :])
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                if HAS_DROPOUT:
+                    keep = tl.trans(_dropout_tile(seed, dropout_p, bhq_m.to(tl.int64) * Tq * Tk, Tk, offs_m, n0,
+                                                  BLOCK_N, QUADS, SEQ_N))
                     dv = tl.dot(tl.where(keep, p_t * drop_scale, 0.0).to(do.dtype), do, dv,
                                 input_precision=DOT_PREC)
                     dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
