@@ -119,9 +119,11 @@ def flops_per_example(task: str, seq: int | None) -> float:
     return model.flops_per_example(seq)
 
 
-def train_steps(model, opt, task, batch, seq, steps):
+def train_steps(model, opt, task, batch, seq, steps, mark_step=False):
     x, y = make_batch(task, batch, seq)
     for _ in range(steps):
+        if mark_step:  # reduce-overhead: each step's outputs may be overwritten by the next replay
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = model(x, y)
         loss.backward()
@@ -130,10 +132,13 @@ def train_steps(model, opt, task, batch, seq, steps):
     return loss
 
 
-def build(ctor, compiled: bool, capturable: bool = False):
+def build(ctor, compile_mode: str | None, capturable: bool = False):
+    """(model to run, optimizer, the uncompiled model); ``compile_mode`` None runs eager."""
     model = ctor().cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=capturable)
-    return (torch.compile(model) if compiled else model), opt, model
+    if compile_mode is None:
+        return model, opt, model
+    return torch.compile(model, mode=None if compile_mode == "default" else compile_mode), opt, model
 
 
 def graphed_steps(model, opt, task, batch, seq, warmup):
@@ -162,17 +167,24 @@ def graphed_steps(model, opt, task, batch, seq, warmup):
 
 
 def measure(task, name, ctor, mode, batch, seq, steps, warmup):
-    """One row: ``mode`` is "eager", "compile" (torch.compile of the model) or "graph" (CUDA graph replay)."""
+    """One row: ``mode`` is "eager", "graph" (CUDA graph replay of the eager step), "compile" (torch.compile of
+    the model, default mode) or "compile:<torch.compile mode>", e.g. "compile:reduce-overhead"."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model, opt, raw = build(ctor, mode == "compile", capturable=mode == "graph")
+    compile_mode = None if not mode.startswith("compile") else (mode.partition(":")[2] or "default")
+    mark_step = compile_mode == "reduce-overhead"
+    model, opt, raw = build(ctor, compile_mode, capturable=mode == "graph")
     if mode == "graph":
         run = graphed_steps(model, opt, task, batch, seq, warmup)
     else:
-        train_steps(model, opt, task, batch, seq, warmup)
+        t_first = time.perf_counter()
+        train_steps(model, opt, task, batch, seq, 1, mark_step)
+        torch.cuda.synchronize()
+        first_step_s = time.perf_counter() - t_first
+        train_steps(model, opt, task, batch, seq, warmup, mark_step)
 
         def run(n):
-            return train_steps(model, opt, task, batch, seq, n)
+            return train_steps(model, opt, task, batch, seq, n, mark_step)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     loss = run(steps)
@@ -185,13 +197,14 @@ def measure(task, name, ctor, mode, batch, seq, steps, warmup):
     return {"variant": name, "mode": mode, "batch": batch, "ms_per_step": round(dt * 1e3, 2),
             ("tokens_per_s" if task == "gpt" else "images_per_s"): round(per_step / dt),
             "MFU": round(flops * batch / dt / H100_BF16_DENSE_PEAK, 3),
-            "peak_GiB": round(peak, 2), "final_loss": round(float(loss.detach()), 3)}
+            "peak_GiB": round(peak, 2), "final_loss": round(float(loss.detach()), 3),
+            "first_step_s": round(first_step_s, 1) if mode != "graph" else ""}
 
 
 def fits(task, ctor, batch, seq) -> bool:
     torch.cuda.empty_cache()
     try:
-        model, opt, raw = build(ctor, False)
+        model, opt, raw = build(ctor, None)
         train_steps(model, opt, task, batch, seq, 1)
         torch.cuda.synchronize()
         return True
@@ -219,6 +232,11 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", default="all",
                    help="comma-separated substrings of the variants to also run under torch.compile ('all', 'none')")
+    p.add_argument("--compile-modes", default="default",
+                   help="comma-separated torch.compile modes for --compile (default, reduce-overhead, "
+                        "max-autotune-no-cudagraphs)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 16 sequences / 128 images)")
+    p.add_argument("--variants", default="all", help="comma-separated substrings of the variants to run")
     p.add_argument("--graph", default="none",
                    help="comma-separated substrings of the variants to also run as a CUDA-graphed step ('all', 'none')")
     p.add_argument("--max-batch", default="none",
@@ -230,9 +248,14 @@ def main():
 
     torch.backends.cuda.matmul.allow_tf32 = True
     batch, seq = (16, 1024) if args.task == "gpt" else (128, None)
+    batch = args.batch or batch
+    compiled = args.compile_modes.split(",")
     rows = []
     for name, ctor in variants(args.task).items():
-        modes = ["eager"] + ["graph"] * chosen(args.graph, name) + ["compile"] * chosen(args.compile, name)
+        if not chosen(args.variants, name):
+            continue
+        modes = (["eager"] + ["graph"] * chosen(args.graph, name)
+                 + [("compile" if m == "default" else f"compile:{m}") for m in compiled] * chosen(args.compile, name))
         for mode in modes:
             try:
                 row = measure(args.task, name, ctor, mode, batch, seq, args.steps, args.warmup)

@@ -165,7 +165,7 @@ def test_non_contiguous_input_gets_the_mask_of_its_contiguous_copy(shape, kind):
 def test_launcher_fills_poisoned_output():
     x = random_tensor((3, 1 << 15), torch.float32, contiguous=False)  # > one interpreter block, strided
     y = poison_(torch.empty(x.shape, device=DEV))
-    do._launch(x, y, 11, 0.25)
+    do._launch(x, y, torch.tensor(11, device=x.device), 0.25)
     assert torch.equal(y, dropout_reference(x, 0.25, seed=11))
 
 

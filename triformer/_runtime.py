@@ -17,6 +17,8 @@ import os
 import sys
 
 import torch
+from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
+from torch._subclasses.fake_tensor import is_fake
 
 
 def _decide_interpret() -> bool:
@@ -80,36 +82,108 @@ if INTERPRET:
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def custom_op(name: str, mutates_args: tuple[str, ...]):
-    """``torch.library.custom_op`` for torch.compile, without its cost in eager mode.
+def kernel_op(name: str, mutates_args: tuple[str, ...]):
+    """Register ``fn`` (whose kernels launch through ``launch``) as the operator ``name`` for torch.compile,
+    without the dispatcher's cost in eager mode.
 
-    While torch.compile traces, a call goes through the registered op, so the graph holds one opaque node
-    whose shapes come from its ``register_fake`` rule. Outside tracing, the dispatcher's Python layers
-    cost far more host time than many of the kernels behind them take on the GPU (on an H200 with torch
-    2.11: ~25 us for a forward without autograd and ~330 us per call under autograd; see
-    benchmarks/results/h200/host_overhead_before_bypass.md), so eager calls run the function directly and
-    only bump the version counters of the arguments it writes, as the registered op would, so autograd
-    still catches a mutated tensor that an earlier op saved for its backward.
+    On a GPU the operator is a ``torch.library.triton_op``: while torch.compile traces, AOTAutograd traces *into*
+    ``fn``, so Inductor sees each Triton kernel (``launch`` wraps it with ``wrap_triton``), schedules it with
+    the generated code around it, fuses the pointwise glue on either side and captures it in its CUDA graphs
+    (``mode="reduce-overhead"``). The same traced body is the operator's fake (shape) rule, so ``fn`` must stay
+    traceable: shapes and strides only, never a tensor's values or address.
+
+    Under the interpreter (CPU tensors) the operator is an opaque ``torch.library.custom_op``, since Inductor
+    can launch Triton kernels only on a GPU; ``fn`` is its fake rule too, with the launches skipped.
+
+    Outside tracing, the dispatcher's Python layers cost far more host time than many of the kernels behind
+    them take on the GPU (on an H200 with torch 2.11: ~25 us for a forward without autograd and ~330 us per
+    call under autograd; benchmarks/results/h200/host_overhead_before_bypass.md), so eager calls run ``fn``
+    directly and only bump the version counters of the arguments it writes, as the registered op would, so
+    autograd still catches a mutated tensor that an earlier op saved for its backward.
     """
     def register(fn):
-        op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+        if INTERPRET:
+            op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+            op.register_fake(fn)
+        else:
+            op = torch.library.triton_op(name, fn, mutates_args=mutates_args)
+        _inductor_fallbacks.append(name)
         params = list(inspect.signature(fn).parameters)
         mutated = [(params.index(a), a) for a in mutates_args]  # (position, name), looked up once
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
             if torch.compiler.is_compiling():
+                _register_inductor_fallbacks()
                 return op(*args, **kwargs)
-            result = fn(*args, **kwargs)
+            if INTERPRET:
+                result = fn(*args, **kwargs)
+            else:
+                with _direct_launches():
+                    result = fn(*args, **kwargs)
             if mutated:
                 written = [args[i] if i < len(args) else kwargs.get(a) for i, a in mutated]
                 torch.autograd.graph.increment_version([t for t in written if t is not None])
             return result
 
-        call.register_fake = op.register_fake
         call.op = op
         return call
     return register
+
+
+# Ops that Inductor calls as opaque fallbacks (all of them under the interpreter). torch 2.11's Inductor formats
+# an implicit fallback's arguments into an INFO log message even when nobody logs (torch/_inductor/graph.py), and
+# an argument that is a deep unrealized expression (the residual stream after a few blocks) prints in time
+# exponential in its depth: a 4-layer GPT never finished compiling. Ops named in FALLBACK_ALLOW_LIST skip
+# that message. They are added when Dynamo first traces a kernel_op call: importing Inductor at import time
+# would cost seconds.
+_inductor_fallbacks: list[str] = []
+
+
+def _register_inductor_fallbacks() -> bool:
+    if _inductor_fallbacks:
+        from torch._inductor import lowering
+
+        allow = getattr(lowering, "FALLBACK_ALLOW_LIST", None)
+        if allow is not None:
+            for name in _inductor_fallbacks:
+                allow.add(name)
+        _inductor_fallbacks.clear()
+    return True
+
+
+# Dynamo runs a function marked so at trace time and keeps its result as a constant, so the registration above
+# happens before Inductor lowers the graph instead of being recorded as a side effect to replay afterwards (what
+# torch._dynamo.assume_constant_result sets, without importing Dynamo here).
+_register_inductor_fallbacks._dynamo_marked_constant = True
+
+
+def _direct_launches():
+    """Launch kernels straight away: eager tensors need no graph node (``wrap_triton`` costs ~1 ms per launch
+    through its dispatcher when it is enabled outside tracing)."""
+    return set_wrap_triton_enabled(False)
+
+
+def _skip_launch(*args, **kwargs) -> None:
+    return None
+
+
+def traced_launches() -> bool:
+    """Whether ``launch`` now records kernels for torch.compile (a ``kernel_op`` body traced on a GPU)."""
+    return not INTERPRET and is_wrap_triton_enabled()
+
+
+def launch(kernel, grid):
+    """``kernel[grid]``, as torch.compile must see it: a ``wrap_triton`` node while a ``kernel_op`` body is
+    traced on a GPU; nothing while the interpreter's opaque ops run on fake tensors (their shape rule); the
+    kernel itself otherwise."""
+    if INTERPRET:
+        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+            return _skip_launch
+        return kernel[grid]
+    if is_wrap_triton_enabled():  # tracing (kernel_op's eager calls and op bodies switch it off)
+        return torch.library.wrap_triton(kernel)[grid]
+    return kernel[grid]
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from triformer import _runtime  # noqa: F401  (decides compile vs interpreter before kernels are defined)
+from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import INTERPRET, check_device, check_float
 from triformer.dropout import _philox, _seed_tensor, _uniform, dropout_keep, dropout_keep_reference
 
@@ -249,12 +250,12 @@ def _log2_scores(qk, i, j, Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
     return s
 
 
-@triton.jit(do_not_specialize=["seed", "n_pairs"])
+@triton.jit(do_not_specialize=["n_pairs"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
+    H, n_pairs, Tq, Tk, qk_scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
@@ -274,6 +275,7 @@ def _attn_fwd_kernel(
     mask_base = MASK + b * smb + h * smh
     kpm_base = KPM + b * spb
     rng_base = bh.to(tl.int64) * Tq * Tk
+    seed = tl.load(SEED) if HAS_DROPOUT else 0  # read on the device: a compiled graph draws it each step
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -313,12 +315,12 @@ def _attn_fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
 
 
-@triton.jit(do_not_specialize=["seed", "n_pairs"])
+@triton.jit(do_not_specialize=["n_pairs"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sgb, sgh, sgn, sgd, smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
+    H, n_pairs, Tq, Tk, qk_scale, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
@@ -341,6 +343,7 @@ def _attn_bwd_dkdv_kernel(
     v = _load_rows(V + b * svb + h * svh + offs_d[None, :] * svd, offs_n, svn, Tk, d_ok, True, EVEN_D)
     bh_m, b_m, h_m = _partner_pairs(h_kv_heads, bh, b, h, BLOCK_M, SEQ_M)
     kpm_base = KPM + b * spb
+    seed = tl.load(SEED) if HAS_DROPOUT else 0  # read on the device: a compiled graph draws it each step
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -432,12 +435,12 @@ def _attn_bwd_dkdv_kernel(
     _store_rows(DV + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_n, sgn, Tk, d_ok, dv)
 
 
-@triton.jit(do_not_specialize=["seed", "n_pairs"])
+@triton.jit(do_not_specialize=["n_pairs"])
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, sdb, sdh, sdm, sdd,
     sgb, sgh, sgm, sgd, smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, scale, seed, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
+    H, n_pairs, Tq, Tk, qk_scale, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
@@ -463,6 +466,7 @@ def _attn_bwd_dq_kernel(
     mask_base = MASK + b * smb + h * smh
     kpm_base = KPM + b * spb
     rng_base = bh.to(tl.int64) * Tq * Tk
+    seed = tl.load(SEED) if HAS_DROPOUT else 0  # read on the device: a compiled graph draws it each step
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_full, n_end = _key_range(m0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL, PACKED)
@@ -492,13 +496,14 @@ def _attn_bwd_dq_kernel(
     _store_rows(DQ + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_m, sgm, Tq, d_ok, dq * scale)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(OUT, seed, Tq, Tk, dropout_p, QUADS: tl.constexpr, BLOCK_M: tl.constexpr,
+@triton.jit
+def _dropout_mask_kernel(OUT, SEED, Tq, Tk, dropout_p, QUADS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     # The mask's flat index is the RNG counter: the whole contract between the attention kernels and dropout.
     mb, bh = _program_block(tl.cdiv(Tq, BLOCK_M), False)
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     rng_base = bh.to(tl.int64) * Tq * Tk
+    seed = tl.load(SEED)
     for start_n in range(0, Tk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         keep = _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N, QUADS, 0)
@@ -605,9 +610,11 @@ def _launch(kernel, seq_len: int, block: str, n_pairs: int, tiles: dict, tensors
     dtypes are part of the tuning key."""
     args = (*tensors, *scalars)
     if tiles["SEQ_M"]:
-        kernel[(_cdiv(n_pairs, tiles["BLOCK_M"] // tiles["SEQ_M"]),)](*args, **tiles, **consts)
+        grid = (_cdiv(n_pairs, tiles["BLOCK_M"] // tiles["SEQ_M"]),)
     elif not isinstance(kernel, triton.runtime.Autotuner):  # the interpreter, or a kernel given its tile
-        kernel[(_cdiv(seq_len, tiles[block]) * n_pairs,)](*args, **tiles, **consts)
+        grid = (_cdiv(seq_len, tiles[block]) * n_pairs,)
+    elif _runtime.traced_launches():  # torch.compile: Inductor benchmarks the candidates itself
+        grid = lambda meta: (_cdiv(seq_len, meta[block]) * n_pairs,)  # noqa: E731
     else:
         key = _tune_key(kernel, tensors, consts)
         tuned = _TUNED.get(key)
@@ -617,6 +624,8 @@ def _launch(kernel, seq_len: int, block: str, n_pairs: int, tiles: dict, tensors
             _TUNED[key] = (config.kwargs[block], config.all_kwargs())
         else:  # what Autotuner.run does with a cached config (ours have no pre_hook), minus rebuilding its key
             kernel.fn[(_cdiv(seq_len, tuned[0]) * n_pairs,)](*args, **tiles, **consts, **tuned[1])
+        return
+    _runtime.launch(kernel, grid)(*args, **tiles, **consts)
 
 
 def _empty(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None, strides=None) -> torch.Tensor:
@@ -651,7 +660,7 @@ def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_caus
     mask_kind, mask, mask_strides = _mask_operand(attn_mask, B, H, Tq, Tk, q)
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     kpm_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
-    rng = (int(seed) if dropout_p > 0 else 0, dropout_p, 1.0 / (1.0 - dropout_p))
+    rng = (seed if dropout_p > 0 else q, dropout_p, 1.0 / (1.0 - dropout_p))  # q: a placeholder never read
     dot_prec = "ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
     consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
                   HAS_DROPOUT=dropout_p > 0, QUADS=Tk % 4 == 0, DOT_PREC=dot_prec, HEAD_DIM=D,
@@ -663,7 +672,7 @@ def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_caus
 # Custom ops
 # ----------------------------------------------------------------------------------------------------
 
-@_runtime.custom_op("triformer::attention_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                    key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], is_causal: bool,
                    dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -679,13 +688,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     return out, lse
 
 
-@_attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale):
-    B, H, Tq, D = q.shape
-    return _bthd_empty(B, H, Tq, D, q), _empty((B, H, Tq), q, torch.float32)
-
-
-@_runtime.custom_op("triformer::attention_bwd", mutates_args=())
+@_runtime.kernel_op("triformer::attention_bwd", mutates_args=())
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                    seed: Optional[torch.Tensor], is_causal: bool, dropout_p: float,
@@ -707,14 +710,6 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     return dq, dk, dv
 
 
-@_attention_bwd.register_fake
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale):
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    H_kv = k.shape[1]
-    return _bthd_empty(B, H, Tq, D, q), _bthd_empty(B, H_kv, Tk, D, k), _bthd_empty(B, H_kv, Tk, D, v)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Autograd and public API
 # ----------------------------------------------------------------------------------------------------
@@ -733,6 +728,14 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, attn_mask, key_padding_mask, seed = ctx.saved_tensors
+        if needs_graph(grad_out, q, k, v):
+            # create_graph=True: through attention_reference with the same arguments (the same seed regenerates the
+            # kernel's dropout mask); it builds the [B, H, Tq, Tk] scores. See triformer._double_backward.
+            dq, dk, dv = reference_grads(
+                lambda q_, k_, v_: attention_reference(q_, k_, v_, ctx.is_causal, ctx.dropout_p, ctx.scale, attn_mask,
+                                                       key_padding_mask, seed),
+                (q, k, v), (grad_out,), ctx.needs_input_grad[:3])
+            return dq, dk, dv, None, None, None, None, None, None
         dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed,
                                     ctx.is_causal, ctx.dropout_p, ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None
@@ -791,10 +794,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
     returns [B, H, Tq, D] (see the module
     docstring for masks, causal alignment, rows with nothing to attend to, and dropout). ``scale``
     defaults to 1/sqrt(D). ``seed`` (used only when dropout_p > 0): an int in [0, 2**63) or a 0-dim
-    integer tensor; None draws one from torch's CPU generator, exactly as ``triformer.dropout`` does."""
+    integer tensor; None draws one from the generator of q's device, exactly as ``triformer.dropout`` does."""
     _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    seed_t = _seed_tensor(seed) if dropout_p > 0 else None
+    seed_t = _seed_tensor(seed, q.device) if dropout_p > 0 else None
     return AttentionFunction.apply(q, k, v, is_causal, float(dropout_p), scale, attn_mask, key_padding_mask, seed_t)
 
 
@@ -808,8 +811,8 @@ def attention_dropout_mask(shape, dropout_p: float, seed, device=None) -> torch.
     device = torch.device("cpu" if INTERPRET else "cuda") if device is None else torch.device(device)
     out = _empty((B, H, Tq, Tk), torch.empty(0, dtype=torch.uint8, device=device))
     block_m = 64 if INTERPRET else 32
-    _dropout_mask_kernel[(_cdiv(Tq, block_m) * B * H,)](
-        out, int(_seed_tensor(seed)), Tq, Tk, float(dropout_p), QUADS=Tk % 4 == 0, BLOCK_M=block_m, BLOCK_N=64)
+    _runtime.launch(_dropout_mask_kernel, (_cdiv(Tq, block_m) * B * H,))(
+        out, _seed_tensor(seed, device), Tq, Tk, float(dropout_p), QUADS=Tk % 4 == 0, BLOCK_M=block_m, BLOCK_N=64)
     return out.view(torch.bool)
 
 
@@ -848,7 +851,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_ca
             dropout_mask = torch.rand(p.shape, device=q.device) >= dropout_p
         elif dropout_mask is None:
             index = torch.arange(p.numel(), device=q.device).reshape(p.shape)
-            dropout_mask = dropout_keep_reference(index, int(_seed_tensor(seed)), dropout_p)
+            dropout_mask = dropout_keep_reference(index, int(_seed_tensor(seed, q.device)), dropout_p)
         p = p * dropout_mask / (1.0 - dropout_p)
     return p @ v
 

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from triformer import _runtime
+from triformer._double_backward import double_backward_unsupported
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -436,7 +437,7 @@ def rows_view(x: torch.Tensor, what: str, copy_ok: bool) -> torch.Tensor:
 def check_targets(targets: torch.Tensor, n_cols: int, ignore_index: int) -> None:
     """Targets must be in [0, n_cols) or ignore_index; see the module docstring for how each device reports it."""
     bad = ((targets < 0) | (targets >= n_cols)) & (targets != ignore_index)
-    if targets.device.type == "cpu":
+    if targets.device.type == "cpu" and not _runtime.is_fake(targets):
         if bool(bad.any()):
             value = int(targets[bad][0])
             raise ValueError(f"targets must be in [0, {n_cols}) or ignore_index={ignore_index}, got {value}")
@@ -447,10 +448,11 @@ def check_targets(targets: torch.Tensor, n_cols: int, ignore_index: int) -> None
 def _unmasked_tiles(t3: torch.Tensor) -> bool:
     """Whether whole tiles of ``t3[outer, inner, V]`` go unmasked (see _row_stats): its row strides are multiples
     of 16 elements from a 16-byte-aligned address, its columns are contiguous, and V is not a multiple of 16
-    (where it is, the masked loads vectorize already, and measured faster)."""
+    (where it is, the masked loads vectorize already, and measured faster). The address is judged by the
+    storage offset (PyTorch's and Inductor's allocations are aligned), which a traced tensor has too."""
     n_cols = t3.shape[-1]
     return (n_cols % 16 != 0 and t3.stride(2) == 1 and t3.stride(0) % 16 == 0
-            and (t3.shape[1] == 1 or t3.stride(1) % 16 == 0) and t3.data_ptr() % 16 == 0)
+            and (t3.shape[1] == 1 or t3.stride(1) % 16 == 0) and t3.storage_offset() * t3.element_size() % 16 == 0)
 
 
 def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
@@ -477,7 +479,7 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
         tiles = dict(BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
         row_blocks = triton.cdiv(last - first, plan.block_r)
         if not plan.n_splits:
-            _cross_entropy_fwd_kernel[(min(plan.programs, row_blocks),)](
+            _runtime.launch(_cross_entropy_fwd_kernel, (min(plan.programs, row_blocks),))(
                 logits3, g, targets, loss_rows, scale_arg, first, last, n_cols, inner, *strides,
                 ignore_index, float(label_smoothing), float(z_loss), **flags, **tiles)
             continue
@@ -487,11 +489,11 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
         planes = 4 if label_smoothing > 0 else 2
         part = torch.empty(planes * n_splits * (last - first) + (last - first), dtype=torch.float32,
                            device=logits3.device)
-        _cross_entropy_partial_kernel[(row_blocks * n_splits,)](
+        _runtime.launch(_cross_entropy_partial_kernel, (row_blocks * n_splits,))(
             logits3, targets, part, first, last, n_cols, inner, n_splits, span, last - first,
             *logits3.stride(), targets.stride(0), ignore_index, **common, **tiles)
         grid_splits = n_splits if grad3 is not None else 1
-        _cross_entropy_combine_kernel[(row_blocks * grid_splits,)](
+        _runtime.launch(_cross_entropy_combine_kernel, (row_blocks * grid_splits,))(
             logits3, g, targets, loss_rows, scale_arg, part, first, last, n_cols, inner, n_splits, grid_splits,
             span, last - first, *strides, ignore_index, float(label_smoothing), float(z_loss), **flags, **tiles)
 
@@ -509,21 +511,16 @@ def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
         block_r = _runtime.rows_per_program(n_rows, block_v)
     else:  # one row per program: a skipped row costs one scalar load
         block_v, block_r = min(triton.next_power_of_2(n_cols), 4096), 1
-    _scale_rows_kernel[(triton.cdiv(n_rows, block_r),)](
+    _runtime.launch(_scale_rows_kernel, (triton.cdiv(n_rows, block_r),))(
         x3, flat, n_rows, n_cols, inner, *x3.stride(), flat.stride(0) if flat.numel() > 1 else 0,
         BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4 if block_v <= 1024 else 8,
     )
 
 
-@_runtime.custom_op("triformer::cross_entropy_bwd", mutates_args=("grad",))
+@_runtime.kernel_op("triformer::cross_entropy_bwd", mutates_args=("grad",))
 def _cross_entropy_bwd(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     """Scale a gradient stored by a forward pass by ``grad_output`` in place (no new buffer)."""
     scale_rows_(grad, grad_output)
-
-
-@_cross_entropy_bwd.register_fake
-def _(grad, grad_output):
-    return None
 
 
 def mean_scale(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -553,7 +550,7 @@ def _loss_fake(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> t
     return logits.new_empty(targets.shape if reduction == "none" else ())
 
 
-@_runtime.custom_op("triformer::cross_entropy_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
                        reduction: str, n_chunks: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, gradient for an upstream gradient of 1 shaped like logits, or an empty tensor)."""
@@ -563,22 +560,11 @@ def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     return loss, grad if grad is not None else logits.new_empty(0)
 
 
-@_cross_entropy_fwd.register_fake
-def _(logits, targets, ignore_index, label_smoothing, reduction, n_chunks, compute_grad):
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else logits.new_empty(0)
-    return _loss_fake(logits, targets, reduction), grad
-
-
-@_runtime.custom_op("triformer::cross_entropy_fwd_inplace", mutates_args=("logits",))
+@_runtime.kernel_op("triformer::cross_entropy_fwd_inplace", mutates_args=("logits",))
 def _cross_entropy_fwd_inplace(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                                label_smoothing: float, reduction: str, n_chunks: int) -> torch.Tensor:
     """The loss; ``logits`` is overwritten with the gradient for an upstream gradient of 1."""
     return _forward(logits, targets, logits, ignore_index, label_smoothing, reduction, n_chunks)
-
-
-@_cross_entropy_fwd_inplace.register_fake
-def _(logits, targets, ignore_index, label_smoothing, reduction, n_chunks):
-    return _loss_fake(logits, targets, reduction)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -596,11 +582,19 @@ class CrossEntropyFunction(torch.autograd.Function):
                                                                reduction, n_chunks, compute_grad)
         if compute_grad:
             ctx.save_for_backward(grad)
+        ctx.inplace = inplace_backward
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: the logits are gone (triformer._double_backward)
+            raise double_backward_unsupported(
+                "cross_entropy",
+                "with inplace_backward=True its forward wrote d(loss)/d(logits) over the logits" if ctx.inplace else
+                "it keeps only d(loss)/d(logits) from its forward, not the logits, whose curvature the second "
+                "order needs",
+                "compute this loss with triformer.cross_entropy_reference (same arguments, plain PyTorch) or "
+                "torch.nn.functional.cross_entropy")
         # a second backward through this graph fails in this unpack: the in-place scale below bumped the
         # saved tensor's version, so autograd refuses to scale it twice
         (grad,) = ctx.saved_tensors

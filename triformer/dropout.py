@@ -10,7 +10,7 @@ elements, a quarter of the per-element RNG work.
 Kept elements are scaled by ``1 / (1 - p)``; dropped elements are exactly 0 (even where the input is inf or
 NaN). The backward regenerates the mask from the seed: ``dx = mask * dy / (1 - p)``.
 
-Seeds: ``None`` draws one from torch's default CPU generator (so ``torch.manual_seed`` reproduces a run), or
+Seeds: ``None`` draws one from the default generator of x's device (so ``torch.manual_seed`` reproduces a run), or
 pass an int in ``[0, 2**63)`` or a 0-dim integer tensor. ``p == 0`` or ``training=False`` returns ``x``
 itself without drawing a seed or launching anything.
 """
@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from triformer import _runtime  # noqa: F401  (decides compile vs interpret before the kernels below)
+from triformer._double_backward import needs_graph
 from triformer._runtime import INTERPRET, check_device, check_float
 
 # ---------------------------------------------------------------------------------------------------------
@@ -60,11 +61,13 @@ def dropout_keep(seed, offsets, p):
     return _uniform(r0, r1, r2, r3, offsets & 3) >= p
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _dropout_kernel(x_ptr, y_ptr, n_elements, n_cols, stride_r, stride_c, seed, p, scale,
+@triton.jit
+def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n_elements, n_cols, stride_r, stride_c, p, scale,
                     FLAT: tl.constexpr, BLOCK: tl.constexpr):
     # Each program owns BLOCK consecutive logical indices as a [BLOCK // 4, 4] tile: row k of the tile is
-    # the four elements one Philox call covers, so the RNG runs on BLOCK // 4 counters.
+    # the four elements one Philox call covers, so the RNG runs on BLOCK // 4 counters. The seed is read from
+    # device memory, not passed by value, so a compiled graph or CUDA graph draws a new one every step.
+    seed = tl.load(seed_ptr)
     quad = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
     lane = tl.arange(0, 4)
     idx = quad[:, None] * 4 + lane[None, :]
@@ -92,7 +95,7 @@ NUM_WARPS = 8
 SEED_LIMIT = 2**63
 
 
-def _launch(x: torch.Tensor, y: torch.Tensor, seed: int, p: float) -> None:
+def _launch(x: torch.Tensor, y: torch.Tensor, seed: torch.Tensor, p: float) -> None:
     """Write the dropped ``x`` into the preallocated contiguous ``y``."""
     n = x.numel()
     if n == 0:
@@ -100,26 +103,18 @@ def _launch(x: torch.Tensor, y: torch.Tensor, seed: int, p: float) -> None:
     rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
     flat = rows.is_contiguous()
     scale = 1.0 / (1.0 - p) if p < 1.0 else 0.0
-    _dropout_kernel[(triton.cdiv(n, BLOCK),)](rows, y, n, rows.shape[1], rows.stride(0), rows.stride(1), seed,
-                                              p, scale, FLAT=flat, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _runtime.launch(_dropout_kernel, (triton.cdiv(n, BLOCK),))(
+        rows, y, seed, n, rows.shape[1], rows.stride(0), rows.stride(1), p, scale, FLAT=flat, BLOCK=BLOCK,
+        num_warps=NUM_WARPS)
 
 
-@_runtime.custom_op("triformer::dropout", mutates_args=())
+@_runtime.kernel_op("triformer::dropout", mutates_args=())
 def _dropout_op(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """Forward and backward alike: the backward drops ``dy`` with the same seed and p."""
-    check_device(x=x)
-    p = _check_p(p)
-    seed_value = int(seed)
-    if not 0 <= seed_value < SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed_value}")
+    """Forward and backward alike: the backward drops ``dy`` with the same seed and p. ``seed``: a 0-dim int64
+    tensor on x's device, in [0, 2**63)."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(x, y, seed_value, p)
+    _launch(x, y, seed, p)
     return y
-
-
-@_dropout_op.register_fake
-def _(x, seed, p):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _check_p(p) -> float:
@@ -130,21 +125,24 @@ def _check_p(p) -> float:
     return float(p)
 
 
-def _seed_tensor(seed) -> torch.Tensor:
-    """The seed as a 0-dim int64 CPU tensor (a tensor, not an int, so torch.compile keeps drawing it in the
-    graph instead of baking one value in)."""
+def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    """The seed as a 0-dim int64 tensor on ``device``, where the kernels read it. A tensor, not an int, so that
+    torch.compile keeps drawing it in the graph instead of baking one value in, and so that a CUDA graph
+    replays a fresh draw. ``None`` draws from ``device``'s default generator."""
     if seed is None:
-        return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64)
+        return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64, device=device)
     if isinstance(seed, torch.Tensor):
         if seed.dim() != 0 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
             raise TypeError(f"seed tensor must be a 0-dim integer tensor, got shape {tuple(seed.shape)} "
                             f"dtype {seed.dtype}")
-        return seed.to(device="cpu", dtype=torch.int64)
+        if not torch.compiler.is_compiling() and not _runtime.is_fake(seed) and not 0 <= int(seed) < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**63), got {int(seed)}")
+        return seed.to(device=device, dtype=torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be None, an int or a 0-dim integer tensor, got {type(seed).__name__}")
     if not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return torch.tensor(int(seed), dtype=torch.int64)
+    return torch.tensor(int(seed), dtype=torch.int64, device=device)
 
 
 class TritonDropout(torch.autograd.Function):
@@ -153,8 +151,9 @@ class TritonDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, seed=None) -> torch.Tensor:
         check_float("x", x)
+        check_device(x=x)
         p = _check_p(p)
-        seed = _seed_tensor(seed)
+        seed = _seed_tensor(seed, x.device)
         ctx.save_for_backward(seed)
         ctx.p = p
         return _dropout_op(x, seed, p)
@@ -162,6 +161,10 @@ class TritonDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (seed,) = ctx.saved_tensors
+        if needs_graph(dy):
+            # create_graph=True: dropout is linear, so its backward (the same mask and scale applied to dy) is this
+            # Function again, whose own backward makes it differentiable. See triformer._double_backward.
+            return TritonDropout.apply(dy, ctx.p, seed), None, None
         return _dropout_op(dy, seed, ctx.p), None, None
 
 
@@ -236,7 +239,7 @@ def dropout_reference(x: torch.Tensor, p: float = 0.5, training: bool = True, se
     if not training or p == 0.0:
         return x
     if mask is None:
-        seed_value = int(_seed_tensor(seed))
+        seed_value = int(_seed_tensor(seed, x.device))
         index = torch.arange(x.numel(), device=x.device).reshape(x.shape)
         mask = dropout_keep_reference(index, seed_value, p)
     elif mask.shape != x.shape or mask.dtype != torch.bool:

@@ -15,12 +15,13 @@ from typing import Optional
 import torch
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import check_float
 from triformer.layernorm import check_args, grad_or_none, layer_norm_bwd, layer_norm_reference, n_rows, norm_forward
 from triformer.rmsnorm import rms_norm_bwd, rms_norm_reference
 
 
-@_runtime.custom_op("triformer::add_layer_norm_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::add_layer_norm_fwd", mutates_args=())
 def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor],
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -28,23 +29,11 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional
     return s, y, mean, rstd
 
 
-@add_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps):
-    rows = n_rows(x)
-    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32),
-            x.new_empty(rows, dtype=torch.float32))
-
-
-@_runtime.custom_op("triformer::add_rms_norm_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::add_rms_norm_fwd", mutates_args=())
 def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, s, _, rstd = norm_forward(x, residual, weight, None, eps, rms=True)
     return s, y, rstd
-
-
-@add_rms_norm_fwd.register_fake
-def _(x, residual, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(n_rows(x), dtype=torch.float32)
 
 
 # Both Functions let an unused output's gradient arrive as None (set_materialize_grads(False)). When only
@@ -55,14 +44,21 @@ class AddLayerNormFunction(torch.autograd.Function):
         s, y, mean, rstd = add_layer_norm_fwd(x, residual, weight, bias, eps)
         ctx.save_for_backward(s, weight, bias, mean, rstd)
         ctx.set_materialize_grads(False)
+        ctx.eps = eps
         return s, y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, ds, dy):
         s, weight, bias, mean, rstd = ctx.saved_tensors
         if dy is None:
             return ds, ds, None, None, None
+        if needs_graph(ds, dy, s, weight, bias):
+            # create_graph=True: differentiate layer_norm_reference at the saved sum (an output of this Function,
+            # so its graph leads back to x and residual through this backward); see triformer._double_backward
+            dsum, dw, db = reference_grads(lambda s_, w_, b_: layer_norm_reference(s_, w_, b_, ctx.eps),
+                                           (s, weight, bias), (dy,), (True, *ctx.needs_input_grad[2:4]))
+            dsum = ds if dsum is None else dsum if ds is None else dsum + ds
+            return dsum, dsum, dw, db, None
         dsum, dw, db = layer_norm_bwd(dy, s, weight, bias, mean, rstd, ds)
         return dsum, dsum, grad_or_none(dw, weight), grad_or_none(db, bias), None
 
@@ -73,14 +69,19 @@ class AddRMSNormFunction(torch.autograd.Function):
         s, y, rstd = add_rms_norm_fwd(x, residual, weight, eps)
         ctx.save_for_backward(s, weight, rstd)
         ctx.set_materialize_grads(False)
+        ctx.eps = eps
         return s, y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, ds, dy):
         s, weight, rstd = ctx.saved_tensors
         if dy is None:
             return ds, ds, None, None
+        if needs_graph(ds, dy, s, weight):  # create_graph=True: as AddLayerNormFunction.backward
+            dsum, dw = reference_grads(lambda s_, w_: rms_norm_reference(s_, w_, ctx.eps), (s, weight), (dy,),
+                                       (True, ctx.needs_input_grad[2]))
+            dsum = ds if dsum is None else dsum if ds is None else dsum + ds
+            return dsum, dsum, dw, None
         dsum, dw = rms_norm_bwd(dy, s, weight, rstd, ds)
         return dsum, dsum, grad_or_none(dw, weight), None
 

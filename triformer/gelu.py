@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import nn
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph, reference_grads
 
 _APPROXIMATIONS = ("tanh", "none")
 
@@ -183,7 +184,7 @@ def _row_groups(device_index: int, row_blocks: int, col_blocks: int) -> int:
     return max(1, min(row_blocks, triton.cdiv(4 * _runtime.multiprocessors(device_index), col_blocks)))
 
 
-@_runtime.custom_op("triformer::gelu_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::gelu_fwd", mutates_args=())
 def gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
     # size=: a positional torch.Size takes ~1 us longer to parse
     y = torch.empty(size=x.shape, dtype=x.dtype, device=x.device)
@@ -191,18 +192,13 @@ def gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) ->
         return y
     (x2,), M, M1, N, ((sx0, sx1, sxn),) = row_layout(x)
     grid, meta = _fwd_launch(M, N)
-    _gelu_fwd_kernel[grid](x2, bias if bias is not None else x2, y, M, N, M1, sx0, sx1, sxn,
+    _runtime.launch(_gelu_fwd_kernel, grid)(x2, bias if bias is not None else x2, y, M, N, M1, sx0, sx1, sxn,
                            bias.stride(0) if bias is not None else 0,
                            HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **meta)
     return y
 
 
-@gelu_fwd.register_fake
-def _(x, bias, approximate):
-    return x.new_empty(x.shape)
-
-
-@_runtime.custom_op("triformer::gelu_bwd", mutates_args=())
+@_runtime.kernel_op("triformer::gelu_bwd", mutates_args=())
 def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
              approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias); dbias is an empty tensor when there is no bias."""
@@ -216,18 +212,13 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
     (dy2, x2), M, M1, N, ((sd0, sd1, sdn), (sx0, sx1, sxn)) = row_layout(dy, x)
     grid, rows_per_group, meta, sum_grid, sum_meta = _bwd_launch(M, N, bias is not None, x.get_device())
     partials = torch.empty(grid[0], N, dtype=torch.float32, device=x.device) if bias is not None else dx
-    _gelu_bwd_kernel[grid](
+    _runtime.launch(_gelu_bwd_kernel, grid)(
         dy2, x2, bias if bias is not None else x2, dx, partials, M, N, M1, sd0, sd1, sdn, sx0, sx1, sxn,
         bias.stride(0) if bias is not None else 0, rows_per_group,
         HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **meta)
     if bias is not None:
-        _sum_rows_kernel[sum_grid](partials, dbias, grid[0], N, dbias.stride(0), **sum_meta)
+        _runtime.launch(_sum_rows_kernel, sum_grid)(partials, dbias, grid[0], N, dbias.stride(0), **sum_meta)
     return dx, dbias
-
-
-@gelu_bwd.register_fake
-def _(dy, x, bias, approximate):
-    return x.new_empty(x.shape), (bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
 
 
 class GELUFunction(torch.autograd.Function):
@@ -240,6 +231,10 @@ class GELUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
+        if needs_graph(dy, x, bias):  # create_graph=True: through the reference (triformer._double_backward)
+            dx, dbias = reference_grads(lambda x_, b_: gelu_reference(x_, ctx.approximate, b_), (x, bias), (dy,),
+                                        ctx.needs_input_grad[:2])
+            return dx, dbias, None
         dx, dbias = gelu_bwd(dy, x, bias, ctx.approximate)
         return dx, (dbias if bias is not None else None), None
 

@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import nn
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import INTERPRET
 
 # Widest column block kept as one tile. A wider row loops over column blocks. On the GPU a backward tile
@@ -368,7 +369,7 @@ def norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Opti
         return y, s, mean, rstd
     (x3, r3), rows_inner, (sx, sr) = _row_grids(x, residual)
     grid, meta = _fwd_launch(m, n, FWD_MAX_BLOCK_N)
-    _norm_fwd_kernel[grid](
+    _runtime.launch(_norm_fwd_kernel, grid)(
         x3, r3, weight, bias, y, s, mean, rstd, m, n, rows_inner, eps, *sx, *sr,
         RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **meta,
     )
@@ -391,7 +392,7 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
     part = torch.empty(len(params), programs, n, dtype=torch.float32, device=x.device) if params else None
     row_sums = None if meta["ONE_TILE"] else torch.empty(2, m, dtype=torch.float32, device=x.device)
     (x3, dy3, d3), rows_inner, (sx, sdy, sd) = _row_grids(x, dy, dres)
-    _norm_bwd_kernel[(programs,)](
+    _runtime.launch(_norm_bwd_kernel, (programs,))(
         dy3, x3, weight, mean, rstd, d3, dx, part if weight is not None else None,  # part[0]'s pointer, without a view
         part[-1] if bias is not None else None, row_sums, m, n, rows_inner, n_row_blocks, *sdy, *sx, *sd,
         RMS=mean is None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DRES=dres is not None,
@@ -399,7 +400,7 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
     )
     grads = [torch.empty(n, dtype=p.dtype, device=x.device) for p in params]
     if grads:  # grads[i] = part[i].sum(0), each in its parameter's dtype; grid axis 1 picks the output
-        _sum_rows_kernel[(sum_blocks, len(grads))](part, grads[0], grads[-1], programs, n, TWO=len(grads) == 2,
+        _runtime.launch(_sum_rows_kernel, (sum_blocks, len(grads)))(part, grads[0], grads[-1], programs, n, TWO=len(grads) == 2,
                                                    **sum_meta)
     dw = grads[0] if weight is not None else None
     db = grads[-1] if bias is not None else None
@@ -465,20 +466,14 @@ def check_last_dim(module: nn.Module, x) -> None:
 
 
 # ------------------------------------------------------------------------------------------ custom ops
-@_runtime.custom_op("triformer::layer_norm_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, _, mean, rstd = norm_forward(x, None, weight, bias, eps, rms=False)
     return y, mean, rstd
 
 
-@layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
-    rows = n_rows(x)
-    return x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
-
-
-@_runtime.custom_op("triformer::layer_norm_bwd", mutates_args=())
+@_runtime.kernel_op("triformer::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    mean: torch.Tensor, rstd: torch.Tensor,
                    dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -487,23 +482,22 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     return dx, x.new_empty(0) if dw is None else dw, x.new_empty(0) if db is None else db
 
 
-@layer_norm_bwd.register_fake
-def _(dy, x, weight, bias, mean, rstd, dres):
-    return backward_fake(x, weight, bias)
-
-
 # ------------------------------------------------------------------------------------- autograd, API
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         y, mean, rstd = layer_norm_fwd(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.eps = eps
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
+        if needs_graph(dy, x, weight, bias):  # create_graph=True: through the reference (triformer._double_backward)
+            dx, dw, db = reference_grads(lambda x_, w_, b_: layer_norm_reference(x_, w_, b_, ctx.eps),
+                                         (x, weight, bias), (dy,), ctx.needs_input_grad[:3])
+            return dx, dw, db, None
         dx, dw, db = layer_norm_bwd(dy, x, weight, bias, mean, rstd, None)
         return dx, grad_or_none(dw, weight), grad_or_none(db, bias), None
 

@@ -48,6 +48,7 @@ import torch
 import triton
 
 from triformer import _runtime
+from triformer._double_backward import double_backward_unsupported, needs_graph, reference_grads
 from triformer.cross_entropy import (_cross_entropy_bwd, check_loss_args, check_targets, check_targets_tensor,
                                      launch_cross_entropy, mean_scale, reference_loss)
 
@@ -154,7 +155,7 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(0)
 
 
-@_runtime.custom_op("triformer::linear_cross_entropy_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::linear_cross_entropy_fwd", mutates_args=())
 def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               bias: torch.Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
                               reduction: str, need_h: bool, need_w: bool, need_b: bool,
@@ -175,16 +176,7 @@ def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, target
     return (loss.to(hidden.dtype), *(g if g is not None else _empty(hidden) for g in grads))
 
 
-@_linear_cross_entropy_fwd.register_fake
-def _(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, reduction, need_h, need_w, need_b,
-      chunk_rows):
-    loss = hidden.new_empty(targets.shape if reduction == "none" else ())
-    return (loss, hidden.new_empty(hidden.shape) if need_h else _empty(hidden),
-            weight.new_empty(weight.shape) if need_w else _empty(hidden),
-            bias.new_empty(bias.shape) if need_b else _empty(hidden))
-
-
-@_runtime.custom_op("triformer::linear_cross_entropy_bwd", mutates_args=())
+@_runtime.kernel_op("triformer::linear_cross_entropy_bwd", mutates_args=())
 def _linear_cross_entropy_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                               targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
                               label_smoothing: float, z_loss: float, need_h: bool, need_w: bool, need_b: bool,
@@ -194,14 +186,6 @@ def _linear_cross_entropy_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, wei
     grads = _sweep(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, grad_loss, loss_rows,
                    need_h, need_w, need_b, chunk_rows)
     return tuple(g if g is not None else _empty(hidden) for g in grads)
-
-
-@_linear_cross_entropy_bwd.register_fake
-def _(grad_loss, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, need_h, need_w, need_b,
-      chunk_rows):
-    return (hidden.new_empty(hidden.shape) if need_h else _empty(hidden),
-            weight.new_empty(weight.shape) if need_w else _empty(hidden),
-            bias.new_empty(bias.shape) if need_b else _empty(hidden))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -222,17 +206,33 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.needs = (need_h, need_w, need_b)
         ctx.args = (ignore_index, label_smoothing, z_loss, chunk_rows)
         if deferred:
-            ctx.save_for_backward(hidden2, weight, targets1, bias)
+            # hidden too (the input; hidden2 is its reshape, a view when contiguous): double backward differentiates it
+            ctx.save_for_backward(hidden2, weight, targets1, bias, hidden)
             return loss.view(targets.shape)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         need_h, need_w, need_b = ctx.needs
+        if torch.is_grad_enabled():  # create_graph=True (triformer._double_backward)
+            if not ctx.deferred:
+                raise double_backward_unsupported(
+                    "linear_cross_entropy",
+                    "with reduction 'mean' or 'sum' its forward computes the first-order gradients and keeps neither "
+                    "the hidden states nor the logits",
+                    "use reduction='none' and reduce the per-token losses yourself (its backward recomputes, and can "
+                    "be differentiated again), or triformer.linear_cross_entropy_reference")
+            hidden2, weight, targets1, bias, hidden = ctx.saved_tensors
+            if needs_graph(grad_loss, hidden, weight, bias):
+                ignore_index, label_smoothing, z_loss, _ = ctx.args
+                grad_h, grad_w, grad_b = reference_grads(
+                    lambda h, w, b: linear_cross_entropy_reference(h.reshape(-1, h.shape[-1]), w, targets1, b,
+                                                                   ignore_index, "none", label_smoothing, z_loss),
+                    (hidden, weight, bias), (grad_loss.reshape(-1),), ctx.needs)
+                return grad_h, grad_w, None, grad_b, None, None, None, None, None, None, None, None
         if ctx.deferred:
-            hidden2, weight, targets1, bias = ctx.saved_tensors
+            hidden2, weight, targets1, bias, _ = ctx.saved_tensors
             ignore_index, label_smoothing, z_loss, chunk_rows = ctx.args
             grads = _linear_cross_entropy_bwd(
                 grad_loss.reshape(-1), hidden2, weight, targets1, bias, ignore_index, label_smoothing, z_loss,

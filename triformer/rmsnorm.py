@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph, reference_grads
 from triformer.layernorm import (backward_fake, check_args, check_last_dim, check_normalized_shape, grad_or_none,
                                  n_rows, norm_backward, norm_forward)
 
@@ -21,18 +22,13 @@ def _resolve_eps(x: torch.Tensor, eps: Optional[float]):
     return torch.finfo(x.dtype).eps if eps is None and isinstance(x, torch.Tensor) and x.is_floating_point() else eps
 
 
-@_runtime.custom_op("triformer::rms_norm_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     y, _, _, rstd = norm_forward(x, None, weight, None, eps, rms=True)
     return y, rstd
 
 
-@rms_norm_fwd.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(n_rows(x), dtype=torch.float32)
-
-
-@_runtime.custom_op("triformer::rms_norm_bwd", mutates_args=())
+@_runtime.kernel_op("triformer::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor,
                  dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """dres: a gradient reaching x directly (the fused op's residual sum), added to dx."""
@@ -40,22 +36,21 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tenso
     return dx, x.new_empty(0) if dw is None else dw
 
 
-@rms_norm_bwd.register_fake
-def _(dy, x, weight, rstd, dres):
-    return backward_fake(x, weight, None)[:2]
-
-
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         y, rstd = rms_norm_fwd(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.eps = eps
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
+        if needs_graph(dy, x, weight):  # create_graph=True: through the reference (triformer._double_backward)
+            dx, dw = reference_grads(lambda x_, w_: rms_norm_reference(x_, w_, ctx.eps), (x, weight), (dy,),
+                                     ctx.needs_input_grad[:2])
+            return dx, dw, None
         dx, dw = rms_norm_bwd(dy, x, weight, rstd, None)
         return dx, grad_or_none(dw, weight), None
 

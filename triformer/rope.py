@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import nn
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph
 
 
 @triton.jit
@@ -54,7 +55,7 @@ def _table_strides(table: torch.Tensor) -> tuple[int, int, int]:
     return table.stride(0), table.stride(1), table.stride(2)
 
 
-@_runtime.custom_op("triformer::rope_rotate", mutates_args=())
+@_runtime.kernel_op("triformer::rope_rotate", mutates_args=())
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offset: int,
                 inverse: bool) -> torch.Tensor:
     """Rotate x [B, H, T, D] by the angles of positions ``position_offset + t`` (backward: ``inverse``)."""
@@ -66,15 +67,10 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_
     block_d = triton.next_power_of_2(half)
     # GPU: 2048-value half tiles (4096 values with both halves), 32 per thread of 4 warps.
     block_r = _runtime.rows_per_program(R, 2 * block_d, gpu_rows=max(1, 2048 // block_d))
-    _rope_kernel[(triton.cdiv(R, block_r),)](
+    _runtime.launch(_rope_kernel, (triton.cdiv(R, block_r),))(
         x, cos, sin, y, R, H, T, half, position_offset, *x.stride(), *_table_strides(cos), *_table_strides(sin),
         INVERSE=inverse, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
     return y
-
-
-@rope_rotate.register_fake
-def _(x, cos, sin, position_offset, inverse):
-    return x.new_empty(x.shape)
 
 
 class RopeFunction(torch.autograd.Function):
@@ -89,6 +85,10 @@ class RopeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
+        if needs_graph(dy):
+            # create_graph=True: the rotation is linear, its backward the inverse rotation, i.e. the rotation by
+            # (cos, -sin): this Function again, differentiable through its own backward. See triformer._double_backward.
+            return RopeFunction.apply(dy, cos, -sin, ctx.position_offset), None, None, None
         return rope_rotate(dy, cos, sin, ctx.position_offset, True), None, None, None
 
 

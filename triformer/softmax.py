@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph
 from triformer._runtime import INTERPRET, check_device, check_float
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ def _launch_fwd(x: torch.Tensor, y: torch.Tensor, is_causal: bool, scale: float)
         return
     x3, y3 = _scores_view(x), _scores_view(y, output=True)
     grid, n_rows, tq, tk, meta = _launch_config(x3, MAX_SINGLE_BLOCK)
-    _softmax_fwd_kernel[grid](x3, y3, n_rows, tk, tq, tk - tq, *x3.stride(), *y3.stride(), scale * LOG2_E,
+    _runtime.launch(_softmax_fwd_kernel, grid)(x3, y3, n_rows, tk, tq, tk - tq, *x3.stride(), *y3.stride(), scale * LOG2_E,
                               IS_CAUSAL=is_causal, **meta)
 
 
@@ -206,11 +207,11 @@ def _launch_bwd(y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, is_causal: 
         return
     y3, g3, x3 = _scores_view(y), _scores_view(dy), _scores_view(dx, output=True)
     grid, n_rows, tq, tk, meta = _launch_config(y3, MAX_SINGLE_BLOCK_BWD)
-    _softmax_bwd_kernel[grid](y3, g3, x3, n_rows, tk, tq, tk - tq, *y3.stride(), *g3.stride(), *x3.stride(),
+    _runtime.launch(_softmax_bwd_kernel, grid)(y3, g3, x3, n_rows, tk, tq, tk - tq, *y3.stride(), *g3.stride(), *x3.stride(),
                               scale, IS_CAUSAL=is_causal, **meta)
 
 
-@_runtime.custom_op("triformer::softmax_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::softmax_fwd", mutates_args=())
 def _softmax_fwd(x: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
     check_device(x=x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -218,22 +219,12 @@ def _softmax_fwd(x: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor
     return y
 
 
-@_softmax_fwd.register_fake
-def _(x, is_causal, scale):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
-@_runtime.custom_op("triformer::softmax_bwd", mutates_args=())
+@_runtime.kernel_op("triformer::softmax_bwd", mutates_args=())
 def _softmax_bwd(y: torch.Tensor, dy: torch.Tensor, is_causal: bool, scale: float) -> torch.Tensor:
     check_device(y=y, dy=dy)
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     _launch_bwd(y, dy, dx, is_causal, scale)
     return dx
-
-
-@_softmax_bwd.register_fake
-def _(y, dy, is_causal, scale):
-    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
 
 
 class SoftmaxFunction(torch.autograd.Function):
@@ -248,6 +239,14 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
+        if needs_graph(dy, y):
+            # create_graph=True: the input is not kept, so softmax's backward formula in plain PyTorch on the saved
+            # output (whose graph leads back to x through this backward); masked entries have y = 0, so dx = 0
+            # there, as in softmax_reference. See triformer._double_backward.
+            compute = torch.promote_types(y.dtype, torch.float32)
+            yf, dyf = y.to(compute), dy.to(compute)
+            dx = ctx.scale * yf * (dyf - (yf * dyf).sum(-1, keepdim=True))
+            return dx.to(y.dtype), None, None
         return _softmax_bwd(y, dy, ctx.is_causal, ctx.scale), None, None
 
 

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import nn
 
 from triformer import _runtime
+from triformer._double_backward import needs_graph, reference_grads
 from triformer.gelu import elementwise_tiles, gelu_and_grad, row_layout, row_offsets
 
 # constexpr codes of the gating activation
@@ -65,7 +66,7 @@ def _glu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dgu_ptr, M, N, M1, sd0, sd1, sdn, sg0,
     tl.store(out + N, (dy * act).to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
-@_runtime.custom_op("triformer::glu_fwd", mutates_args=())
+@_runtime.kernel_op("triformer::glu_fwd", mutates_args=())
 def glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """``act(gate) * up``, contiguous, in gate's dtype; ``activation`` is "silu", "gelu_tanh" or "gelu"."""
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -74,17 +75,12 @@ def glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tens
     (g, u), M, M1, N, ((sg0, sg1, sgn), (su0, su1, sun)) = row_layout(gate, up)
     block_m, block_n = elementwise_tiles(M, N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _glu_fwd_kernel[grid](g, u, y, M, N, M1, sg0, sg1, sgn, su0, su1, sun,
+    _runtime.launch(_glu_fwd_kernel, grid)(g, u, y, M, N, M1, sg0, sg1, sgn, su0, su1, sun,
                           ACT=_ACTIVATIONS[activation], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return y
 
 
-@glu_fwd.register_fake
-def _(gate, up, activation):
-    return gate.new_empty(gate.shape)
-
-
-@_runtime.custom_op("triformer::glu_bwd", mutates_args=())
+@_runtime.kernel_op("triformer::glu_bwd", mutates_args=())
 def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """Gradients of gate and up side by side: a contiguous [..., 2F] tensor (d gate first, then d up)."""
     dgu = torch.empty((*gate.shape[:-1], 2 * gate.shape[-1]), dtype=gate.dtype, device=gate.device)
@@ -93,14 +89,9 @@ def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: 
     (d, g, u), M, M1, N, ((sd0, sd1, sdn), (sg0, sg1, sgn), (su0, su1, sun)) = row_layout(dy, gate, up)
     block_m, block_n = elementwise_tiles(M, N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _glu_bwd_kernel[grid](d, g, u, dgu, M, N, M1, sd0, sd1, sdn, sg0, sg1, sgn, su0, su1, sun,
+    _runtime.launch(_glu_bwd_kernel, grid)(d, g, u, dgu, M, N, M1, sd0, sd1, sdn, sg0, sg1, sgn, su0, su1, sun,
                           ACT=_ACTIVATIONS[activation], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return dgu
-
-
-@glu_bwd.register_fake
-def _(dy, gate, up, activation):
-    return gate.new_empty((*gate.shape[:-1], 2 * gate.shape[-1]))
 
 
 class GLUFunction(torch.autograd.Function):
@@ -109,15 +100,26 @@ class GLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, activation):
         ctx.packed = up is None
+        packed = gate if ctx.packed else None  # the input itself (no copy): double backward differentiates it
         if ctx.packed:
             gate, up = gate.chunk(2, dim=-1)
-        ctx.save_for_backward(gate, up)
+        ctx.save_for_backward(gate, up, packed)
         ctx.activation = activation
         return glu_fwd(gate, up, activation)
 
     @staticmethod
     def backward(ctx, dy):
-        gate, up = ctx.saved_tensors
+        gate, up, packed = ctx.saved_tensors
+        if needs_graph(dy, gate, up, packed):  # create_graph=True: through the reference (triformer._double_backward)
+            if ctx.activation == "silu":
+                reference = swiglu_reference
+            else:
+                def reference(g, u=None):
+                    return geglu_reference(g, u, "tanh" if ctx.activation == "gelu_tanh" else "none")
+            if ctx.packed:  # the chunks saved above are not connected to the input's graph: differentiate it whole
+                return reference_grads(reference, (packed,), (dy,), ctx.needs_input_grad[:1])[0], None, None
+            d_gate, d_up = reference_grads(reference, (gate, up), (dy,), ctx.needs_input_grad[:2])
+            return d_gate, d_up, None
         dgu = glu_bwd(dy, gate, up, ctx.activation)
         if ctx.packed:
             return dgu, None, None

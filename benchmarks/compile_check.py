@@ -1,0 +1,145 @@
+"""torch.compile of triformer's models on one GPU: cold compile time, graph breaks, and the compiled loss curve
+against the eager one.
+
+    python benchmarks/compile_check.py                       # gpt2-small, llama-small, vit-base; three modes
+    python benchmarks/compile_check.py --models gpt2-small --modes default --steps 100
+
+Each (model, mode) runs in a fresh process with empty Inductor and Triton caches, so the time is a cold
+compile: ``torch.compile(model, fullgraph=True, mode=...)``, then the first forward + backward + AdamW step
+(bf16 autocast, fused AdamW) is timed. Then ``--steps`` compiled steps and the same steps eager, from the same
+initial weights on the same batches (a fixed set of sequences the model can memorize, so the loss falls), give
+the largest relative gap between the two loss curves. Results: benchmarks/results/<card>/compile_check.{md,csv}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+MODELS = ("gpt2-small", "llama-small", "vit-base")
+# batch per model: large enough to be a real step, small enough that three modes and two curves fit a lease
+BATCH = {"gpt": (8, 1024), "vit": (64, None)}
+
+
+def _batches(task: str, n: int, batch: int, seq: int | None, device: str):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if task == "gpt":
+        data = torch.randint(0, 50257, (n, batch, seq + 1), generator=g)
+        return [(d[:, :-1].to(device), d[:, 1:].to(device)) for d in data]
+    return [(torch.randn(batch, 3, 224, 224, generator=g).to(device),
+             torch.randint(0, 1000, (batch,), generator=g).to(device)) for _ in range(n)]
+
+
+def _curve(model, batches, steps: int, mark_step: bool):
+    """Losses of ``steps`` AdamW steps cycling over ``batches``; the first step's time (compile) in seconds."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    losses, first = [], None
+    for i in range(steps):
+        t0 = time.perf_counter()
+        if mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        x, y = batches[i % len(batches)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if first is None:
+            first = time.perf_counter() - t0
+    return losses, first
+
+
+def run_one(name: str, mode: str, steps: int) -> dict:
+    import torch
+    import torch._dynamo.utils
+
+    import triformer  # noqa: F401  (before models: picks compile vs interpreter)
+    import models
+
+    torch.manual_seed(0)
+    model = models.create_model(name, kernels="triton", dropout=0.0).cuda()
+    task = "vit" if name.startswith("vit") else "gpt"
+    batch, seq = BATCH[task]
+    batches = _batches(task, 4, batch, seq, "cuda")
+    eager_model = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, mode=None if mode == "default" else mode)
+    row = {"model": name, "mode": mode, "batch": batch}
+    try:
+        losses, compile_s = _curve(compiled, batches, steps, mark_step=mode == "reduce-overhead")
+    except Exception as exc:  # reported, never hidden: the row says why
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[-1500:])
+        return row
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    _curve(compiled, batches, 10, mark_step=mode == "reduce-overhead")
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - t0) / 10 * 1e3
+    eager, _ = _curve(eager_model, batches, steps, mark_step=False)
+    gap = max(abs(a - b) / abs(b) for a, b in zip(losses, eager))
+    row.update(ok=True, compile_s=round(compile_s, 1), graph_breaks=sum(torch._dynamo.utils.counters["graph_break"].values()),
+               step_ms=round(step_ms, 2), loss_first=round(eager[0], 3), loss_last_eager=round(eager[-1], 3),
+               loss_last_compiled=round(losses[-1], 3), max_rel_gap=round(gap, 4), steps=steps)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--limit", type=float, default=300.0, help="seconds one (model, mode) process may take")
+    p.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(*args.one, args.steps)), flush=True)
+        return
+
+    from benchmarks.common import environment, out_dir
+
+    rows = []
+    for name in args.models.split(","):
+        for mode in args.modes.split(","):
+            with tempfile.TemporaryDirectory() as cache:  # cold: nothing compiled before
+                env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{cache}/inductor", TRITON_CACHE_DIR=f"{cache}/triton")
+                t0 = time.perf_counter()
+                try:
+                    out = subprocess.run([sys.executable, __file__, "--one", name, mode, "--steps", str(args.steps)],
+                                         env=env, capture_output=True, text=True, timeout=args.limit).stdout
+                    found = [line[7:] for line in out.splitlines() if line.startswith("RESULT ")]
+                    row = json.loads(found[-1]) if found else {"model": name, "mode": mode, "ok": False,
+                                                              "error": "no result: " + out[-400:]}
+                except subprocess.TimeoutExpired:
+                    row = {"model": name, "mode": mode, "ok": False, "error": f"over {args.limit:.0f} s"}
+                row["process_s"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    env = environment()
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    d = out_dir()
+    lines = ["# compile_check", "", " | ".join(f"{k}: {v}" for k, v in env.items()), "",
+             f"Command: `python benchmarks/compile_check.py {' '.join(sys.argv[1:])}`", "",
+             "compile_s: cold torch.compile(fullgraph=True) + first forward/backward/AdamW step; process_s: the "
+             "whole fresh process (imports, model, eager curve too); max_rel_gap: largest relative difference "
+             "of the compiled and eager loss curves (bf16 autocast, same weights and batches).", "",
+             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    (d / "compile_check.md").write_text("\n".join(lines) + "\n")
+    with open(d / "compile_check.csv", "w") as f:
+        f.write(",".join(keys) + "\n")
+        for r in rows:
+            f.write(",".join(json.dumps(r.get(k, "")) for k in keys) + "\n")
+
+
+if __name__ == "__main__":
+    main()

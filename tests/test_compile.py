@@ -1,0 +1,151 @@
+"""torch.compile of whole triformer models through Inductor (not aot_eager): on the CPU as far as it allows (the
+ops are opaque there, Inductor compiles everything around them), and on a GPU with the kernels visible to
+Inductor, in every compile mode, within the cold-compile budget."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import triformer
+from models import create_model
+from triformer.testing import kernel_device
+
+# Three blocks: torch 2.11's Inductor took exponential time in the depth when it formatted a fallback op's
+# arguments (1 layer 12 s, 4 layers never finished); a depth of three would already show that growth.
+TINY = dict(n_layer=3, n_embd=32, n_head=2, dropout=0.1)
+
+
+def _tiny(name: str):
+    if name.startswith("vit"):
+        return create_model("vit-digits", n_layer=3, n_embd=32, n_head=2, dropout=0.1)
+    return create_model(name, vocab_size=64, block_size=16, **TINY)
+
+
+def _batch(name: str, device):
+    g = torch.Generator().manual_seed(1)
+    if name.startswith("vit"):
+        return (torch.randn(4, 1, 8, 8, generator=g).to(device), torch.randint(0, 10, (4,), generator=g).to(device))
+    return (torch.randint(0, 64, (2, 16), generator=g).to(device), torch.randint(0, 64, (2, 16), generator=g).to(device))
+
+
+def _loss_and_grads(run, model, x, y, seed):
+    """``run`` is the model or its compiled form, which shares the model's parameters."""
+    torch.manual_seed(seed)  # the same dropout seeds in both runs
+    model.zero_grad(set_to_none=True)
+    _, loss = run(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.skipif(not triformer.INTERPRET, reason="the CPU path: opaque ops under the interpreter")
+@pytest.mark.parametrize("name", ["gpt2-nano", "llama-nano", "vit-digits"])
+def test_inductor_compiles_model_on_cpu_like_eager(name, monkeypatch):
+    """fullgraph=True through Inductor's lowering and C++ code generation; loss and every gradient equal eager's.
+    Dropout's seeds are drawn inside the graph, with eager's generator (Inductor's own RNG is off, so both runs
+    draw the same seeds). Two steps: the second reuses the compiled graph and must draw new seeds."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _tiny(name)
+    x, y = _batch(name, "cpu")
+    compiled = torch.compile(model, fullgraph=True)
+    losses = []
+    for step in range(2):
+        loss_c, grads_c = _loss_and_grads(compiled, model, x, y, seed=10 + step)
+        loss_e, grads_e = _loss_and_grads(model, model, x, y, seed=10 + step)
+        losses.append(loss_c)
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+        assert grads_c.keys() == grads_e.keys() and grads_e
+        for n in grads_e:
+            torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert losses[0] != losses[1]  # a fresh dropout seed each step, not one baked into the graph
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+COLD_COMPILE_BUDGET_S = 90.0
+
+
+@pytest.mark.skipif(kernel_device().type != "cuda", reason="Inductor launches the Triton kernels on a GPU only")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+@pytest.mark.parametrize("name", ["gpt2-small", "llama-small", "vit-base"])
+def test_compile_full_model_on_gpu(name, mode, tmp_path, monkeypatch):
+    """A full-size model compiles with fullgraph=True (no graph break) from a cold cache within the budget, and
+    its compiled steps track eager ones (bf16 autocast)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = create_model(name, dropout=0.0).cuda()
+    if name.startswith("vit"):
+        x, y = torch.randn(16, 3, 224, 224, device="cuda"), torch.randint(0, 1000, (16,), device="cuda")
+    else:
+        x = torch.randint(0, 50257, (4, 512), device="cuda")
+        y = torch.roll(x, -1, 1)
+    compiled = torch.compile(model, fullgraph=True, mode=None if mode == "default" else mode)
+
+    def step(m):
+        torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = m(x, y)
+        loss.backward()
+        return float(loss)
+
+    t0 = time.perf_counter()
+    compiled_loss = step(compiled)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < COLD_COMPILE_BUDGET_S, f"cold compile took {elapsed:.0f} s"
+    model.zero_grad(set_to_none=True)
+    assert abs(compiled_loss - step(model)) / abs(compiled_loss) < 2e-2
+
+
+def _op_cases():
+    """(name, function of float inputs returning a tensor, input shapes) for every op, at GPU-sized shapes."""
+    B, H, T, D, C = 2, 4, 256, 64, 384
+    return [
+        ("layer_norm", lambda x, w, b: triformer.layer_norm(x, w, b), [(B, T, C), (C,), (C,)]),
+        ("rms_norm", lambda x, w: triformer.rms_norm(x, w), [(B, T, C), (C,)]),
+        ("add_layer_norm", lambda x, r, w, b: torch.cat(triformer.add_layer_norm(x, r, w, b), -1),
+         [(B, T, C), (B, T, C), (C,), (C,)]),
+        ("softmax", lambda x: triformer.softmax(x, is_causal=True), [(B, H, T, T)]),
+        ("dropout", lambda x: triformer.dropout(x, 0.1, seed=3), [(B, T, C)]),
+        ("gelu", lambda x, b: triformer.gelu(x, "tanh", b), [(B, T, C), (C,)]),
+        ("swiglu", lambda g, u: triformer.swiglu(g, u), [(B, T, C), (B, T, C)]),
+        ("apply_rope", lambda q, k: torch.cat(triformer.apply_rope(q, k, *triformer.rope_cos_sin(T, D, device="cuda")), -1),
+         [(B, H, T, D), (B, H, T, D)]),
+        ("attention", lambda q, k, v: triformer.attention(q, k, v, is_causal=True), [(B, H, T, D)] * 3),
+        ("attention_dropout", lambda q, k, v: triformer.attention(q, k, v, is_causal=True, dropout_p=0.1, seed=5),
+         [(B, H, T, D)] * 3),
+        ("cross_entropy", lambda x: triformer.cross_entropy(x, torch.arange(B * T, device="cuda") % 1000),
+         [(B * T, 1000)]),
+        ("linear_cross_entropy", lambda h, w: triformer.linear_cross_entropy(
+            h, w, torch.arange(B * T, device="cuda") % 1000), [(B * T, C), (1000, C)]),
+    ]
+
+
+@pytest.mark.skipif(kernel_device().type != "cuda", reason="Inductor launches the Triton kernels on a GPU only")
+@pytest.mark.parametrize("case", _op_cases(), ids=lambda c: c[0])
+def test_compile_each_op_on_gpu_matches_eager(case):
+    """Each op inside torch.compile(fullgraph=True) with pointwise glue on both sides, bf16: the output and every
+    input gradient equal eager's (the same kernels run, so to rounding of the glue Inductor fuses)."""
+    name, fn, shapes = case
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    inputs = [torch.randn(s, device="cuda", dtype=torch.bfloat16, requires_grad=True) for s in shapes]
+
+    def f(*xs):
+        return (fn(*[x * 1.5 for x in xs]).float().sin()).sum()
+
+    results = []
+    for run in (f, torch.compile(f, fullgraph=True)):
+        for x in inputs:
+            x.grad = None
+        out = run(*inputs)
+        out.backward()
+        results.append((out.detach(), [x.grad.clone() for x in inputs]))
+    (out_e, grads_e), (out_c, grads_c) = results
+    torch.testing.assert_close(out_c, out_e, rtol=2e-2, atol=2e-2)
+    for ge, gc in zip(grads_e, grads_c):
+        torch.testing.assert_close(gc.float(), ge.float(), rtol=5e-2, atol=5e-2)
