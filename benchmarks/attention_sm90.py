@@ -53,6 +53,11 @@ def specialise(fn, constants: dict) -> ASTSource:
             signature[name] = "fp32"
         elif name == "seed":
             signature[name] = "i64"
+        elif name == "kv_group" and "--gqa" not in sys.argv[1:]:
+            # query heads per key/value head: 1 without grouped-query attention, which Triton's launcher
+            # specialises as a constant (as it does every integer argument equal to 1); --gqa compiles the
+            # grouped variant (a runtime group size, the dK/dV kernel looping over the group's query heads)
+            signature[name], constants[name] = "constexpr", 1
         else:
             signature[name] = "i32"
             if name in ("Tq", "Tk", "TQ_BUCKET", "TK_BUCKET"):

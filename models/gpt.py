@@ -4,7 +4,8 @@ One class covers both families; the config picks the pieces:
 * GPT-2: LayerNorm, learned position embedding, GELU (tanh) MLP, biases;
 * llama-style: RMSNorm, rotary position embedding (RoPE), SwiGLU MLP, no biases, optional grouped-query
   attention (``n_kv_head < n_head``).
-The token embedding doubles as the LM head (tied). Its rows are padded to a multiple of 64 for fast matmuls;
+The token embedding doubles as the LM head (tied) unless ``tie_embeddings=False`` (Llama 3 and most real Llama
+checkpoints), which adds an ``lm_head`` Linear. Rows of both are padded to a multiple of 64 for fast matmuls;
 the padded rows are sliced off the logits, so they never reach the loss or the sampler.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from models.layers import (Block, KVCache, Norm, TransformerConfig, at_least_fp32, dropout, init_weights,
                            to_stream_dtype)
 from models.ops import get_ops
+from triformer.rope import rope_inv_freq
 
 LOSSES = ("ce", "fused")
 POSITIONS = ("learned", "rope")
@@ -32,6 +34,8 @@ class GPTConfig(TransformerConfig):
     vocab_multiple: int = 64           # the embedding / LM head rows are padded up to a multiple of this
     position: str = "learned"
     rope_base: float = 10000.0
+    rope_scaling: dict | None = None   # Hugging Face's rope_parameters minus rope_theta: linear or llama3 scaling
+    tie_embeddings: bool = True        # False: a separate lm_head (padded like wte) instead of wte's weight
     loss: str = "ce"                   # "ce": logits then cross_entropy; "fused": linear_cross_entropy, no logits
     ce_chunks: int = 1                 # n_chunks of the "ce" loss (bounds the memory of its backward)
     label_smoothing: float = 0.0
@@ -46,6 +50,9 @@ class GPTConfig(TransformerConfig):
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head dim, got n_embd / n_head = {self.head_dim}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+            rope_inv_freq(self.head_dim, self.rope_base, self.rope_scaling)  # ValueError for what we do not model
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -72,10 +79,12 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, C) if config.position == "learned" else None
         self.blocks = nn.ModuleList(Block(config, ops, causal=True) for _ in range(config.n_layer))
         self.ln_f = Norm(C, config.norm, config.norm_eps, config.bias, ops)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(C, config.padded_vocab_size, bias=False)
         if config.position == "rope":
             # cos/sin of every position, built once (a per-step host-to-device copy would stall the GPU); fp32 under
             # autocast. Not saved in checkpoints: they follow from the config.
-            cos, sin = ops.rope_cos_sin(config.block_size, config.head_dim, config.rope_base)
+            cos, sin = ops.rope_cos_sin(config.block_size, config.head_dim, config.rope_base,
+                                        scaling=config.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self, config.n_layer)
@@ -113,7 +122,7 @@ class GPT(nn.Module):
             return self._logits(h[:, -1:] if last_only else h), None
         cfg, V = self.config, self.config.vocab_size
         if cfg.loss == "fused":
-            loss = self.ops.linear_cross_entropy(h.reshape(-1, cfg.n_embd), self.wte.weight[:V], targets.reshape(-1),
+            loss = self.ops.linear_cross_entropy(h.reshape(-1, cfg.n_embd), self.head_weight[:V], targets.reshape(-1),
                                                  label_smoothing=cfg.label_smoothing)
             return (self._logits(h) if return_logits else None), at_least_fp32(loss)
         logits = self._logits(h)
@@ -196,27 +205,44 @@ class GPT(nn.Module):
             x, pending = block(x, pending, rope, caches[i] if caches else None)
         return self.ln_f(x, pending)[1]
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's [padded vocab, n_embd] weight: the token embedding's when tied."""
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.wte.weight)[..., :self.config.vocab_size]
+        return F.linear(h, self.head_weight)[..., :self.config.vocab_size]
 
     # ----------------------------------------------------------------------------------------------------
-    # Hugging Face interchange: GPT2LMHeadModel both ways, LlamaForCausalLM (tied embeddings) in
+    # Hugging Face interchange: GPT2LMHeadModel and LlamaForCausalLM both ways (tied or untied, RoPE scaling
+    # linear or llama3, grouped-query attention)
 
     @classmethod
-    def from_huggingface(cls, source, kernels: str = "triton", **overrides) -> "GPT":
+    def from_huggingface(cls, source, kernels: str = "triton", dtype: torch.dtype | None = None,
+                         **overrides) -> "GPT":
         """A model with the weights of ``source``: a ``transformers`` GPT2LMHeadModel or LlamaForCausalLM, a
-        directory written by ``save_pretrained``, or a hub name (downloads; needs network access)."""
+        local directory written by ``save_pretrained`` (config.json plus ``model.safetensors`` or sharded
+        ``model-0000i-of-0000n.safetensors`` with their index, read with the safetensors library: no HF model
+        is built, so a checkpoint needs its own size in memory once), or a hub name (downloads; needs network
+        access). ``dtype`` casts the weights (default: as stored, fp32 for an in-memory model)."""
         import transformers
-        hf = source if isinstance(source, transformers.PreTrainedModel) else \
-            transformers.AutoModelForCausalLM.from_pretrained(os.fspath(source))
-        config = GPTConfig(**{**_config_from_hf(hf.config), "kernels": kernels, **overrides})
+        if isinstance(source, transformers.PreTrainedModel):
+            hf_config, hf_state = source.config, source.state_dict()
+        elif os.path.isdir(os.fspath(source)):
+            hf_config, hf_state = load_hf_directory(source)
+        else:
+            hf = transformers.AutoModelForCausalLM.from_pretrained(os.fspath(source))
+            hf_config, hf_state = hf.config, hf.state_dict()
+        config = GPTConfig(**{**_config_from_hf(hf_config), "kernels": kernels, **overrides})
         with torch.device("meta"):
             model = cls(config)
-        state = {k: v.detach().clone() for k, v in model.convert_hf_state_dict(hf.state_dict()).items()}
+        state = {k: v.detach().to(dtype=dtype or v.dtype, copy=True)
+                 for k, v in model.convert_hf_state_dict(hf_state).items()}
         model.load_state_dict(state, assign=True)
         if config.position == "rope":  # the tables were built on the meta device
             model.rope_cos, model.rope_sin = model.ops.rope_cos_sin(config.block_size, config.head_dim,
-                                                                    config.rope_base, device=model.wte.weight.device)
+                                                                    config.rope_base, device=model.wte.weight.device,
+                                                                    scaling=config.rope_scaling)
         return model
 
     def convert_hf_state_dict(self, hf_state: dict) -> dict:
@@ -227,6 +253,9 @@ class GPT(nn.Module):
         sd = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in hf_state.items()}
         wte = sd["wte.weight" if cfg.position == "learned" else "embed_tokens.weight"]
         out = {"wte.weight": F.pad(wte, (0, 0, 0, cfg.padded_vocab_size - wte.shape[0]))}
+        if not cfg.tie_embeddings:
+            head = sd["lm_head.weight"]
+            out["lm_head.weight"] = F.pad(head, (0, 0, 0, cfg.padded_vocab_size - head.shape[0]))
         if cfg.position == "rope":
             out["ln_f.weight"] = sd["norm.weight"]
             for i in range(cfg.n_layer):
@@ -240,10 +269,13 @@ class GPT(nn.Module):
         return out
 
     def to_huggingface(self):
-        """This model as a ``transformers`` GPT2LMHeadModel (fp32 copy of the weights, padding rows dropped)."""
+        """This model as a ``transformers`` GPT2LMHeadModel or, for llama-style configs, LlamaForCausalLM (fp32
+        copy of the weights, padding rows dropped); ``.save_pretrained(directory)`` then writes the checkpoint."""
         from transformers import GPT2Config, GPT2LMHeadModel
-        self._require_gpt2_layout()
         cfg = self.config
+        if cfg.position == "rope":
+            return self._to_huggingface_llama()
+        self._require_gpt2_layout()
         act = {v: k for k, v in _HF_ACTIVATIONS.items()}[cfg.activation]
         hf = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                                         n_positions=cfg.block_size, vocab_size=cfg.vocab_size,
@@ -258,6 +290,37 @@ class GPT(nn.Module):
         if unexpected or set(missing) - {"lm_head.weight"}:  # the LM head is tied to wte
             raise RuntimeError(f"GPT-2 export mismatch: missing {missing}, unexpected {unexpected}")
         hf.tie_weights()
+        return hf
+
+    def _to_huggingface_llama(self):
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = self.config
+        if not (cfg.norm == "rmsnorm" and cfg.activation == "swiglu" and not cfg.bias):
+            raise ValueError("only llama-style configs (rmsnorm, rope, swiglu, no biases) map to Hugging Face Llama")
+        rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_base}
+        hf = LlamaForCausalLM(LlamaConfig(
+            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+            hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, max_position_embeddings=cfg.block_size,
+            vocab_size=cfg.vocab_size, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+            rope_parameters=rope, attention_dropout=cfg.dropout, head_dim=cfg.head_dim))
+        sd, V = self.state_dict(), cfg.vocab_size
+        theirs = {"model.embed_tokens.weight": sd["wte.weight"][:V], "model.norm.weight": sd["ln_f.weight"]}
+        if not cfg.tie_embeddings:
+            theirs["lm_head.weight"] = sd["lm_head.weight"][:V]
+        sizes = {"self_attn.q_proj": cfg.n_head * cfg.head_dim, "self_attn.k_proj": cfg.n_kv_head * cfg.head_dim,
+                 "self_attn.v_proj": cfg.n_kv_head * cfg.head_dim, "mlp.gate_proj": cfg.mlp_hidden,
+                 "mlp.up_proj": cfg.mlp_hidden}
+        for i in range(cfg.n_layer):
+            for ours, names in _HF_LLAMA_BLOCK_NAMES:
+                parts = sd[f"blocks.{i}.{ours}.weight"].split([sizes.get(n, -1) for n in names]) if len(names) > 1 \
+                    else [sd[f"blocks.{i}.{ours}.weight"]]
+                theirs.update({f"model.layers.{i}.{n}.weight": t for n, t in zip(names, parts)})
+        missing, unexpected = hf.load_state_dict({k: v.detach().float().cpu() for k, v in theirs.items()},
+                                                 strict=False)
+        if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
+            raise RuntimeError(f"Llama export mismatch: missing {missing}, unexpected {unexpected}")
+        if cfg.tie_embeddings:
+            hf.tie_weights()
         return hf
 
     def _require_gpt2_layout(self) -> None:
@@ -306,16 +369,22 @@ def _config_from_hf(c) -> dict:
                     vocab_size=c.vocab_size, norm_eps=c.layer_norm_epsilon,
                     activation=_HF_ACTIVATIONS[c.activation_function], dropout=c.resid_pdrop)
     if c.model_type == "llama":
-        rope = getattr(c, "rope_parameters", None) or {"rope_type": "default", "rope_theta": c.rope_theta}
-        require(rope.get("rope_type", "default") == "default", f"rope scaling {rope}")
+        rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+        rope.setdefault("rope_theta", getattr(c, "rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        require(kind in ("default", "linear", "llama3"), f"rope scaling {rope}")
+        scaling = None if kind == "default" else {k: v for k, v in rope.items() if k not in ("rope_theta", "type")}
+        if scaling is not None:
+            scaling["rope_type"] = kind
         require(c.hidden_act == "silu" and not c.attention_bias and not getattr(c, "mlp_bias", False),
                 "biases or a non-SiLU activation")
-        require(c.tie_word_embeddings, "untied embeddings")
-        require(c.head_dim == c.hidden_size // c.num_attention_heads, f"head_dim={c.head_dim}")
+        require(getattr(c, "head_dim", None) in (None, c.hidden_size // c.num_attention_heads),
+                f"head_dim={c.head_dim}")
         return dict(n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
                     n_kv_head=c.num_key_value_heads, mlp_hidden=c.intermediate_size,
                     block_size=c.max_position_embeddings, vocab_size=c.vocab_size, norm_eps=c.rms_norm_eps,
-                    rope_base=float(rope["rope_theta"]), dropout=c.attention_dropout, **LLAMA_STYLE)
+                    rope_base=float(rope["rope_theta"]), rope_scaling=scaling,
+                    tie_embeddings=bool(c.tie_word_embeddings), dropout=c.attention_dropout, **LLAMA_STYLE)
     raise ValueError(f"unsupported Hugging Face model_type {c.model_type!r}; expected 'gpt2' or 'llama'")
 
 
@@ -329,3 +398,28 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def load_hf_directory(path) -> tuple:
+    """(transformers config, state dict) of a local ``save_pretrained`` directory, read with the safetensors
+    library: ``model.safetensors``, or the shards listed in ``model.safetensors.index.json``."""
+    import json
+
+    import transformers
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
+                                "(save it with save_pretrained(..., safe_serialization=True))")
+    state: dict = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    return config, state

@@ -149,11 +149,7 @@ class Attention(nn.Module):
             q, k = self.ops.apply_rope(q, k, *rope)
         if cache is not None:
             k, v = cache.append(k, v)
-        if self.n_kv_head != self.n_head:
-            # query head h reads key/value head h // group; ops.attention takes as many k/v heads as q heads,
-            # so grouped-query attention pays this one copy
-            group = self.n_head // self.n_kv_head
-            k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+        # grouped-query attention: ops.attention reads key/value head h // (n_head / n_kv_head) for query head h
         y = self.ops.attention(q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 

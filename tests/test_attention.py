@@ -471,3 +471,62 @@ def test_sm90_codegen_pipelines_loads_without_spills():
     assert cells[0] == "fwd", row
     regs, stack, smem, cp_async, wgmma = map(int, cells[4:9])
     assert stack == 0 and cp_async > 0 and wgmma > 0, row
+
+
+# --- grouped-query attention: k/v with H_kv heads, read by query head h as kv head h // (H / H_kv) ---
+
+def check_gqa(B, H, H_kv, Tq, Tk, D, dtype=torch.float32, contiguous=True, **kwargs):
+    q = random_tensor((B, H, Tq, D), dtype, contiguous=contiguous)
+    k = random_tensor((B, H_kv, Tk, D), dtype, contiguous=contiguous)
+    v = random_tensor((B, H_kv, Tk, D), dtype, contiguous=contiguous)
+    grad_out = random_tensor((B, H, Tq, D), dtype)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, **kwargs)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert grads[1].shape == k.shape and grads[2].shape == v.shape
+
+    def reference(dt):
+        ins = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        ref = attention_reference(*ins, **kwargs)
+        return (ref, *torch.autograd.grad(ref, ins, grad_out.to(dt)))
+
+    refs, peers = reference(torch.float64), reference(dtype)
+    # the same kernel on copied heads (dK/dV of the copies summed per group) agrees too
+    group = H // H_kv
+    rep = [t.detach().repeat_interleave(group, dim=1).requires_grad_() for t in (k, v)]
+    out_rep = attention(q, *rep, **kwargs)
+    d_rep = torch.autograd.grad(out_rep, rep, grad_out)
+    d_rep = [d.reshape(B, H_kv, group, Tk, D).sum(2) for d in d_rep]
+    rtol = 2 * FP32_RTOL if dtype == torch.float32 else None
+    for name, ours, ref, peer in zip(("out", "dq", "dk", "dv"), (out, *grads), refs, peers):
+        assert ours.dtype == dtype
+        assert_close(name, ours, ref, peer, rtol=rtol)
+    assert_close("out vs copied heads", out, out_rep.double(), out_rep, rtol=rtol)
+    for name, ours, theirs in zip(("dk", "dv"), grads[1:], d_rep):
+        assert_close(f"{name} vs copied heads", ours, theirs.double(), theirs, rtol=rtol)
+
+
+@pytest.mark.parametrize("B,H,H_kv,Tq,Tk", [(2, 6, 2, 37, 37), (1, 4, 1, 70, 45), (3, 4, 2, 5, 5), (2, 6, 3, 9, 13)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gqa_matches_reference(B, H, H_kv, Tq, Tk, is_causal):
+    check_gqa(B, H, H_kv, Tq, Tk, 24, is_causal=is_causal)
+
+
+def test_gqa_fp16_non_contiguous():
+    check_gqa(2, 4, 2, 33, 41, 40, torch.float16, contiguous=False, is_causal=True)
+
+
+def test_gqa_per_head_mask_padding_and_dropout():
+    B, H, H_kv, T = 2, 4, 2, 11
+    mask = torch.rand(B, H, T, T, device=kernel_device()) > 0.3
+    check_gqa(B, H, H_kv, T, T, 16, attn_mask=mask, is_causal=True)
+    pad = torch.zeros(B, T, dtype=torch.bool, device=kernel_device())
+    pad[0, -3:] = True
+    check_gqa(B, H, H_kv, T, T, 16, key_padding_mask=pad)
+    check_gqa(B, H, H_kv, 13, 13, 16, dropout_p=0.2, seed=7, is_causal=True)
+
+
+def test_gqa_bad_group():
+    q, k, v = qkv(1, 4, 8, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="H_kv dividing"):
+        attention(q, k[:, :3], v[:, :3])

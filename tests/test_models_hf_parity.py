@@ -29,21 +29,35 @@ def hf_gpt2(**kw):
         attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **kw)))
 
 
-def hf_llama():
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8}
+
+
+def hf_llama(tied=True, rope=None):
     torch.manual_seed(2)
     return randomized(transformers.LlamaForCausalLM(transformers.LlamaConfig(
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=48, intermediate_size=80,
-        max_position_embeddings=40, vocab_size=V, tie_word_embeddings=True, rope_theta=500.0, rms_norm_eps=1e-5,
+        max_position_embeddings=40, vocab_size=V, tie_word_embeddings=tied, rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 500.0, **(rope or {"rope_type": "default"})},
         bos_token_id=0, eos_token_id=0, pad_token_id=0)))
 
 
-@pytest.mark.parametrize("family,loss", [("gpt2", "ce"), ("gpt2", "fused"), ("llama", "ce")])
+@pytest.mark.parametrize("family,loss", [("gpt2", "ce"), ("gpt2", "fused"), ("llama", "ce"), ("llama-untied-llama3", "ce"),
+                                         ("llama-untied-llama3", "fused"), ("llama-linear", "ce")])
 def test_matches_huggingface(family, loss):
-    hf = hf_gpt2() if family == "gpt2" else hf_llama()
+    if family == "gpt2":
+        hf = hf_gpt2()
+    elif family == "llama":
+        hf = hf_llama()
+    elif family == "llama-linear":
+        hf = hf_llama(rope={"rope_type": "linear", "factor": 4.0})
+    else:  # what Llama 3.x checkpoints have: an LM head of its own and llama3 RoPE scaling (and GQA, as all here)
+        hf = hf_llama(tied=False, rope=LLAMA3)
     ours = GPT.from_huggingface(hf, kernels="triton", loss=loss).to(DEV)
     assert ours.config.padded_vocab_size == 128 and ours.config.block_size == 40
-    if family == "llama":
+    if family.startswith("llama"):
         assert (ours.config.n_kv_head, ours.config.mlp_hidden, ours.config.rope_base) == (2, 80, 500.0)
+        assert ours.config.tie_embeddings == (family != "llama-untied-llama3")
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, V, (2, 19), generator=g)
     # HF shifts the labels inside; we pass next-token targets with the last position ignored
@@ -79,9 +93,28 @@ def test_unsupported_huggingface_configs():
         GPT.from_huggingface(hf_gpt2(activation_function="relu"))
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         GPT.from_huggingface(hf_gpt2(scale_attn_by_inverse_layer_idx=True))
-    llama = hf_llama()
-    llama.config.tie_word_embeddings = False
-    with pytest.raises(ValueError, match="untied embeddings"):
-        GPT.from_huggingface(llama)
+    with pytest.raises(ValueError, match="rope scaling"):
+        GPT.from_huggingface(hf_llama(rope={"rope_type": "yarn", "factor": 4.0}))
     with pytest.raises(ValueError, match="only GPT-2-style"):
-        create_model("llama-nano", kernels="torch").to_huggingface()
+        create_model("gpt2-nano", kernels="torch", norm="rmsnorm").to_huggingface()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_sharded_save_pretrained_roundtrip(tmp_path, tied):
+    """A sharded safetensors directory (what real Llama checkpoints are) loads without building the HF model,
+    computes HF's logits, and exports back to the same tensors and config."""
+    hf = hf_llama(tied=tied, rope=LLAMA3)
+    hf.save_pretrained(tmp_path / "in", max_shard_size="40KB")
+    assert (tmp_path / "in" / "model.safetensors.index.json").exists()
+    ours = GPT.from_huggingface(tmp_path / "in", kernels="torch")
+    assert ours.config.rope_scaling["rope_type"] == "llama3" and ours.config.tie_embeddings == tied
+    idx = torch.randint(0, V, (1, 23))
+    with torch.no_grad():
+        assert_close("logits", ours(idx)[0], hf.double()(input_ids=idx).logits)
+    back = ours.to_huggingface()
+    back.save_pretrained(tmp_path / "out")
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert again.config.rope_parameters["rope_type"] == "llama3"
+    assert again.config.tie_word_embeddings == tied
+    for name, t in hf.state_dict().items():
+        assert torch.equal(again.state_dict()[name], t.float()), name

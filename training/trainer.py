@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import models
-from training import checkpoint, distributed, graphs, memory, run
+from training import checkpoint, distributed, graphs, init_from, memory, run
 from training.logging import RunLogger
 from training.optim import build_optimizer, lr_at
 
@@ -128,6 +128,8 @@ class Trainer:
         distributed.barrier(self.ctx)
 
         _seed_everything(cfg.seed)
+        if cfg.get("init_from"):  # fine-tuning: the data may need the checkpoint's tokenizer
+            init_from.prepare_config(cfg, self._say)
         from training.data import build_data
 
         self._say(f"run directory: {self.run_dir}")
@@ -137,7 +139,8 @@ class Trainer:
         self.items_per_example = self.sample_batch[0].shape[1] if self.data.task == "lm" else 1
         self.model_overrides = self._model_overrides()
         # Built on the CPU under the same seed on every rank (identical initial weights), then moved.
-        self.model = models.create_model(cfg.model.name, kernels=cfg.model.kernels, **self.model_overrides)
+        self.model = (init_from.build_model(cfg, self.model_overrides, self._say) if cfg.get("init_from") else
+                      models.create_model(cfg.model.name, kernels=cfg.model.kernels, **self.model_overrides))
         if self.data.task == "lm" and self.items_per_example > self.model.config.block_size:
             raise ValueError(f"data.seq_len={self.items_per_example} exceeds the model's block_size="
                              f"{self.model.config.block_size}; lower data.seq_len or raise model.block_size")

@@ -21,5 +21,6 @@ from triformer.swiglu import GLUFunction, SwiGLU, SwiGLUMLP, geglu, geglu_refere
 from triformer.fused_add_norm import AddLayerNormFunction, AddRMSNormFunction, add_layer_norm, add_layer_norm_reference, add_rms_norm, add_rms_norm_reference  # noqa: E402,E501
 from triformer.layernorm import LayerNorm, LayerNormFunction, TritonLayerNorm, layer_norm, layer_norm_reference  # noqa: E402,E501
 from triformer.rmsnorm import RMSNorm, RMSNormFunction, rms_norm, rms_norm_reference  # noqa: E402
+from triformer.patch import PatchReport, patch  # noqa: E402
 
 __version__ = "0.1.0"

@@ -1,7 +1,9 @@
 """Flash attention: ``softmax(q @ k^T * scale + mask) @ v`` without ever storing the [Tq, Tk] scores.
 
 Layout is that of ``torch.nn.functional.scaled_dot_product_attention``: q [B, H, Tq, D], k and v
-[B, H, Tk, D], any strides (views of a fused qkv projection are read in place, without copies).
+[B, H_kv, Tk, D], any strides (views of a fused qkv projection are read in place, without copies).
+Grouped-query attention (H_kv < H, H_kv dividing H): query head h reads key/value head h // (H / H_kv)
+in the kernels themselves (no repeat_interleave copy), and dK/dV sum over each group's query heads.
 
 Forward (FA2): one program per (batch*head, block of BLOCK_M query rows) streams the key blocks with an
 online softmax; the output is normalised once at the end and only the per-row log-sum-exp is saved.
@@ -253,7 +255,7 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
+    H, n_pairs, Tq, Tk, qk_scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
@@ -270,8 +272,9 @@ def _attn_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q + b * sqb + h * sqh + offs_d[None, :] * sqd, offs_m, sqm, Tq, d_ok, True, EVEN_D)
     bh_n, b_n, h_n = _partner_pairs(H, bh, b, h, BLOCK_N, SEQ_N)
-    k_base = K + b_n * skb + h_n * skh + offs_d[None, :] * skd
-    v_base = V + b_n * svb + h_n * svh + offs_d[None, :] * svd
+    h_kv = h_n // kv_group  # grouped-query attention: kv_group query heads share one key/value head
+    k_base = K + b_n * skb + h_kv * skh + offs_d[None, :] * skd
+    v_base = V + b_n * svb + h_kv * svh + offs_d[None, :] * svd
     mask_base = MASK + b * smb + h * smh
     kpm_base = KPM + b * spb
     rng_base = bh.to(tl.int64) * Tq * Tk
@@ -320,7 +323,7 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sgb, sgh, sgn, sgd, smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
+    H, n_pairs, Tq, Tk, qk_scale, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
@@ -332,56 +335,107 @@ def _attn_bwd_dkdv_kernel(
     # blocks that see it stream past. Everything is computed transposed ([keys, queries]) so that
     # dV += P^T dO and dK += dS^T Q need no register transposes. Key rows past Tk compute garbage that
     # is never stored; query rows past Tq load lse = +inf, so their P is 0.
+    # With grouped-query attention (kv_group = H / H_kv query heads per key/value head) a program owns keys of
+    # one key/value pair (n_pairs = B * H_kv of them) and accumulates dK/dV over the kv_group query heads that
+    # read it, one after the other: no atomics, and dK/dV come out [B, H_kv, Tk, D].
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     PACKED: tl.constexpr = SEQ_N != 0
-    n0, offs_n, bh, b, h = _tile_rows(Tk, n_pairs, H, BLOCK_N, SEQ_N, False)
+    h_kv_heads = H // kv_group
+    n_pairs = n_pairs // kv_group  # the launch passes B * H (query pairs); this kernel's pairs are B * H_kv
+    n0, offs_n, bh, b, h = _tile_rows(Tk, n_pairs, h_kv_heads, BLOCK_N, SEQ_N, False)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     k = _load_rows(K + b * skb + h * skh + offs_d[None, :] * skd, offs_n, skn, Tk, d_ok, True, EVEN_D)
     v = _load_rows(V + b * svb + h * svh + offs_d[None, :] * svd, offs_n, svn, Tk, d_ok, True, EVEN_D)
-    bh_m, b_m, h_m = _partner_pairs(H, bh, b, h, BLOCK_M, SEQ_M)
-    q_base = Q + b_m * sqb + h_m * sqh + offs_d[None, :] * sqd
-    do_base = DO + b_m * sdb + h_m * sdh + offs_d[None, :] * sdd
-    lse_base = LSE + bh_m.to(tl.int64) * Tq
-    delta_base = DELTA + bh_m.to(tl.int64) * Tq
-    mask_base = MASK + b * smb + h * smh
+    bh_m, b_m, h_m = _partner_pairs(h_kv_heads, bh, b, h, BLOCK_M, SEQ_M)
     kpm_base = KPM + b * spb
-    rng_base = bh_m.to(tl.int64) * Tq * Tk
     seed = tl.load(SEED) if HAS_DROPOUT else 0  # read on the device: a compiled graph draws it each step
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     m_lo, m_full, m_mid = _query_range(n0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL, PACKED)
-    for phase in tl.static_range(3):
-        if phase == 0:
-            lo = m_lo
-            hi = m_full
-        elif phase == 1:
-            lo = m_full
-            hi = m_mid
-        else:
-            lo = m_mid
-            hi = Tq
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + _block_rows(Tq, n_pairs, BLOCK_M, SEQ_M)
-            q = _load_rows(q_base, offs_m, sqm, Tq, d_ok, phase != 1, EVEN_D)
-            do = _load_rows(do_base, offs_m, sdm, Tq, d_ok, phase != 1, EVEN_D)
-            lse = tl.load(lse_base + offs_m, mask=offs_m < Tq, other=float("inf"))
-            delta = tl.load(delta_base + offs_m, mask=offs_m < Tq, other=0.0)
-            s_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :],
-                               _own_pair(offs_n[:, None], bh, bh_m, Tk, PACKED),
-                               Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
-                               phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
-            p_t = tl.math.exp2(s_t - lse[None, :])
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            if HAS_DROPOUT:
-                keep = tl.trans(_dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, n0, BLOCK_N, QUADS, SEQ_N))
-                dv = tl.dot(tl.where(keep, p_t * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PREC)
-                dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+    if kv_group == 1:  # a constant on the GPU (Triton specialises arguments equal to 1): no group loop at all
+        q_base = Q + b_m * sqb + h_m * sqh + offs_d[None, :] * sqd
+        do_base = DO + b_m * sdb + h_m * sdh + offs_d[None, :] * sdd
+        lse_base = LSE + bh_m.to(tl.int64) * Tq
+        delta_base = DELTA + bh_m.to(tl.int64) * Tq
+        mask_base = MASK + b * smb + h * smh
+        rng_base = bh_m.to(tl.int64) * Tq * Tk
+        for phase in tl.static_range(3):
+            if phase == 0:
+                lo = m_lo
+                hi = m_full
+            elif phase == 1:
+                lo = m_full
+                hi = m_mid
             else:
-                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+                lo = m_mid
+                hi = Tq
+            for start_m in range(lo, hi, BLOCK_M):
+                offs_m = start_m + _block_rows(Tq, n_pairs, BLOCK_M, SEQ_M)
+                q = _load_rows(q_base, offs_m, sqm, Tq, d_ok, phase != 1, EVEN_D)
+                do = _load_rows(do_base, offs_m, sdm, Tq, d_ok, phase != 1, EVEN_D)
+                lse = tl.load(lse_base + offs_m, mask=offs_m < Tq, other=float("inf"))
+                delta = tl.load(delta_base + offs_m, mask=offs_m < Tq, other=0.0)
+                s_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :],
+                                   _own_pair(offs_n[:, None], bh, bh_m, Tk, PACKED),
+                                   Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
+                                   phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
+                p_t = tl.math.exp2(s_t - lse[None, :])
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                if HAS_DROPOUT:
+                    keep = tl.trans(_dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, n0, BLOCK_N, QUADS,
+                                                  SEQ_N))
+                    dv = tl.dot(tl.where(keep, p_t * drop_scale, 0.0).to(do.dtype), do, dv,
+                                input_precision=DOT_PREC)
+                    dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+                else:
+                    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    else:
+        # grouped: one flat loop per phase over (group member g, query block), the same loop nest as above, so
+        # the software pipeliner keeps its shape (a loop over g around the block loops spilled in 12 of 14 sm_90
+        # configs, this in 6: benchmarks/results/attention_sm90_gqa.md). The body is the one above, per g.
+        for phase in tl.static_range(3):
+            if phase == 0:
+                lo = m_lo
+                hi = m_full
+            elif phase == 1:
+                lo = m_full
+                hi = m_mid
+            else:
+                lo = m_mid
+                hi = Tq
+            n_blocks = tl.cdiv(hi - lo, BLOCK_M)
+            for it in range(0, n_blocks * kv_group):
+                g = it // n_blocks
+                start_m = lo + (it - g * n_blocks) * BLOCK_M
+                hq_m = h_m * kv_group + g  # the query head (and batch*head pair) of the rows streaming past
+                bhq_m = (bh_m // h_kv_heads) * H + (bh_m % h_kv_heads) * kv_group + g
+                offs_m = start_m + _block_rows(Tq, n_pairs, BLOCK_M, SEQ_M)
+                q = _load_rows(Q + b_m * sqb + hq_m * sqh + offs_d[None, :] * sqd, offs_m, sqm, Tq, d_ok,
+                               phase != 1, EVEN_D)
+                do = _load_rows(DO + b_m * sdb + hq_m * sdh + offs_d[None, :] * sdd, offs_m, sdm, Tq, d_ok,
+                                phase != 1, EVEN_D)
+                lse = tl.load(LSE + bhq_m.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
+                delta = tl.load(DELTA + bhq_m.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+                s_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :],
+                                   _own_pair(offs_n[:, None], bh, bh_m, Tk, PACKED),
+                                   Tq, Tk, qk_scale, MASK + b * smb + (h * kv_group + g) * smh, smm, smn,
+                                   kpm_base, spn, phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
+                p_t = tl.math.exp2(s_t - lse[None, :])
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                if HAS_DROPOUT:
+                    keep = tl.trans(_dropout_tile(seed, dropout_p, bhq_m.to(tl.int64) * Tq * Tk, Tk, offs_m, n0,
+                                                  BLOCK_N, QUADS, SEQ_N))
+                    dv = tl.dot(tl.where(keep, p_t * drop_scale, 0.0).to(do.dtype), do, dv,
+                                input_precision=DOT_PREC)
+                    dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
+                else:
+                    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
 
     _store_rows(DK + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_n, sgn, Tk, d_ok, dk * scale)
     _store_rows(DV + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_n, sgn, Tk, d_ok, dv)
@@ -392,7 +446,7 @@ def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, sdb, sdh, sdm, sdd,
     sgb, sgh, sgm, sgd, smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET,
+    H, n_pairs, Tq, Tk, qk_scale, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
@@ -415,8 +469,9 @@ def _attn_bwd_dq_kernel(
     tl.store(DELTA + bh.to(tl.int64) * Tq + offs_m, delta, mask=offs_m < Tq)
     lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
     bh_n, b_n, h_n = _partner_pairs(H, bh, b, h, BLOCK_N, SEQ_N)
-    k_base = K + b_n * skb + h_n * skh + offs_d[None, :] * skd
-    v_base = V + b_n * svb + h_n * svh + offs_d[None, :] * svd
+    h_kv = h_n // kv_group  # grouped-query attention: kv_group query heads share one key/value head
+    k_base = K + b_n * skb + h_kv * skh + offs_d[None, :] * skd
+    v_base = V + b_n * svb + h_kv * svh + offs_d[None, :] * svd
     mask_base = MASK + b * smb + h * smh
     kpm_base = KPM + b * spb
     rng_base = bh.to(tl.int64) * Tq * Tk
@@ -619,7 +674,7 @@ def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_caus
     dot_prec = "ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
     consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
                   HAS_DROPOUT=dropout_p > 0, QUADS=Tk % 4 == 0, DOT_PREC=dot_prec, HEAD_DIM=D,
-                  BLOCK_D=max(16, _pow2(D)), TQ_BUCKET=_pow2(Tq), TK_BUCKET=_pow2(Tk))
+                  BLOCK_D=max(16, _pow2(D)), TQ_BUCKET=_pow2(Tq), TK_BUCKET=_pow2(Tk), kv_group=H // k.shape[1])
     return mask, kpm, (*mask_strides, *kpm_strides), rng, consts
 
 
@@ -650,7 +705,8 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    dq, dk, dv = _bthd_empty(B, H, Tq, D, q), _bthd_empty(B, H, Tk, D, k), _bthd_empty(B, H, Tk, D, v)
+    H_kv = k.shape[1]
+    dq, dk, dv = _bthd_empty(B, H, Tq, D, q), _bthd_empty(B, H_kv, Tk, D, k), _bthd_empty(B, H_kv, Tk, D, v)
     delta = _empty(lse.shape, lse)
     mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p,
                                                             is_causal)
@@ -659,7 +715,7 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     scalars = (H, B * H, Tq, Tk, scale * LOG2E.value, scale, *rng)
     _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H, tiles, (q, k, v, out, grad_out, lse, delta, dq, mask, kpm),
             *shared, *out.stride(), *grad_out.stride(), *dq.stride(), *mask_strides, *scalars, **consts)
-    _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H, tiles, (q, k, v, grad_out, lse, delta, dk, dv, mask, kpm),
+    _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H_kv, tiles, (q, k, v, grad_out, lse, delta, dk, dv, mask, kpm),
             *shared, *grad_out.stride(), *dk.stride(), *mask_strides, *scalars, **consts)
     return dq, dk, dv
 
@@ -704,9 +760,10 @@ def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_paddin
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    if k.shape != (B, H, Tk, D) or v.shape != k.shape:
-        raise ValueError(f"k and v must be [{B}, {H}, Tk, {D}] to match q {tuple(q.shape)}, "
-                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    H_kv = k.shape[1]
+    if k.shape != (B, H_kv, Tk, D) or v.shape != k.shape or H_kv == 0 or H % H_kv:
+        raise ValueError(f"k and v must be [{B}, H_kv, Tk, {D}] with H_kv dividing q's {H} heads, to match q "
+                         f"{tuple(q.shape)}; got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if min(B, H, Tq, Tk, D) == 0:
         raise ValueError(f"q, k and v must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if D > MAX_HEAD_DIM:
@@ -743,7 +800,8 @@ def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_paddin
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, dropout_p: float = 0.0,
               scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
               key_padding_mask: Optional[torch.Tensor] = None, seed=None) -> torch.Tensor:
-    """Flash attention on q [B, H, Tq, D], k/v [B, H, Tk, D]; returns [B, H, Tq, D] (see the module
+    """Flash attention on q [B, H, Tq, D], k/v [B, H_kv, Tk, D] (H_kv divides H: grouped-query attention);
+    returns [B, H, Tq, D] (see the module
     docstring for masks, causal alignment, rows with nothing to attend to, and dropout). ``scale``
     defaults to 1/sqrt(D). ``seed`` (used only when dropout_p > 0): an int in [0, 2**63) or a 0-dim
     integer tensor; None draws one from the generator of q's device, exactly as ``triformer.dropout`` does."""
@@ -781,6 +839,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_ca
     """
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if k.dim() == 4 and k.shape[1] != q.shape[1]:  # grouped-query attention: query head h reads kv head h // group
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     s = (q @ k.transpose(-1, -2)) * scale
     allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
     if is_causal:

@@ -11,6 +11,7 @@ ours [T, D/2]. q/k are [B, H, T, D] and are read through their strides, so views
 contiguous [B, H, T, D]. The backward is the inverse rotation (``sin`` negated), by the same kernel.
 """
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -156,13 +157,51 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     return rope_reference(q, cos, sin, position_offset), rope_reference(k, cos, sin, position_offset)
 
 
+ROPE_SCALINGS = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(head_dim: int, base: float = 10000.0, scaling: Optional[dict] = None) -> torch.Tensor:
+    """fp32 inverse frequencies [head_dim / 2], Hugging Face's bit for bit: ``1 / base ** (arange(0, D, 2) / D)``,
+    then ``scaling`` (Hugging Face's ``rope_parameters`` without ``rope_theta``): None / ``{"rope_type":
+    "default"}``; ``{"rope_type": "linear", "factor": f}`` (positions interpolated: frequencies / f); or
+    ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}`` (Llama 3.1+: long wavelengths / factor, short ones kept, a smooth
+    blend between). Dynamic NTK and YaRN tables depend on more than the position and are refused."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope scaling must be one of {ROPE_SCALINGS}, got {kind!r}")
+    if kind == "default":
+        return inv_freq
+    factor = scaling.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+        raise ValueError(f"rope scaling factor must be a positive number, got {factor!r}")
+    if kind == "linear":
+        return inv_freq / factor
+    try:
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+    except KeyError as e:
+        raise ValueError(f"llama3 rope scaling needs {e.args[0]!r}") from None
+    if not 0 < low < high or old_len <= 0:
+        raise ValueError(f"llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor and a positive "
+                         f"original_max_position_embeddings, got {scaling}")
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
 def rope_cos_sin(seq_len: int, head_dim: int, base: float = 10000.0, device=None, dtype=torch.float32,
-                 offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 offset: int = 0, scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [seq_len, head_dim / 2] for positions ``offset .. offset + seq_len - 1``.
 
-    The frequencies are Hugging Face Llama's exactly (``1 / base ** (arange(0, D, 2) / D)`` rounded to
-    fp32); the angles ``position * inv_freq`` and their cos/sin are computed in float64 and rounded once
-    to ``dtype``, so long positions do not lose the fp32 angle precision that HF's tables do.
+    The frequencies are Hugging Face Llama's exactly (``rope_inv_freq``: ``1 / base ** (arange(0, D, 2) / D)``
+    rounded to fp32, with ``scaling`` = HF's linear or llama3 RoPE scaling applied as HF does); the angles
+    ``position * inv_freq`` and their cos/sin are computed in float64 and rounded once to ``dtype``, so long
+    positions do not lose the fp32 angle precision that HF's tables do.
     """
     for name, value in (("seq_len", seq_len), ("head_dim", head_dim), ("offset", offset)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -172,7 +211,7 @@ def rope_cos_sin(seq_len: int, head_dim: int, base: float = 10000.0, device=None
     if not isinstance(base, (int, float)) or isinstance(base, bool) or not math.isfinite(base) or base <= 0:
         raise ValueError(f"base must be a positive finite number, got {base!r}")
     # on the CPU, as HF does, so the fp32 frequencies are bit-identical whatever the target device
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = rope_inv_freq(head_dim, base, scaling)
     angles = torch.arange(offset, offset + seq_len, dtype=torch.float64)[:, None] * inv_freq.double()[None, :]
     return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
 

@@ -1,0 +1,119 @@
+"""``train.py init_from=...``: fine-tuning starts from a local Hugging Face directory (saved here from random
+weights, offline) or a triformer checkpoint, with the run's own optimizer, step and data position."""
+import pytest
+import torch
+
+from models import GPT
+from training import checkpoint, init_from
+from training.config import compose
+from training.trainer import Trainer
+
+transformers = pytest.importorskip("transformers")
+BYTES_VOCAB = 257  # the smoke run's byte-level tokenizer
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def _cfg(run_dir, data_cache, *overrides):
+    return compose(["experiment=smoke", "model.kernels=torch", f"run_dir={run_dir}", f"data.cache_dir={data_cache}",
+                    "data.num_proc=1", "trainer.max_steps=2", "trainer.eval_interval=2", "trainer.ckpt_interval=2",
+                    *overrides])
+
+
+def _fit(cfg):
+    trainer = Trainer(cfg)
+    try:
+        return trainer, trainer.fit()
+    finally:
+        trainer.close()
+
+
+def hf_gpt2(vocab=BYTES_VOCAB):
+    torch.manual_seed(5)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab, bos_token_id=0, eos_token_id=0))
+
+
+def hf_llama():
+    torch.manual_seed(6)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=48,
+        max_position_embeddings=64, vocab_size=BYTES_VOCAB, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def _same_weights(model, hf):
+    expected = model.convert_hf_state_dict(hf.state_dict())
+    for name, t in model.state_dict().items():
+        if name in expected:
+            assert torch.equal(t.cpu(), expected[name].to(t.dtype)), name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_init_from_huggingface_directory(tmp_path, data_cache, family):
+    hf = hf_gpt2() if family == "gpt2" else hf_llama()
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB" if family == "llama" else "5GB")
+    trainer = Trainer(_cfg(tmp_path / "run", data_cache, f"init_from={tmp_path / 'hf'}", "model.dropout=0.1"))
+    try:
+        assert trainer.model.config.dropout == 0.1 and trainer.model.config.n_embd == 32
+        _same_weights(trainer.model, hf)
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert summary["final_val/loss"] < 10
+    # what it wrote is an ordinary triformer checkpoint that the next run can start from
+    ckpt = checkpoint.resolve_resume(str(tmp_path / "run"), tmp_path)
+    trainer2, _ = _fit(_cfg(tmp_path / "run2", data_cache, f"init_from={ckpt}"))
+    state = checkpoint.load_checkpoint(ckpt)
+    assert trainer2.step == 2  # its own two steps, not the first run's step count on top
+    assert state["model_config"]["n_embd"] == 32
+
+
+def test_init_from_triformer_checkpoint_weights_only(tmp_path, data_cache):
+    first, _ = _fit(_cfg(tmp_path / "a", data_cache))
+    ckpt = checkpoint.resolve_resume(str(tmp_path / "a"), tmp_path)
+    saved = checkpoint.load_checkpoint(ckpt)["model"]
+    trainer = Trainer(_cfg(tmp_path / "b", data_cache, f"init_from={ckpt}"))
+    try:
+        assert trainer.step == 0
+        for name, t in trainer.model.state_dict().items():
+            assert torch.equal(t, saved[name]), name
+    finally:
+        trainer.close()
+
+
+def test_init_from_refuses_mismatches(tmp_path, data_cache):
+    hf_gpt2(vocab=300).save_pretrained(tmp_path / "v300")
+    with pytest.raises(ValueError, match="vocabulary has 300 tokens"):
+        Trainer(_cfg(tmp_path / "r1", data_cache, f"init_from={tmp_path / 'v300'}"))
+    hf_gpt2().save_pretrained(tmp_path / "ok")
+    trainer = Trainer(_cfg(tmp_path / "r2", data_cache, f"init_from={tmp_path / 'ok'}", "model.n_embd=64"))
+    try:
+        assert trainer.model.config.n_embd == 32  # the checkpoint's architecture wins
+    finally:
+        trainer.close()
+    with pytest.raises(ValueError, match="neither a Hugging Face"):
+        Trainer(_cfg(tmp_path / "r3", data_cache, f"init_from={tmp_path / 'nothing'}"))
+
+
+def test_gpt2_directory_picks_gpt2_tokenizer(tmp_path, data_cache):
+    """A real GPT-2 directory (50257 tokens) turns the default byte tokenizer into GPT-2's BPE."""
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32)
+    (tmp_path / "gpt2").mkdir()
+    config.save_pretrained(tmp_path / "gpt2")
+    cfg = _cfg(tmp_path / "run", data_cache, f"init_from={tmp_path / 'gpt2'}")
+    messages = []
+    init_from.prepare_config(cfg, messages.append)
+    assert cfg.data.tokenizer == "gpt2" and "gpt2" in messages[0]
+
+
+def test_from_huggingface_reads_directory_without_transformers_model(tmp_path):
+    hf = hf_llama()
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    model = GPT.from_huggingface(tmp_path, kernels="torch", dtype=torch.bfloat16)
+    assert model.wte.weight.dtype == torch.bfloat16 and model.lm_head is not None

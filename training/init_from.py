@@ -1,0 +1,123 @@
+"""``init_from=<local Hugging Face directory | triformer checkpoint | run directory>``: fine-tune from weights.
+
+* A directory with a ``config.json`` written by ``save_pretrained`` (GPT-2 or Llama, ``model.safetensors`` or
+  sharded): ``GPT.from_huggingface`` reads it with the safetensors library, offline. Its architecture comes
+  from its config; the run's model fields that do not change the weights (dropout, kernels, loss settings)
+  still apply, and the architecture fields the run's config sets are ignored (and listed).
+* A triformer checkpoint (``.safetensors`` written by train.py), or a run directory / ``latest`` as for
+  ``resume`` (its newest checkpoint): the model it holds, weights only. Unlike ``resume``, the optimizer, the
+  step, the data position and the random streams start fresh.
+
+The tokenizer: the data must produce the ids the checkpoint was trained on. A text run left at the default
+byte tokenizer takes the checkpoint's: GPT-2's BPE for a Hugging Face GPT-2 directory with its 50257-token
+vocabulary, or the tokenizer a triformer checkpoint's run used. Any other mismatch between the data's vocabulary
+and the checkpoint's is an error that says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+import models
+from training import checkpoint
+
+# GPTConfig/ViTConfig fields a fine-tuning run may change without changing what the weights mean
+RUN_FIELDS = ("kernels", "dropout", "loss", "ce_chunks", "label_smoothing")
+GPT2_VOCAB = 50257
+
+
+def _hf_config(path: Path) -> dict | None:
+    config = path / "config.json"
+    if path.is_dir() and config.is_file():
+        with open(config) as f:
+            return json.load(f)
+    return None
+
+
+def resolve(spec: str, cfg: DictConfig) -> tuple[str, Path]:
+    """("hf", directory) or ("triformer", checkpoint file)."""
+    path = Path(str(spec)).expanduser()
+    if _hf_config(path) is not None:
+        return "hf", path
+    try:
+        return "triformer", checkpoint.resolve_resume(str(spec), Path(cfg.runs_root) / cfg.name)
+    except Exception as e:
+        raise ValueError(f"init_from={spec!r} is neither a Hugging Face save_pretrained directory (no config.json "
+                         f"there) nor a triformer checkpoint or run directory: {e}") from e
+
+
+def prepare_config(cfg: DictConfig, say: Callable[[str], None]) -> None:
+    """Before the data is built: give a text run at the default byte tokenizer the checkpoint's tokenizer."""
+    kind, path = resolve(cfg.init_from, cfg)
+    if cfg.data.get("task") != "lm" or cfg.data.get("tokenizer", "bytes") != "bytes":
+        return
+    tokenizer = None
+    if kind == "hf":
+        hf = _hf_config(path)
+        if hf.get("model_type") == "gpt2" and hf.get("vocab_size") == GPT2_VOCAB:
+            tokenizer = {"tokenizer": "gpt2"}
+    else:
+        data = (checkpoint.load_checkpoint(path).get("config") or {}).get("data") or {}
+        if data.get("tokenizer", "bytes") != "bytes":
+            tokenizer = {"tokenizer": data["tokenizer"], "tokenizer_file": data.get("tokenizer_file")}
+    if tokenizer:
+        with open_dict(cfg):
+            for key, value in tokenizer.items():
+                if value is not None or key in cfg.data:
+                    cfg.data[key] = value
+        say(f"init_from: data.tokenizer={tokenizer['tokenizer']} (the checkpoint's tokenizer)")
+
+
+def _check_architecture(overrides: dict[str, Any], config: Any, source: Path,
+                        say: Callable[[str], None]) -> dict[str, Any]:
+    """The run's overrides that apply to a model whose architecture comes from ``config``; architecture fields
+    the run's config sets otherwise (an experiment's n_layer, say) are ignored, and said so."""
+    current = dataclasses.asdict(config)
+    ignored = [f"{k}={v!r} (checkpoint: {current[k]!r})" for k, v in overrides.items()
+               if k not in RUN_FIELDS and k in current and current[k] != v and k not in ("vocab_size", "num_classes")]
+    if ignored:
+        say(f"init_from={source}: the architecture is the checkpoint's; ignoring the run's " + ", ".join(ignored))
+    return {k: v for k, v in overrides.items() if k in RUN_FIELDS}
+
+
+def build_model(cfg: DictConfig, overrides: dict[str, Any], say: Callable[[str], None]) -> torch.nn.Module:
+    """The model of ``cfg.init_from`` with its weights, on the CPU, with the run's non-architecture ``overrides``."""
+    kind, path = resolve(cfg.init_from, cfg)
+    kernels = cfg.model.kernels
+    if kind == "hf":
+        hf = _hf_config(path)
+        if hf.get("model_type") not in ("gpt2", "llama"):
+            raise ValueError(f"init_from={path}: Hugging Face model_type {hf.get('model_type')!r} is not supported "
+                             "(gpt2 or llama)")
+        import transformers
+
+        from models.gpt import _config_from_hf
+        config = models.GPTConfig(**_config_from_hf(transformers.AutoConfig.from_pretrained(path)), kernels=kernels)
+        run = _check_architecture(overrides, config, path, say)
+        model = models.GPT.from_huggingface(path, kernels=kernels, **run)
+        source = f"Hugging Face {hf['model_type']} directory {path}"
+    else:
+        state = checkpoint.load_checkpoint(path)
+        saved = {k: v for k, v in state["model_config"].items() if k != "kernels"}
+        name = state["model_name"]
+        base = models.model_config(name, kernels, **saved)
+        run = _check_architecture(overrides, base, path, say)
+        model = models.create_model(name, kernels=kernels, **{**saved, **run})
+        model.load_state_dict(state["model"])
+        source = f"triformer checkpoint {path} (step {state.get('step')})"
+    vocab = overrides.get("vocab_size")
+    if vocab is not None and getattr(model.config, "vocab_size", vocab) != vocab:
+        raise ValueError(f"init_from={path}: the checkpoint's vocabulary has {model.config.vocab_size} tokens but the "
+                         f"data's tokenizer gives {vocab}; use the tokenizer the checkpoint was trained with "
+                         "(data.tokenizer=..., data.tokenizer_file=...)")
+    classes = overrides.get("num_classes")
+    if classes is not None and getattr(model.config, "num_classes", classes) != classes:
+        raise ValueError(f"init_from={path}: the checkpoint classifies {model.config.num_classes} classes, the data "
+                         f"has {classes}")
+    say(f"init_from: {source}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    return model
