@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triformer  # noqa: E402,F401
 import models  # noqa: E402
+from models.layers import set_activation_checkpointing  # noqa: E402
 from models.plain import PlainGPT, PlainViT  # noqa: E402  (one plain model for the trainer and here)
 from benchmarks.common import environment, out_dir  # noqa: E402
 
@@ -35,6 +36,8 @@ def variants(task: str):
     if task == "gpt":
         return {
             "triformer (ce)": lambda: models.create_model("gpt2-small", kernels="triton", dropout=0.0, loss="ce"),
+            "triformer (ce, activation checkpointing)": lambda: checkpointed(
+                models.create_model("gpt2-small", kernels="triton", dropout=0.0, loss="ce")),
             "triformer (fused linear-ce)": lambda: models.create_model("gpt2-small", kernels="triton", dropout=0.0,
                                                                        loss="fused"),
             "triformer model, torch kernels": lambda: models.create_model("gpt2-small", kernels="torch", dropout=0.0,
@@ -43,9 +46,17 @@ def variants(task: str):
         }
     return {
         "triformer": lambda: models.create_model("vit-base", kernels="triton", dropout=0.0),
+        "triformer (activation checkpointing)": lambda: checkpointed(
+            models.create_model("vit-base", kernels="triton", dropout=0.0)),
         "triformer model, torch kernels": lambda: models.create_model("vit-base", kernels="torch", dropout=0.0),
         "plain PyTorch ViT": PlainViT,
     }
+
+
+def checkpointed(model):
+    """``model`` with per-block activation checkpointing (what trainer.activation_checkpointing=true sets)."""
+    set_activation_checkpointing(model, True)
+    return model
 
 
 def make_batch(task: str, batch: int, seq: int):

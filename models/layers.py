@@ -13,6 +13,7 @@ import dataclasses
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -183,13 +184,34 @@ class Block(nn.Module):
         self.attn = Attention(cfg, ops, causal)
         self.ln_2 = Norm(cfg.n_embd, cfg.norm, cfg.norm_eps, cfg.bias, ops)
         self.mlp = MLP(cfg, ops)
+        # activation checkpointing (set_activation_checkpointing): keep only the block's inputs for backward and
+        # run its forward again there; the RNG state is restored for the rerun, so dropout draws the same masks
+        self.checkpointed = False
 
     def forward(self, x, pending=None, rope=None, cache: KVCache | None = None):
+        if self.checkpointed and cache is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, pending, rope, use_reentrant=False)
+        return self._forward(x, pending, rope, cache)
+
+    def _forward(self, x, pending=None, rope=None, cache: KVCache | None = None):
         x, h = self.ln_1(x, pending)
         pending = dropout(self.ops, self.attn(h, rope, cache), self.dropout, self.training)
         x, h = self.ln_2(x, pending)
         pending = dropout(self.ops, self.mlp(h), self.dropout, self.training)
         return x, pending
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> int:
+    """Turn per-block activation checkpointing on or off in ``model``; returns how many blocks it set. Each
+    block then saves only its inputs and recomputes its forward in backward (about one more forward of the
+    blocks, for activation memory that no longer grows with the blocks' internals)."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    if not blocks:
+        raise ValueError(f"activation checkpointing needs a model built from models.layers.Block; "
+                         f"{type(model).__name__} has none")
+    for block in blocks:
+        block.checkpointed = bool(enabled)
+    return len(blocks)
 
 
 def init_weights(module: nn.Module, n_layer: int) -> None:

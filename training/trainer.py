@@ -23,14 +23,18 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 import models
+from models.layers import set_activation_checkpointing
 from training import checkpoint, distributed, graphs, init_from, memory, run
 from training.logging import RunLogger
 from training.optim import build_optimizer, lr_at
 
 log = logging.getLogger("triformer.train")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -96,6 +100,7 @@ class Trainer:
         run.setup_logging()
         run.validate_train_config(cfg)  # every numeric value, before any work
         _check_choice("trainer.precision", t.precision, PRECISIONS)
+        _check_choice("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
         _check_choice("model.name", cfg.model.name, models.list_models())
         _check_choice("model.kernels", cfg.model.kernels, ("triton", "torch"))
         self.resume_path = self._check_resume() if cfg.resume else None
@@ -157,7 +162,10 @@ class Trainer:
         distributed.barrier(self.ctx)
 
         self.wrapped = distributed.wrap(self.model, self.ctx)
-        self.forward_model = torch.compile(self.wrapped, backend=t.compile_backend) if t.compile else self.wrapped
+        if t.activation_checkpointing:
+            n = set_activation_checkpointing(self.model, True)
+            self._say(f"activation checkpointing: {n} blocks recompute their forward in backward")
+        self.forward_model = self._compile(self.wrapped) if t.compile else self.wrapped
         self.optimizer = build_optimizer(self.wrapped, cfg.optim, self.ctx.device, sharded=self.ctx.sharded)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision == "fp16")
         self.ckpt = checkpoint.CheckpointManager(self.run_dir / "checkpoints", keep_last=t.keep_last)
@@ -171,6 +179,31 @@ class Trainer:
         if self.memory_report is not None:
             self._say(self.memory_report.message())
             self.logger.summary(memory_savings=self.memory_report.message(), **self.memory_report.metrics())
+
+    def _compile(self, module: nn.Module) -> nn.Module:
+        """``torch.compile`` with ``fullgraph=True``: a graph break is an error at the first step (see
+        ``_train_step``), never a silent fallback to eager pieces."""
+        t = self.cfg.trainer
+        self._say(f"torch.compile (backend {t.compile_backend}, mode {t.compile_mode}, fullgraph): the first step "
+                  "compiles, about a minute for a GPT-2 small on an H200")
+        return torch.compile(module, backend=t.compile_backend, fullgraph=True,
+                             mode=None if t.compile_mode == "default" else t.compile_mode)
+
+    @contextlib.contextmanager
+    def _compile_errors_named(self):
+        """A compile failure surfaces at the first step, deep in Dynamo or Inductor: say which setting caused it
+        and what to run instead, above the original error."""
+        try:
+            yield
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            if not self.cfg.trainer.compile:
+                raise
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise RuntimeError(
+                f"torch.compile of model {self.cfg.model.name} failed (trainer.compile=true, compile_mode "
+                f"{self.cfg.trainer.compile_mode}, fullgraph): {type(exc).__name__}: {first_line}\n"
+                "Train without it (trainer.compile=false, optionally trainer.cuda_graph=true), and please report "
+                "the error above.") from exc
 
     def _check_resume(self) -> Path:
         """Resolve ``resume`` and decide from the checkpoint's metadata, before any work: a finished run has
@@ -349,11 +382,15 @@ class Trainer:
                 self.graphed = graphs.GraphedStep(self.forward_model, batches, self._autocast)
             total = self.graphed.replay(batches)
         else:
+            if t.compile and t.compile_mode in CUDAGRAPH_COMPILE_MODES:
+                # these modes replay CUDA graphs: mark where a step begins, so its replay may reuse the memory of the
+                # last step's outputs
+                torch.compiler.cudagraph_mark_step_begin()
             total = torch.zeros((), device=self.ctx.device)
             for i, (x, y) in enumerate(batches):
                 x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
                 with distributed.gradient_sync(self.wrapped, self.ctx, enabled=i == t.grad_accum - 1):
-                    with self._autocast():
+                    with self._autocast(), self._compile_errors_named():
                         _, loss = self.forward_model(x, y)
                     self.scaler.scale(loss / t.grad_accum).backward()
                 total += loss.detach().float()
