@@ -89,7 +89,8 @@ def run_one(name: str, mode: str, steps: int) -> dict:
     gap = max(abs(a - b) / abs(b) for a, b in zip(losses, eager))
     row.update(ok=True, compile_s=round(compile_s, 1), graph_breaks=sum(torch._dynamo.utils.counters["graph_break"].values()),
                step_ms=round(step_ms, 2), loss_first=round(eager[0], 3), loss_last_eager=round(eager[-1], 3),
-               loss_last_compiled=round(losses[-1], 3), max_rel_gap=round(gap, 4), steps=steps)
+               loss_last_compiled=round(losses[-1], 3), max_rel_gap=round(gap, 4), steps=steps,
+               cudagraph_skips=torch._dynamo.utils.counters["inductor"]["cudagraph_skips"])
     return row
 
 
@@ -99,6 +100,7 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--limit", type=float, default=300.0, help="seconds one (model, mode) process may take")
+    p.add_argument("--keep-logs", action="store_true", help="save each process's output beside the results")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -115,7 +117,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 try:
                     out = subprocess.run([sys.executable, __file__, "--one", name, mode, "--steps", str(args.steps)],
-                                         env=env, capture_output=True, text=True, timeout=args.limit).stdout
+                                         env=env, capture_output=True, text=True, timeout=args.limit)
+                    if args.keep_logs:  # e.g. with TORCH_LOGS=perf_hints: why a CUDA graph was skipped
+                        (out_dir() / f"compile_check-{name}-{mode}.log").write_text(out.stdout + out.stderr)
+                    out = out.stdout
                     found = [line[7:] for line in out.splitlines() if line.startswith("RESULT ")]
                     row = json.loads(found[-1]) if found else {"model": name, "mode": mode, "ok": False,
                                                               "error": "no result: " + out[-400:]}
