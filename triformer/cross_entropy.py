@@ -441,7 +441,8 @@ def rows_view(x: torch.Tensor, what: str, copy_ok: bool) -> torch.Tensor:
 def check_targets(targets: torch.Tensor, n_cols: int, ignore_index: int) -> None:
     """Targets must be in [0, n_cols) or ignore_index; see the module docstring for how each device reports it."""
     bad = ((targets < 0) | (targets >= n_cols)) & (targets != ignore_index)
-    if targets.device.type == "cpu" and not _runtime.is_fake(targets):
+    # traced (the kernels=torch reference inside torch.compile) or fake, there are no values to read
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling() and not _runtime.is_fake(targets):
         if bool(bad.any()):
             value = int(targets[bad][0])
             raise ValueError(f"targets must be in [0, {n_cols}) or ignore_index={ignore_index}, got {value}")
@@ -602,6 +603,12 @@ class CrossEntropyFunction(torch.autograd.Function):
         # a second backward through this graph fails in this unpack: the in-place scale below bumped the
         # saved tensor's version, so autograd refuses to scale it twice
         (grad,) = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            # Traced, the in-place scale would mutate an input of the backward graph, and Inductor then refuses
+            # to capture that graph in a CUDA graph (mode="reduce-overhead"). Out of place it is one pointwise
+            # kernel that Inductor fuses, writing into the saved gradient's buffer once nothing else reads it.
+            scale = grad_loss.float().unsqueeze(-1) if grad_loss.dim() else grad_loss.float()  # one per row, or one
+            return (grad.float() * scale).to(grad.dtype), None, None, None, None, None, None, None
         _cross_entropy_bwd(grad, grad_loss)
         return grad, None, None, None, None, None, None, None
 
