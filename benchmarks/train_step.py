@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo.utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triformer  # noqa: E402,F401
@@ -126,6 +127,7 @@ def measure(task, name, ctor, mode, batch, seq, steps, warmup):
     the model, default mode) or "compile:<torch.compile mode>", e.g. "compile:reduce-overhead"."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.utils.counters.clear()
     compile_mode = None if not mode.startswith("compile") else (mode.partition(":")[2] or "default")
     mark_step = compile_mode == "reduce-overhead"
     model, opt, raw = build(ctor, compile_mode, capturable=mode == "graph")
@@ -153,7 +155,9 @@ def measure(task, name, ctor, mode, batch, seq, steps, warmup):
             ("tokens_per_s" if task == "gpt" else "images_per_s"): round(per_step / dt),
             "MFU": round(flops * batch / dt / H100_BF16_DENSE_PEAK, 3),
             "peak_GiB": round(peak, 2), "final_loss": round(float(loss.detach()), 3),
-            "first_step_s": round(first_step_s, 1) if mode != "graph" else ""}
+            "first_step_s": round(first_step_s, 1) if mode != "graph" else "",
+            # a compiled CUDA-graph mode that skipped its graphs runs without them: the row must say so
+            "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] if compile_mode else ""}
 
 
 def fits(task, ctor, batch, seq) -> bool:

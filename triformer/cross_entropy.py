@@ -30,6 +30,10 @@ Where the gradient goes (``inplace_backward``):
   so an earlier op that saved ``logits`` for its own backward (e.g. ``logits = x.exp()``) raises autograd's
   usual "modified by an inplace operation" error at backward instead of producing wrong gradients.
 
+Inside ``torch.compile`` the backward scales out of place instead (``grad * grad_output``, one pointwise kernel
+that Inductor fuses and writes into the dead gradient's buffer): an in-place write to an input of the backward
+graph would keep Inductor from capturing that graph in a CUDA graph (``mode="reduce-overhead"``).
+
 Because the stored gradient is scaled in place, one forward supports one backward: a second backward
 through the same graph (``retain_graph=True``) raises autograd's "modified by an inplace operation" error
 instead of scaling twice.
