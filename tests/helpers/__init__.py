@@ -4,6 +4,8 @@
   ``NoLaunch``).
 * ``tests.helpers.norms``: what the LayerNorm, RMSNorm and fused add+norm tests share (shapes, the forced
   column loop, PyTorch's norms as peers).
+* ``tests.helpers.gpt``, ``tests.helpers.vit``: the model tests' tiny configs and batches.
+* ``tests.helpers.models``: the Triton model and its float64 PyTorch twin with the same weights.
 
 Checks a library user could want too (``assert_close``, ``random_tensor``, ``poison_``, ``poisoned_empty``)
 live in ``triformer.testing``; pytest fixtures live in ``tests/conftest.py``. Import as
