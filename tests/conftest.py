@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import triformer  # noqa: F401  (decides interpreter vs compiled before any kernel is defined)
+from triformer.testing import poisoned_empty
 
 # Tests that start processes use the forkserver, never a plain fork of the test process: by then that holds
 # threads (tqdm's monitor, wandb's asyncio loop, execnet's I/O), and a fork that catches one of them holding a
@@ -35,6 +36,15 @@ def no_network(monkeypatch):
         return real_connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+@pytest.fixture
+def poisoned_outputs():
+    """For the whole test, torch.empty returns NaN-filled memory (``triformer.testing.poisoned_empty``): ops that
+    allocate their outputs with torch.empty then show any element a kernel skips. Not autouse: a kernel test
+    module asks for it with ``pytestmark = pytest.mark.usefixtures("poisoned_outputs")``."""
+    with poisoned_empty():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from triformer.attention import (Attention, AttentionFunction, attention, attent
                                  attention_reference)
 from triformer.dropout import dropout, dropout_keep_reference
 from triformer.testing import (FP32_RTOL, LOW_PRECISION_FLOOR, LOW_PRECISION_SLACK, assert_close, kernel_device,
-                               poison_, random_tensor, rel_error)
+                               poisoned_empty, random_tensor, rel_error)
 
 import triton  # noqa: E402  (after triformer, which picks compile vs interpreter)
 
@@ -22,10 +22,11 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if kernel_device().t
 
 
 @pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch):
-    """Every buffer the op allocates starts as NaN (255 for bytes), so an element a kernel skips shows."""
-    empty = attention_module._empty
-    monkeypatch.setattr(attention_module, "_empty", lambda *args, **kwargs: poison_(empty(*args, **kwargs)))
+def _poisoned_outputs():
+    """Every buffer the op allocates (through its own ``_empty``, not torch.empty) starts as NaN (255 for
+    bytes), so an element a kernel skips shows."""
+    with poisoned_empty(attention_module, "_empty"):
+        yield
 
 
 def qkv(B, H, Tq, Tk, D, dtype, contiguous=True, scale=1.0, generator=None):

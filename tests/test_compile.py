@@ -1,6 +1,7 @@
-"""torch.compile of whole triformer models through Inductor (not aot_eager): on the CPU as far as it allows (the
-ops are opaque there, Inductor compiles everything around them), and on a GPU with the kernels visible to
-Inductor, in every compile mode, within the cold-compile budget."""
+"""torch.compile of whole triformer models: through aot_eager (AOT autograd's trace, no Inductor) on the kernel
+device, and through Inductor on the CPU as far as it allows (the ops are opaque there, Inductor compiles
+everything around them), and on a GPU with the kernels visible to Inductor, in every compile mode, within the
+cold-compile budget."""
 from __future__ import annotations
 
 import time
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 import triformer
-from models import create_model
-from triformer.testing import kernel_device
+from models import GPT, ViT, create_model
+from tests.helpers import gpt, vit
+from triformer.testing import assert_close, kernel_device
 
 # Three blocks: torch 2.11's Inductor took exponential time in the depth when it formatted a fallback op's
 # arguments (1 layer 12 s, 4 layers never finished); a depth of three would already show that growth.
@@ -87,6 +89,38 @@ def test_cross_entropy_traced_backward_matches_eager(reduction, inplace_backward
         (fn(leaf) * upstream).sum().backward()
         grads.append(leaf.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+
+
+def _aot_eager_case(model_name: str):
+    """(model, (inputs, targets)): the model tests' tiny models, one layer deep (the llama-style GPT with GQA)."""
+    if model_name == "gpt":
+        return GPT(gpt.tiny("llama", n_layer=1)).to(kernel_device()), gpt.batch(2, 7, seed=5)
+    cfg = vit.tiny(n_layer=1)
+    return ViT(cfg).to(kernel_device()), vit.images(cfg, 2)
+
+
+@pytest.mark.parametrize("model_name", ["gpt", "vit"])
+def test_aot_eager_fullgraph_matches_eager(model_name):
+    """The loss through torch.compile(fullgraph=True, backend="aot_eager"), CPU and GPU alike: no graph break in
+    the whole model, and the loss and every gradient equal eager's (fp32's relative 1e-5, against eager's
+    result as the reference)."""
+    torch._dynamo.reset()  # a fresh compile: no recompilation of what an earlier test compiled
+    model, (x, y) = _aot_eager_case(model_name)
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn(x, y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def loss_fn(inputs, targets):
+        return model(inputs, targets)[1]
+
+    eager_loss, eager_grads = loss_and_grads(loss_fn)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(loss_fn, backend="aot_eager", fullgraph=True))
+    assert_close("loss", compiled_loss, eager_loss.double())
+    for name, g in eager_grads.items():
+        assert_close(f"grad {name}", compiled_grads[name], g.double())
 
 
 # ---------------------------------------------------------------------------------------------------- GPU

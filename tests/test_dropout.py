@@ -9,6 +9,7 @@ import triton.language as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.helpers.ops import NoLaunch
 from triformer import Dropout, TritonDropout, dropout, dropout_reference
 from triformer.dropout import dropout_keep, dropout_keep_reference, philox4x32_reference
 from triformer.testing import assert_close, kernel_device, poison_, random_tensor
@@ -231,11 +232,6 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(g_c, g_e, rtol=0, atol=0)
 
 
-class _NoLaunch:
-    def __getitem__(self, grid):
-        raise AssertionError("kernel launched despite bad input")
-
-
 @pytest.mark.parametrize("kwargs, error, words", [
     (dict(x="x"), TypeError, "x must be a torch.Tensor"),
     (dict(x=torch.ones(3, dtype=torch.int64)), TypeError, "x must be float32"),
@@ -254,7 +250,7 @@ class _NoLaunch:
 ], ids=["str", "int", "p_neg", "p_big", "p_nan", "p_str", "p_bool", "training", "seed_neg", "seed_big",
         "seed_float", "seed_vector", "seed_float_tensor", "seed_neg_tensor"])
 def test_bad_input_raises_before_launch(monkeypatch, kwargs, error, words):
-    monkeypatch.setattr(do, "_dropout_kernel", _NoLaunch())
+    monkeypatch.setattr(do, "_dropout_kernel", NoLaunch())
     args = dict(x=random_tensor((4, 5), torch.float32), p=0.5, training=True, seed=None) | kwargs
     with pytest.raises(error, match=words):
         dropout(**args)

@@ -1,15 +1,15 @@
-"""Fused residual add + LayerNorm / RMSNorm against the float64 reference (helpers shared with
-test_layernorm). Gradients reach x and residual from both outputs."""
+"""Fused residual add + LayerNorm / RMSNorm against the float64 reference. Gradients reach x and residual
+from both outputs."""
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_layernorm import BF16, F16, F32, LOOP_BLOCK, SHAPE, check_op, column_loop, poisoned_empty, torch_layer_norm
-from test_rmsnorm import torch_rms_norm
 
+from tests.helpers.norms import BF16, F16, F32, LOOP_BLOCK, SHAPE, column_loop, torch_layer_norm, torch_rms_norm
+from tests.helpers.ops import check_op
 from triformer.fused_add_norm import (AddLayerNormFunction, AddRMSNormFunction, add_layer_norm,
                                       add_layer_norm_reference, add_rms_norm, add_rms_norm_reference)
-from triformer.testing import kernel_device, random_tensor
+from triformer.testing import kernel_device, poisoned_empty, random_tensor
 
 
 def torch_add_layer_norm(x, r, w, b, eps=1e-5):

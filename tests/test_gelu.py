@@ -3,18 +3,16 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from tests.helpers.ops import check_aot_eager_matches_eager
 from triformer.gelu import GELU, BiasGELU, GELUFunction, gelu, gelu_reference
-from triformer.testing import assert_close, kernel_device, poison_, random_tensor
+from triformer.testing import assert_close, kernel_device, random_tensor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 APPROXIMATIONS = ["tanh", "none"]
 
 
-@pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch):
-    """The ops allocate their outputs with torch.empty: make those NaN so any element a kernel skips shows."""
-    empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison_(empty(*args, **kwargs)))
+# The ops allocate their outputs with torch.empty: NaN there shows any element a kernel skips.
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def check_gelu(x, approximate, bias=None):
@@ -127,13 +125,7 @@ def test_torch_compile_fullgraph_matches_eager():
         y = gelu(x * 1.5, "tanh", b)
         return (y * y).sum(), y
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    results = []
-    for fn in (f, compiled):
-        loss, y = fn(x, bias)
-        results.append((y, *torch.autograd.grad(loss, (x, bias))))
-    for eager, comp in zip(*results):
-        assert_close("compiled", comp, eager.double())
+    check_aot_eager_matches_eager(f, x, bias)
 
 
 def test_function_class_is_the_autograd_entry():

@@ -1,75 +1,13 @@
-"""LayerNorm kernels against the float64 reference. The helpers here (check_op, poisoned_empty, column_loop,
-in_common_dtype) also serve the RMSNorm and fused add+norm tests."""
-import contextlib
-
+"""LayerNorm kernels against the float64 reference."""
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from triformer import layernorm
+from tests.helpers.norms import BF16, F16, F32, LOOP_BLOCK, SHAPE, column_loop, torch_layer_norm
+from tests.helpers.ops import check_op
 from triformer.layernorm import LayerNorm, LayerNormFunction, TritonLayerNorm, layer_norm, layer_norm_reference
-from triformer.testing import assert_close, kernel_device, poison_, random_tensor
-
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-# 633 rows: several row blocks per program, and a partial last block. 300 columns: not a power of two, and
-# five 64-wide column blocks when the column loop is forced.
-SHAPE = (3, 211, 300)
-LOOP_BLOCK = 64
-
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """Make torch.empty return NaN-filled memory, so any output element a kernel fails to write shows up.
-    The ops allocate their outputs with torch.empty."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        return poison_(real(*args, **kwargs))
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
-
-
-@contextlib.contextmanager
-def column_loop(block_n):
-    """Cap the column block at block_n (None: the default), which runs the wide-row loops on small inputs."""
-    with pytest.MonkeyPatch.context() as mp:
-        if block_n is not None:
-            mp.setattr(layernorm, "FWD_MAX_BLOCK_N", block_n)
-            mp.setattr(layernorm, "BWD_MAX_BLOCK_N", block_n)
-        yield
-
-
-def check_op(name, fn, ref_fn, peer_fn, inputs, contiguous=True):
-    """Run fn (triformer) under poisoned allocation, ref_fn on float64 copies of the inputs, and peer_fn
-    (PyTorch) on the inputs as they are. Compare every output, and the gradient of every input for fresh
-    random output gradients, which are non-contiguous when ``contiguous`` is False. Entries of ``inputs``
-    may be None."""
-    def run(f, tensors, seeds=None):
-        leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
-        outs = f(*leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        if seeds is None:
-            seeds = [random_tensor(o.shape, o.dtype, contiguous=contiguous) for o in outs]
-        grads = torch.autograd.grad(outs, [t for t in leaves if t is not None],
-                                    [s.to(o.dtype) for s, o in zip(seeds, outs)])
-        return outs, grads, seeds
-
-    with poisoned_empty():
-        outs, grads, seeds = run(fn, inputs)
-    outs64, grads64, _ = run(ref_fn, [None if t is None else t.to(torch.float64) for t in inputs], seeds)
-    peer_outs, peer_grads, _ = run(peer_fn, inputs, seeds)
-    for i, out in enumerate(outs):
-        assert out.dtype == inputs[0].dtype and out.shape == inputs[0].shape
-        assert_close(f"{name} output {i}", out, outs64[i], peer_outs[i])
-    for i, (g, t) in enumerate(zip(grads, [t for t in inputs if t is not None])):
-        assert g.dtype == t.dtype, f"{name}: gradient {i} is {g.dtype}, input is {t.dtype}"
-        assert_close(f"{name} grad of input {i}", g, grads64[i], peer_grads[i])
+from triformer.testing import assert_close, kernel_device, random_tensor
 
 
 def ln_inputs(shape, dtype, param_dtype, contiguous, weight=True, bias=True, scale=1.0, offset=0.0):
@@ -79,18 +17,6 @@ def ln_inputs(shape, dtype, param_dtype, contiguous, weight=True, bias=True, sca
     w = random_tensor((n,), param_dtype) if weight else None
     b = random_tensor((n,), param_dtype) if bias else None
     return [x, w, b]
-
-
-def in_common_dtype(fn, x, *params):
-    """PyTorch's fn(x, *params). With mixed dtypes (fp32 parameters of a bf16 x, as under autocast) it computes
-    in fp32 and returns x's dtype, since PyTorch's kernels take only some mixes, and those differ by device."""
-    if all(p is None or p.dtype == x.dtype for p in params):
-        return fn(x, *params)
-    return fn(x.float(), *(None if p is None else p.float() for p in params)).to(x.dtype)
-
-
-def torch_layer_norm(x, w, b, eps=1e-5):
-    return in_common_dtype(lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, eps), x, w, b)
 
 
 @pytest.mark.parametrize("block_n", [None, LOOP_BLOCK], ids=["one_tile", "column_loop"])

@@ -6,37 +6,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models import GPT, GPTConfig, create_model, list_models, model_config
-from models.gpt import LLAMA_STYLE
+from models import GPT, create_model, list_models, model_config
+from tests.helpers.gpt import V, batch, tiny
+from tests.helpers.models import pair
 from triformer.testing import assert_close, kernel_device
 
 DEV = kernel_device()
-V = 97  # odd vocab, padded to 128: the padded rows must stay out of everything
-
-
-def tiny(style="gpt2", **kw) -> GPTConfig:
-    fields = dict(n_layer=2, n_head=3, n_embd=48, block_size=32, vocab_size=V)
-    if style == "llama":
-        fields.update(LLAMA_STYLE, n_head=4, n_kv_head=2)
-    return GPTConfig(**{**fields, **kw})
-
-
-def pair(config: GPTConfig):
-    """The Triton model (fp32) and its PyTorch twin in float64 with the same weights."""
-    torch.manual_seed(1)
-    ours = GPT(config).to(DEV)
-    ref = GPT(dataclasses.replace(config, kernels="torch"))
-    ref.load_state_dict(ours.state_dict())
-    return ours, ref.to(DEV, torch.float64)
-
-
-def batch(B, T, seed=0, ignore=True):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, V, (B, T), generator=g)
-    targets = torch.randint(0, V, (B, T), generator=g)
-    if ignore:
-        targets[0, :3] = -100
-    return idx.to(DEV), targets.to(DEV)
 
 
 def assert_grads_close(ours, ref):
@@ -214,26 +189,6 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(style):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=f"grad {name}")
     with pytest.raises(ValueError, match="activation checkpointing needs a model built from"):
         set_activation_checkpointing(torch.nn.Linear(2, 2), True)
-
-
-def test_torch_compile_fullgraph_matches_eager():
-    model = GPT(tiny("llama", n_layer=1)).to(DEV)
-    idx, targets = batch(2, 7, seed=5)
-
-    def loss_and_grads(fn):
-        model.zero_grad()
-        loss = fn(idx, targets)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    def loss_fn(i, t):
-        return model(i, t)[1]
-
-    eager_loss, eager_grads = loss_and_grads(loss_fn)
-    compiled_loss, compiled_grads = loss_and_grads(torch.compile(loss_fn, backend="aot_eager", fullgraph=True))
-    assert_close("loss", compiled_loss, eager_loss.double())
-    for name, g in eager_grads.items():
-        assert_close(f"grad {name}", compiled_grads[name], g.double())
 
 
 # ---------------------------------------------------------------------------------------------------------

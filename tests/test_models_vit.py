@@ -1,38 +1,18 @@
 """ViT: sizes, Triton vs PyTorch variants, parity with Hugging Face's and timm's ViT, bad input."""
-import dataclasses
-
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models import ViT, ViTConfig, create_model, model_config
+from models import ViT, create_model, model_config
+from tests.helpers.models import pair
+from tests.helpers.vit import images, tiny
 from triformer.testing import assert_close, kernel_device
 
 DEV = kernel_device()
 
 # timm's published parameter counts of vit_{tiny,small,base}_patch16_224
 PUBLISHED = {"vit-tiny": 5_717_416, "vit-small": 22_050_664, "vit-base": 86_567_656}
-
-
-def tiny(**kw) -> ViTConfig:
-    # 10x10 images in 2x2 patches: 25 patches + class token = 26 tokens
-    return ViTConfig(**{**dict(n_layer=2, n_head=3, n_embd=48, image_size=10, patch_size=2, in_channels=3,
-                               num_classes=7), **kw})
-
-
-def pair(config: ViTConfig):
-    torch.manual_seed(1)
-    ours = ViT(config).to(DEV)
-    ref = ViT(dataclasses.replace(config, kernels="torch"))
-    ref.load_state_dict(ours.state_dict())
-    return ours, ref.to(DEV, torch.float64)
-
-
-def images(config: ViTConfig, B: int, seed: int = 0, scale: float = 1.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, config.in_channels, config.image_size, config.image_size, generator=g) * scale
-    return x.to(DEV), torch.randint(0, config.num_classes, (B,), generator=g).to(DEV)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -94,27 +74,6 @@ def test_dropout_applies_in_training_only():
     plain = ViT(tiny()).to(DEV).eval()
     plain.load_state_dict(model.state_dict())
     assert torch.equal(plain(x)[0], eval_logits)
-
-
-def test_torch_compile_fullgraph_matches_eager():
-    cfg = tiny(n_layer=1)
-    model = ViT(cfg).to(DEV)
-    x, y = images(cfg, 2)
-
-    def loss_and_grads(fn):
-        model.zero_grad()
-        loss = fn(x, y)
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    def loss_fn(images_, targets):
-        return model(images_, targets)[1]
-
-    eager_loss, eager_grads = loss_and_grads(loss_fn)
-    compiled_loss, compiled_grads = loss_and_grads(torch.compile(loss_fn, backend="aot_eager", fullgraph=True))
-    assert_close("loss", compiled_loss, eager_loss.double())
-    for name, g in eager_grads.items():
-        assert_close(f"grad {name}", compiled_grads[name], g.double())
 
 
 # ---------------------------------------------------------------------------------------------------------

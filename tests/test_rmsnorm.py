@@ -1,11 +1,12 @@
-"""RMSNorm kernels against the float64 reference (helpers shared with test_layernorm)."""
+"""RMSNorm kernels against the float64 reference."""
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
-from test_layernorm import BF16, F16, F32, LOOP_BLOCK, SHAPE, check_op, column_loop, in_common_dtype
 
+from tests.helpers.norms import BF16, F16, F32, LOOP_BLOCK, SHAPE, column_loop, torch_rms_norm
+from tests.helpers.ops import check_op
 from triformer.rmsnorm import RMSNorm, RMSNormFunction, rms_norm, rms_norm_reference
 from triformer.testing import assert_close, kernel_device, random_tensor
 
@@ -13,10 +14,6 @@ from triformer.testing import assert_close, kernel_device, random_tensor
 def rms_inputs(shape, dtype, param_dtype, contiguous, weight=True, scale=1.0):
     x = random_tensor(shape, dtype, contiguous=contiguous, scale=scale)
     return [x, random_tensor(shape[-1:], param_dtype) if weight else None]
-
-
-def torch_rms_norm(x, w, eps=1e-6):
-    return in_common_dtype(lambda x, w: F.rms_norm(x, x.shape[-1:], w, eps), x, w)
 
 
 @pytest.mark.parametrize("block_n", [None, LOOP_BLOCK], ids=["one_tile", "column_loop"])

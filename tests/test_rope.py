@@ -5,16 +5,13 @@ from hypothesis import strategies as st
 
 from triformer.rope import (RopeFunction, RotaryEmbedding, apply_rope, apply_rope_reference, rope,
                             rope_cos_sin, rope_reference)
-from triformer.testing import assert_close, kernel_device, poison_, random_tensor
+from triformer.testing import assert_close, kernel_device, random_tensor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch):
-    """The ops allocate their outputs with torch.empty: make those NaN so any element a kernel skips shows."""
-    empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison_(empty(*args, **kwargs)))
+# The ops allocate their outputs with torch.empty: NaN there shows any element a kernel skips.
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def hf_formula(x, cos, sin):

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.helpers.ops import NoLaunch
 from triformer import INTERPRET, Softmax, TritonSoftmax, softmax, softmax_reference
 from triformer import testing
 from triformer.testing import assert_close, kernel_device, poison_, random_tensor
@@ -184,11 +185,6 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(g_c, g_e, rtol=0, atol=0)
 
 
-class _NoLaunch:
-    def __getitem__(self, grid):
-        raise AssertionError("kernel launched despite bad input")
-
-
 @pytest.mark.parametrize("make_args, error, words", [
     (lambda x: (x.to(torch.int32),), TypeError, "x must be float32"),
     (lambda x: (x.double(),), TypeError, "x must be float32"),
@@ -204,7 +200,7 @@ class _NoLaunch:
 ], ids=["int", "float64", "str", "causal_1d", "0d", "causal_int", "scale0", "scale_nan", "scale_inf",
         "scale_bool", "scale_str"])
 def test_bad_input_raises_before_launch(monkeypatch, make_args, error, words):
-    monkeypatch.setattr(sm, "_softmax_fwd_kernel", _NoLaunch())
+    monkeypatch.setattr(sm, "_softmax_fwd_kernel", NoLaunch())
     x = random_tensor((2, 3, 4), torch.float32)
     with pytest.raises(error, match=words):
         softmax(*make_args(x))

@@ -3,9 +3,10 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from tests.helpers.ops import check_aot_eager_matches_eager
 from triformer.swiglu import (GLUFunction, SwiGLU, SwiGLUMLP, geglu, geglu_reference, swiglu,
                               swiglu_reference)
-from triformer.testing import assert_close, kernel_device, poison_, random_tensor
+from triformer.testing import assert_close, kernel_device, random_tensor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (name, triformer op, reference) for each gating activation
@@ -16,11 +17,8 @@ GLUS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch):
-    """The ops allocate their outputs with torch.empty: make those NaN so any element a kernel skips shows."""
-    empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: poison_(empty(*args, **kwargs)))
+# The ops allocate their outputs with torch.empty: NaN there shows any element a kernel skips.
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def check_glu(kind, *inputs):
@@ -155,13 +153,7 @@ def test_torch_compile_fullgraph_matches_eager():
         y = swiglu(x) + geglu(x[:, :45] * 2, up)
         return (y * y).sum(), y
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    results = []
-    for fn in (f, compiled):
-        loss, y = fn(x, up)
-        results.append((y, *torch.autograd.grad(loss, (x, up))))
-    for eager, comp in zip(*results):
-        assert_close("compiled", comp, eager.double())
+    check_aot_eager_matches_eager(f, x, up)
 
 
 def test_empty_input():

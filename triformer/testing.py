@@ -10,6 +10,9 @@ The rule every op test follows:
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Any, Iterator
+
 import torch
 
 from triformer._runtime import INTERPRET
@@ -83,3 +86,22 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(torch.iinfo(t.dtype).max)
+
+
+@contextlib.contextmanager
+def poisoned_empty(owner: Any = torch, name: str = "empty") -> Iterator[None]:
+    """Within the block, ``owner.name`` (by default ``torch.empty``) returns poisoned memory (see ``poison_``).
+
+    For ops that allocate their own outputs: any output element a kernel fails to write then shows up as
+    NaN. Point it at the allocator the op really calls, e.g. a module's private ``_empty`` helper, which
+    patching ``torch.empty`` would not reach. The original is restored on exit."""
+    real = getattr(owner, name)
+
+    def empty(*args, **kwargs):
+        return poison_(real(*args, **kwargs))
+
+    setattr(owner, name, empty)
+    try:
+        yield
+    finally:
+        setattr(owner, name, real)
