@@ -91,6 +91,22 @@ def test_cross_entropy_traced_backward_matches_eager(reduction, inplace_backward
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "softmax"])
+def test_float_arguments_seen_with_several_values_stay_in_one_graph(op):
+    """Dynamo makes a float argument symbolic once it has seen a second value; the ops' argument checks must then
+    still trace (math.isfinite on a SymFloat broke fullgraph), and each value must still be honoured."""
+    torch._dynamo.reset()
+    device = kernel_device()
+    x = torch.randn(3, 4, 8, device=device)
+    w = torch.randn(8, device=device)
+    calls = {"layer_norm": lambda value: triformer.layer_norm(x, w, None, value),
+             "rms_norm": lambda value: triformer.rms_norm(x, w, value),
+             "softmax": lambda value: triformer.softmax(x, scale=value)}[op]
+    compiled = torch.compile(lambda value: calls(value), backend="aot_eager", fullgraph=True)
+    for value in (1e-5, 1e-2, 0.5):
+        torch.testing.assert_close(compiled(value), calls(value))
+
+
 def _aot_eager_case(model_name: str):
     """(model, (inputs, targets)): the model tests' tiny models, one layer deep (the llama-style GPT with GQA)."""
     if model_name == "gpt":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import sys
 
@@ -189,6 +190,12 @@ def launch(kernel, grid):
     if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
         return _skip_launch
     return kernel[grid]
+
+
+def is_finite(value) -> bool:
+    """``math.isfinite`` for a scalar argument that torch.compile may hand over as a SymFloat (Dynamo makes a float
+    argument symbolic once it has seen two values): comparisons trace as guards, ``math.isfinite`` breaks the graph."""
+    return value == value and value != math.inf and value != -math.inf
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

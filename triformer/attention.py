@@ -775,7 +775,7 @@ def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_paddin
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
+                              or not _runtime.is_finite(scale)):
         raise ValueError(f"scale must be None or a finite float, got {scale!r}")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):

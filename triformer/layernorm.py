@@ -20,7 +20,6 @@ deterministic, with no locks or atomics.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -443,7 +442,7 @@ def check_args(x, residual, weight, bias, eps) -> float:
     _runtime.check_device(x=x, residual=residual, weight=weight, bias=bias)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps >= 0):
+    if not (_runtime.is_finite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     return float(eps)
 

@@ -42,7 +42,6 @@ embedding's.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -269,7 +268,7 @@ def _check_args(hidden, weight, targets, bias, z_loss, chunk_rows) -> None:
     _runtime.check_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
         raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
-    if not (math.isfinite(z_loss) and z_loss >= 0):
+    if not (_runtime.is_finite(z_loss) and z_loss >= 0):
         raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be None or a positive int, got {chunk_rows!r}")

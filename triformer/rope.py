@@ -174,7 +174,7 @@ def rope_inv_freq(head_dim: int, base: float = 10000.0, scaling: Optional[dict] 
     if kind == "default":
         return inv_freq
     factor = scaling.get("factor")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not _runtime.is_finite(factor) or factor <= 0:
         raise ValueError(f"rope scaling factor must be a positive number, got {factor!r}")
     if kind == "linear":
         return inv_freq / factor
@@ -208,7 +208,7 @@ def rope_cos_sin(seq_len: int, head_dim: int, base: float = 10000.0, device=None
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     if head_dim == 0 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even int, got {head_dim}")
-    if not isinstance(base, (int, float)) or isinstance(base, bool) or not math.isfinite(base) or base <= 0:
+    if not isinstance(base, (int, float)) or isinstance(base, bool) or not _runtime.is_finite(base) or base <= 0:
         raise ValueError(f"base must be a positive finite number, got {base!r}")
     # on the CPU, as HF does, so the fp32 frequencies are bit-identical whatever the target device
     inv_freq = rope_inv_freq(head_dim, base, scaling)

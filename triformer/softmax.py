@@ -13,7 +13,6 @@ Backward: ``dx = scale * y * (dy - sum(dy * y))`` from the saved output ``y``.
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -264,7 +263,7 @@ def _check_options(is_causal, scale) -> float:
         raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
     scale = float(scale)
     # scale > 0 keeps masked (-inf) scores at -inf and lets the kernel take the max before scaling.
-    if not (math.isfinite(scale) and scale > 0):
+    if not (_runtime.is_finite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
     return scale
 
