@@ -286,7 +286,7 @@ def test_generate_stops_at_eos():
     (dict(loss="mse"), "loss must be one of"),
     (dict(position="rope", n_embd=45, n_head=3), "even head dim"),
     (dict(dropout=1.0), "dropout"),
-    (dict(kernels="cuda"), "kernels must be one of"),
+    (dict(kernels="cuda"), "model.kernels='cuda' is not one of: triton, torch"),
 ])
 def test_bad_configs(overrides, match):
     with pytest.raises(ValueError, match=match):

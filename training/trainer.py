@@ -102,7 +102,9 @@ class Trainer:
         _check_choice("trainer.precision", t.precision, PRECISIONS)
         _check_choice("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
         _check_choice("model.name", cfg.model.name, models.list_models())
-        _check_choice("model.kernels", cfg.model.kernels, ("triton", "torch"))
+        # the registry's config of model.name, no parameters: the model config's own check of model.kernels (the
+        # only one) raises a typo before any work
+        models.model_config(cfg.model.name, cfg.model.kernels)
         self.resume_path = self._check_resume() if cfg.resume else None
         if t.cpu_threads is not None:
             torch.set_num_threads(t.cpu_threads)
@@ -258,13 +260,27 @@ class Trainer:
         return Path(distributed.gather_objects(str(path), self.ctx)[0])
 
     def _model_overrides(self) -> dict[str, Any]:
+        """The one place that decides a model's config fields (what ``create_model`` gets on top of the registry's
+        entry for ``model.name``). Each field has one name from the command line to the config class. Later
+        sources win:
+
+        1. the config class's default (``GPTConfig`` / ``ViTConfig``);
+        2. the registry's entry for ``model.name`` (models/registry.py);
+        3. ``cfg.model``, which Hydra merges from configs/model_fields/<family>.yaml, configs/model/<name>.yaml,
+           an experiment and the command line (``model.n_layer=4``); null keeps the registry's value;
+        4. the loss group: ``loss=<name>`` sets the field ``loss``; ``loss.ce_chunks`` and ``loss.label_smoothing``
+           set the fields of the same names;
+        5. the data: ``vocab_size`` (text), ``num_classes`` / ``in_channels`` / ``image_size`` (images). These
+           are facts of the dataset, not choices, so they always win.
+
+        With ``init_from`` the checkpoint's architecture replaces 1-3 (training/init_from.py)."""
         m, loss = self.cfg.model, self.cfg.loss
         overrides = {k: v for k, v in m.items() if k not in ("name", "kernels") and v is not None}
         overrides["label_smoothing"] = loss.label_smoothing
         if self.data.task == "lm":
             overrides.update(vocab_size=self.data.vocab_size, loss=loss.name)
-            if "n_chunks" in loss:
-                overrides["ce_chunks"] = loss.n_chunks
+            if "ce_chunks" in loss:
+                overrides["ce_chunks"] = loss.ce_chunks
         else:
             if loss.name != "ce":
                 raise ValueError(f"loss={loss.name} is for language models; image models use loss=ce")
