@@ -30,6 +30,7 @@ from models.layers import set_activation_checkpointing
 from training import checkpoint, distributed, graphs, init_from, memory, run
 from training.logging import RunLogger
 from training.optim import build_optimizer, lr_at
+from training.tasks import TASKS, get_task
 
 log = logging.getLogger("triformer.train")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -142,13 +143,14 @@ class Trainer:
         self._say(f"run directory: {self.run_dir}")
         self._say(f"preparing data {cfg.data.name} ...")
         self.data = build_data(cfg.data, seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        self.task = get_task(self.data.task)
         self.sample_batch = self._peek_batch()
-        self.items_per_example = self.sample_batch[0].shape[1] if self.data.task == "lm" else 1
+        self.items_per_example = self.sample_batch[0].shape[1] if self.task.sequences else 1
         self.model_overrides = self._model_overrides()
         # Built on the CPU under the same seed on every rank (identical initial weights), then moved.
         self.model = (init_from.build_model(cfg, self.model_overrides, self._say) if cfg.get("init_from") else
                       models.create_model(cfg.model.name, kernels=cfg.model.kernels, **self.model_overrides))
-        if self.data.task == "lm" and self.items_per_example > self.model.config.block_size:
+        if self.task.sequences and self.items_per_example > self.model.config.block_size:
             raise ValueError(f"data.seq_len={self.items_per_example} exceeds the model's block_size="
                              f"{self.model.config.block_size}; lower data.seq_len or raise model.block_size")
         self.model.to(self.ctx.device)
@@ -177,7 +179,7 @@ class Trainer:
         if self.resume_path is not None:
             self._resume(self.resume_path)
         self.logger = RunLogger(self.run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),
-                                enabled=self.ctx.is_main, throughput_unit="tokens" if self.data.task == "lm" else "images")
+                                enabled=self.ctx.is_main, throughput_unit=self.task.unit)
         if self.memory_report is not None:
             self._say(self.memory_report.message())
             self.logger.summary(memory_savings=self.memory_report.message(), **self.memory_report.metrics())
@@ -274,20 +276,13 @@ class Trainer:
            are facts of the dataset, not choices, so they always win.
 
         With ``init_from`` the checkpoint's architecture replaces 1-3 (training/init_from.py)."""
-        m, loss = self.cfg.model, self.cfg.loss
+        m, loss, task = self.cfg.model, self.cfg.loss, self.task
+        if loss.name not in task.losses:
+            users = " and ".join(t.model_kind + "s" for t in TASKS.values() if loss.name in t.losses) or "no task"
+            raise ValueError(f"loss={loss.name} is for {users}; {task.model_kind}s use loss={' or '.join(task.losses)}")
         overrides = {k: v for k, v in m.items() if k not in ("name", "kernels") and v is not None}
-        overrides["label_smoothing"] = loss.label_smoothing
-        if self.data.task == "lm":
-            overrides.update(vocab_size=self.data.vocab_size, loss=loss.name)
-            if "ce_chunks" in loss:
-                overrides["ce_chunks"] = loss.ce_chunks
-        else:
-            if loss.name != "ce":
-                raise ValueError(f"loss={loss.name} is for language models; image models use loss=ce")
-            channels, height, width = self.data.image_shape
-            if height != width:
-                raise ValueError(f"the ViT models take square images, data gives {height}x{width}")
-            overrides.update(num_classes=self.data.num_classes, in_channels=channels, image_size=height)
+        overrides.update({k: loss.name if k == "loss" else loss[k] for k in task.loss_fields if k == "loss" or k in loss})
+        overrides.update(task.data_fields(self.data))
         return overrides
 
     def _peek_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +299,7 @@ class Trainer:
 
         m = self.cfg.model
         x, y = (t.to(self.ctx.device) for t in self.sample_batch)
-        shape = "x".join(map(str, x.shape[:2] if self.data.task == "lm" else x.shape[:1]))
+        shape = "x".join(map(str, x.shape[:2] if self.task.sequences else x.shape[:1]))
         kernels = "" if m.kernels == "triton" else f", kernels={m.kernels}"
         # The plain model's initialization and the dropout masks draw random numbers; the run's streams must not
         # notice (a run with the report must train exactly like one without).
@@ -438,7 +433,7 @@ class Trainer:
                    "throughput": examples_per_s * self.items_per_example,
                    "memory_gib": memory.current_bytes(self.ctx.device) / 2**30}
         if self.ctx.device.type == "cuda":
-            seq = self.items_per_example if self.data.task == "lm" else None
+            seq = self.items_per_example if self.task.sequences else None
             flops = self.model.flops_per_example(seq) * examples_per_s
             metrics["mfu"] = flops / (t.peak_flops * self.ctx.world_size)
         if self.scaler.is_enabled():
@@ -446,8 +441,7 @@ class Trainer:
         return metrics
 
     def _postfix(self, m: dict[str, float]) -> str:
-        unit = "tok/s" if self.data.task == "lm" else "img/s"
-        parts = [f"loss {m['loss']:.4f}", f"{m['throughput']:,.0f} {unit}"]
+        parts = [f"loss {m['loss']:.4f}", f"{m['throughput']:,.0f} {self.task.unit_short}/s"]
         if "mfu" in m:
             parts.append(f"MFU {m['mfu']:.1%}")
         parts.append(f"mem {m['memory_gib']:.2f} GiB")
@@ -474,7 +468,7 @@ class Trainer:
                 n = (ys != -100).sum() * weight
                 sums[0] += loss.double() * n
                 sums[1] += n
-                if self.data.task == "image":
+                if self.task.accuracy:
                     sums[2] += (logits.argmax(-1) == ys).sum() * weight
         finally:
             model.train(was_training)
@@ -482,7 +476,7 @@ class Trainer:
         if sums[1] == 0:
             raise ValueError(f"data split {split!r} produced no evaluation examples")
         out = {f"{split}/loss": float(sums[0] / sums[1])}
-        if self.data.task == "image":
+        if self.task.accuracy:
             out[f"{split}/accuracy"] = float(sums[2] / sums[1])
         return out
 
