@@ -96,17 +96,35 @@ class Trainer:
             raise
 
     def _setup(self) -> None:
-        cfg = self.cfg
-        t = cfg.trainer
+        """A run's start as named steps, in order: settings checked before any work, random draws in their places."""
         run.setup_logging()
-        run.validate_train_config(cfg)  # every numeric value, before any work
+        self._check_settings()
+        self.resume_path = self._check_resume() if self.cfg.resume else None
+        self._start_processes()
+        self._plan_batches()
+        self._claim_run_dir()
+        self._prepare_data()
+        self._build_model()
+        self._report_memory()
+        self._prepare_training()
+        if self.resume_path is not None:
+            self._resume(self.resume_path)
+        self._start_records()
+
+    def _check_settings(self) -> None:
+        """Every value and choice of the config, before any work: a typo fails in a second, not after the data."""
+        cfg, t = self.cfg, self.cfg.trainer
+        run.validate_train_config(cfg)  # every numeric value
         _check_choice("trainer.precision", t.precision, PRECISIONS)
         _check_choice("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
         _check_choice("model.name", cfg.model.name, models.list_models())
         # the registry's config of model.name, no parameters: the model config's own check of model.kernels (the
         # only one) raises a typo before any work
         models.model_config(cfg.model.name, cfg.model.kernels)
-        self.resume_path = self._check_resume() if cfg.resume else None
+
+    def _start_processes(self) -> None:
+        """Threads, device and process group first: every later step needs the device and this rank."""
+        cfg, t = self.cfg, self.cfg.trainer
         if t.cpu_threads is not None:
             torch.set_num_threads(t.cpu_threads)
         self.ctx = distributed.init(t.device, t.strategy)
@@ -116,6 +134,10 @@ class Trainer:
             if triformer.INTERPRET != (self.ctx.device.type == "cpu"):
                 raise ValueError(f"model.kernels=triton runs {'interpreted on the CPU' if triformer.INTERPRET else 'on CUDA'}"
                                  f" but trainer.device is {self.ctx.device}; change one of them")
+
+    def _plan_batches(self) -> None:
+        """Micro-batch and precision follow from world size and device; refused before a directory or data exist."""
+        cfg, t = self.cfg, self.cfg.trainer
         per_step = self.ctx.world_size * t.grad_accum
         if t.batch_size % per_step:
             raise ValueError(f"trainer.batch_size={t.batch_size} must be divisible by world_size * grad_accum = "
@@ -125,6 +147,9 @@ class Trainer:
         if t.cuda_graph:
             graphs.check_supported(cfg, self.ctx.device, self.ctx.world_size, self.precision)
         self.graphed: graphs.GraphedStep | None = None  # built at the first step, from its batches
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0 picks and locks the run directory before anything is written; a killed run's temporaries go."""
         self.run_dir = self._run_dir()
         if self.ctx.is_main:
             self._created_run_dir = self._created_run_dir or not self.run_dir.exists()
@@ -135,6 +160,9 @@ class Trainer:
                 run.clean_stale_temporaries(self.resume_path.parent)
         distributed.barrier(self.ctx)
 
+    def _prepare_data(self) -> None:
+        """The data before the model: it decides the vocabulary or classes, and its task what a batch is (tasks.py)."""
+        cfg = self.cfg
         _seed_everything(cfg.seed)
         if cfg.get("init_from"):  # fine-tuning: the data may need the checkpoint's tokenizer
             init_from.prepare_config(cfg, self._say)
@@ -146,6 +174,10 @@ class Trainer:
         self.task = get_task(self.data.task)
         self.sample_batch = self._peek_batch()
         self.items_per_example = self.sample_batch[0].shape[1] if self.task.sequences else 1
+
+    def _build_model(self) -> None:
+        """Built on the CPU under the same seed on every rank, so every rank starts from the same weights."""
+        cfg = self.cfg
         self.model_overrides = self._model_overrides()
         # Built on the CPU under the same seed on every rank (identical initial weights), then moved.
         self.model = (init_from.build_model(cfg, self.model_overrides, self._say) if cfg.get("init_from") else
@@ -158,13 +190,18 @@ class Trainer:
         # Dropout masks differ between ranks, as they would between the rows of one big batch.
         _seed_everything(cfg.seed + self.ctx.rank)
 
+    def _report_memory(self) -> None:
+        """memory_report: one eager step of the bare model vs plain PyTorch, before wrapping or compiling."""
         self.memory_report = None
-        if cfg.memory_report and self.ctx.is_main:
+        if self.cfg.memory_report and self.ctx.is_main:
             self._say("measuring activation memory: one training step of this model and one of the plain PyTorch "
                       "model of its size ...")
             self.memory_report = self._measure_memory()
         distributed.barrier(self.ctx)
 
+    def _prepare_training(self) -> None:
+        """Wrap before the optimizer takes the parameters; checkpointing and compile on top; counters from zero."""
+        cfg, t = self.cfg, self.cfg.trainer
         self.wrapped = distributed.wrap(self.model, self.ctx)
         if t.activation_checkpointing:
             n = set_activation_checkpointing(self.model, True)
@@ -176,9 +213,10 @@ class Trainer:
         self.step = 0
         self.best_val = math.inf
         self.last_ckpt: Path | None = None
-        if self.resume_path is not None:
-            self._resume(self.resume_path)
-        self.logger = RunLogger(self.run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),
+
+    def _start_records(self) -> None:
+        """The logger last: a run refused by any step above writes no records (close() removes its folder)."""
+        self.logger = RunLogger(self.run_dir, self.cfg.logger, OmegaConf.to_container(self.cfg, resolve=True),
                                 enabled=self.ctx.is_main, throughput_unit=self.task.unit)
         if self.memory_report is not None:
             self._say(self.memory_report.message())
@@ -247,6 +285,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup
     def _run_dir(self) -> Path:
+        """run_dir, else Hydra's output directory, else a timestamped one; rank 0's choice is every rank's."""
         if self.cfg.run_dir:
             path = self.cfg.run_dir
             self._created_run_dir = not Path(path).exists()
@@ -281,7 +320,8 @@ class Trainer:
             users = " and ".join(t.model_kind + "s" for t in TASKS.values() if loss.name in t.losses) or "no task"
             raise ValueError(f"loss={loss.name} is for {users}; {task.model_kind}s use loss={' or '.join(task.losses)}")
         overrides = {k: v for k, v in m.items() if k not in ("name", "kernels") and v is not None}
-        overrides.update({k: loss.name if k == "loss" else loss[k] for k in task.loss_fields if k == "loss" or k in loss})
+        chosen = {**loss, "loss": loss.name}  # the field ``loss`` is the loss group's choice
+        overrides.update({k: chosen[k] for k in task.loss_fields if k in chosen})
         overrides.update(task.data_fields(self.data))
         return overrides
 
@@ -505,6 +545,7 @@ class Trainer:
         distributed.barrier(self.ctx)
 
     def _resume(self, spec: str) -> None:
+        """Load the checkpoint into what setup built: weights, optimizer, scaler, step, data position, RNG streams."""
         path = checkpoint.resolve_resume(spec, Path(self.cfg.runs_root) / self.cfg.name)
         state = checkpoint.load_checkpoint(path)
         if state["model_name"] != self.cfg.model.name:
