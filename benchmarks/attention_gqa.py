@@ -6,7 +6,7 @@ summed over each group inside the dK/dV kernel) against the copy models used to 
 (flash backend) with ``enable_gqa=True`` and with the copy. Causal, bf16, fwd / bwd / fwd+bwd, median time and
 the peak memory above the inputs (benchmarks/common.py ``measure``). Shapes: Llama 3.2 1B's attention (32 query
 heads, 8 key/value heads, head dim 64) at 8 x 1024 and 2 x 4096 tokens, and Llama 3 8B's (head dim 128) at
-4 x 2048. Results: benchmarks/results/attention_gqa.{md,csv,png}.
+4 x 2048. Results: benchmarks/results/<card>/attention_gqa.{md,csv,png}.
 """
 import sys
 from pathlib import Path

@@ -11,7 +11,7 @@ launch) so the difference between adjacent rows is what that layer costs, and wi
 undone ("through the dispatcher" rows: the ops called through torch.library's registered op; "through the
 autotuner" rows: attention's kernels launched through Triton's autotuner every time, not with the config it
 chose); a cProfile of the functional form names the Python functions behind it. Writes
-benchmarks/results/host_overhead.md.
+benchmarks/results/<card>/host_overhead.md.
 
 ``--cpu-stub`` times only triformer's own Python around the kernels, on CPU tensors: every kernel launch is
 a no-op that counts itself, so neither Triton's launcher nor its interpreter runs. It also counts the

@@ -6,7 +6,7 @@
 Runs ``train.py`` twice with one seed, so both see the same batches in the same order and start from the
 same weights, once with ``model.kernels=triton`` and once with ``model.kernels=torch``, then compares
 the validation losses at every evaluation: the largest relative gap must stay within 2%. Writes
-benchmarks/results/loss_parity_<task>.{md,csv,png}.
+benchmarks/results/<card>/loss_parity_<task>.{md,csv,png}.
 """
 from __future__ import annotations
 

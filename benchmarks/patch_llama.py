@@ -16,7 +16,7 @@ Every variant runs in a fresh process (Liger patches transformers' classes for t
 is then the variant's own): a fresh model, ``--warmup`` steps (Triton's autotuning happens there), then
 ``--steps`` timed steps, each between two ``torch.cuda.synchronize()``; tokens/s (images/s) from the median step,
 peak = ``torch.cuda.max_memory_allocated()`` over the timed steps (weights, gradients, AdamW state and
-activations). Results: ``$TRIFORMER_BENCH_OUT`` (default benchmarks/results/) ``patch_llama.{md,csv}`` with the
+activations). Results: ``$TRIFORMER_BENCH_OUT`` (default benchmarks/results/<card>/) ``patch_llama.{md,csv}`` with the
 card, the versions and the command.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@ and (2) a gpt2-small training step (16 x 1024 tokens, bf16 autocast, fused AdamW
 
     python benchmarks/profile_step.py
 
-Prints and writes benchmarks/results/profile_step.md: the top operators by host (CPU) time for the op, and
+Prints and writes benchmarks/results/<card>/profile_step.md: the top operators by host (CPU) time for the op, and
 the top GPU kernels by time for the training step with their share of the step.
 """
 from __future__ import annotations

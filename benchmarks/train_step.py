@@ -9,7 +9,7 @@ Variants, each eager, and on request under torch.compile (--compile) and as a CU
 the same model built from the PyTorch references (kernels=torch), and a plain-PyTorch model written the
 usual way (nanoGPT-style GPT-2 with SDPA flash attention and F.cross_entropy; a ViT with SDPA). Reports
 tokens/s (images/s), MFU against 989 TFLOP/s dense bf16, peak allocated memory, and (--max-batch) the
-largest batch that fits on the card. Results: benchmarks/results/train_step_<gpt|vit>.{csv,md,png}.
+largest batch that fits on the card. Results: benchmarks/results/<card>/train_step_<gpt|vit>.{csv,md,png}.
 """
 from __future__ import annotations
 
