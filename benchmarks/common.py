@@ -246,6 +246,11 @@ def run_cases(name: str, cases: list[Case]) -> list[dict]:
     return rows
 
 
+def command_line() -> str:
+    """This run's command, as run from the repository root: ``python -m benchmarks.<name> [args]``."""
+    return " ".join(["python -m benchmarks." + Path(sys.argv[0]).stem, *sys.argv[1:]])
+
+
 def write_results(name: str, rows: list[dict], env: dict[str, str] | None = None) -> None:
     if not rows:
         return
@@ -256,7 +261,7 @@ def write_results(name: str, rows: list[dict], env: dict[str, str] | None = None
         w.writeheader()
         w.writerows(rows)
     lines = [f"# {name} benchmark", "", " | ".join(f"{k}: {v}" for k, v in env.items()), "",
-             f"Command: `python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`; time is do_bench's median, "
+             f"Command: `{command_line()}`; time is do_bench's median, "
              "memory the peak above inputs.", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]

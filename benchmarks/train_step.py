@@ -1,7 +1,7 @@
 """End-to-end training-step benchmark on one GPU: triformer models against plain PyTorch.
 
-    python benchmarks/train_step.py gpt    # gpt2-small, 16 x 1024 tokens, bf16 autocast, fused AdamW
-    python benchmarks/train_step.py vit    # vit-base/16 at 224, batch 128, bf16 autocast
+    python -m benchmarks.train_step gpt    # gpt2-small, 16 x 1024 tokens, bf16 autocast, fused AdamW
+    python -m benchmarks.train_step vit    # vit-base/16 at 224, batch 128, bf16 autocast
 
 Variants, each eager, and on request under torch.compile (--compile) and as a CUDA-graphed whole step
 (--graph: forward, backward and AdamW captured once and replayed): triformer's model with Triton kernels
@@ -17,16 +17,14 @@ import argparse
 import csv
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import triformer  # noqa: E402,F401
-import models  # noqa: E402
-from models.layers import set_activation_checkpointing  # noqa: E402
-from models.plain import PlainGPT, PlainViT  # noqa: E402  (one plain model for the trainer and here)
-from benchmarks.common import environment, out_dir  # noqa: E402
+import triformer  # noqa: F401
+import models
+from models.layers import set_activation_checkpointing
+from models.plain import PlainGPT, PlainViT  # one plain model for the trainer and here
+from benchmarks.common import environment, out_dir
 
 H100_BF16_DENSE_PEAK = 989e12
 
@@ -236,7 +234,7 @@ def write_table(name, rows):
         w.writeheader()
         w.writerows(rows)
     md = [f"# {name}", "", " | ".join(f"{k}: {v}" for k, v in env.items()), "",
-          f"Command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`", "",
+          f"Command: `python -m benchmarks.train_step {' '.join(sys.argv[1:])}`", "",
           "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     md += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     (d / f"{name}.md").write_text("\n".join(md) + "\n")
