@@ -192,8 +192,13 @@ class Trainer:
 
     def _report_memory(self) -> None:
         """memory_report: one eager step of the bare model vs plain PyTorch, before wrapping or compiling."""
+        from models.plain import has_plain_twin
+
         self.memory_report = None
-        if self.cfg.memory_report and self.ctx.is_main:
+        if self.cfg.memory_report and self.ctx.is_main and not has_plain_twin(self.model):
+            self._say(f"memory_report: skipped, models/plain.py has no plain PyTorch twin of "
+                      f"{type(self.model).__name__} to compare with")
+        elif self.cfg.memory_report and self.ctx.is_main:
             self._say("measuring activation memory: one training step of this model and one of the plain PyTorch "
                       "model of its size ...")
             self.memory_report = self._measure_memory()
