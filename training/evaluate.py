@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from training.data import build_data, load_tokenizer
 from training.data.common import check_positive_int, to_plain
 from training.data.text import read_text
-from training.tasks import a, get_task
+from training.tasks import get_task, with_article
 
 log = logging.getLogger("triformer.eval")
 
@@ -273,9 +273,10 @@ def run(cfg) -> dict[str, Any]:
     data_cfg = cfg.get("data") or state["config"]["data"]
     task = get_task(data_cfg.get("task"))
     if task.name != getattr(model, "task", task.name):
-        raise ValueError(f"{path} holds {a(get_task(model.task).model_kind)} ({state['model_name']}) but data="
-                         f"{data_cfg.get('name')} is {task.data_kind}; evaluate it on data of its own task (leave data "
-                         f"unset to use the checkpoint's own, {state['config']['data'].get('name')})")
+        holds = with_article(get_task(model.task).model_kind)
+        raise ValueError(f"{path} holds {holds} ({state['model_name']}) but data={data_cfg.get('name')} is "
+                         f"{task.data_kind}; evaluate it on data of its own task (leave data unset to use the "
+                         f"checkpoint's own, {state['config']['data'].get('name')})")
     amp = _autocast_dtype(cfg["precision"], device)
     out_dir = Path(cfg["output_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)

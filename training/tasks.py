@@ -71,6 +71,6 @@ def get_task(name: Any) -> Task:
     return TASKS[name]
 
 
-def a(noun: str) -> str:
+def with_article(noun: str) -> str:
     """``noun`` with its indefinite article: "an image classifier"."""
     return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
