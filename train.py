@@ -1,7 +1,7 @@
 """Train a model: ``python train.py [experiment=...] [group=option] [key=value]`` (configs/train.yaml).
 
 Examples: ``python train.py`` (small GPT on the stdlib sources, CPU), ``python train.py experiment=vit-digits``,
-``python train.py -m model.dropout=0.0,0.1 loss.n_chunks=1,4`` (sweep), ``python train.py resume=latest``,
+``python train.py -m model.dropout=0.0,0.1 loss.ce_chunks=1,4`` (sweep), ``python train.py resume=latest``,
 ``torchrun --nproc_per_node 8 train.py experiment=gpt2-small-owt``.
 """
 import hydra

@@ -1,4 +1,4 @@
-"""Flash-attention benchmark (GPU): ``python benchmarks/attention.py [--quick]``. Without a GPU it only builds small
+"""Flash-attention benchmark (GPU): ``python -m benchmarks.attention [--quick]``. Without a GPU it only builds small
 cases. ``--quick``: the anchor shape, T=4096 and D=128 causal, and the anchor shape with dropout, against SDPA
 alone (no compile or eager peers), for a check that fits a short GPU call.
 
@@ -8,18 +8,15 @@ choice, "sdpa"), torch.compile of SDPA, and the eager math version (triformer's 
 which materialises the [T, T] scores: run up to T=2048 only, its retained graphs alone would take ~20 GB
 at T=4096). Liger has no attention. The anchor is SDPA causal fwd+bwd at 16x12x1024x64 bf16 (0.375 ms).
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, flag, main, mode_cases  # noqa: E402
-from triformer.attention import attention, attention_reference  # noqa: E402
+import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
+from benchmarks.common import Case, flag, main, mode_cases
+from triformer.attention import attention, attention_reference
 
 # (B, H, T, D): 16k tokens per batch, hidden size 768; q, k and v are 25 MB each, 75 MB together.
 SHAPES = [(16, 12, 1024, 64), (8, 12, 2048, 64), (4, 12, 4096, 64),

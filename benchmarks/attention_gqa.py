@@ -1,4 +1,4 @@
-"""Grouped-query attention (GPU): ``python benchmarks/attention_gqa.py``. Without a GPU it builds small cases.
+"""Grouped-query attention (GPU): ``python -m benchmarks.attention_gqa``. Without a GPU it builds small cases.
 
 triformer's kernels read key/value head ``h // (H / H_kv)`` for query head h ("triformer", k/v of H_kv heads, dK/dV
 summed over each group inside the dK/dV kernel) against the copy models used to pay ("triformer_copy":
@@ -6,20 +6,17 @@ summed over each group inside the dK/dV kernel) against the copy models used to 
 (flash backend) with ``enable_gqa=True`` and with the copy. Causal, bf16, fwd / bwd / fwd+bwd, median time and
 the peak memory above the inputs (benchmarks/common.py ``measure``). Shapes: Llama 3.2 1B's attention (32 query
 heads, 8 key/value heads, head dim 64) at 8 x 1024 and 2 x 4096 tokens, and Llama 3 8B's (head dim 128) at
-4 x 2048. Results: benchmarks/results/attention_gqa.{md,csv,png}.
+4 x 2048. Results: benchmarks/results/<card>/attention_gqa.{md,csv,png}.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, main, mode_cases  # noqa: E402
-from triformer.attention import attention  # noqa: E402
+import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
+from benchmarks.common import Case, main, mode_cases
+from triformer.attention import attention
 
 # (B, H, H_kv, T, D)
 SHAPES = [(8, 32, 8, 1024, 64), (2, 32, 8, 4096, 64), (4, 32, 8, 2048, 128)]

@@ -1,5 +1,5 @@
 """Compile attention's autotuning candidates for sm_90 (H100/H200) on any machine, GPU or not:
-``python benchmarks/attention_sm90.py [--first]`` prints, per kernel, head dim, config and dropout, the
+``python -m benchmarks.attention_sm90 [--first]`` prints, per kernel, head dim, config and dropout, the
 registers per thread, the stack bytes (register spills), the shared memory, and how many asynchronous
 global-to-shared copies (cp.async, issued by software pipelining) and warpgroup matmuls (wgmma) the PTX holds.
 ``--first`` compiles only the first variant (a smoke check for the test suite).
@@ -17,7 +17,6 @@ from pathlib import Path
 
 os.environ["TRIFORMER_INTERPRET"] = "0"  # compile, never interpret: nothing here launches a kernel
 os.environ.pop("TRITON_INTERPRET", None)  # e.g. inherited from a test process running the interpreter
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triformer  # noqa: E402,F401  (before triton, which reads its mode when first imported)
 import triton  # noqa: E402

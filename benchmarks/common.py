@@ -5,7 +5,10 @@ Each op's benchmark (``benchmarks/<op>.py``) describes its cases as ``Case`` row
 bwd and fwd+bwd rows of one setting), and hands its case builders to ``main``.
 Timing is ``triton.testing.do_bench``'s median with the L2 flushed between repeats; memory is the peak
 allocated during one call above what was allocated before it (inputs included in neither).
-Results go to ``benchmarks/results/<op>.csv``/``.md``/``.png`` (or ``$TRIFORMER_BENCH_OUT`` when set).
+Results go to ``benchmarks/results/<card>/<op>.csv``/``.md``/``.png``, ``<card>`` named after the GPU (``card()``:
+"h200", "h100"; "cpu" without one), or to ``$TRIFORMER_BENCH_OUT`` when set. ``scripts/gpu_run.sh`` sets it and
+packs the folder into ``$OUT/results.tar.gz``: unpack that into ``benchmarks/results/<card>/`` (overwriting the
+card's previous files) and add the run's date, versions and headline rows to docs/performance_history.md.
 """
 from __future__ import annotations
 
@@ -194,8 +197,26 @@ def measure(fn: Callable[[], object]) -> tuple[float, float]:
     return ms, peak
 
 
-def out_dir() -> Path:
-    d = Path(os.environ.get("TRIFORMER_BENCH_OUT") or Path(__file__).parent / "results")
+def card(device_name: str | None = None) -> str:
+    """The results folder of a GPU (this machine's when ``device_name`` is None): "NVIDIA H200" -> "h200",
+    "NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA GeForce RTX 4090" -> "rtx-4090";
+    "cpu" without a GPU (``environment()``'s "none")."""
+    if device_name is None:
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    if device_name == "none":
+        return "cpu"
+    words = [w for w in re.split(r"[\s_-]+", device_name.lower()) if w and w not in ("nvidia", "tesla", "geforce")]
+    name = []
+    for w in words:  # up to the first word with a digit: the model, not its memory size
+        name.append(w)
+        if any(c.isdigit() for c in w):
+            break
+    return "-".join(name) or "gpu"
+
+
+def out_dir(device_name: str | None = None) -> Path:
+    """``$TRIFORMER_BENCH_OUT``, else ``benchmarks/results/<card>/`` (``card(device_name)``), created."""
+    d = Path(os.environ.get("TRIFORMER_BENCH_OUT") or Path(__file__).parent / "results" / card(device_name))
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -225,17 +246,22 @@ def run_cases(name: str, cases: list[Case]) -> list[dict]:
     return rows
 
 
+def command_line() -> str:
+    """This run's command, as run from the repository root: ``python -m benchmarks.<name> [args]``."""
+    return " ".join(["python -m benchmarks." + Path(sys.argv[0]).stem, *sys.argv[1:]])
+
+
 def write_results(name: str, rows: list[dict], env: dict[str, str] | None = None) -> None:
     if not rows:
         return
-    d = out_dir()
     env = env or environment()
+    d = out_dir(env["gpu"])
     with open(d / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     lines = [f"# {name} benchmark", "", " | ".join(f"{k}: {v}" for k, v in env.items()), "",
-             f"Command: `python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`; time is do_bench's median, "
+             f"Command: `{command_line()}`; time is do_bench's median, "
              "memory the peak above inputs.", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]

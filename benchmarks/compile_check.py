@@ -1,8 +1,8 @@
 """torch.compile of triformer's models on one GPU: cold compile time, graph breaks, and the compiled loss curve
 against the eager one.
 
-    python benchmarks/compile_check.py                       # gpt2-small, llama-small, vit-base; three modes
-    python benchmarks/compile_check.py --models gpt2-small --modes default --steps 100
+    python -m benchmarks.compile_check                       # gpt2-small, llama-small, vit-base; three modes
+    python -m benchmarks.compile_check --models gpt2-small --modes default --steps 100
 
 Each (model, mode) runs in a fresh process with empty Inductor and Triton caches, so the time is a cold
 compile: ``torch.compile(model, fullgraph=True, mode=...)``, then the first forward + backward + AdamW step
@@ -21,7 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository root: `python -m benchmarks.compile_check` runs from it
 MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 MODELS = ("gpt2-small", "llama-small", "vit-base")
 # batch per model: large enough to be a real step, small enough that three modes and two curves fit a lease
@@ -128,8 +130,9 @@ def main() -> None:
                 env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"{cache}/inductor", TRITON_CACHE_DIR=f"{cache}/triton")
                 t0 = time.perf_counter()
                 try:
-                    out = subprocess.run([sys.executable, __file__, "--one", name, mode, "--steps", str(args.steps)],
-                                         env=env, capture_output=True, text=True, timeout=args.limit)
+                    out = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", "--one", name, mode,
+                                          "--steps", str(args.steps)], cwd=ROOT, env=env, capture_output=True,
+                                         text=True, timeout=args.limit)
                     if args.keep_logs:  # e.g. with TORCH_LOGS=perf_hints: why a CUDA graph was skipped
                         (out_dir() / f"compile_check-{name}-{mode}.log").write_text(out.stdout + out.stderr)
                     out = out.stdout
@@ -145,7 +148,7 @@ def main() -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     d = out_dir()
     lines = ["# compile_check", "", " | ".join(f"{k}: {v}" for k, v in env.items()), "",
-             f"Command: `python benchmarks/compile_check.py {' '.join(sys.argv[1:])}`", "",
+             f"Command: `python -m benchmarks.compile_check {' '.join(sys.argv[1:])}`", "",
              "compile_s: cold torch.compile(fullgraph=True) + first forward/backward/AdamW step; process_s: the "
              "whole fresh process (imports, model, eager curve too); compiled_gap: largest distance between "
              "the compiled and eager loss curves (bf16 autocast, same weights and batches) over the first loss; "

@@ -1,4 +1,4 @@
-"""Cross-entropy benchmark (GPU): ``python benchmarks/cross_entropy.py [--sweep]``. Without a GPU it only builds
+"""Cross-entropy benchmark (GPU): ``python -m benchmarks.cross_entropy [--sweep]``. Without a GPU it only builds
 small cases (smoke test).
 
 fwd+bwd of ``loss = CE(logits[N, V], targets)`` then d(loss)/d(logits) via ``autograd.grad`` (no ``.grad``
@@ -12,17 +12,15 @@ are still ordinary finite logits for the next call, so timings are unaffected.
 size) per shape and writes ``cross_entropy_sweep``: the data behind ``triformer.cross_entropy``'s constants.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-import triton  # noqa: E402
-from benchmarks.common import Case, liger_import, main, run_cases  # noqa: E402
-from triformer.cross_entropy import cross_entropy  # noqa: E402
+import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
+import triton
+from benchmarks.common import Case, liger_import, main, run_cases
+from triformer.cross_entropy import cross_entropy
 
 ce_module = sys.modules["triformer.cross_entropy"]  # the package attribute of that name is the function
 

@@ -1,21 +1,18 @@
-"""Dropout benchmark (GPU): ``python benchmarks/dropout.py``. Without a GPU it only builds small cases.
+"""Dropout benchmark (GPU): ``python -m benchmarks.dropout``. Without a GPU it only builds small cases.
 
 Memory-bound: bytes_moved counts one read of the input and one write of the output per pass (fwd: x -> y;
 bwd: dy -> dx). Triformer stores no mask (the backward regenerates it); PyTorch's eager dropout also writes
 and re-reads a mask, which is its cost, not counted. Peers: torch.nn.functional.dropout eager and
 torch.compile of it (Liger has no dropout).
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, main, mode_cases  # noqa: E402
-from triformer.dropout import dropout  # noqa: E402
+import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
+from benchmarks.common import Case, main, mode_cases
+from triformer.dropout import dropout
 
 P = 0.1
 CONFIGS = [  # (shape, dtype): 128 MB - 1 GB a tensor, far above the 50 MB L2

@@ -1,18 +1,15 @@
-"""GELU benchmark (GPU): ``python benchmarks/gelu.py``. Without a GPU it only builds small cases (smoke test).
+"""GELU benchmark (GPU): ``python -m benchmarks.gelu``. Without a GPU it only builds small cases (smoke test).
 
 Memory-bound: bytes_moved counts one read of each input and one write of each output per pass (fwd:
 x -> y; bwd: dy, x -> dx). Peers: PyTorch eager, torch.compile of it (Liger has no plain GELU).
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, main, mode_cases  # noqa: E402
-from triformer.gelu import gelu, gelu_reference  # noqa: E402
+import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
+from benchmarks.common import Case, main, mode_cases
+from triformer.gelu import gelu, gelu_reference
 
 def build_cases(device: str, rows: int = 16384) -> list[Case]:
     cases = []

@@ -1,7 +1,7 @@
 """Host (CPU) time per call of triformer's ops, layer by layer, against PyTorch's own kernels (GPU; see --cpu-stub).
 
-    python benchmarks/host_overhead.py
-    python benchmarks/host_overhead.py --cpu-stub   # CPU only (TRIFORMER_INTERPRET=1 on a GPU machine)
+    python -m benchmarks.host_overhead
+    python -m benchmarks.host_overhead --cpu-stub   # CPU only (TRIFORMER_INTERPRET=1 on a GPU machine)
 
 A GPT-2 step launches a few hundred kernels, most of them short, so the Python and launch time each op
 spends on the host decides the step time whenever it exceeds the kernel's GPU time. Shapes here are tiny,
@@ -11,7 +11,7 @@ launch) so the difference between adjacent rows is what that layer costs, and wi
 undone ("through the dispatcher" rows: the ops called through torch.library's registered op; "through the
 autotuner" rows: attention's kernels launched through Triton's autotuner every time, not with the config it
 chose); a cProfile of the functional form names the Python functions behind it. Writes
-benchmarks/results/host_overhead.md.
+benchmarks/results/<card>/host_overhead.md.
 
 ``--cpu-stub`` times only triformer's own Python around the kernels, on CPU tensors: every kernel launch is
 a no-op that counts itself, so neither Triton's launcher nor its interpreter runs. It also counts the
@@ -29,19 +29,17 @@ import io
 import pstats
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import triformer  # noqa: E402  (before triton: it picks compile vs interpreter)
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime.jit import KernelInterface  # noqa: E402
-from triformer import layernorm as ln_mod  # noqa: E402
-from benchmarks.common import environment, out_dir  # noqa: E402
+import triformer  # before triton: it picks compile vs interpreter
+import triton
+import triton.language as tl
+from triton.runtime.jit import KernelInterface
+from triformer import layernorm as ln_mod
+from benchmarks.common import environment, out_dir
 
 # The module, not the function triformer exports under the same name (which ``from triformer import`` returns).
 attn_mod = importlib.import_module("triformer.attention")
@@ -304,7 +302,7 @@ def main():
     at, at_step = attention_rows()
     rows = ln + at + other_rows()
     lines = ["# Host time per call", "", " | ".join(f"{k}: {v}" for k, v in environment().items()), "",
-             "Command: `python benchmarks/host_overhead.py`: tiny shapes, so the loop's wall time per call is host time.",
+             "Command: `python -m benchmarks.host_overhead`: tiny shapes, so the loop's wall time per call is host time.",
              "", "| op | layer | host us/call |", "|---|---|---|"]
     lines += [f"| {op} | {layer} | {us:.1f} |" for op, layer, us in rows]
     for name, step in (("layer_norm fwd+bwd", ln_step), ("attention fwd+bwd", at_step)):

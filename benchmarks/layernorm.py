@@ -1,4 +1,4 @@
-"""LayerNorm benchmark (GPU): ``python benchmarks/layernorm.py [--quick]``. Without a GPU it only builds small
+"""LayerNorm benchmark (GPU): ``python -m benchmarks.layernorm [--quick]``. Without a GPU it only builds small
 cases (a smoke test). ``benchmarks/rmsnorm.py`` runs the same grid for RMSNorm through ``build_cases``.
 
 The op is memory-bound. bytes_moved counts one read of each [rows, hidden] input and one write of each
@@ -8,19 +8,16 @@ statistics are ignored; they are under 1% here. Peers: PyTorch eager (its native
 eager, and Liger-Kernel's LigerLayerNorm / LigerRMSNorm when installed. Anchors from earlier H100 runs
 (fwd+bwd, bf16): 16384x768 eager 0.160 ms, 16384x4096 compile 0.420 ms. ``--quick`` runs only those shapes.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, flag, liger_import, main, mode_cases  # noqa: E402
-from triformer.fused_add_norm import add_layer_norm, add_rms_norm  # noqa: E402
-from triformer.layernorm import layer_norm  # noqa: E402
-from triformer.rmsnorm import rms_norm  # noqa: E402
+import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
+from benchmarks.common import Case, flag, liger_import, main, mode_cases
+from triformer.fused_add_norm import add_layer_norm, add_rms_norm
+from triformer.layernorm import layer_norm
+from triformer.rmsnorm import rms_norm
 
 # (rows, hidden): tokens x model width, from GPT-2 small to 32k-wide rows. All but the first are >= 50 MB
 # (H100 L2) per bf16 tensor; the first is the 0.160 ms anchor.

@@ -1,4 +1,4 @@
-"""Fused linear + cross-entropy benchmark (GPU): ``python benchmarks/linear_cross_entropy.py [--sweep|--profile]``.
+"""Fused linear + cross-entropy benchmark (GPU): ``python -m benchmarks.linear_cross_entropy [--sweep|--profile]``.
 Without a GPU it only builds small cases (smoke test); ``--profile`` then runs its code paths on tiny shapes.
 
 fwd+bwd of ``loss = CE(hidden[N, H] @ weight[V, H]^T, targets)``, then gradients for hidden and weight via
@@ -25,17 +25,16 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
-from benchmarks.common import Case, liger_import, main, out_dir, run_cases  # noqa: E402
-from triformer.cross_entropy import launch_cross_entropy, mean_scale  # noqa: E402
-from triformer.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
+import triton
+import triton.testing
+from benchmarks.common import Case, liger_import, main, out_dir, run_cases
+from triformer.cross_entropy import launch_cross_entropy, mean_scale
+from triformer.linear_cross_entropy import linear_cross_entropy
 
 lce_module = sys.modules["triformer.linear_cross_entropy"]  # the package attribute of that name is the function
 

@@ -1,12 +1,12 @@
 """Loss-curve parity: the same training run with triformer's kernels and with their PyTorch references.
 
-    python benchmarks/loss_parity.py gpt [train.py overrides...]   # gpt2-small, 300 steps, bf16 (GPU)
-    python benchmarks/loss_parity.py vit [train.py overrides...]   # vit-digits, a short run (CPU or GPU)
+    python -m benchmarks.loss_parity gpt [train.py overrides...]   # gpt2-small, 300 steps, bf16 (GPU)
+    python -m benchmarks.loss_parity vit [train.py overrides...]   # vit-digits, a short run (CPU or GPU)
 
 Runs ``train.py`` twice with one seed, so both see the same batches in the same order and start from the
 same weights, once with ``model.kernels=triton`` and once with ``model.kernels=torch``, then compares
 the validation losses at every evaluation: the largest relative gap must stay within 2%. Writes
-benchmarks/results/loss_parity_<task>.{md,csv,png}.
+benchmarks/results/<card>/loss_parity_<task>.{md,csv,png}.
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.common import environment, out_dir  # noqa: E402
+from benchmarks.common import environment, out_dir
 
 TOLERANCE = 0.02
 RUNS = {
@@ -57,7 +56,7 @@ def main():
         w.writeheader()
         w.writerows(rows)
     lines = [f"# Loss-curve parity ({task})", "", " | ".join(f"{k}: {v}" for k, v in environment().items()), "",
-             f"Command: `python benchmarks/loss_parity.py {' '.join(sys.argv[1:])}` (train.py {' '.join(RUNS[task])})",
+             f"Command: `python -m benchmarks.loss_parity {' '.join(sys.argv[1:])}` (train.py {' '.join(RUNS[task])})",
              "", f"Largest relative gap {worst:.4f} vs tolerance {TOLERANCE}: **{verdict}**", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]

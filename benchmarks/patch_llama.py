@@ -1,8 +1,8 @@
 """Training step of models as people have them, unpatched vs ``triformer.patch`` vs Liger-Kernel's patch.
 
-    python benchmarks/patch_llama.py                  # Llama (1B shapes, 4 layers) and timm ViT-B/16, one GPU
-    python benchmarks/patch_llama.py --only llama --batch 8 --seq 1024 --steps 10 --warmup 3
-    python benchmarks/patch_llama.py --smoke          # tiny configs on the CPU (interpreter), 1 step: the code path
+    python -m benchmarks.patch_llama                  # Llama (1B shapes, 4 layers) and timm ViT-B/16, one GPU
+    python -m benchmarks.patch_llama --only llama --batch 8 --seq 1024 --steps 10 --warmup 3
+    python -m benchmarks.patch_llama --smoke          # tiny configs on the CPU (interpreter), 1 step: the code path
 
 Llama: ``transformers.LlamaForCausalLM`` with hidden 2048, intermediate 8192, 32 heads, 8 key/value heads,
 vocabulary 128256, 4 layers, untied LM head, Llama 3.2's RoPE (theta 500000, llama3 scaling), SDPA attention;
@@ -16,7 +16,7 @@ Every variant runs in a fresh process (Liger patches transformers' classes for t
 is then the variant's own): a fresh model, ``--warmup`` steps (Triton's autotuning happens there), then
 ``--steps`` timed steps, each between two ``torch.cuda.synchronize()``; tokens/s (images/s) from the median step,
 peak = ``torch.cuda.max_memory_allocated()`` over the timed steps (weights, gradients, AdamW state and
-activations). Results: ``$TRIFORMER_BENCH_OUT`` (default benchmarks/results/) ``patch_llama.{md,csv}`` with the
+activations). Results: ``$TRIFORMER_BENCH_OUT`` (default benchmarks/results/<card>/) ``patch_llama.{md,csv}`` with the
 card, the versions and the command.
 """
 from __future__ import annotations
@@ -30,12 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import triformer  # noqa: E402  (before triton: picks compile vs interpreter)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import triformer  # before triton: picks compile vs interpreter
+import torch
+import torch.nn.functional as F
 
-from benchmarks.common import environment, out_dir  # noqa: E402
+from benchmarks.common import environment, out_dir
 
 LLAMA = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
              vocab_size=128256, num_hidden_layers=4, tie_word_embeddings=False, max_position_embeddings=131072,
@@ -176,7 +175,7 @@ def available(task: str, variant: str) -> str | None:
 
 
 def child_args(args, task: str, variant: str) -> list[str]:
-    out = [sys.executable, str(Path(__file__).resolve()), "--child", f"{task}:{variant}",
+    out = [sys.executable, "-m", "benchmarks.patch_llama", "--child", f"{task}:{variant}",
            "--batch", str(args.batch), "--seq", str(args.seq), "--vit-batch", str(args.vit_batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     return out + (["--smoke"] if args.smoke else [])
@@ -217,7 +216,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if args.in_process:
                 row = run_variant(task, variant, args)
             else:
-                proc = subprocess.run(child_args(args, task, variant), capture_output=True, text=True)
+                proc = subprocess.run(child_args(args, task, variant), cwd=Path(__file__).resolve().parents[1],
+                                      capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
                 if proc.returncode != 0 or not lines:
                     print(f"{task} {variant}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
@@ -240,7 +240,7 @@ def write_tables(rows: list[dict], args) -> None:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    command = "python benchmarks/patch_llama.py " + " ".join(sys.argv[1:] if __name__ == "__main__" else [])
+    command = "python -m benchmarks.patch_llama " + " ".join(sys.argv[1:] if __name__ == "__main__" else [])
     md = [f"# {name}", "", " | ".join(f"{k}: {v}" for k, v in env.items()), "", f"Command: `{command.strip()}`", "",
           f"Timed: median of {args.steps} steps after {args.warmup} warm-up steps, each variant in a fresh "
           "process; peak = torch.cuda.max_memory_allocated() over the timed steps.", "",

@@ -1,6 +1,6 @@
 """Peak GPU memory of one gpt2-small training step: triformer against plain PyTorch, from a committed result.
 
-    python benchmarks/plot_memory.py [benchmarks/results/h200/train_step_gpt.csv] [-o memory_vs_plain.png]
+    python -m benchmarks.plot_memory [benchmarks/results/h200/train_step_gpt.csv] [-o memory_vs_plain.png]
 
 Reads the CSV ``benchmarks/train_step.py gpt`` wrote (peak allocated memory per variant and mode) and draws one
 bar per (variant, mode), triformer in blue and plain PyTorch (``models/plain.py``) in grey; the same model built

@@ -1,24 +1,21 @@
 """Where the time goes (GPU): torch.profiler over (1) one triformer op's forward+backward, host side included,
 and (2) a gpt2-small training step (16 x 1024 tokens, bf16 autocast, fused AdamW) with triformer's kernels.
 
-    python benchmarks/profile_step.py
+    python -m benchmarks.profile_step
 
-Prints and writes benchmarks/results/profile_step.md: the top operators by host (CPU) time for the op, and
+Prints and writes benchmarks/results/<card>/profile_step.md: the top operators by host (CPU) time for the op, and
 the top GPU kernels by time for the training step with their share of the step.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import triformer  # noqa: E402
-import models  # noqa: E402
-from benchmarks.common import environment, out_dir  # noqa: E402
-from benchmarks.train_step import build, train_steps  # noqa: E402
+import triformer
+import models
+from benchmarks.common import environment, out_dir
+from benchmarks.train_step import build, train_steps
 
 
 def profile_calls(fn, steps: int):
@@ -50,7 +47,7 @@ def gpt_step(loss: str):
 
 def main():
     lines = ["# Where the time goes", "", " | ".join(f"{k}: {v}" for k, v in environment().items()), "",
-             "Command: `python benchmarks/profile_step.py`", ""]
+             "Command: `python -m benchmarks.profile_step`", ""]
     prof = profile_calls(op_fwd_bwd(), 20)
     lines += ["## layer_norm 16384x768 bf16, forward+backward, 20 calls: operators by host time", "", "```",
               prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60), "```", ""]

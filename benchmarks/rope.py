@@ -1,4 +1,4 @@
-"""RoPE benchmark (GPU): ``python benchmarks/rope.py``. Without a GPU it only builds small cases.
+"""RoPE benchmark (GPU): ``python -m benchmarks.rope``. Without a GPU it only builds small cases.
 
 Memory-bound: bytes_moved counts reading q and k and writing their rotations once per pass (the cos/sin
 tables are small and L2-resident). In the fused-qkv case the backward also pays, for every provider,
@@ -6,16 +6,13 @@ autograd's scatter of the q/k gradients into a zeroed gradient of the whole qkv 
 Peers: the Hugging Face Llama formula in eager PyTorch (cos/sin [T, D] in the activation dtype, as HF
 passes them), torch.compile of it, and Liger's liger_rotary_pos_emb.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, liger_import, main, mode_cases  # noqa: E402
-from triformer.rope import apply_rope, rope_cos_sin  # noqa: E402
+import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
+from benchmarks.common import Case, liger_import, main, mode_cases
+from triformer.rope import apply_rope, rope_cos_sin
 
 
 def hf_rotate(q, k, cos, sin):

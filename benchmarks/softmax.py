@@ -1,4 +1,4 @@
-"""Softmax benchmark (GPU): ``python benchmarks/softmax.py [--sweep]``. Without a GPU it only builds small cases.
+"""Softmax benchmark (GPU): ``python -m benchmarks.softmax [--sweep]``. Without a GPU it only builds small cases.
 
 Memory-bound: bytes_moved counts one read of each input and one write of each output per pass (fwd: x -> y;
 bwd: y, dy -> dx). In the causal case only the visible triangle must be read (masked entries are written as
@@ -9,15 +9,13 @@ that, and Liger's LigerSoftmaxFunction (no causal or scale variant).
 registers, forward and backward; column tile of the two-sweep path) and writes ``softmax_sweep``.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, liger_import, main, mode_cases, run_cases  # noqa: E402
-from triformer.softmax import softmax  # noqa: E402
+import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
+from benchmarks.common import Case, liger_import, main, mode_cases, run_cases
+from triformer.softmax import softmax
 
 softmax_module = sys.modules["triformer.softmax"]
 

@@ -1,22 +1,19 @@
-"""SwiGLU / GeGLU benchmark (GPU): ``python benchmarks/swiglu.py``. Without a GPU it only builds small cases.
+"""SwiGLU / GeGLU benchmark (GPU): ``python -m benchmarks.swiglu``. Without a GPU it only builds small cases.
 
 Activation cases are memory-bound: bytes_moved counts one read of each input and one write of each output
 per pass (fwd: gate, up -> y; bwd: dy, gate, up -> d gate, d up). The llama MLP case (w2(silu(w1 x) * w3 x))
 is matmul-bound and reported in TFLOP/s. Peers: eager, torch.compile of eager, and Liger
 (LigerSiLUMulFunction, LigerGELUMulFunction, LigerSwiGLUMLP) when installed.
 """
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import triformer  # noqa: E402,F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, liger_import, main, mode_cases  # noqa: E402
-from triformer.swiglu import SwiGLUMLP, geglu, geglu_reference, swiglu, swiglu_reference  # noqa: E402
+import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
+from benchmarks.common import Case, liger_import, main, mode_cases
+from triformer.swiglu import SwiGLUMLP, geglu, geglu_reference, swiglu, swiglu_reference
 
 PASSES = {"fwd": 3, "bwd": 5, "fwd+bwd": 8}  # F-sized reads + writes of each mode
 

@@ -1,7 +1,7 @@
 """End-to-end training-step benchmark on one GPU: triformer models against plain PyTorch.
 
-    python benchmarks/train_step.py gpt    # gpt2-small, 16 x 1024 tokens, bf16 autocast, fused AdamW
-    python benchmarks/train_step.py vit    # vit-base/16 at 224, batch 128, bf16 autocast
+    python -m benchmarks.train_step gpt    # gpt2-small, 16 x 1024 tokens, bf16 autocast, fused AdamW
+    python -m benchmarks.train_step vit    # vit-base/16 at 224, batch 128, bf16 autocast
 
 Variants, each eager, and on request under torch.compile (--compile) and as a CUDA-graphed whole step
 (--graph: forward, backward and AdamW captured once and replayed): triformer's model with Triton kernels
@@ -9,7 +9,7 @@ Variants, each eager, and on request under torch.compile (--compile) and as a CU
 the same model built from the PyTorch references (kernels=torch), and a plain-PyTorch model written the
 usual way (nanoGPT-style GPT-2 with SDPA flash attention and F.cross_entropy; a ViT with SDPA). Reports
 tokens/s (images/s), MFU against 989 TFLOP/s dense bf16, peak allocated memory, and (--max-batch) the
-largest batch that fits on the card. Results: benchmarks/results/train_step_<gpt|vit>.{csv,md,png}.
+largest batch that fits on the card. Results: benchmarks/results/<card>/train_step_<gpt|vit>.{csv,md,png}.
 """
 from __future__ import annotations
 
@@ -17,17 +17,15 @@ import argparse
 import csv
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch._dynamo.utils
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import triformer  # noqa: E402,F401
-import models  # noqa: E402
-from models.layers import set_activation_checkpointing  # noqa: E402
-from models.plain import PlainGPT, PlainViT  # noqa: E402  (one plain model for the trainer and here)
-from benchmarks.common import environment, out_dir  # noqa: E402
+import triformer  # noqa: F401
+import models
+from models.layers import set_activation_checkpointing
+from models.plain import PlainGPT, PlainViT  # one plain model for the trainer and here
+from benchmarks.common import environment, out_dir
 
 H100_BF16_DENSE_PEAK = 989e12
 
@@ -240,7 +238,7 @@ def write_table(name, rows):
         w.writeheader()
         w.writerows(rows)
     md = [f"# {name}", "", " | ".join(f"{k}: {v}" for k, v in env.items()), "",
-          f"Command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`", "",
+          f"Command: `python -m benchmarks.train_step {' '.join(sys.argv[1:])}`", "",
           "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     md += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     (d / f"{name}.md").write_text("\n".join(md) + "\n")

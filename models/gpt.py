@@ -68,7 +68,7 @@ LLAMA_STYLE = dict(norm="rmsnorm", activation="swiglu", bias=False, position="ro
 
 
 class GPT(nn.Module):
-    task = "lm"
+    task = "lm"  # models.contract.TrainableModel: task, config, num_params, flops_per_example, forward
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -90,7 +90,7 @@ class GPT(nn.Module):
         init_weights(self, config.n_layer)
 
     # ----------------------------------------------------------------------------------------------------
-    # the contract the training framework relies on
+    # the contract the training framework relies on: models.contract.TrainableModel (task, config and these)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; ``non_embedding`` leaves out the position embedding (the token embedding stays:

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import triformer
 
-KERNELS = ("triton", "torch")
+# kernels -> the suffix of the triformer functions of that variant
+KERNELS = {"triton": "", "torch": "_reference"}
 
 # Every layer op a model may call. The "torch" variant of each is triformer's ``<name>_reference``.
 OP_NAMES = (
@@ -24,14 +25,16 @@ SHARED_NAMES = ("rope_cos_sin",)
 
 
 def check_kernels(kernels: str) -> None:
+    """The one check of ``model.kernels``: every model config calls it (``TransformerConfig.__post_init__``),
+    whichever path builds the model (train.py, eval.py, init_from, the registry, ``from_huggingface``)."""
     if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        raise ValueError(f"model.kernels={kernels!r} is not one of: {', '.join(KERNELS)}")
 
 
 def get_ops(kernels: str) -> SimpleNamespace:
-    """The layer functions of one variant: ``"triton"`` (triformer's kernels) or ``"torch"`` (references)."""
-    check_kernels(kernels)
-    suffix = "" if kernels == "triton" else "_reference"
+    """The layer functions of one variant: ``"triton"`` (triformer's kernels) or ``"torch"`` (references).
+    ``kernels`` comes from a model config, which has checked it."""
+    suffix = KERNELS[kernels]
     wanted = {name: name + suffix for name in OP_NAMES} | {name: name for name in SHARED_NAMES}
     # callable(): ``triformer.<op>`` is the submodule, not the function, until __init__ exports the function
     missing = [attr for attr in wanted.values() if not callable(getattr(triformer, attr, None))]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PlainBlock", "PlainGPT", "PlainViT", "plain_model_like"]
+__all__ = ["PlainBlock", "PlainGPT", "PlainViT", "has_plain_twin", "plain_model_like"]
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -164,13 +164,21 @@ class PlainViT(nn.Module):
                                        label_smoothing=self.label_smoothing)
 
 
+def has_plain_twin(model: nn.Module) -> bool:
+    """Whether ``plain_model_like`` builds ``model``'s plain PyTorch twin (a ``models.GPT`` or ``models.ViT``): the
+    trainer's memory report skips, and says so for, a model without one."""
+    from models.gpt import GPT
+    from models.vit import ViT
+
+    return isinstance(model, (GPT, ViT))
+
+
 def plain_model_like(model: nn.Module) -> nn.Module:
     """The plain PyTorch model of ``model``'s size and layout (a ``models.GPT`` or ``models.ViT``), freshly
     initialized, on ``model``'s device and dtype."""
     from models.gpt import GPT
-    from models.vit import ViT
 
-    if not isinstance(model, (GPT, ViT)):
+    if not has_plain_twin(model):
         raise TypeError(f"plain_model_like takes a models.GPT or models.ViT, got {type(model).__name__}")
     c = model.config
     common = dict(mlp_hidden=c.mlp_hidden, eps=c.norm_eps, bias=c.bias, dropout=c.dropout,

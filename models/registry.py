@@ -1,10 +1,16 @@
-"""Model names -> configs; ``create_model`` is what the training framework calls."""
+"""Model names -> configs; ``create_model`` is what the training framework calls.
+
+A new model: a class that satisfies ``models.contract.TrainableModel`` (an ``nn.Module`` with ``task``,
+``config``, ``num_params``, ``flops_per_example`` and ``forward(x, targets) -> (logits, loss)``), built from a
+dataclass config, and one ``_register`` line below per size; then a configs/model/<name>.yaml (CONTRIBUTING.md,
+"Adding an op, a model, a dataset")."""
 from __future__ import annotations
 
 import dataclasses
 
 from torch import nn
 
+from models.contract import check_model
 from models.gpt import GPT, LLAMA_STYLE, GPTConfig
 from models.vit import ViT, ViTConfig
 
@@ -67,4 +73,6 @@ def create_model(name: str, kernels: str = "triton", **overrides) -> nn.Module:
     """Build the registered model ``name`` with ``kernels`` ("triton" or "torch") and config ``overrides``
     (any config field, e.g. ``dropout=0.1``, ``vocab_size=65``, ``loss="fused"``)."""
     config = model_config(name, kernels, **overrides)
-    return _MODELS[name][0](config)
+    model = _MODELS[name][0](config)
+    check_model(model, name)
+    return model

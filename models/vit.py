@@ -50,7 +50,7 @@ class ViTConfig(TransformerConfig):
 
 
 class ViT(nn.Module):
-    task = "image"
+    task = "image"  # models.contract.TrainableModel: task, config, num_params, flops_per_example, forward
 
     def __init__(self, config: ViTConfig):
         super().__init__()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (no network): installs the wheels carried in .whl/, then runs whatever
-# steps are named: `tests` (the op test suite, compiled), `bench OP...` (benchmarks/OP.py), or any
+# steps are named: `tests` (the op test suite, compiled), `bench OP...` (python3 -m benchmarks.OP, from the repository root), or any
 # `python ...` script given after `py`. Everything lands in $OUT/results.tar.gz plus $OUT/log.txt.
 # The GPU image lacks these; fetch them once into .whl/ (git-ignored) and carry .whl with the call:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -24,7 +24,7 @@ run_steps() {
         for f in $1; do echo "== $f"; timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -x -n 8 -p no:cacheprovider $f 2>&1 | tail -12; done
         shift ;;
       bench) shift; echo "== bench $1"; read -r op args <<< "$1"  # "layernorm --quick": script and its flags
-        timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/$op.py $args 2>&1 | tail -60; shift ;;
+        timeout ${BENCH_TIMEOUT:-300} python3 -m benchmarks.$op $args 2>&1 | tail -60; shift ;;
       # the whole output also goes to results (py-N.txt): a step killed at its time limit loses pytest's summary,
       # but `-v` lines name every test that finished, and failures are in there
       py) shift; echo "== $1"; n=$((n + 1))

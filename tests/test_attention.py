@@ -464,8 +464,9 @@ def test_sm90_codegen_pipelines_loads_without_spills():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_sm90.py"
-    proc = subprocess.run([sys.executable, str(script), "--first"], capture_output=True, text=True, timeout=240)
+    root = Path(__file__).resolve().parents[1]  # `python -m benchmarks.attention_sm90` runs from the repository root
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.attention_sm90", "--first"], cwd=root, capture_output=True,
+                          text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = proc.stdout.strip().splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]

@@ -80,7 +80,7 @@ def test_train_py_sweep(tmp_path):
     """``python train.py -m``: a 2x2 sweep over dropout and CE chunks, each job a tiny run in its own dir."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "train.py", "-m", "experiment=smoke", "model.kernels=torch", "model.dropout=0.0,0.1",
-           "loss.n_chunks=1,4", "trainer.max_steps=2", "trainer.eval_interval=0", f"data.cache_dir={tmp_path}/cache",
+           "loss.ce_chunks=1,4", "trainer.max_steps=2", "trainer.eval_interval=0", f"data.cache_dir={tmp_path}/cache",
            "data.num_proc=1", f"runs_root={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -90,7 +90,7 @@ def test_train_py_sweep(tmp_path):
     seen = set()
     for job in jobs:
         config = json.loads((job / "config.json").read_text())
-        seen.add((config["model"]["dropout"], config["loss"]["n_chunks"]))
+        seen.add((config["model"]["dropout"], config["loss"]["ce_chunks"]))
         assert json.loads((job / "summary.json").read_text())["steps"] == 2
         assert (job / "checkpoints" / "step_00000002.safetensors").exists()
     assert seen == {(0.0, 1), (0.0, 4), (0.1, 1), (0.1, 4)}

@@ -316,7 +316,6 @@ def test_corrupt_cache_is_detected_and_repairable(tmp_path, damage):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    sys.path.insert(0, {repo!r})
     from training.data import build_data, cache, text
     stage = sys.argv[1]
     if stage == "tokenizing":
@@ -339,7 +338,7 @@ KILLER = textwrap.dedent("""
 def test_killed_preparation_is_never_used(tmp_path, stage):
     files = write_corpus(tmp_path / "c", 6)
     cfg = files_cfg(tmp_path, files)
-    script = KILLER.format(repo=str(REPO), cfg=cfg)
+    script = KILLER.format(cfg=cfg)  # PYTHONPATH below makes the repository importable
     proc = subprocess.run([sys.executable, "-c", script, stage], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == -signal.SIGKILL, proc.stderr

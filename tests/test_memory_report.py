@@ -77,3 +77,15 @@ def test_trainer_prints_report_without_changing_the_run(tmp_path, capsys):
     losses = [[json.loads(r)["loss"] for r in (tmp_path / w / "metrics.jsonl").read_text().splitlines()
                if json.loads(r)["kind"] == "train"] for w in ("with", "without")]
     assert losses[0] == losses[1]  # the report's extra model and dropout masks drew from a forked RNG
+
+
+def test_a_model_without_a_plain_twin_trains_and_the_report_says_it_skipped(tmp_path, capsys, monkeypatch):
+    import models.plain
+
+    assert models.plain.has_plain_twin(models.create_model("gpt2-nano", kernels="torch"))
+    assert not models.plain.has_plain_twin(_Toy())
+    monkeypatch.setattr(models.plain, "has_plain_twin", lambda model: False)  # as for a newly registered class
+    summary = train(compose(["experiment=smoke", "model.kernels=torch", "trainer.max_steps=1", "memory_report=true",
+                             f"run_dir={tmp_path}", f"data.cache_dir={tmp_path}/c", "data.num_proc=1"]))
+    assert "memory_report: skipped, models/plain.py has no plain PyTorch twin of GPT" in capsys.readouterr().err
+    assert summary["steps"] == 1 and "memory_savings" not in summary

@@ -6,9 +6,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models import GPT, create_model, list_models, model_config
+from models import GPT, GPTConfig, TrainableModel, create_model, list_models, model_config
 from tests.helpers.gpt import V, batch, tiny
 from tests.helpers.models import pair
+from training.tasks import TASKS
 from triformer.testing import assert_close, kernel_device
 
 DEV = kernel_device()
@@ -36,7 +37,7 @@ def test_every_registered_model_builds_on_meta():
         with torch.device("meta"):
             model = create_model(name)
         assert model.config.kernels == "triton"
-        assert model.task in ("lm", "image")
+        assert isinstance(model, TrainableModel) and model.task in TASKS  # what the trainer relies on
         n = model.num_params(non_embedding=False)
         assert n == sum(p.numel() for p in model.parameters()) and 0 < model.num_params() <= n
         assert model.flops_per_example(None) > 6 * model.num_params()
@@ -241,11 +242,33 @@ def test_generate_stops_at_eos():
     (dict(loss="mse"), "loss must be one of"),
     (dict(position="rope", n_embd=45, n_head=3), "even head dim"),
     (dict(dropout=1.0), "dropout"),
-    (dict(kernels="cuda"), "kernels must be one of"),
+    (dict(kernels="cuda"), "model.kernels='cuda' is not one of: triton, torch"),
 ])
 def test_bad_configs(overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny(**overrides)
+
+
+def test_gpt_satisfies_the_training_contract_and_a_model_that_does_not_is_refused(monkeypatch):
+    model = GPT(tiny(kernels="torch"))
+    assert isinstance(model, TrainableModel) and TASKS[model.task].sequences
+    logits, loss = model(*(t.cpu() for t in batch(2, 8)))
+    assert logits is None and loss.dim() == 0
+
+    class NoFlops(torch.nn.Module):  # a registered model without flops_per_example
+        task = "lm"
+
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+
+        def num_params(self, non_embedding=True):
+            return 0
+
+    from models import registry
+    monkeypatch.setitem(registry._MODELS, "no-flops", (NoFlops, GPTConfig, {}))
+    with pytest.raises(TypeError, match="'no-flops' .NoFlops. lacks flops_per_example.*TrainableModel"):
+        create_model("no-flops", kernels="torch")
 
 
 def test_bad_names_and_inputs():

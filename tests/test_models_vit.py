@@ -4,9 +4,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models import ViT, create_model, model_config
+from models import TrainableModel, ViT, create_model, model_config
 from tests.helpers.models import pair
 from tests.helpers.vit import images, tiny
+from training.tasks import TASKS
 from triformer.testing import assert_close, kernel_device
 
 DEV = kernel_device()
@@ -32,6 +33,15 @@ def test_small_image_variants():
             digits.config.num_classes) == (8, 2, 1, 10)
     assert (cifar.config.image_size, cifar.config.patch_size, cifar.config.in_channels) == (32, 4, 3)
     assert digits.task == cifar.task == "image"
+
+
+def test_vit_satisfies_the_training_contract():
+    model = ViT(tiny(kernels="torch"))
+    assert isinstance(model, TrainableModel) and TASKS[model.task].accuracy
+    x, y = images(model.config, 3)
+    logits, loss = model(x.cpu(), y.cpu())
+    assert logits.shape == (3, 7) and loss.dim() == 0
+    assert model.flops_per_example(None) > 6 * model.num_params()
 
 
 @pytest.mark.parametrize("cfg", [model_config("vit-digits", n_layer=2), tiny(pool="mean")], ids=["digits", "mean"])

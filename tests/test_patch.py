@@ -246,11 +246,9 @@ def test_bad_arguments():
 
 
 def test_benchmark_script_smoke(tmp_path, monkeypatch):
-    """benchmarks/patch_llama.py's code path on tiny configs (1 step each, in this process)."""
-    import sys
-    from pathlib import Path
+    """benchmarks/patch_llama.py's code path on tiny configs (1 step each, in this process; pytest's
+    ``pythonpath`` puts the repository root, and so ``benchmarks``, on sys.path)."""
     monkeypatch.setenv("TRIFORMER_BENCH_OUT", str(tmp_path))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     bench = importlib.import_module("benchmarks.patch_llama")
     rows = bench.main(["--smoke", "--in-process", "--only", "llama", "--variants", "unpatched,triformer"])
     by_variant = {r["variant"]: r for r in rows}

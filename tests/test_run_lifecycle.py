@@ -47,7 +47,7 @@ def _cfg(data_cache, *overrides, experiment="smoke"):
     ("optim.weight_decay=-0.1", "optim.weight_decay must be a number >= 0"),
     ("model.dropout=1.0", "model.dropout must be a number >= 0 and < 1"),
     ("model.n_layer=0", "model.n_layer must be null or a positive int"),
-    ("loss.n_chunks=0", "loss.n_chunks must be a positive int"),
+    ("loss.ce_chunks=0", "loss.ce_chunks must be a positive int"),
     ("loss.label_smoothing=-0.1", "loss.label_smoothing must be a number >= 0 and < 1"),
     ("data.seq_len=0", "data.seq_len must be a positive int"),
 ])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from training.data import build_data, load_tokenizer
 from training.data.common import check_positive_int, to_plain
 from training.data.text import read_text
+from training.tasks import get_task, with_article
 
 log = logging.getLogger("triformer.eval")
 
@@ -270,28 +271,19 @@ def run(cfg) -> dict[str, Any]:
     device = _device(cfg["device"])
     model, state = load_model(path, cfg["kernels"], device)
     data_cfg = cfg.get("data") or state["config"]["data"]
-    task = data_cfg.get("task")
-    if task != getattr(model, "task", task):
-        kinds = {"lm": "a language model", "image": "an image classifier"}
-        data_kind = {"lm": "text (language-model) data", "image": "image-classification data"}.get(task, f"task={task!r} data")
-        raise ValueError(f"{path} holds {kinds.get(model.task, model.task)} ({state['model_name']}) but data="
-                         f"{data_cfg.get('name')} is {data_kind}; evaluate it on data of its own task (leave data "
-                         f"unset to use the checkpoint's own, {state['config']['data'].get('name')})")
+    task = get_task(data_cfg.get("task"))
+    if task.name != getattr(model, "task", task.name):
+        holds = with_article(get_task(model.task).model_kind)
+        raise ValueError(f"{path} holds {holds} ({state['model_name']}) but data={data_cfg.get('name')} is "
+                         f"{task.data_kind}; evaluate it on data of its own task (leave data unset to use the "
+                         f"checkpoint's own, {state['config']['data'].get('name')})")
     amp = _autocast_dtype(cfg["precision"], device)
     out_dir = Path(cfg["output_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info(f"evaluating {path}: {state['model_name']} at step {state.get('step')}, data {data_cfg.get('name')}, "
              f"on {device} ({cfg['kernels']} kernels); results go to {out_dir}")
     results: dict[str, Any] = {"checkpoint": str(path), "step": state.get("step")}
-    if data_cfg["task"] == "lm":
-        results.update(_run_lm(cfg, model, data_cfg, device, amp, out_dir))
-    else:
-        data = build_data(data_cfg, seed=0)
-        log.info(f"split {cfg['split']}: top-1 accuracy over {data.name} images")
-        r = classify(model, data, cfg["split"], cfg["batch_size"], cfg.get("max_batches"), device, amp, progress=True)
-        png = plot_confusion(r.pop("confusion"), data.class_names, out_dir / f"confusion_{cfg['split']}.png",
-                             title=f"{data.name} {cfg['split']}: top-1 {r['accuracy']:.2%}")
-        results.update({f"{cfg['split']}/{k}": v for k, v in r.items()}, confusion_png=str(png))
+    results.update(task.run_eval(cfg, model, data_cfg, device, amp, out_dir))
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=1))
     for k, v in results.items():
         print(f"{k}: {v}")
@@ -299,7 +291,19 @@ def run(cfg) -> dict[str, Any]:
     return results
 
 
-def _run_lm(cfg: dict, model, data_cfg: dict, device, amp, out_dir: Path) -> dict[str, Any]:
+def evaluate_image(cfg: dict, model, data_cfg: dict, device, amp, out_dir: Path) -> dict[str, Any]:
+    """eval.py on an image classifier (task "image"): top-1 accuracy and loss on ``split``, a confusion matrix."""
+    data = build_data(data_cfg, seed=0)
+    log.info(f"split {cfg['split']}: top-1 accuracy over {data.name} images")
+    r = classify(model, data, cfg["split"], cfg["batch_size"], cfg.get("max_batches"), device, amp, progress=True)
+    png = plot_confusion(r.pop("confusion"), data.class_names, out_dir / f"confusion_{cfg['split']}.png",
+                         title=f"{data.name} {cfg['split']}: top-1 {r['accuracy']:.2%}")
+    return {**{f"{cfg['split']}/{k}": v for k, v in r.items()}, "confusion_png": str(png)}
+
+
+def evaluate_lm(cfg: dict, model, data_cfg: dict, device, amp, out_dir: Path) -> dict[str, Any]:
+    """eval.py on a language model (task "lm"): perplexity and bits per byte on ``split`` or ``text_file``, and
+    samples when ``prompt`` is set."""
     tokenizer = load_tokenizer(data_cfg.get("tokenizer", "bytes"), data_cfg.get("tokenizer_file"))
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(f"the data's tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model was "

@@ -106,8 +106,8 @@ def validate_train_config(cfg) -> None:
             _positive_int(f"model.{key}", m[key], optional=True)
     _check_number("loss.label_smoothing", cfg.loss.get("label_smoothing", 0.0), minimum=0, maximum=1,
                   max_exclusive=True)
-    if "n_chunks" in cfg.loss:
-        _positive_int("loss.n_chunks", cfg.loss.n_chunks)
+    if "ce_chunks" in cfg.loss:
+        _positive_int("loss.ce_chunks", cfg.loss.ce_chunks)
     if "seq_len" in cfg.data:
         _positive_int("data.seq_len", cfg.data.seq_len)
 

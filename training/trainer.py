@@ -30,6 +30,7 @@ from models.layers import set_activation_checkpointing
 from training import checkpoint, distributed, graphs, init_from, memory, run
 from training.logging import RunLogger
 from training.optim import build_optimizer, lr_at
+from training.tasks import TASKS, get_task
 
 log = logging.getLogger("triformer.train")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -95,15 +96,35 @@ class Trainer:
             raise
 
     def _setup(self) -> None:
-        cfg = self.cfg
-        t = cfg.trainer
+        """A run's start as named steps, in order: settings checked before any work, random draws in their places."""
         run.setup_logging()
-        run.validate_train_config(cfg)  # every numeric value, before any work
+        self._check_settings()
+        self.resume_path = self._check_resume() if self.cfg.resume else None
+        self._start_processes()
+        self._plan_batches()
+        self._claim_run_dir()
+        self._prepare_data()
+        self._build_model()
+        self._report_memory()
+        self._prepare_training()
+        if self.resume_path is not None:
+            self._resume(self.resume_path)
+        self._start_records()
+
+    def _check_settings(self) -> None:
+        """Every value and choice of the config, before any work: a typo fails in a second, not after the data."""
+        cfg, t = self.cfg, self.cfg.trainer
+        run.validate_train_config(cfg)  # every numeric value
         _check_choice("trainer.precision", t.precision, PRECISIONS)
         _check_choice("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
         _check_choice("model.name", cfg.model.name, models.list_models())
-        _check_choice("model.kernels", cfg.model.kernels, ("triton", "torch"))
-        self.resume_path = self._check_resume() if cfg.resume else None
+        # the registry's config of model.name, no parameters: the model config's own check of model.kernels (the
+        # only one) raises a typo before any work
+        models.model_config(cfg.model.name, cfg.model.kernels)
+
+    def _start_processes(self) -> None:
+        """Threads, device and process group first: every later step needs the device and this rank."""
+        cfg, t = self.cfg, self.cfg.trainer
         if t.cpu_threads is not None:
             torch.set_num_threads(t.cpu_threads)
         self.ctx = distributed.init(t.device, t.strategy)
@@ -113,6 +134,10 @@ class Trainer:
             if triformer.INTERPRET != (self.ctx.device.type == "cpu"):
                 raise ValueError(f"model.kernels=triton runs {'interpreted on the CPU' if triformer.INTERPRET else 'on CUDA'}"
                                  f" but trainer.device is {self.ctx.device}; change one of them")
+
+    def _plan_batches(self) -> None:
+        """Micro-batch and precision follow from world size and device; refused before a directory or data exist."""
+        cfg, t = self.cfg, self.cfg.trainer
         per_step = self.ctx.world_size * t.grad_accum
         if t.batch_size % per_step:
             raise ValueError(f"trainer.batch_size={t.batch_size} must be divisible by world_size * grad_accum = "
@@ -122,6 +147,9 @@ class Trainer:
         if t.cuda_graph:
             graphs.check_supported(cfg, self.ctx.device, self.ctx.world_size, self.precision)
         self.graphed: graphs.GraphedStep | None = None  # built at the first step, from its batches
+
+    def _claim_run_dir(self) -> None:
+        """Rank 0 picks and locks the run directory before anything is written; a killed run's temporaries go."""
         self.run_dir = self._run_dir()
         if self.ctx.is_main:
             self._created_run_dir = self._created_run_dir or not self.run_dir.exists()
@@ -132,6 +160,9 @@ class Trainer:
                 run.clean_stale_temporaries(self.resume_path.parent)
         distributed.barrier(self.ctx)
 
+    def _prepare_data(self) -> None:
+        """The data before the model: it decides the vocabulary or classes, and its task what a batch is (tasks.py)."""
+        cfg = self.cfg
         _seed_everything(cfg.seed)
         if cfg.get("init_from"):  # fine-tuning: the data may need the checkpoint's tokenizer
             init_from.prepare_config(cfg, self._say)
@@ -140,13 +171,18 @@ class Trainer:
         self._say(f"run directory: {self.run_dir}")
         self._say(f"preparing data {cfg.data.name} ...")
         self.data = build_data(cfg.data, seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size)
+        self.task = get_task(self.data.task)
         self.sample_batch = self._peek_batch()
-        self.items_per_example = self.sample_batch[0].shape[1] if self.data.task == "lm" else 1
+        self.items_per_example = self.sample_batch[0].shape[1] if self.task.sequences else 1
+
+    def _build_model(self) -> None:
+        """Built on the CPU under the same seed on every rank, so every rank starts from the same weights."""
+        cfg = self.cfg
         self.model_overrides = self._model_overrides()
         # Built on the CPU under the same seed on every rank (identical initial weights), then moved.
         self.model = (init_from.build_model(cfg, self.model_overrides, self._say) if cfg.get("init_from") else
                       models.create_model(cfg.model.name, kernels=cfg.model.kernels, **self.model_overrides))
-        if self.data.task == "lm" and self.items_per_example > self.model.config.block_size:
+        if self.task.sequences and self.items_per_example > self.model.config.block_size:
             raise ValueError(f"data.seq_len={self.items_per_example} exceeds the model's block_size="
                              f"{self.model.config.block_size}; lower data.seq_len or raise model.block_size")
         self.model.to(self.ctx.device)
@@ -154,13 +190,23 @@ class Trainer:
         # Dropout masks differ between ranks, as they would between the rows of one big batch.
         _seed_everything(cfg.seed + self.ctx.rank)
 
+    def _report_memory(self) -> None:
+        """memory_report: one eager step of the bare model vs plain PyTorch, before wrapping or compiling."""
+        from models.plain import has_plain_twin
+
         self.memory_report = None
-        if cfg.memory_report and self.ctx.is_main:
+        if self.cfg.memory_report and self.ctx.is_main and not has_plain_twin(self.model):
+            self._say(f"memory_report: skipped, models/plain.py has no plain PyTorch twin of "
+                      f"{type(self.model).__name__} to compare with")
+        elif self.cfg.memory_report and self.ctx.is_main:
             self._say("measuring activation memory: one training step of this model and one of the plain PyTorch "
                       "model of its size ...")
             self.memory_report = self._measure_memory()
         distributed.barrier(self.ctx)
 
+    def _prepare_training(self) -> None:
+        """Wrap before the optimizer takes the parameters; checkpointing and compile on top; counters from zero."""
+        cfg, t = self.cfg, self.cfg.trainer
         self.wrapped = distributed.wrap(self.model, self.ctx)
         if t.activation_checkpointing:
             n = set_activation_checkpointing(self.model, True)
@@ -172,10 +218,11 @@ class Trainer:
         self.step = 0
         self.best_val = math.inf
         self.last_ckpt: Path | None = None
-        if self.resume_path is not None:
-            self._resume(self.resume_path)
-        self.logger = RunLogger(self.run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True),
-                                enabled=self.ctx.is_main, throughput_unit="tokens" if self.data.task == "lm" else "images")
+
+    def _start_records(self) -> None:
+        """The logger last: a run refused by any step above writes no records (close() removes its folder)."""
+        self.logger = RunLogger(self.run_dir, self.cfg.logger, OmegaConf.to_container(self.cfg, resolve=True),
+                                enabled=self.ctx.is_main, throughput_unit=self.task.unit)
         if self.memory_report is not None:
             self._say(self.memory_report.message())
             self.logger.summary(memory_savings=self.memory_report.message(), **self.memory_report.metrics())
@@ -243,6 +290,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup
     def _run_dir(self) -> Path:
+        """run_dir, else Hydra's output directory, else a timestamped one; rank 0's choice is every rank's."""
         if self.cfg.run_dir:
             path = self.cfg.run_dir
             self._created_run_dir = not Path(path).exists()
@@ -258,20 +306,28 @@ class Trainer:
         return Path(distributed.gather_objects(str(path), self.ctx)[0])
 
     def _model_overrides(self) -> dict[str, Any]:
-        m, loss = self.cfg.model, self.cfg.loss
+        """The one place that decides a model's config fields (what ``create_model`` gets on top of the registry's
+        entry for ``model.name``). Each field has one name from the command line to the config class. Later
+        sources win:
+
+        1. the config class's default (``GPTConfig`` / ``ViTConfig``);
+        2. the registry's entry for ``model.name`` (models/registry.py);
+        3. ``cfg.model``, which Hydra merges from configs/model_fields/<family>.yaml, configs/model/<name>.yaml,
+           an experiment and the command line (``model.n_layer=4``); null keeps the registry's value;
+        4. the loss group: ``loss=<name>`` sets the field ``loss``; ``loss.ce_chunks`` and ``loss.label_smoothing``
+           set the fields of the same names;
+        5. the data: ``vocab_size`` (text), ``num_classes`` / ``in_channels`` / ``image_size`` (images). These
+           are facts of the dataset, not choices, so they always win.
+
+        With ``init_from`` the checkpoint's architecture replaces 1-3 (training/init_from.py)."""
+        m, loss, task = self.cfg.model, self.cfg.loss, self.task
+        if loss.name not in task.losses:
+            users = " and ".join(t.model_kind + "s" for t in TASKS.values() if loss.name in t.losses) or "no task"
+            raise ValueError(f"loss={loss.name} is for {users}; {task.model_kind}s use loss={' or '.join(task.losses)}")
         overrides = {k: v for k, v in m.items() if k not in ("name", "kernels") and v is not None}
-        overrides["label_smoothing"] = loss.label_smoothing
-        if self.data.task == "lm":
-            overrides.update(vocab_size=self.data.vocab_size, loss=loss.name)
-            if "n_chunks" in loss:
-                overrides["ce_chunks"] = loss.n_chunks
-        else:
-            if loss.name != "ce":
-                raise ValueError(f"loss={loss.name} is for language models; image models use loss=ce")
-            channels, height, width = self.data.image_shape
-            if height != width:
-                raise ValueError(f"the ViT models take square images, data gives {height}x{width}")
-            overrides.update(num_classes=self.data.num_classes, in_channels=channels, image_size=height)
+        chosen = {**loss, "loss": loss.name}  # the field ``loss`` is the loss group's choice
+        overrides.update({k: chosen[k] for k in task.loss_fields if k in chosen})
+        overrides.update(task.data_fields(self.data))
         return overrides
 
     def _peek_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +344,7 @@ class Trainer:
 
         m = self.cfg.model
         x, y = (t.to(self.ctx.device) for t in self.sample_batch)
-        shape = "x".join(map(str, x.shape[:2] if self.data.task == "lm" else x.shape[:1]))
+        shape = "x".join(map(str, x.shape[:2] if self.task.sequences else x.shape[:1]))
         kernels = "" if m.kernels == "triton" else f", kernels={m.kernels}"
         # The plain model's initialization and the dropout masks draw random numbers; the run's streams must not
         # notice (a run with the report must train exactly like one without).
@@ -422,7 +478,7 @@ class Trainer:
                    "throughput": examples_per_s * self.items_per_example,
                    "memory_gib": memory.current_bytes(self.ctx.device) / 2**30}
         if self.ctx.device.type == "cuda":
-            seq = self.items_per_example if self.data.task == "lm" else None
+            seq = self.items_per_example if self.task.sequences else None
             flops = self.model.flops_per_example(seq) * examples_per_s
             metrics["mfu"] = flops / (t.peak_flops * self.ctx.world_size)
         if self.scaler.is_enabled():
@@ -430,8 +486,7 @@ class Trainer:
         return metrics
 
     def _postfix(self, m: dict[str, float]) -> str:
-        unit = "tok/s" if self.data.task == "lm" else "img/s"
-        parts = [f"loss {m['loss']:.4f}", f"{m['throughput']:,.0f} {unit}"]
+        parts = [f"loss {m['loss']:.4f}", f"{m['throughput']:,.0f} {self.task.unit_short}/s"]
         if "mfu" in m:
             parts.append(f"MFU {m['mfu']:.1%}")
         parts.append(f"mem {m['memory_gib']:.2f} GiB")
@@ -458,7 +513,7 @@ class Trainer:
                 n = (ys != -100).sum() * weight
                 sums[0] += loss.double() * n
                 sums[1] += n
-                if self.data.task == "image":
+                if self.task.accuracy:
                     sums[2] += (logits.argmax(-1) == ys).sum() * weight
         finally:
             model.train(was_training)
@@ -466,7 +521,7 @@ class Trainer:
         if sums[1] == 0:
             raise ValueError(f"data split {split!r} produced no evaluation examples")
         out = {f"{split}/loss": float(sums[0] / sums[1])}
-        if self.data.task == "image":
+        if self.task.accuracy:
             out[f"{split}/accuracy"] = float(sums[2] / sums[1])
         return out
 
@@ -495,6 +550,7 @@ class Trainer:
         distributed.barrier(self.ctx)
 
     def _resume(self, spec: str) -> None:
+        """Load the checkpoint into what setup built: weights, optimizer, scaler, step, data position, RNG streams."""
         path = checkpoint.resolve_resume(spec, Path(self.cfg.runs_root) / self.cfg.name)
         state = checkpoint.load_checkpoint(path)
         if state["model_name"] != self.cfg.model.name:

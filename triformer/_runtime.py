@@ -100,7 +100,7 @@ def kernel_op(name: str, mutates_args: tuple[str, ...], opaque: bool = False):
 
     Outside tracing, the dispatcher's Python layers cost far more host time than many of the kernels behind
     them take on the GPU (on an H200 with torch 2.11: ~25 us for a forward without autograd and ~330 us per
-    call under autograd; benchmarks/results/h200/host_overhead_before_bypass.md), so eager calls run ``fn``
+    call under autograd; docs/performance_history.md, host-time table), so eager calls run ``fn``
     directly and only bump the version counters of the arguments it writes, as the registered op would, so
     autograd still catches a mutated tensor that an earlier op saved for its backward.
     """
