@@ -17,7 +17,7 @@ import torch
 from triformer import _runtime
 from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import check_float
-from triformer.layernorm import check_args, grad_or_none, layer_norm_bwd, layer_norm_reference, n_rows, norm_forward
+from triformer.layernorm import check_args, grad_or_none, layer_norm_bwd, layer_norm_reference, norm_forward
 from triformer.rmsnorm import rms_norm_bwd, rms_norm_reference
 
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from triformer import _runtime
 from triformer._double_backward import needs_graph, reference_grads
-from triformer.layernorm import (backward_fake, check_args, check_last_dim, check_normalized_shape, grad_or_none,
-                                 n_rows, norm_backward, norm_forward)
+from triformer.layernorm import (check_args, check_last_dim, check_normalized_shape, grad_or_none, norm_backward,
+                                 norm_forward)
 
 
 def _resolve_eps(x: torch.Tensor, eps: Optional[float]):
