@@ -1,8 +1,8 @@
 """Compile the row-normalization backward kernel (``triformer.layernorm._norm_bwd_kernel``, behind LayerNorm,
 RMSNorm and the fused residual-add norms) for sm_90 (H100/H200) on any machine, GPU or not:
 ``python benchmarks/layernorm_sm90.py [--first] [--dump DIR]`` prints, per variant and row width, the tile the
-launcher picks, the registers per thread, the stack bytes (register spills), and the lines of PTX and the
-instructions of SASS. ``--dump DIR`` also writes each variant's PTX and SASS there, to diff two versions of
+launcher picks, the registers per thread, the stack bytes (register spills), and the instructions of PTX (lines
+ending in ``;`` that are not directives: no debug information) and of SASS. ``--dump DIR`` also writes each variant's PTX and SASS there, to diff two versions of
 the kernel; ``--first`` compiles only the first variant (a smoke check).
 
 Arguments are specialised as Triton specialises a launch on contiguous bf16 [M, N] tensors with M and N
@@ -75,7 +75,7 @@ def main() -> None:
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
     print(f"triton {triton.__version__}, sm_90, bf16 x/dy/weight, fp32 partial sums, M={M}\n")
-    print("| variant | N | BLOCK_M, BLOCK_N, warps | one tile | regs | stack | PTX lines | SASS instructions |")
+    print("| variant | N | BLOCK_M, BLOCK_N, warps | one tile | regs | stack | PTX instructions | SASS instructions |")
     print("|---|---|---|---|---|---|---|---|")
     for name, rms, has_w, has_b, has_dres in VARIANTS:
         for n, max_block_n in WIDTHS:
@@ -89,10 +89,11 @@ def main() -> None:
                                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
             usage, sass = sass_of(compiled.asm["cubin"])
             ptx = compiled.asm["ptx"]
+            n_ptx = sum(1 for line in map(str.strip, ptx.splitlines()) if line.endswith(";") and line[0] != ".")
             n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M))
             regs, stack = (re.search(key + r":(\d+)", usage).group(1) for key in ("REG", "STACK"))
             print(f"| {name} | {n} | {block_m}, {block_n}, {warps} | {'yes' if one_tile else 'no'} | {regs} | "
-                  f"{stack} | {len(ptx.splitlines())} | {n_sass} |", flush=True)
+                  f"{stack} | {n_ptx} | {n_sass} |", flush=True)
             if dump:
                 (dump / f"{name}_{n}_{block_n}.ptx").write_text(ptx)
                 (dump / f"{name}_{n}_{block_n}.sass").write_text(sass)
