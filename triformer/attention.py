@@ -43,6 +43,8 @@ from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import INTERPRET, check_device, check_float
 from triformer._shared import dropout_keep, dropout_keep_reference, philox, seed_tensor, uniform
 
+__all__ = ["AttentionFunction", "Attention", "attention", "attention_reference", "attention_dropout_mask"]
+
 LOG2E = tl.constexpr(1.4426950408889634)  # the kernels use exp2: scores are kept in log2 units
 MAX_HEAD_DIM = 128  # larger tiles overflow shared memory or spill in every H100 config
 

@@ -53,6 +53,12 @@ from triformer import _runtime
 from triformer._double_backward import double_backward_unsupported
 from triformer._shared import row_offsets, rows_view
 
+__all__ = ["CrossEntropyFunction", "CrossEntropyLoss", "cross_entropy", "cross_entropy_reference",
+           "TritonCrossEntropyLoss"]  # the seed's name and constructor (see triformer/__init__.py)
+# triformer.linear_cross_entropy runs these kernels too, through launch_cross_entropy and the backward op
+# cross_entropy_bwd, with the checks check_loss_args, check_targets, check_targets_tensor, and mean_scale and
+# reference_loss: public names of this module, not exported by the package.
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -80,8 +86,8 @@ def _log1p(z):
 # A program walks rows in [BLOCK_R, BLOCK_V] tiles. Pass 1 (_row_stats) folds every tile of a column range into
 # a running max / scaled exp-sum (online log-sum-exp, fp32) so registers never hold a whole row; pass 2
 # (_store_grad) re-reads the range to write the gradient. Rows are addressed through two strides (outer,
-# inner; triformer._shared.row_offsets) so [B, T, V] views with permuted batch dims need no copy. grad_ptr may equal logits_ptr: every element
-# is read before the program that reads it overwrites it.
+# inner; triformer._shared.row_offsets) so [B, T, V] views with permuted batch dims need no copy. grad_ptr may
+# equal logits_ptr: every element is read before the program that reads it overwrites it.
 #
 # Two launch shapes (see _plan):
 # * fused: one program owns whole rows, both passes. On a GPU the grid is persistent (a few programs per SM,

@@ -13,6 +13,10 @@ NaN). The backward regenerates the mask from the seed: ``dx = mask * dy / (1 - p
 Seeds: ``None`` draws one from the default generator of x's device (so ``torch.manual_seed`` reproduces a run), or
 pass an int in ``[0, 2**63)`` or a 0-dim integer tensor. ``p == 0`` or ``training=False`` returns ``x``
 itself without drawing a seed or launching anything.
+
+The stream's building blocks (``philox``, ``uniform``, ``dropout_keep``, ``seed_tensor``) and their plain-PyTorch
+twins live in ``triformer._shared``, since attention drops its probabilities with the same stream;
+``dropout_keep`` and the references are re-exported here.
 """
 from __future__ import annotations
 
@@ -25,8 +29,11 @@ import triton.language as tl
 from triformer import _runtime  # noqa: F401  (decides compile vs interpret before the kernels below)
 from triformer._double_backward import needs_graph
 from triformer._runtime import INTERPRET, check_device, check_float
-from triformer._shared import (dropout_keep, dropout_keep_reference, philox, philox4x32_reference,  # noqa: F401
-                               seed_tensor, uniform)  # (dropout_keep and the references: re-exported)
+from triformer._shared import dropout_keep, dropout_keep_reference, philox, philox4x32_reference, seed_tensor, uniform
+
+__all__ = ["DropoutFunction", "Dropout", "dropout", "dropout_reference",
+           "dropout_keep", "dropout_keep_reference", "philox4x32_reference",  # the mask, for other kernels and tests
+           "TritonDropout"]  # the seed's name (see triformer/__init__.py)
 
 # ---------------------------------------------------------------------------------------------------------
 # Kernels
@@ -96,8 +103,9 @@ def _check_p(p) -> float:
     return float(p)
 
 
-class TritonDropout(torch.autograd.Function):
-    """``TritonDropout.apply(x, p, seed=None)``: always drops (no training flag; p == 0 still launches)."""
+class DropoutFunction(torch.autograd.Function):
+    """``DropoutFunction.apply(x, p, seed=None)``: always drops (no training flag; p == 0 still launches), and
+    checks its arguments itself (the seed's ``TritonDropout.apply`` is this)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, seed=None) -> torch.Tensor:
@@ -115,7 +123,7 @@ class TritonDropout(torch.autograd.Function):
         if needs_graph(dy):
             # create_graph=True: dropout is linear, so its backward (the same mask and scale applied to dy) is this
             # Function again, whose own backward makes it differentiable. See triformer._double_backward.
-            return TritonDropout.apply(dy, ctx.p, seed), None, None
+            return DropoutFunction.apply(dy, ctx.p, seed), None, None
         return _dropout_op(dy, seed, ctx.p), None, None
 
 
@@ -137,7 +145,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, seed=None) -
     _check_training(training)
     if not training or p == 0.0:
         return x
-    return TritonDropout.apply(x, p, seed)
+    return DropoutFunction.apply(x, p, seed)
 
 
 def dropout_reference(x: torch.Tensor, p: float = 0.5, training: bool = True, seed=None,
@@ -177,3 +185,7 @@ class Dropout(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+TritonDropout = DropoutFunction
+"""The seed's name for the autograd Function (``TritonDropout.apply(x, p, seed)``): see triformer/__init__.py."""

@@ -20,6 +20,8 @@ from triformer import _runtime
 from triformer._double_backward import needs_graph, reference_grads
 from triformer._shared import column_sums_kernel, elementwise_tiles, gelu_and_grad, row_layout, row_offsets
 
+__all__ = ["GELUFunction", "GELU", "gelu", "gelu_reference", "BiasGELU"]
+
 _APPROXIMATIONS = ("tanh", "none")
 
 

@@ -33,6 +33,12 @@ from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import INTERPRET
 from triformer._shared import column_sums_kernel, row_layout, row_offsets
 
+__all__ = ["LayerNormFunction", "LayerNorm", "layer_norm", "layer_norm_reference",
+           "TritonLayerNorm"]  # the seed's name (see triformer/__init__.py)
+# RMSNorm (triformer.rmsnorm) and the fused residual-add norms (triformer.fused_add_norm) run this module's
+# kernels through its public launchers, ops and checks (not exported by the package): norm_forward,
+# norm_backward, layer_norm_bwd, layer_norm_reference, check_args, check_last_dim, grad_or_none, NormBase.
+
 # Widest column block kept as one tile. A wider row loops over column blocks. On the GPU a backward tile
 # also holds dweight/dbias accumulators, and 8192 columns (32 warps) is about what registers allow without
 # spilling. Tests lower these to run the column loops on small inputs.
@@ -470,37 +476,50 @@ def layer_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
     return y.to(x.dtype)
 
 
-class LayerNorm(nn.Module):
-    """Drop-in for ``torch.nn.LayerNorm`` over the last dimension. It takes the same constructor arguments
-    and has the same parameter names, so state dicts load either way."""
+class NormBase(nn.Module):
+    """What ``LayerNorm`` and ``triformer.rmsnorm.RMSNorm`` share: torch.nn's constructor arguments and attributes
+    (``normalized_shape``, the last dim only; ``eps``; ``elementwise_affine``), its parameters ``weight`` (ones)
+    and, for a norm with one (``bias`` True or False, None for a norm without), ``bias`` (zeros), so that state
+    dicts load either way, and its repr."""
 
-    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(self, normalized_shape, eps, elementwise_affine: bool, bias: Optional[bool], device, dtype):
         super().__init__()
         self.normalized_shape = check_normalized_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         factory = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        affine = {"weight": elementwise_affine}
+        if bias is not None:
+            affine["bias"] = elementwise_affine and bias
+        for name, present in affine.items():
+            if present:
+                setattr(self, name, nn.Parameter(torch.empty(self.normalized_shape, **factory)))
+            else:
+                self.register_parameter(name, None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
             nn.init.ones_(self.weight)
-        if self.bias is not None:
+        if getattr(self, "bias", None) is not None:
             nn.init.zeros_(self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_last_dim(self, x)
-        return layer_norm(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
+class LayerNorm(NormBase):
+    """Drop-in for ``torch.nn.LayerNorm`` over the last dimension. It takes the same constructor arguments
+    and has the same parameter names, so state dicts load either way."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_last_dim(self, x)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
 TritonLayerNorm = LayerNorm
+"""The seed's name for the module (``TritonLayerNorm(hidden)``): see triformer/__init__.py."""

@@ -53,6 +53,9 @@ from triformer._double_backward import double_backward_unsupported, needs_graph,
 from triformer.cross_entropy import (check_loss_args, check_targets, check_targets_tensor, cross_entropy_bwd,
                                      launch_cross_entropy, mean_scale, reference_loss)
 
+__all__ = ["LinearCrossEntropyFunction", "LinearCrossEntropyLoss", "linear_cross_entropy",
+           "linear_cross_entropy_reference"]
+
 # Budget for the per-chunk logits buffer, the op's only large temporary.
 CHUNK_BYTES = 64 << 20
 # Logits rows are padded to this many elements (128 bytes in bf16) for aligned matmul leading dimensions.
