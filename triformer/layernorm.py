@@ -181,6 +181,19 @@ def _store_dx(DX, DRES, g, xhat, c1, c2, rstd, out_starts, d_starts, cols, sd_n,
 
 
 @triton.jit
+def _load_dy_x(DY, X, rows, rows_inner, cols, mask, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n):
+    """The [BLOCK_M, BLOCK_N] tiles of dy and x, in fp32."""
+    dy = _load_tile(DY, row_offsets(rows, rows_inner, sdy_o, sdy_i), cols, sdy_n, mask)
+    x = _load_tile(X, row_offsets(rows, rows_inner, sx_o, sx_i), cols, sx_n, mask)
+    return dy, x
+
+
+@triton.jit
+def _normalized(x, mean, rstd):
+    return (x - mean[:, None]) * rstd[:, None]
+
+
+@triton.jit
 def _norm_bwd_kernel(
     DY, X, W, Mean, Rstd, DRES, DX, DW, DB, RowSums,
     M, N, rows_inner, n_row_blocks,
@@ -193,33 +206,9 @@ def _norm_bwd_kernel(
     # over rows happens once per column block, not once per row block.
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
-    if ONE_TILE:
-        cols = tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
-        dw = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for rb in range(pid, n_row_blocks, n_programs):
-            rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-            row_ok = rows < M
-            mask = row_ok[:, None] & col_ok[None, :]
-            mean, rstd = _load_row_stats(Mean, Rstd, rows, row_ok, RMS)
-            dy = _load_tile(DY, row_offsets(rows, rows_inner, sdy_o, sdy_i), cols, sdy_n, mask)
-            x = _load_tile(X, row_offsets(rows, rows_inner, sx_o, sx_i), cols, sx_n, mask)
-            xhat = (x - mean[:, None]) * rstd[:, None]
-            g = dy * w[None, :]
-            c1 = tl.sum(g * xhat, 1) / N
-            c2 = tl.sum(g, 1) / N
-            _store_dx(DX, DRES, g, xhat, c1, c2, rstd, rows * N, row_offsets(rows, rows_inner, sd_o, sd_i),
-                      cols, sd_n, mask, RMS, HAS_DRES)
-            dw += dy * xhat
-            db += dy
-        if HAS_WEIGHT:
-            tl.store(DW + pid.to(tl.int64) * N + cols, tl.sum(dw, 0), mask=col_ok)
-        if HAS_BIAS:
-            tl.store(DB + pid.to(tl.int64) * N + cols, tl.sum(db, 0), mask=col_ok)
-    else:
-        # Pass 1: the row sums c1, c2 of this program's rows, kept in RowSums ([2, M] fp32).
+    if not ONE_TILE:
+        # Pass 1, for rows wider than one tile: the row sums c1, c2 of this program's rows (see _store_dx),
+        # column block by column block, into RowSums ([2, M] fp32).
         for rb in range(pid, n_row_blocks, n_programs):
             rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             row_ok = rows < M
@@ -231,41 +220,48 @@ def _norm_bwd_kernel(
                 col_ok = cols < N
                 mask = row_ok[:, None] & col_ok[None, :]
                 w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
-                dy = _load_tile(DY, row_offsets(rows, rows_inner, sdy_o, sdy_i), cols, sdy_n, mask)
-                x = _load_tile(X, row_offsets(rows, rows_inner, sx_o, sx_i), cols, sx_n, mask)
+                dy, x = _load_dy_x(DY, X, rows, rows_inner, cols, mask, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n)
                 g = dy * w[None, :]
-                c1 += tl.sum(g * ((x - mean[:, None]) * rstd[:, None]), 1)
+                c1 += tl.sum(g * _normalized(x, mean, rstd), 1)
                 c2 += tl.sum(g, 1)
             tl.store(RowSums + rows, c1 / N, mask=row_ok)
             tl.store(RowSums + M + rows, c2 / N, mask=row_ok)
         # Other threads of this program stored the row sums that pass 2 loads.
         tl.debug_barrier()
-        # Pass 2: column blocks outermost, so one block's dweight/dbias sums stay in registers while
-        # the program walks its rows.
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
-            dw = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for rb in range(pid, n_row_blocks, n_programs):
-                rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-                row_ok = rows < M
-                mask = row_ok[:, None] & col_ok[None, :]
-                mean, rstd = _load_row_stats(Mean, Rstd, rows, row_ok, RMS)
+    # Pass 2 (the only one when a row fits one tile): dx, and the dweight/dbias sums. Column blocks outermost,
+    # so one block's sums stay in registers while the program walks its rows. With ONE_TILE the loop has
+    # constant bounds and one iteration (the compiler drops it), and each row's sums come from its tile.
+    cols_end = N
+    if ONE_TILE:
+        cols_end = BLOCK_N
+    for start in range(0, cols_end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
+        dw = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for rb in range(pid, n_row_blocks, n_programs):
+            rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            row_ok = rows < M
+            mask = row_ok[:, None] & col_ok[None, :]
+            mean, rstd = _load_row_stats(Mean, Rstd, rows, row_ok, RMS)
+            if not ONE_TILE:
                 c1 = tl.load(RowSums + rows, mask=row_ok, other=0.0)
                 c2 = tl.load(RowSums + M + rows, mask=row_ok, other=0.0)
-                dy = _load_tile(DY, row_offsets(rows, rows_inner, sdy_o, sdy_i), cols, sdy_n, mask)
-                x = _load_tile(X, row_offsets(rows, rows_inner, sx_o, sx_i), cols, sx_n, mask)
-                xhat = (x - mean[:, None]) * rstd[:, None]
-                _store_dx(DX, DRES, dy * w[None, :], xhat, c1, c2, rstd, rows * N,
-                          row_offsets(rows, rows_inner, sd_o, sd_i), cols, sd_n, mask, RMS, HAS_DRES)
-                dw += dy * xhat
-                db += dy
-            if HAS_WEIGHT:
-                tl.store(DW + pid.to(tl.int64) * N + cols, tl.sum(dw, 0), mask=col_ok)
-            if HAS_BIAS:
-                tl.store(DB + pid.to(tl.int64) * N + cols, tl.sum(db, 0), mask=col_ok)
+            dy, x = _load_dy_x(DY, X, rows, rows_inner, cols, mask, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n)
+            xhat = _normalized(x, mean, rstd)
+            g = dy * w[None, :]
+            if ONE_TILE:  # the row sums of pass 1, from the tile itself
+                c1 = tl.sum(g * xhat, 1) / N
+                c2 = tl.sum(g, 1) / N
+            _store_dx(DX, DRES, g, xhat, c1, c2, rstd, rows * N, row_offsets(rows, rows_inner, sd_o, sd_i),
+                      cols, sd_n, mask, RMS, HAS_DRES)
+            dw += dy * xhat
+            db += dy
+        if HAS_WEIGHT:
+            tl.store(DW + pid.to(tl.int64) * N + cols, tl.sum(dw, 0), mask=col_ok)
+        if HAS_BIAS:
+            tl.store(DB + pid.to(tl.int64) * N + cols, tl.sum(db, 0), mask=col_ok)
 
 
 # ------------------------------------------------------------------------------------------- launchers
