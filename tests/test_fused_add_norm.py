@@ -7,8 +7,10 @@ from hypothesis import strategies as st
 
 from tests.helpers.norms import BF16, F16, F32, LOOP_BLOCK, SHAPE, column_loop, torch_layer_norm, torch_rms_norm
 from tests.helpers.ops import check_op
-from triformer.fused_add_norm import (AddLayerNormFunction, AddRMSNormFunction, add_layer_norm,
-                                      add_layer_norm_reference, add_rms_norm, add_rms_norm_reference)
+from triformer.fused_add_norm import (AddLayerNorm, AddLayerNormFunction, AddRMSNorm, AddRMSNormFunction,
+                                      add_layer_norm, add_layer_norm_reference, add_rms_norm, add_rms_norm_reference)
+from triformer.layernorm import LayerNorm
+from triformer.rmsnorm import RMSNorm
 from triformer.testing import kernel_device, poisoned_empty, random_tensor
 
 
@@ -96,6 +98,31 @@ def test_add_norm_wide_rows(kind):
     inputs = add_norm_inputs(kind, (3, 32773), BF16, F32, contiguous=False)
     with column_loop(4096):
         check_add_norm(kind, inputs, contiguous=False)
+
+
+@pytest.mark.parametrize("kind", OPS)
+def test_add_norm_modules(kind):
+    """AddLayerNorm / AddRMSNorm: the norm module's constructor, parameters and state dict, with forward(x, residual)
+    returning what the functional form does; RMSNorm's eps=None (the dtype's epsilon) reaches add_rms_norm too."""
+    d = kernel_device()
+    module, plain = (AddLayerNorm, LayerNorm) if kind == "layer" else (AddRMSNorm, RMSNorm)
+    op, ref = OPS[kind][:2]
+    ours, norm = module(300, eps=1e-4, device=d), plain(300, device=d)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.copy_(random_tensor(p.shape, F32))
+    ours.load_state_dict(norm.state_dict())
+    assert ours.state_dict().keys() == norm.state_dict().keys() and isinstance(ours, plain)
+    x, r = (random_tensor((7, 300), F32) for _ in range(2))
+    params = [p for p in (ours.weight, getattr(ours, "bias", None)) if p is not None]
+    for got, expected in zip(ours(x, r), op(x, r, *params, 1e-4)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    if kind == "rms":
+        default = AddRMSNorm(300, eps=None, elementwise_affine=False, device=d)
+        for got, expected in zip(default(x, r), ref(x.double(), r.double(), None, torch.finfo(F32).eps)):
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="last dimension to be 300"):
+        ours(x[:, :299], r[:, :299])
 
 
 def test_add_norm_rejects_bad_input():

@@ -137,6 +137,21 @@ def test_layer_norm_function_is_the_autograd_path():
     assert type(layer_norm(x).grad_fn).__name__ == LayerNormFunction.__name__ + "Backward"
 
 
+def test_sm90_codegen_of_the_backward():
+    """benchmarks.layernorm_sm90 compiles the backward for sm_90 on this machine (no GPU needed); its first
+    variant (GPT-2's 768-wide rows) spills nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]  # `python -m benchmarks.layernorm_sm90` runs from the repository root
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.layernorm_sm90", "--first"], cwd=root,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cells = [c.strip() for c in proc.stdout.strip().splitlines()[-1].strip("|").split("|")]
+    assert cells[:2] == ["layer_norm", "768"] and cells[5] == "0" and int(cells[7]) > 0, cells
+
+
 @given(
     lead=st.sampled_from([(), (2,)]),
     rows=st.integers(1, 70),

@@ -41,7 +41,9 @@ import triton.language as tl
 from triformer import _runtime  # noqa: F401  (decides compile vs interpreter before kernels are defined)
 from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import INTERPRET, check_device, check_float
-from triformer.dropout import _philox, _seed_tensor, _uniform, dropout_keep, dropout_keep_reference
+from triformer._shared import dropout_keep, dropout_keep_reference, philox, seed_tensor, uniform
+
+__all__ = ["AttentionFunction", "Attention", "attention", "attention_reference", "attention_dropout_mask"]
 
 LOG2E = tl.constexpr(1.4426950408889634)  # the kernels use exp2: scores are kept in log2 units
 MAX_HEAD_DIM = 128  # larger tiles overflow shared memory or spill in every H100 config
@@ -67,9 +69,9 @@ def _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N: tl.co
         if SEQ_N:
             quads = quads % (SEQ_N // 4)
         quad = row_quad + quads[None, :]
-        r0, r1, r2, r3 = _philox(seed, quad)
-        u = tl.join(tl.join(_uniform(r0, r1, r2, r3, 0), _uniform(r0, r1, r2, r3, 2)),
-                    tl.join(_uniform(r0, r1, r2, r3, 1), _uniform(r0, r1, r2, r3, 3)))  # [.., a, b] = word 2a+b
+        r0, r1, r2, r3 = philox(seed, quad)
+        u = tl.join(tl.join(uniform(r0, r1, r2, r3, 0), uniform(r0, r1, r2, r3, 2)),
+                    tl.join(uniform(r0, r1, r2, r3, 1), uniform(r0, r1, r2, r3, 3)))  # [.., a, b] = word 2a+b
         keep = tl.reshape(u, [offs_m.shape[0], BLOCK_N]) >= dropout_p
     else:
         row_start = row[:, None]
@@ -807,7 +809,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
     integer tensor; None draws one from the generator of q's device, exactly as ``triformer.dropout`` does."""
     _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    seed_t = _seed_tensor(seed, q.device) if dropout_p > 0 else None
+    seed_t = seed_tensor(seed, q.device) if dropout_p > 0 else None
     return AttentionFunction.apply(q, k, v, is_causal, float(dropout_p), scale, attn_mask, key_padding_mask, seed_t)
 
 
@@ -822,7 +824,7 @@ def attention_dropout_mask(shape, dropout_p: float, seed, device=None) -> torch.
     out = _empty((B, H, Tq, Tk), torch.empty(0, dtype=torch.uint8, device=device))
     block_m = 64 if INTERPRET else 32
     _runtime.launch(_dropout_mask_kernel, (_cdiv(Tq, block_m) * B * H,))(
-        out, _seed_tensor(seed, device), Tq, Tk, float(dropout_p), QUADS=Tk % 4 == 0, BLOCK_M=block_m, BLOCK_N=64)
+        out, seed_tensor(seed, device), Tq, Tk, float(dropout_p), QUADS=Tk % 4 == 0, BLOCK_M=block_m, BLOCK_N=64)
     return out.view(torch.bool)
 
 
@@ -861,7 +863,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_ca
             dropout_mask = torch.rand(p.shape, device=q.device) >= dropout_p
         elif dropout_mask is None:
             index = torch.arange(p.numel(), device=q.device).reshape(p.shape)
-            dropout_mask = dropout_keep_reference(index, int(_seed_tensor(seed, q.device)), dropout_p)
+            dropout_mask = dropout_keep_reference(index, int(seed_tensor(seed, q.device)), dropout_p)
         p = p * dropout_mask / (1.0 - dropout_p)
     return p @ v
 

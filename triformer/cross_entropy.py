@@ -25,7 +25,8 @@ Where the gradient goes (``inplace_backward``):
   1. ``logits`` is not a leaf, nor a view of one: leaves are the caller's data (inputs, parameters), only
      an intermediate result such as the output of the LM head's matmul may be consumed;
   2. no element of ``logits`` shares memory with another (no expanded, stride-0 dimension), and
-     ``logits`` can be viewed as rows of V (any layout ``view(-1, T, V)`` accepts).
+     ``logits`` can be read as rows of V in place: its leading dims merge into at most two strided groups
+     (``triformer._shared.rows_view``; any layout ``view(-1, T, V)`` accepts, among others).
   Autograd's version counter covers the remaining hazard: the write counts as an in-place modification,
   so an earlier op that saved ``logits`` for its own backward (e.g. ``logits = x.exp()``) raises autograd's
   usual "modified by an inplace operation" error at backward instead of producing wrong gradients.
@@ -54,6 +55,13 @@ import triton.language as tl
 
 from triformer import _runtime
 from triformer._double_backward import double_backward_unsupported
+from triformer._shared import row_offsets, rows_view
+
+__all__ = ["CrossEntropyFunction", "CrossEntropyLoss", "cross_entropy", "cross_entropy_reference",
+           "TritonCrossEntropyLoss"]  # the seed's name and constructor (see triformer/__init__.py)
+# triformer.linear_cross_entropy runs these kernels too, through launch_cross_entropy and the backward op
+# cross_entropy_bwd, with the checks check_loss_args, check_targets, check_targets_tensor, and mean_scale and
+# reference_loss: public names of this module, not exported by the package.
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -82,8 +90,8 @@ def _log1p(z):
 # A program walks rows in [BLOCK_R, BLOCK_V] tiles. Pass 1 (_row_stats) folds every tile of a column range into
 # a running max / scaled exp-sum (online log-sum-exp, fp32) so registers never hold a whole row; pass 2
 # (_store_grad) re-reads the range to write the gradient. Rows are addressed through two strides (outer,
-# inner) so [B, T, V] views with permuted batch dims need no copy. grad_ptr may equal logits_ptr: every element
-# is read before the program that reads it overwrites it.
+# inner; triformer._shared.row_offsets) so [B, T, V] views with permuted batch dims need no copy. grad_ptr may
+# equal logits_ptr: every element is read before the program that reads it overwrites it.
 #
 # Two launch shapes (see _plan):
 # * fused: one program owns whole rows, both passes. On a GPU the grid is persistent (a few programs per SM,
@@ -99,7 +107,7 @@ def _load_rows(targets_ptr, logits_ptr, rows, row_end, n_cols, inner, stride_xo,
     row_ok = rows < row_end
     # padded rows re-read the last real row (never stored) so no tile row is all -inf and no NaN appears
     rows = tl.minimum(rows, row_end - 1).to(tl.int64)
-    x_base = logits_ptr + (rows // inner) * stride_xo + (rows % inner) * stride_xi
+    x_base = logits_ptr + row_offsets(rows, inner, stride_xo, stride_xi)
     target = tl.load(targets_ptr + rows * stride_t).to(tl.int64)
     active = target != ignore_index
     in_range = (target >= 0) & (target < n_cols)
@@ -245,7 +253,7 @@ def _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, 
     hit = (1.0 - smoothing) * scale
     smooth = smoothing * scale
     z_coef = scale * 2.0 * z_loss * (m + log_s)
-    g_base = grad_ptr + (rows // inner) * stride_go + (rows % inner) * stride_gi
+    g_base = grad_ptr + row_offsets(rows, inner, stride_go, stride_gi)
     masked_start = _masked_start(col_start, col_end, UNMASKED, BLOCK_V)
     if UNMASKED:
         for start in range(col_start, masked_start, BLOCK_V):
@@ -373,7 +381,7 @@ def _scale_rows_kernel(x_ptr, scale_ptr, n_rows, n_cols, inner, stride_o, stride
     scale = tl.load(scale_ptr + rows * stride_s).to(tl.float32)
     todo = row_ok & (scale != 1.0)
     if tl.sum(todo.to(tl.int32), 0) > 0:
-        base = x_ptr + (rows // inner) * stride_o + (rows % inner) * stride_i
+        base = x_ptr + row_offsets(rows, inner, stride_o, stride_i)
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             ptrs = base[:, None] + cols[None, :].to(tl.int64) * stride_c
@@ -427,21 +435,6 @@ def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, in
     return Plan(1, block_v, num_warps, min(n_rows, per_sm * sms))
 
 
-def rows_view(x: torch.Tensor, what: str, copy_ok: bool) -> torch.Tensor:
-    """``x[..., V]`` as ``[outer, inner, V]`` without copying where strides allow (the kernel's row layout)."""
-    if x.dim() == 1:
-        return x.view(1, 1, -1)
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    try:
-        return x.view(-1, *x.shape[-2:])
-    except RuntimeError:
-        if not copy_ok:
-            raise ValueError(f"{what}: its layout cannot be viewed as rows of the last dimension "
-                             f"(shape {tuple(x.shape)}, strides {x.stride()}); pass a contiguous tensor") from None
-        return x.reshape(-1, *x.shape[-2:])
-
-
 def check_targets(targets: torch.Tensor, n_cols: int, ignore_index: int) -> None:
     """Targets must be in [0, n_cols) or ignore_index; see the module docstring for how each device reports it."""
     bad = ((targets < 0) | (targets >= n_cols)) & (targets != ignore_index)
@@ -468,8 +461,9 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
                          grad3: torch.Tensor | None, scale: torch.Tensor | None, ignore_index: int,
                          label_smoothing: float, z_loss: float, n_chunks: int = 1) -> None:
     """Run the kernels on ``logits3[outer, inner, V]``: per-row fp32 loss into ``loss_rows[N]`` and, when
-    ``grad3`` is given (it may be ``logits3`` itself), the gradient times ``scale`` (one value, or one per
-    row) into ``grad3``. Rows go in ``n_chunks`` successive launches."""
+    ``grad3`` is given (``logits3`` itself, or a tensor of its [outer, inner, V] shape with any strides), the
+    gradient times ``scale`` (one value, or one per row) into ``grad3``. Rows go in ``n_chunks`` successive
+    launches."""
     outer, inner, n_cols = logits3.shape
     n_rows = outer * inner
     if n_rows == 0:
@@ -527,7 +521,7 @@ def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 @_runtime.kernel_op("triformer::cross_entropy_bwd", mutates_args=("grad",))
-def _cross_entropy_bwd(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+def cross_entropy_bwd(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     """Scale a gradient stored by a forward pass by ``grad_output`` in place (no new buffer)."""
     scale_rows_(grad, grad_output)
 
@@ -537,12 +531,13 @@ def mean_scale(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (targets != ignore_index).sum().clamp_(min=1).to(torch.float32).reciprocal_().reshape(1)
 
 
-def _forward(logits: torch.Tensor, targets: torch.Tensor, grad3: torch.Tensor | None, ignore_index: int,
+def _forward(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor | None, ignore_index: int,
              label_smoothing: float, reduction: str, n_chunks: int) -> torch.Tensor:
-    """Shared body of both forward ops: launch, then reduce the fp32 row losses to the requested loss."""
-    logits3 = rows_view(logits, "logits", copy_ok=grad3 is None or grad3 is not logits)
-    if grad3 is logits:
-        grad3 = logits3
+    """Shared body of both forward ops: launch, then reduce the fp32 row losses to the requested loss. ``grad``:
+    None, the logits themselves, or a contiguous buffer of their shape."""
+    logits3 = rows_view(logits, "logits", copy_ok=grad is not logits)
+    # the kernels index both through one [outer, inner, V] grid: the logits' (a contiguous buffer takes any)
+    grad3 = logits3 if grad is logits else None if grad is None else grad.view(logits3.shape)
     flat_targets = targets.reshape(-1)
     check_targets(flat_targets, logits.shape[-1], ignore_index)
     loss_rows = torch.empty(flat_targets.numel(), dtype=torch.float32, device=logits.device)
@@ -564,8 +559,7 @@ def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index
                        reduction: str, n_chunks: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, gradient for an upstream gradient of 1 shaped like logits, or an empty tensor)."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else None
-    loss = _forward(logits, targets, None if grad is None else rows_view(grad, "grad", copy_ok=False),
-                    ignore_index, label_smoothing, reduction, n_chunks)
+    loss = _forward(logits, targets, grad, ignore_index, label_smoothing, reduction, n_chunks)
     return loss, grad if grad is not None else logits.new_empty(0)
 
 
@@ -613,7 +607,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             # kernel that Inductor fuses, writing into the saved gradient's buffer once nothing else reads it.
             scale = grad_loss.float().unsqueeze(-1) if grad_loss.dim() else grad_loss.float()  # one per row, or one
             return (grad.float() * scale).to(grad.dtype), None, None, None, None, None, None, None
-        _cross_entropy_bwd(grad, grad_loss)
+        cross_entropy_bwd(grad, grad_loss)
         return grad, None, None, None, None, None, None, None
 
 

@@ -6,7 +6,9 @@ and writes the sum and the normed tensor. Run separately, the sum is written, th
 
 These ops use the shared row-normalization kernels of ``triformer.layernorm`` (``HAS_RESIDUAL`` in the
 forward; the backward gets the gradient that reaches the sum directly as ``dres`` and adds it to dx). They
-reuse the layer_norm_bwd / rms_norm_bwd ops. x and residual receive the same gradient.
+reuse the layer_norm_bwd / rms_norm_bwd ops. x and residual receive the same gradient. The modules ``AddLayerNorm``
+and ``AddRMSNorm`` are ``LayerNorm`` and ``RMSNorm`` (same constructors, parameters and state dicts) whose
+``forward(x, residual)`` returns both tensors.
 """
 from __future__ import annotations
 
@@ -17,8 +19,12 @@ import torch
 from triformer import _runtime
 from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import check_float
-from triformer.layernorm import check_args, grad_or_none, layer_norm_bwd, layer_norm_reference, n_rows, norm_forward
-from triformer.rmsnorm import rms_norm_bwd, rms_norm_reference
+from triformer.layernorm import (LayerNorm, check_args, check_last_dim, grad_or_none, layer_norm_bwd,
+                                 layer_norm_reference, norm_forward)
+from triformer.rmsnorm import RMSNorm, resolve_eps, rms_norm_bwd, rms_norm_reference
+
+__all__ = ["AddLayerNormFunction", "AddLayerNorm", "add_layer_norm", "add_layer_norm_reference",
+           "AddRMSNormFunction", "AddRMSNorm", "add_rms_norm", "add_rms_norm_reference"]
 
 
 @_runtime.kernel_op("triformer::add_layer_norm_fwd", mutates_args=())
@@ -96,10 +102,10 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[tor
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
-                 eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + residual, rms_norm(x + residual, weight, eps)), as ``add_layer_norm``."""
+                 eps: Optional[float] = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, rms_norm(x + residual, weight, eps)), as ``add_layer_norm``; ``eps=None`` as in ``rms_norm``."""
     check_float("residual", residual)
-    eps = check_args(x, residual, weight, None, eps)
+    eps = check_args(x, residual, weight, None, resolve_eps(x, eps))
     return AddRMSNormFunction.apply(x, residual, weight, eps)
 
 
@@ -111,3 +117,21 @@ def add_layer_norm_reference(x, residual, weight, bias, eps=1e-5):
 def add_rms_norm_reference(x, residual, weight, eps=1e-6):
     s = x + residual
     return s, rms_norm_reference(s, weight, eps)
+
+
+class AddLayerNorm(LayerNorm):
+    """``LayerNorm`` fused with the residual add in front of it: ``forward(x, residual)`` returns
+    ``add_layer_norm(x, residual, weight, bias, eps)``, i.e. ``(x + residual, layer_norm(x + residual))``."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_last_dim(self, x)
+        return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+
+class AddRMSNorm(RMSNorm):
+    """``RMSNorm`` fused with the residual add in front of it: ``forward(x, residual)`` returns
+    ``add_rms_norm(x, residual, weight, eps)``, i.e. ``(x + residual, rms_norm(x + residual))``."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_last_dim(self, x)
+        return add_rms_norm(x, residual, self.weight, self.eps)

@@ -2,11 +2,10 @@
 
 Two forms, as in ``torch.nn.functional.gelu``: ``approximate="tanh"`` (GPT-2's, the default here) and
 ``approximate="none"`` (exact, with erf). The kernels read the input through its strides (up to two
-collapsed leading dims, see ``row_layout``) and write a contiguous output. The backward recomputes the
-activation from ``x`` instead of saving anything extra.
-
-The element-wise building blocks defined here (``row_layout``, ``row_offsets``, ``gelu_and_grad``,
-``elementwise_tiles``) are shared with ``triformer.swiglu``.
+collapsed leading dims, see ``triformer._shared.row_layout``) and write a contiguous output. The backward
+recomputes the activation from ``x`` instead of saving anything extra. The formula (``gelu_and_grad``), the
+row layout and the tile shape come from ``triformer._shared``, as they do for the gated units of
+``triformer.swiglu``.
 """
 import functools
 import math
@@ -19,31 +18,11 @@ from torch import nn
 
 from triformer import _runtime
 from triformer._double_backward import needs_graph, reference_grads
+from triformer._shared import column_sums_kernel, elementwise_tiles, gelu_and_grad, row_layout, row_offsets
+
+__all__ = ["GELUFunction", "GELU", "gelu", "gelu_reference", "BiasGELU"]
 
 _APPROXIMATIONS = ("tanh", "none")
-
-
-@triton.jit
-def row_offsets(rows, M1, stride0, stride1):
-    """Element offsets (int64) of ``rows`` of a [M0 * M1, N] view whose rows come from two leading dims.
-
-    Row indices stay int32 (a row count never reaches 2**31) because int64 division is far slower on a
-    GPU; only the offsets, which can pass 2**31 elements, are int64."""
-    return (rows // M1).to(tl.int64) * stride0 + (rows % M1).to(tl.int64) * stride1
-
-
-@triton.jit
-def gelu_and_grad(x, APPROX_TANH: tl.constexpr):
-    """(gelu(x), d gelu / dx) in fp32; callers that need only one rely on dead-code elimination."""
-    if APPROX_TANH:
-        # 0.5 * (1 + tanh(u)) == sigmoid(2u): no tanh primitive needed, and no cancellation for x << 0.
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        cdf = 1.0 / (1.0 + tl.exp(-2.0 * inner))
-        pdf_term = x * cdf * (1.0 - cdf) * 2.0 * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-    else:
-        cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
-        pdf_term = x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
-    return x * cdf, cdf + pdf_term
 
 
 @triton.jit
@@ -69,7 +48,7 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid (row groups, column blocks). A program walks its group's ROWS_PER_GROUP rows one BLOCK_M tile at
     # a time, so the bias gradient leaves it as a single fp32 partial row (one per group, summed by
-    # _sum_rows_kernel) rather than one per tile.
+    # column_sums_kernel) rather than one per tile.
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_mask = cols < N
     first_row = tl.program_id(0) * ROWS_PER_GROUP
@@ -93,63 +72,6 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0
         tl.store(dbias_part_ptr + tl.program_id(0).to(tl.int64) * N + cols, dbias, mask=col_mask)
 
 
-@triton.jit
-def _sum_rows_kernel(part_ptr, out_ptr, G, N, so, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Column sums of the [G, N] fp32 partials; narrow column blocks so that even a short row gets
-    # several programs, each summing BLOCK_G partial rows per step.
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
-    for start in range(0, G, BLOCK_G):
-        g = start + tl.arange(0, BLOCK_G)
-        mask = (g < G)[:, None] & (cols < N)[None, :]
-        acc += tl.load(part_ptr + g.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(out_ptr + cols * so, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=cols < N)
-
-
-def row_layout(*tensors: torch.Tensor):
-    """View same-shaped tensors as [M0, M1, N] grids without copying, for kernels using ``row_offsets``.
-
-    Adjacent leading dims are merged where every tensor's strides allow it; a layout that still needs more
-    than two leading dims (rare: e.g. a 4-D tensor permuted twice) is copied to contiguous first.
-    Returns ``(tensors, M, M1, N, strides)`` with ``M = M0 * M1`` rows and ``strides[i] = (s0, s1, sn)``.
-    """
-    tensors = tuple(t.reshape(1) if t.dim() == 0 else t for t in tensors)  # a 0-d tensor: one element
-    shape = tensors[0].shape
-    if all(t.is_contiguous() for t in tensors) and tensors[0].numel():
-        # What the loop below makes of contiguous rows (one group at stride N, none for one row), without
-        # its per-dim Python, which costs microseconds of host time per call.
-        m = tensors[0].numel() // shape[-1]
-        return tensors, m, m, shape[-1], [(0, shape[-1] if m > 1 else 0, t.stride(-1)) for t in tensors]
-    groups = []  # [size, strides of each tensor]; the merged dims are contiguous with each other
-    for d in range(len(shape) - 1):
-        if shape[d] == 1:
-            continue
-        strides = [t.stride(d) for t in tensors]
-        if groups and all(outer == s * shape[d] for outer, s in zip(groups[-1][1], strides)):
-            groups[-1] = [groups[-1][0] * shape[d], strides]
-        else:
-            groups.append([shape[d], strides])
-    if len(groups) > 2:
-        return row_layout(*(t.contiguous() for t in tensors))
-    while len(groups) < 2:
-        groups.insert(0, [1, [0] * len(tensors)])
-    (m0, s0), (m1, s1) = groups
-    strides = [(a, b, t.stride(-1)) for a, b, t in zip(s0, s1, tensors)]
-    return tensors, m0 * m1, m1, shape[-1], strides
-
-
-@functools.lru_cache(maxsize=256)
-def elementwise_tiles(M: int, N: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for a streaming kernel over an [M, N] view (cached: it runs on every launch).
-
-    GPU: 4096-element tiles at most 1024 wide, i.e. 32 values per thread of 4 warps, loaded as a few
-    16-byte vectors along a row. Interpreter: rows up to 16k wide, as many as fit 64k elements.
-    """
-    block_n = min(triton.next_power_of_2(N), 1 << 14 if _runtime.INTERPRET else 1024)
-    block_m = _runtime.rows_per_program(M, block_n, gpu_rows=min(max(1, 4096 // block_n), triton.next_power_of_2(M)))
-    return block_m, block_n
-
-
 # Launch parameters are computed once per shape: on the host, Triton 3.9's cdiv and next_power_of_2 cost ~2 us
 # a call, and a backward with a bias made ten such calls.
 @functools.lru_cache(maxsize=256)
@@ -162,7 +84,7 @@ def _fwd_launch(M: int, N: int):
 @functools.lru_cache(maxsize=256)
 def _bwd_launch(M: int, N: int, has_bias: bool, device_index: int):
     """(grid, rows per group, meta-parameters) of the backward, then (grid, meta-parameters) of the bias
-    gradient's _sum_rows_kernel."""
+    gradient's column_sums_kernel."""
     block_m, block_n = elementwise_tiles(M, N)
     row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
     groups = _row_groups(device_index, row_blocks, col_blocks) if has_bias else row_blocks
@@ -173,7 +95,7 @@ def _bwd_launch(M: int, N: int, has_bias: bool, device_index: int):
     sum_g = min(triton.next_power_of_2(groups), 2 if _runtime.INTERPRET else 64)
     # row groups on grid axis 0: axes 1 and 2 are limited to 65535 programs
     return ((groups, col_blocks), rows_per_group, dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4),
-            (triton.cdiv(N, sum_n),), dict(BLOCK_G=sum_g, BLOCK_N=sum_n, num_warps=4))
+            (triton.cdiv(N, sum_n),), dict(TWO=False, BLOCK_P=sum_g, BLOCK_N=sum_n, num_warps=4))
 
 
 def _row_groups(device_index: int, row_blocks: int, col_blocks: int) -> int:
@@ -217,7 +139,7 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
         bias.stride(0) if bias is not None else 0, rows_per_group,
         HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **meta)
     if bias is not None:
-        _runtime.launch(_sum_rows_kernel, sum_grid)(partials, dbias, grid[0], N, dbias.stride(0), **sum_meta)
+        _runtime.launch(column_sums_kernel, sum_grid)(partials, dbias, dbias, grid[0], N, **sum_meta)
     return dx, dbias
 
 

@@ -14,8 +14,8 @@ E[x^2] - mean^2 would cancel; pass 2 normalizes and writes.
 Backward: each element of dx needs two row sums (of g * xhat and of g, with g = dy * weight) first, and
 dweight/dbias need column sums over all rows. A fixed set of persistent programs each walks a strided
 subset of row blocks, keeps its column sums in registers and writes them to its own row of a
-[programs, N] fp32 buffer; ``_sum_rows_kernel`` then adds those rows. This reduction is parallel and
-deterministic, with no locks or atomics.
+[programs, N] fp32 buffer; ``column_sums_kernel`` (``triformer._shared``) then adds those rows. This
+reduction is parallel and deterministic, with no locks or atomics.
 """
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ from torch import nn
 from triformer import _runtime
 from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import INTERPRET
+from triformer._shared import column_sums_kernel, row_layout, row_offsets
+
+__all__ = ["LayerNormFunction", "LayerNorm", "layer_norm", "layer_norm_reference",
+           "TritonLayerNorm"]  # the seed's name (see triformer/__init__.py)
+# RMSNorm (triformer.rmsnorm) and the fused residual-add norms (triformer.fused_add_norm) run this module's
+# kernels through its public launchers, ops and checks (not exported by the package): norm_forward,
+# norm_backward, layer_norm_bwd, layer_norm_reference, check_args, check_last_dim, grad_or_none, NormBase.
 
 # Widest column block kept as one tile. A wider row loops over column blocks. On the GPU a backward tile
 # also holds dweight/dbias accumulators, and 8192 columns (32 warps) is about what registers allow without
@@ -39,13 +46,6 @@ BWD_MAX_BLOCK_N = 1 << 16 if INTERPRET else 8192
 
 
 # ----------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _row_starts(rows, rows_inner, stride_outer, stride_inner):
-    # Inputs are [outer, inner, N] views, so permuted leading dims are read in place. rows is int64, which
-    # keeps offsets correct past 2**31 elements.
-    return (rows // rows_inner) * stride_outer + (rows % rows_inner) * stride_inner
-
-
 @triton.jit
 def _load_tile(ptr, starts, cols, stride_n, mask):
     offsets = starts[:, None] + cols[None, :].to(tl.int64) * stride_n
@@ -113,8 +113,8 @@ def _norm_fwd_kernel(
     # One program per BLOCK_M rows. Outputs (Y, S) are contiguous [M, N], and statistics are fp32 [M].
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    x_starts = _row_starts(rows, rows_inner, sx_o, sx_i)
-    r_starts = _row_starts(rows, rows_inner, sr_o, sr_i)
+    x_starts = row_offsets(rows, rows_inner, sx_o, sx_i)
+    r_starts = row_offsets(rows, rows_inner, sr_o, sr_i)
     out_starts = rows * N
     if ONE_TILE:
         cols = tl.arange(0, BLOCK_N)
@@ -180,6 +180,19 @@ def _store_dx(DX, DRES, g, xhat, c1, c2, rstd, out_starts, d_starts, cols, sd_n,
 
 
 @triton.jit
+def _load_dy_x(DY, X, rows, rows_inner, cols, mask, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n):
+    """The [BLOCK_M, BLOCK_N] tiles of dy and x, in fp32."""
+    dy = _load_tile(DY, row_offsets(rows, rows_inner, sdy_o, sdy_i), cols, sdy_n, mask)
+    x = _load_tile(X, row_offsets(rows, rows_inner, sx_o, sx_i), cols, sx_n, mask)
+    return dy, x
+
+
+@triton.jit
+def _normalized(x, mean, rstd):
+    return (x - mean[:, None]) * rstd[:, None]
+
+
+@triton.jit
 def _norm_bwd_kernel(
     DY, X, W, Mean, Rstd, DRES, DX, DW, DB, RowSums,
     M, N, rows_inner, n_row_blocks,
@@ -192,33 +205,9 @@ def _norm_bwd_kernel(
     # over rows happens once per column block, not once per row block.
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
-    if ONE_TILE:
-        cols = tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
-        dw = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for rb in range(pid, n_row_blocks, n_programs):
-            rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-            row_ok = rows < M
-            mask = row_ok[:, None] & col_ok[None, :]
-            mean, rstd = _load_row_stats(Mean, Rstd, rows, row_ok, RMS)
-            dy = _load_tile(DY, _row_starts(rows, rows_inner, sdy_o, sdy_i), cols, sdy_n, mask)
-            x = _load_tile(X, _row_starts(rows, rows_inner, sx_o, sx_i), cols, sx_n, mask)
-            xhat = (x - mean[:, None]) * rstd[:, None]
-            g = dy * w[None, :]
-            c1 = tl.sum(g * xhat, 1) / N
-            c2 = tl.sum(g, 1) / N
-            _store_dx(DX, DRES, g, xhat, c1, c2, rstd, rows * N, _row_starts(rows, rows_inner, sd_o, sd_i),
-                      cols, sd_n, mask, RMS, HAS_DRES)
-            dw += dy * xhat
-            db += dy
-        if HAS_WEIGHT:
-            tl.store(DW + pid.to(tl.int64) * N + cols, tl.sum(dw, 0), mask=col_ok)
-        if HAS_BIAS:
-            tl.store(DB + pid.to(tl.int64) * N + cols, tl.sum(db, 0), mask=col_ok)
-    else:
-        # Pass 1: the row sums c1, c2 of this program's rows, kept in RowSums ([2, M] fp32).
+    if not ONE_TILE:
+        # Pass 1, for rows wider than one tile: the row sums c1, c2 of this program's rows (see _store_dx),
+        # column block by column block, into RowSums ([2, M] fp32).
         for rb in range(pid, n_row_blocks, n_programs):
             rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
             row_ok = rows < M
@@ -230,64 +219,48 @@ def _norm_bwd_kernel(
                 col_ok = cols < N
                 mask = row_ok[:, None] & col_ok[None, :]
                 w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
-                dy = _load_tile(DY, _row_starts(rows, rows_inner, sdy_o, sdy_i), cols, sdy_n, mask)
-                x = _load_tile(X, _row_starts(rows, rows_inner, sx_o, sx_i), cols, sx_n, mask)
+                dy, x = _load_dy_x(DY, X, rows, rows_inner, cols, mask, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n)
                 g = dy * w[None, :]
-                c1 += tl.sum(g * ((x - mean[:, None]) * rstd[:, None]), 1)
+                c1 += tl.sum(g * _normalized(x, mean, rstd), 1)
                 c2 += tl.sum(g, 1)
             tl.store(RowSums + rows, c1 / N, mask=row_ok)
             tl.store(RowSums + M + rows, c2 / N, mask=row_ok)
         # Other threads of this program stored the row sums that pass 2 loads.
         tl.debug_barrier()
-        # Pass 2: column blocks outermost, so one block's dweight/dbias sums stay in registers while
-        # the program walks its rows.
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-            w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
-            dw = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for rb in range(pid, n_row_blocks, n_programs):
-                rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-                row_ok = rows < M
-                mask = row_ok[:, None] & col_ok[None, :]
-                mean, rstd = _load_row_stats(Mean, Rstd, rows, row_ok, RMS)
+    # Pass 2 (the only one when a row fits one tile): dx, and the dweight/dbias sums. Column blocks outermost,
+    # so one block's sums stay in registers while the program walks its rows. With ONE_TILE the loop has
+    # constant bounds and one iteration (the compiler drops it), and each row's sums come from its tile.
+    cols_end = N
+    if ONE_TILE:
+        cols_end = BLOCK_N
+    for start in range(0, cols_end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
+        dw = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for rb in range(pid, n_row_blocks, n_programs):
+            rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            row_ok = rows < M
+            mask = row_ok[:, None] & col_ok[None, :]
+            mean, rstd = _load_row_stats(Mean, Rstd, rows, row_ok, RMS)
+            if not ONE_TILE:
                 c1 = tl.load(RowSums + rows, mask=row_ok, other=0.0)
                 c2 = tl.load(RowSums + M + rows, mask=row_ok, other=0.0)
-                dy = _load_tile(DY, _row_starts(rows, rows_inner, sdy_o, sdy_i), cols, sdy_n, mask)
-                x = _load_tile(X, _row_starts(rows, rows_inner, sx_o, sx_i), cols, sx_n, mask)
-                xhat = (x - mean[:, None]) * rstd[:, None]
-                _store_dx(DX, DRES, dy * w[None, :], xhat, c1, c2, rstd, rows * N,
-                          _row_starts(rows, rows_inner, sd_o, sd_i), cols, sd_n, mask, RMS, HAS_DRES)
-                dw += dy * xhat
-                db += dy
-            if HAS_WEIGHT:
-                tl.store(DW + pid.to(tl.int64) * N + cols, tl.sum(dw, 0), mask=col_ok)
-            if HAS_BIAS:
-                tl.store(DB + pid.to(tl.int64) * N + cols, tl.sum(db, 0), mask=col_ok)
-
-
-@triton.jit
-def _sum_rows_kernel(Part, Out0, Out1, P, N, TWO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Column sums of the [n_out, P, N] partials: axis 1 of the grid picks dweight (Out0) or dbias (Out1), so
-    # both take one launch. Column blocks are narrow so that even a short row (N = 768) is spread over many
-    # programs.
-    which = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    base = Part + which.to(tl.int64) * P * N
-    acc = tl.zeros([BLOCK_P, BLOCK_N], tl.float32)
-    for start in range(0, P, BLOCK_P):
-        part_rows = start + tl.arange(0, BLOCK_P)
-        mask = (part_rows < P)[:, None] & (cols < N)[None, :]
-        acc += tl.load(base + part_rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    total = tl.sum(acc, 0)
-    if TWO:
-        if which == 1:
-            tl.store(Out1 + cols, total.to(Out1.dtype.element_ty), mask=cols < N)
-        else:
-            tl.store(Out0 + cols, total.to(Out0.dtype.element_ty), mask=cols < N)
-    else:
-        tl.store(Out0 + cols, total.to(Out0.dtype.element_ty), mask=cols < N)
+            dy, x = _load_dy_x(DY, X, rows, rows_inner, cols, mask, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n)
+            xhat = _normalized(x, mean, rstd)
+            g = dy * w[None, :]
+            if ONE_TILE:  # the row sums of pass 1, from the tile itself
+                c1 = tl.sum(g * xhat, 1) / N
+                c2 = tl.sum(g, 1) / N
+            _store_dx(DX, DRES, g, xhat, c1, c2, rstd, rows * N, row_offsets(rows, rows_inner, sd_o, sd_i),
+                      cols, sd_n, mask, RMS, HAS_DRES)
+            dw += dy * xhat
+            db += dy
+        if HAS_WEIGHT:
+            tl.store(DW + pid.to(tl.int64) * N + cols, tl.sum(dw, 0), mask=col_ok)
+        if HAS_BIAS:
+            tl.store(DB + pid.to(tl.int64) * N + cols, tl.sum(db, 0), mask=col_ok)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -296,29 +269,6 @@ def _sum_rows_kernel(Part, Out0, Out1, P, N, TWO: tl.constexpr, BLOCK_P: tl.cons
 # parameters are computed once per shape (Triton 3.9's cdiv and next_power_of_2 are constexpr-function
 # wrappers, ~2 us a call on the host), contiguous inputs go to the kernels without views, and torch.empty
 # gets its sizes as ``size=`` (a positional torch.Size takes ~1 us longer to parse).
-def _row_grids(x: torch.Tensor, *others: Optional[torch.Tensor]):
-    """x and tensors of its shape (None entries stay None) as [outer, inner, N] grids of one shape, which the
-    kernels index through their strides. Returns (grids, rows_inner, strides), strides[i] being grid i's
-    (outer, inner, column) strides, or x's for a None entry so that an absent tensor adds no specialization.
-    Where every tensor's rows sit at one stride the grid is [M, 1, N], and the kernels then skip the per-row
-    division. This copies only when a >3-D tensor's leading dims cannot merge into two."""
-    tensors = (x, *others)
-    if all(t is None or t.is_contiguous() for t in tensors):
-        n = x.shape[-1]
-        return tensors, 1, ((n, n, 1),) * len(tensors)  # the strides the views below would have
-    views = []
-    for t in tensors:
-        if t is not None:
-            t = t.reshape(-1, t.shape[-2], t.shape[-1]) if t.dim() > 3 else t
-            while t.dim() < 3:
-                t = t.unsqueeze(0)
-        views.append(t)
-    present = [v for v in views if v is not None]
-    if all(v.shape[0] == 1 or v.shape[1] == 1 or v.stride(0) == v.shape[1] * v.stride(1) for v in present):
-        views = [None if v is None else v.flatten(0, 1).unsqueeze(1) for v in views]
-    return views, views[0].shape[1], [(views[0] if v is None else v).stride() for v in views]
-
-
 def _tile(n_rows: int, n_cols: int, max_block_n: int, gpu_tile: int, per_thread: int,
           max_warps: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) of a row-wise launch. A GPU tile holds about gpu_tile elements, which is
@@ -340,7 +290,7 @@ def _fwd_launch(m: int, n: int, max_block_n: int):
 @functools.lru_cache(maxsize=256)
 def _bwd_launch(m: int, n: int, max_block_n: int, device_index: int):
     """(programs, row blocks, meta-parameters) of the backward, then (column blocks, meta-parameters) of
-    _sum_rows_kernel, which adds the programs' partial dweight/dbias rows."""
+    column_sums_kernel, which adds the programs' partial dweight/dbias rows."""
     # Measured with ptxas for sm_90: at 8 elements per thread the backward takes 80-88 registers, so an SM holds
     # about 20 of its warps. The persistent grid is sized to what is resident at once (no second wave).
     block_m, block_n, num_warps = _tile(m, n, max_block_n, gpu_tile=2048, per_thread=8, max_warps=32)
@@ -367,7 +317,7 @@ def norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Opti
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return y, s, mean, rstd
-    (x3, r3), rows_inner, (sx, sr) = _row_grids(x, residual)
+    (x3, r3), _, rows_inner, _, (sx, sr) = row_layout(x, residual)
     grid, meta = _fwd_launch(m, n, FWD_MAX_BLOCK_N)
     _runtime.launch(_norm_fwd_kernel, grid)(
         x3, r3, weight, bias, y, s, mean, rstd, m, n, rows_inner, eps, *sx, *sr,
@@ -391,7 +341,7 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
     # Each program's partial dweight row, then its partial dbias row, in one fp32 buffer ([params, programs, N]).
     part = torch.empty(len(params), programs, n, dtype=torch.float32, device=x.device) if params else None
     row_sums = None if meta["ONE_TILE"] else torch.empty(2, m, dtype=torch.float32, device=x.device)
-    (x3, dy3, d3), rows_inner, (sx, sdy, sd) = _row_grids(x, dy, dres)
+    (x3, dy3, d3), _, rows_inner, _, (sx, sdy, sd) = row_layout(x, dy, dres)
     _runtime.launch(_norm_bwd_kernel, (programs,))(
         dy3, x3, weight, mean, rstd, d3, dx, part if weight is not None else None,  # part[0]'s pointer, without a view
         part[-1] if bias is not None else None, row_sums, m, n, rows_inner, n_row_blocks, *sdy, *sx, *sd,
@@ -400,8 +350,8 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
     )
     grads = [torch.empty(n, dtype=p.dtype, device=x.device) for p in params]
     if grads:  # grads[i] = part[i].sum(0), each in its parameter's dtype; grid axis 1 picks the output
-        _runtime.launch(_sum_rows_kernel, (sum_blocks, len(grads)))(part, grads[0], grads[-1], programs, n, TWO=len(grads) == 2,
-                                                   **sum_meta)
+        _runtime.launch(column_sums_kernel, (sum_blocks, len(grads)))(part, grads[0], grads[-1], programs, n,
+                                                                      TWO=len(grads) == 2, **sum_meta)
     dw = grads[0] if weight is not None else None
     db = grads[-1] if bias is not None else None
     return dx, dw, db
@@ -410,12 +360,6 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
 def n_rows(x: torch.Tensor):
     """Rows normalized: every index of x's leading dims."""
     return x.numel() // x.shape[-1]
-
-
-def backward_fake(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
-    """Shape/dtype rule of the backward ops: (dx, dweight, dbias), with an empty tensor for an absent one."""
-    return (x.new_empty(x.shape), x.new_empty(0) if weight is None else weight.new_empty(weight.shape),
-            x.new_empty(0) if bias is None else bias.new_empty(bias.shape))
 
 
 def grad_or_none(grad: torch.Tensor, param: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -527,37 +471,50 @@ def layer_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
     return y.to(x.dtype)
 
 
-class LayerNorm(nn.Module):
-    """Drop-in for ``torch.nn.LayerNorm`` over the last dimension. It takes the same constructor arguments
-    and has the same parameter names, so state dicts load either way."""
+class NormBase(nn.Module):
+    """What ``LayerNorm`` and ``triformer.rmsnorm.RMSNorm`` share: torch.nn's constructor arguments and attributes
+    (``normalized_shape``, the last dim only; ``eps``; ``elementwise_affine``), its parameters ``weight`` (ones)
+    and, for a norm with one (``bias`` True or False, None for a norm without), ``bias`` (zeros), so that state
+    dicts load either way, and its repr."""
 
-    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(self, normalized_shape, eps, elementwise_affine: bool, bias: Optional[bool], device, dtype):
         super().__init__()
         self.normalized_shape = check_normalized_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         factory = {"device": device, "dtype": dtype}
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        affine = {"weight": elementwise_affine}
+        if bias is not None:
+            affine["bias"] = elementwise_affine and bias
+        for name, present in affine.items():
+            if present:
+                setattr(self, name, nn.Parameter(torch.empty(self.normalized_shape, **factory)))
+            else:
+                self.register_parameter(name, None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
             nn.init.ones_(self.weight)
-        if self.bias is not None:
+        if getattr(self, "bias", None) is not None:
             nn.init.zeros_(self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_last_dim(self, x)
-        return layer_norm(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
+class LayerNorm(NormBase):
+    """Drop-in for ``torch.nn.LayerNorm`` over the last dimension. It takes the same constructor arguments
+    and has the same parameter names, so state dicts load either way."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_last_dim(self, x)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
 TritonLayerNorm = LayerNorm
+"""The seed's name for the module (``TritonLayerNorm(hidden)``): see triformer/__init__.py."""

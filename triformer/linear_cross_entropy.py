@@ -48,8 +48,12 @@ import triton
 
 from triformer import _runtime
 from triformer._double_backward import double_backward_unsupported, needs_graph, reference_grads
-from triformer.cross_entropy import (_cross_entropy_bwd, check_loss_args, check_targets, check_targets_tensor,
+# Built on cross_entropy's kernels: its launcher, its in-place backward op and its argument checks (public names).
+from triformer.cross_entropy import (check_loss_args, check_targets, check_targets_tensor, cross_entropy_bwd,
                                      launch_cross_entropy, mean_scale, reference_loss)
+
+__all__ = ["LinearCrossEntropyFunction", "LinearCrossEntropyLoss", "linear_cross_entropy",
+           "linear_cross_entropy_reference"]
 
 # Budget for the per-chunk logits buffer, the op's only large temporary.
 CHUNK_BYTES = 64 << 20
@@ -245,7 +249,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads = ctx.saved_tensors
             for g, needed in zip(grads, ctx.needs):
                 if needed:
-                    _cross_entropy_bwd(g, grad_loss)
+                    cross_entropy_bwd(g, grad_loss)
         grad_h, grad_w, grad_b = (g if needed else None for g, needed in zip(grads, ctx.needs))
         if grad_h is not None:
             grad_h = grad_h.view(ctx.hidden_shape)

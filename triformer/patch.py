@@ -61,6 +61,8 @@ from triformer.rmsnorm import rms_norm
 from triformer.rope import apply_rope
 from triformer.swiglu import swiglu
 
+__all__ = ["PatchReport", "patch"]
+
 ATTN_IMPLEMENTATION = "triformer"
 LLAMA_FAMILY = ("Llama", "Mistral", "Qwen2", "Qwen3")
 RMS_NORMS = tuple(f"{p}RMSNorm" for p in LLAMA_FAMILY)

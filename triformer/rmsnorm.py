@@ -9,16 +9,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from triformer import _runtime
 from triformer._double_backward import needs_graph, reference_grads
-from triformer.layernorm import (backward_fake, check_args, check_last_dim, check_normalized_shape, grad_or_none,
-                                 n_rows, norm_backward, norm_forward)
+from triformer.layernorm import NormBase, check_args, check_last_dim, grad_or_none, norm_backward, norm_forward
+
+__all__ = ["RMSNormFunction", "RMSNorm", "rms_norm", "rms_norm_reference"]
 
 
-def _resolve_eps(x: torch.Tensor, eps: Optional[float]):
-    # eps=None means torch.nn.RMSNorm's default, the machine epsilon of x's dtype
+def resolve_eps(x: torch.Tensor, eps: Optional[float]):
+    """eps, or for None torch.nn.RMSNorm's default: the machine epsilon of x's dtype (also for add_rms_norm)."""
     return torch.finfo(x.dtype).eps if eps is None and isinstance(x, torch.Tensor) and x.is_floating_point() else eps
 
 
@@ -58,7 +58,7 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: Optional[float] = 1e-6) -> torch.Tensor:
     """RMS norm over the last dim, output in x's dtype; ``eps=None`` uses ``torch.finfo(x.dtype).eps`` as
     ``torch.nn.functional.rms_norm`` does. Mixed dtypes (e.g. bf16 x, fp32 weight) as in ``layer_norm``."""
-    eps = check_args(x, None, weight, None, _resolve_eps(x, eps))
+    eps = check_args(x, None, weight, None, resolve_eps(x, eps))
     return RMSNormFunction.apply(x, weight, eps)
 
 
@@ -66,7 +66,7 @@ def rms_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
                        eps: Optional[float] = 1e-6) -> torch.Tensor:
     """Plain PyTorch rms_norm with the same semantics: computed in fp32 (float64 for float64 inputs),
     returned in x's dtype."""
-    eps = _resolve_eps(x, eps)
+    eps = resolve_eps(x, eps)
     compute = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(compute)
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
@@ -75,29 +75,14 @@ def rms_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
     return y.to(x.dtype)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(NormBase):
     """Drop-in for ``torch.nn.RMSNorm`` over the last dimension (parameter ``weight``, same state dict),
     with eps defaulting to 1e-6; ``eps=None`` keeps torch's dtype-dependent default."""
 
     def __init__(self, normalized_shape, eps: Optional[float] = 1e-6, elementwise_affine: bool = True,
                  device=None, dtype=None):
-        super().__init__()
-        self.normalized_shape = check_normalized_shape(normalized_shape)
-        self.eps = eps
-        self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
+        super().__init__(normalized_shape, eps, elementwise_affine, None, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_last_dim(self, x)
         return rms_norm(x, self.weight, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

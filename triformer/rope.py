@@ -21,6 +21,9 @@ from torch import nn
 from triformer import _runtime
 from triformer._double_backward import needs_graph
 
+__all__ = ["RopeFunction", "RotaryEmbedding", "rope", "rope_reference", "apply_rope", "apply_rope_reference",
+           "rope_cos_sin", "rope_inv_freq"]
+
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, R, H, T, HALF, offset,

@@ -23,6 +23,9 @@ from triformer import _runtime
 from triformer._double_backward import needs_graph
 from triformer._runtime import INTERPRET, check_device, check_float
 
+__all__ = ["SoftmaxFunction", "Softmax", "softmax", "softmax_reference",
+           "TritonSoftmax"]  # the seed's name (see triformer/__init__.py)
+
 # ---------------------------------------------------------------------------------------------------------
 # Kernels
 #
@@ -317,3 +320,4 @@ class Softmax(torch.nn.Module):
 
 
 TritonSoftmax = Softmax
+"""The seed's name for the module (``TritonSoftmax(is_causal=False)``): see triformer/__init__.py."""

@@ -16,7 +16,10 @@ from torch import nn
 
 from triformer import _runtime
 from triformer._double_backward import needs_graph, reference_grads
-from triformer.gelu import elementwise_tiles, gelu_and_grad, row_layout, row_offsets
+from triformer._shared import elementwise_tiles, gelu_and_grad, row_layout, row_offsets
+
+# One autograd Function and kernel pair (GLU) serve both gated units: swiglu, and geglu beside it.
+__all__ = ["GLUFunction", "SwiGLU", "swiglu", "swiglu_reference", "geglu", "geglu_reference", "SwiGLUMLP"]
 
 # constexpr codes of the gating activation
 _ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
