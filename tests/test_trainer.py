@@ -162,6 +162,34 @@ def test_compiled_model_trains_like_eager(tmp_path, data_cache):
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-6)
 
 
+def test_compile_failure_is_loud_and_names_the_setting(tmp_path, data_cache, monkeypatch):
+    """fullgraph=True: a graph break in the model stops the run at its first step with a message naming
+    trainer.compile and what to run instead; nothing falls back to eager pieces silently."""
+    import models.gpt
+
+    forward = models.gpt.GPT.forward
+
+    def forward_with_a_graph_break(self, *args, **kwargs):
+        torch._dynamo.graph_break()
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(models.gpt.GPT, "forward", forward_with_a_graph_break)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"torch.compile of model .* failed \(trainer.compile=true, compile_mode "
+                                           r"default, fullgraph\).*\n.*trainer.compile=false"):
+        train(_cfg(tmp_path, data_cache, "trainer.compile=true", "trainer.compile_backend=aot_eager",
+                   "trainer.max_steps=2", "trainer.eval_interval=0"))
+
+
+def test_activation_checkpointing_trains_like_without(tmp_path, data_cache):
+    runs = {}
+    for mode in ("false", "true"):
+        train(_cfg(tmp_path / mode, data_cache, f"trainer.activation_checkpointing={mode}", "trainer.max_steps=3",
+                   "trainer.eval_interval=0"))
+        runs[mode] = _records(tmp_path / mode)
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_step_trains_like_eager(tmp_path, data_cache):
     # fp32, two micro-batches per step: the replayed graph must give the eager step's losses
@@ -189,6 +217,8 @@ def test_resume_refuses_other_model_config(tmp_path, data_cache):
     ("data.seq_len=64", "data.seq_len=64 exceeds the model's block_size=32"),
     ("trainer.cuda_graph=true", "trainer.cuda_graph=true: it needs a CUDA device"),
     ("trainer.cpu_threads=0", "trainer.cpu_threads must be null or a positive int, got 0"),
+    ("trainer.compile_mode=fast", "trainer.compile_mode='fast' is not one of: default, reduce-overhead, "
+                                  "max-autotune-no-cudagraphs, max-autotune"),
 ])
 def test_bad_settings_fail_at_start(tmp_path, data_cache, override, message):
     with pytest.raises(ValueError, match=message):

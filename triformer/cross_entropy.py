@@ -651,7 +651,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     "none" (loss shaped like ``targets``). ``label_smoothing`` as in ``torch.nn.functional.cross_entropy``.
     The loss has the logits' dtype; it is accumulated in fp32. ``n_chunks`` splits the rows into that many
     successive launches; the kernel keeps no per-row scratch proportional to V, so peak memory is the
-    gradient buffer (none with ``inplace_backward=True``) whatever ``n_chunks`` is. ``inplace_backward``:
+    gradient buffer (none with ``inplace_backward=True``) whatever ``n_chunks`` is (measured on an H200:
+    benchmarks/results/h200/cross_entropy_chunks.md). ``inplace_backward``:
     see the module docstring for exactly when the logits buffer is reused and what is refused.
     """
     _runtime.check_float("logits", logits)
