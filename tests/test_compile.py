@@ -43,28 +43,30 @@ def _loss_and_grads(run, model, x, y, seed):
 
 @pytest.mark.skipif(not triformer.INTERPRET, reason="the CPU path: opaque ops under the interpreter")
 @pytest.mark.parametrize("name", ["gpt2-nano", "llama-nano", "vit-digits"])
-def test_inductor_compiles_model_on_cpu_like_eager(name, monkeypatch):
+def test_inductor_compiles_model_on_cpu_like_eager(name):
     """fullgraph=True through Inductor's lowering and C++ code generation; loss and every gradient equal eager's.
     Dropout's seeds are drawn inside the graph, with eager's generator (Inductor's own RNG is off, so both runs
     draw the same seeds). Two steps: the second reuses the compiled graph and must draw new seeds."""
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = _tiny(name)
-    x, y = _batch(name, "cpu")
-    compiled = torch.compile(model, fullgraph=True)
-    losses = []
-    for step in range(2):
-        loss_c, grads_c = _loss_and_grads(compiled, model, x, y, seed=10 + step)
-        loss_e, grads_e = _loss_and_grads(model, model, x, y, seed=10 + step)
-        losses.append(loss_c)
-        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
-        assert grads_c.keys() == grads_e.keys() and grads_e
-        for n in grads_e:
-            torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1e-4, atol=1e-6, msg=n)
-    assert losses[0] != losses[1]  # a fresh dropout seed each step, not one baked into the graph
+    # config.patch, not monkeypatch: pytest >= 9.2's monkeypatch undoes a setattr on torch's config module with a
+    # delattr, which hides the option from every later compile in the process
+    with torch._inductor.config.patch(fallback_random=True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = _tiny(name)
+        x, y = _batch(name, "cpu")
+        compiled = torch.compile(model, fullgraph=True)
+        losses = []
+        for step in range(2):
+            loss_c, grads_c = _loss_and_grads(compiled, model, x, y, seed=10 + step)
+            loss_e, grads_e = _loss_and_grads(model, model, x, y, seed=10 + step)
+            losses.append(loss_c)
+            torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+            assert grads_c.keys() == grads_e.keys() and grads_e
+            for n in grads_e:
+                torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1e-4, atol=1e-6, msg=n)
+        assert losses[0] != losses[1]  # a fresh dropout seed each step, not one baked into the graph
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
