@@ -69,6 +69,24 @@ def test_inductor_compiles_model_on_cpu_like_eager(name):
         assert losses[0] != losses[1]  # a fresh dropout seed each step, not one baked into the graph
 
 
+def test_activation_checkpointing_traces_in_one_graph_like_eager():
+    """Checkpointed blocks (trainer.activation_checkpointing) inside torch.compile(fullgraph=True): Dynamo turns
+    each into its checkpoint operator; the recomputed dropout masks must still match eager's."""
+    from models.layers import set_activation_checkpointing
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _tiny("gpt2-nano")
+    set_activation_checkpointing(model, True)
+    x, y = _batch("gpt2-nano", kernel_device())
+    model.to(kernel_device())
+    loss_e, grads_e = _loss_and_grads(model, model, x, y, seed=5)
+    loss_c, grads_c = _loss_and_grads(torch.compile(model, backend="aot_eager", fullgraph=True), model, x, y, seed=5)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-7)
+    for n in grads_e:
+        torch.testing.assert_close(grads_c[n], grads_e[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("inplace_backward", [False, True])
 def test_cross_entropy_traced_backward_matches_eager(reduction, inplace_backward):
