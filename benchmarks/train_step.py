@@ -127,7 +127,7 @@ def measure(task, name, ctor, mode, batch, seq, steps, warmup):
     torch.cuda.reset_peak_memory_stats()
     torch._dynamo.utils.counters.clear()
     compile_mode = None if not mode.startswith("compile") else (mode.partition(":")[2] or "default")
-    mark_step = compile_mode == "reduce-overhead"
+    mark_step = compile_mode in ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
     model, opt, raw = build(ctor, compile_mode, capturable=mode == "graph")
     if mode == "graph":
         run = graphed_steps(model, opt, task, batch, seq, warmup)

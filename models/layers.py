@@ -13,8 +13,8 @@ import dataclasses
 import math
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 NORMS = ("layernorm", "rmsnorm")
