@@ -159,6 +159,26 @@ def test_aot_eager_fullgraph_matches_eager(model_name):
         assert_close(f"grad {name}", compiled_grads[name], g.double())
 
 
+def test_kernels_write_only_their_outputs_as_torch_compile_sees_them():
+    """torch.compile decides from each kernel's Triton IR which arguments it writes (wrap_triton's analysis, which
+    follows a called helper's result back to all its arguments). A kernel believed to write an input of its op is
+    functionalized into a copy written back into that input; for the batch's targets that made Inductor skip
+    reduce-overhead's CUDA graph ("mutated inputs"). tests/helpers/kernel_writes.py runs every op's body for sm_90
+    without a GPU and lists such arguments: there must be none."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.kernel_writes"], cwd=root, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) >= 20 and all(r.get("launches") for r in rows), rows
+    assert [r for r in rows if "error" in r or r["wrongly_written"]] == []
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 COLD_COMPILE_BUDGET_S = 90.0
 

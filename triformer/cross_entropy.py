@@ -102,16 +102,25 @@ def _log1p(z):
 #   a row's ranges and writes its loss and the gradient of its own range. Few long rows (the 640-row chunks of
 #   the fused linear-CE, or 4k rows of a 256k vocabulary) would otherwise leave SMs idle or each streaming one
 #   row at a time.
+# (rows, row_ok) of the row block at first_row; padded rows re-read the last real row (never stored), so no tile
+# row is all -inf and no NaN appears. No pointer goes in, on purpose: torch.compile's analysis of which tensors a
+# kernel writes (wrap_triton) follows a called function's result back to every argument of the call, and the loss
+# and gradient addresses are built from these rows. When _load_rows returned them, the targets and the logits
+# counted as written: functionalization then copied the batch's targets back into the graph input, and Inductor
+# skipped reduce-overhead's CUDA graph ("mutated inputs"). tests/test_compile.py checks the analysis.
 @triton.jit
-def _load_rows(targets_ptr, logits_ptr, rows, row_end, n_cols, inner, stride_xo, stride_xi, stride_t, ignore_index):
-    row_ok = rows < row_end
-    # padded rows re-read the last real row (never stored) so no tile row is all -inf and no NaN appears
-    rows = tl.minimum(rows, row_end - 1).to(tl.int64)
+def _block_rows(first_row, row_end, BLOCK_R: tl.constexpr):
+    rows = first_row + tl.arange(0, BLOCK_R)
+    return tl.minimum(rows, row_end - 1).to(tl.int64), rows < row_end
+
+
+@triton.jit
+def _load_rows(targets_ptr, logits_ptr, rows, n_cols, inner, stride_xo, stride_xi, stride_t, ignore_index):
     x_base = logits_ptr + row_offsets(rows, inner, stride_xo, stride_xi)
     target = tl.load(targets_ptr + rows * stride_t).to(tl.int64)
     active = target != ignore_index
     in_range = (target >= 0) & (target < n_cols)
-    return rows, row_ok, x_base, target, active, in_range
+    return x_base, target, active, in_range
 
 
 @triton.jit
@@ -277,9 +286,9 @@ def _cross_entropy_fwd_kernel(
     smoothing, z_loss = tl.cast(smoothing, tl.float32), tl.cast(z_loss, tl.float32)
     n_blocks = tl.cdiv(row_end - row_start, BLOCK_R)
     for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        rows, row_ok, x_base, target, active, in_range = _load_rows(
-            targets_ptr, logits_ptr, row_start + block * BLOCK_R + tl.arange(0, BLOCK_R), row_end, n_cols, inner,
-            stride_xo, stride_xi, stride_t, ignore_index)
+        rows, row_ok = _block_rows(row_start + block * BLOCK_R, row_end, BLOCK_R)
+        x_base, target, active, in_range = _load_rows(targets_ptr, logits_ptr, rows, n_cols, inner, stride_xo,
+                                                      stride_xi, stride_t, ignore_index)
         x_target, x_ref = _target_logit(x_base, stride_xc, target, active, in_range)
         m, s, x_sum, t = _row_stats(x_base, stride_xc, x_ref, 0, n_cols, HAS_SMOOTHING, UNMASKED, BLOCK_R, BLOCK_V)
         loss, log_s, log_mean = _row_loss(m, s, x_sum, t, x_target, x_ref, active, in_range, n_cols, smoothing,
@@ -302,9 +311,9 @@ def _cross_entropy_partial_kernel(
 ):
     block = tl.program_id(0) // n_splits
     split = tl.program_id(0) % n_splits
-    rows, row_ok, x_base, target, active, in_range = _load_rows(
-        targets_ptr, logits_ptr, row_start + block * BLOCK_R + tl.arange(0, BLOCK_R), row_end, n_cols, inner,
-        stride_xo, stride_xi, stride_t, ignore_index)
+    rows, row_ok = _block_rows(row_start + block * BLOCK_R, row_end, BLOCK_R)
+    x_base, target, active, in_range = _load_rows(targets_ptr, logits_ptr, rows, n_cols, inner, stride_xo, stride_xi,
+                                                  stride_t, ignore_index)
     x_target, x_ref = _target_logit(x_base, stride_xc, target, active, in_range)
     col_start = split * span
     m, s, x_sum, t = _row_stats(x_base, stride_xc, x_ref, col_start, tl.minimum(col_start + span, n_cols),
@@ -336,9 +345,9 @@ def _cross_entropy_combine_kernel(
     smoothing, z_loss = tl.cast(smoothing, tl.float32), tl.cast(z_loss, tl.float32)
     block = tl.program_id(0) // grid_splits
     split = tl.program_id(0) % grid_splits
-    rows, row_ok, x_base, target, active, in_range = _load_rows(
-        targets_ptr, logits_ptr, row_start + block * BLOCK_R + tl.arange(0, BLOCK_R), row_end, n_cols, inner,
-        stride_xo, stride_xi, stride_t, ignore_index)
+    rows, row_ok = _block_rows(row_start + block * BLOCK_R, row_end, BLOCK_R)
+    x_base, target, active, in_range = _load_rows(targets_ptr, logits_ptr, rows, n_cols, inner, stride_xo, stride_xi,
+                                                  stride_t, ignore_index)
     plane = n_splits * part_rows
     part = part_ptr + (rows - row_start)
     x_target, x_ref = _with_reference(tl.load(part + (4 if HAS_SMOOTHING else 2) * plane))
