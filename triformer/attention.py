@@ -398,7 +398,7 @@ def _attn_bwd_dkdv_kernel(
     else:
         # grouped: one flat loop per phase over (group member g, query block), the same loop nest as above, so
         # the software pipeliner keeps its shape (a loop over g around the block loops spilled in 12 of 14 sm_90
-        # configs, this in 6: benchmarks/results/attention_sm90_gqa.md). The body is the one above, per g.
+        # configs, this in 6: benchmarks/results/sm90/attention_sm90_gqa.md). The body is the one above, per g.
         for phase in tl.static_range(3):
             if phase == 0:
                 lo = m_lo
