@@ -159,6 +159,10 @@ def run_variant(task: str, variant: str, args) -> dict:
            "swapped": " ".join(f"{k}={v}" for k, v in report.parts().items()) if report is not None else ""}
     if report is not None and report.left_alone:
         row["left_alone"] = "; ".join(f"{n or '<model>'}: {w}" for n, w in report.left_alone)
+    if args.profile and device.type == "cuda":
+        from benchmarks.profile_step import memory_table, time_table
+        label = f"{row['model']}, {variant}"
+        row["profile"] = time_table(step, label) + memory_table(step, label)
     return row
 
 
@@ -178,7 +182,7 @@ def child_args(args, task: str, variant: str) -> list[str]:
     out = [sys.executable, "-m", "benchmarks.patch_llama", "--child", f"{task}:{variant}",
            "--batch", str(args.batch), "--seq", str(args.seq), "--vit-batch", str(args.vit_batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    return out + (["--smoke"] if args.smoke else [])
+    return out + (["--smoke"] if args.smoke else []) + (["--profile"] if args.profile else [])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -191,6 +195,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="tiny configs, 1 warm-up and 1 timed step (CPU or GPU)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each variant's step: kernels by GPU time, memory alive at the peak")
     p.add_argument("--in-process", action="store_true",
                    help="run the variants in this process (for the CPU smoke test; Liger then patches the process)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -234,6 +240,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def write_tables(rows: list[dict], args) -> None:
     d = out_dir()
     env = {**environment(), **versions()}
+    profiles = [line for r in rows for line in r.pop("profile", [])]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     name = "patch_llama_smoke" if args.smoke else "patch_llama"
     with open(d / f"{name}.csv", "w", newline="") as f:
@@ -246,6 +253,8 @@ def write_tables(rows: list[dict], args) -> None:
           "process; peak = torch.cuda.max_memory_allocated() over the timed steps.", "",
           "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     md += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    if profiles:
+        md += ["", "## Profiles (--profile)", "", *profiles]
     (d / f"{name}.md").write_text("\n".join(md) + "\n")
     print(f"wrote {d / name}.md and .csv", flush=True)
 
