@@ -2,7 +2,6 @@ import multiprocessing
 import os
 import socket
 
-import multiprocess
 import pytest
 import torch
 
@@ -17,8 +16,14 @@ multiprocessing.set_forkserver_preload(["torch", "safetensors.torch", "triformer
                                         "training.checkpoint"])
 # The same for HF datasets' map(num_proc=...), whose pool comes from `multiprocess` (dill's fork of
 # multiprocessing) and forks by default. A training run builds its data before wandb or any other thread
-# starts; a test process has them already.
-multiprocess.set_start_method("forkserver", force=True)
+# starts; a test process has them already. (`multiprocess` comes with `datasets`; the GPU image, which runs only
+# the kernel and model tests, has neither.)
+try:
+    import multiprocess
+except ImportError:
+    multiprocess = None
+if multiprocess is not None:
+    multiprocess.set_start_method("forkserver", force=True)
 
 # Two xdist workers share two cores: one torch thread each keeps them from fighting.
 if triformer.INTERPRET:

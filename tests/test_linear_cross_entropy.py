@@ -209,7 +209,7 @@ def test_second_backward_raises():
                                                       (1000, 1 << 20, 4), (100, 1000, 4)])
 def test_chunk_size_policy(n_rows, n_cols, itemsize):
     """Chunks never exceed the budget, are as few as aligned chunks allow, and aligned when the budget holds
-    CHUNK_ROW_ALIGN rows (GPT-2's head at 16k bf16 tokens: 26 chunks of 640 rows)."""
+    CHUNK_ROW_ALIGN rows (GPT-2's head at 16k bf16 tokens: 7 chunks of 2432 rows; Llama 3's at 8k: 8 of 1024)."""
     rows = _chunk_rows(n_rows, n_cols, itemsize)
     row_bytes = -(-n_cols // ROW_ALIGN) * ROW_ALIGN * itemsize
     fit = CHUNK_BYTES // row_bytes
@@ -220,7 +220,9 @@ def test_chunk_size_policy(n_rows, n_cols, itemsize):
     step = CHUNK_ROW_ALIGN if fit >= CHUNK_ROW_ALIGN else 1
     assert rows % step == 0 and -(-n_rows // rows) == -(-n_rows // (fit - fit % step))
     if (n_rows, n_cols, itemsize) == (16384, 50257, 2):
-        assert rows == 640
+        assert rows == 2432
+    if (n_rows, n_cols, itemsize) == (8192, 128256, 2):
+        assert rows == 1024
 
 
 def test_vocab_split():

@@ -31,9 +31,15 @@ Where the gradient goes (``inplace_backward``):
   so an earlier op that saved ``logits`` for its own backward (e.g. ``logits = x.exp()``) raises autograd's
   usual "modified by an inplace operation" error at backward instead of producing wrong gradients.
 
-Inside ``torch.compile`` the backward scales out of place instead (``grad * grad_output``, one pointwise kernel
-that Inductor fuses and writes into the dead gradient's buffer): an in-place write to an input of the backward
-graph would keep Inductor from capturing that graph in a CUDA graph (``mode="reduce-overhead"``).
+Inside ``torch.compile`` nothing is written in place (the rules above are still checked, so a call that
+traces also runs eagerly): the forward writes the gradient into a fresh buffer and the backward scales it out
+of place (``grad * grad_output``, one pointwise kernel that Inductor fuses with what follows). Traced, an
+in-place write becomes a mutation that functionalization must preserve: of the logits, usually a view (the
+LM head's output sliced to the vocabulary), it made Inductor copy the logits' storage out and back, two
+logits-sized passes (2.5 of 36 ms in a gpt2-small step on an H200, ``benchmarks/results/h200/profile_step.md``)
+for no memory saved; of the saved gradient, an input of the backward graph, it kept Inductor from capturing
+that graph in a CUDA graph (``mode="reduce-overhead"``). Inductor frees the logits after their last read, so
+the compiled step's peak holds one logits-sized buffer at a time plus the gradient, as the in-place path did.
 
 Because the stored gradient is scaled in place, one forward supports one backward: a second backward
 through the same graph (``retain_graph=True``) raises autograd's "modified by an inplace operation" error
@@ -676,6 +682,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     inplace = bool(inplace_backward) and compute_grad
     if inplace:
         _check_inplace(logits)
+        inplace = not torch.compiler.is_compiling()  # traced: out of place (module docstring)
     return CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, float(label_smoothing), n_chunks,
                                       inplace, compute_grad)
 

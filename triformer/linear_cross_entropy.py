@@ -7,8 +7,13 @@ place, then ``grad_h_chunk = g @ W`` and ``grad_W += g^T @ h_chunk`` (and ``grad
 by ``grad_output`` in place (skipped when it is exactly 1, see ``triformer.cross_entropy``). Nothing in the
 loop waits on the device: no host-device sync.
 
-Memory: one logits buffer of at most ``CHUNK_BYTES`` (64 MiB) plus O(N) floats, above the inputs and their
-gradients. Chunks are a multiple of 128 rows where the budget allows (whole matmul tiles).
+Memory: one logits buffer of at most ``CHUNK_BYTES`` (256 MiB) plus O(N) floats, above the inputs and their
+gradients. Chunks are a multiple of 128 rows where the budget allows (whole matmul tiles). Why that budget:
+every chunk reads and writes the whole ``grad_W`` accumulator once (V x H, 4 bytes a value for fp32 master
+weights), while its matmuls do 6 x rows x V x H flops, so the accumulator's share of the time falls like
+1 / rows whatever V and H are -- on an H200 (~690 TFLOP/s, ~4.3 TB/s) about 200 / rows for an fp32 accumulator.
+At 64 MiB a Llama-3 vocabulary (128256) gave 256-row chunks and the accumulator dominated the step
+(``benchmarks/results/h200/patch_llama.md``); 256 MiB gives 1024 rows there and ~2600 for GPT-2's 50257.
 
 Alignment: GEMM kernels with 16-byte vector or TMA accesses need every operand's leading dimension *and*
 contiguous extent to be a multiple of 16 bytes (CUTLASS checks both; cuBLAS falls back to slower kernels).
@@ -25,11 +30,13 @@ Precision: the matmuls run in the hidden state's dtype (the activation dtype; a 
 e.g. fp32 master weights under autocast, is cast once per call -- a V x H copy outside the budget) with fp32
 accumulation inside each matmul, like eager; logits and their gradient are rounded to that dtype, like
 eager; the cross-entropy itself is computed in fp32. ``grad_W`` is accumulated across chunks with
-``addmm_`` in the weight's dtype (an fp32 accumulator would cost 4*V*H bytes, 154 MB for GPT-2, far over
+``addmm_`` in the weight's dtype (an fp32 accumulator would cost 4*V*H bytes, 154 MB for GPT-2, over
 the budget), so a bf16 ``grad_W`` is rounded once per chunk instead of once: its error grows like
-sqrt(number of chunks) (measured: 1.7x eager's error at 20 chunks, 2.9x at 80; GPT-2 at 16k tokens takes 25).
-Fewer, larger chunks (``chunk_rows``) trade memory for accuracy. A weight of a wider dtype than the
-activations (fp32 master weights) gets its ``grad_W`` summed in that dtype. ``grad_b`` is summed in fp32.
+sqrt(number of chunks) (measured with 64 MiB chunks: 1.7x eager's error at 20 chunks, 2.9x at 80; GPT-2 at 16k
+tokens now takes 7). Fewer, larger chunks (``chunk_rows``) trade memory for accuracy. A weight of a wider dtype
+than the activations (fp32 master weights) gets its ``grad_W`` summed in that dtype: on CUDA by cuBLAS itself
+(``addmm`` with ``out_dtype``: the bf16 product is added to the fp32 accumulator in the matmul's epilogue, no
+V x H temporary), elsewhere through a temporary product. ``grad_b`` is summed in fp32.
 
 ``reduction="none"`` cannot precompute gradients (they depend on the per-token ``grad_output``): its forward
 computes only the losses, and its backward sweeps the chunks again with the per-token scale (4 matmuls instead
@@ -56,7 +63,7 @@ __all__ = ["LinearCrossEntropyFunction", "LinearCrossEntropyLoss", "linear_cross
            "linear_cross_entropy_reference"]
 
 # Budget for the per-chunk logits buffer, the op's only large temporary.
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 256 << 20
 # Logits rows are padded to this many elements (128 bytes in bf16) for aligned matmul leading dimensions.
 ROW_ALIGN = 64
 # The aligned part of the vocabulary is a multiple of this many rows (16 bytes of bf16; see the docstring).
@@ -84,7 +91,13 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -
     """``out = a @ b`` when ``first``, else ``out += a @ b``; an ``out`` of a wider dtype (fp32 master weights,
     zero-initialized) takes the product computed in ``a``'s dtype and always sums it."""
     if out.dtype != a.dtype:
-        out += a @ b
+        if out.is_cuda and out.dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16):
+            # cuBLAS adds the half-precision product into the fp32 ``out`` (beta = 1): one read and one write
+            # of ``out``, where ``out += a @ b`` also wrote and read back a V x H product (31 of 90 ms of a
+            # Llama-1B-shaped step on an H200, ``benchmarks/results/h200/patch_llama.md``)
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+        else:
+            out += a @ b
     elif first:
         torch.mm(a, b, out=out)
     else:
