@@ -52,8 +52,10 @@ def time_table(step, label: str) -> list[str]:
             step()
         torch.cuda.synchronize()
     wall = max(e.time_range.end for e in prof.events()) - min(e.time_range.start for e in prof.events())
+    # a user annotation (AdamW's "Optimizer.step#AdamW.step") also shows up as a GPU range spanning the kernels
+    # it launched: counting it would count those kernels twice
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
-               and e.self_device_time_total > 0]
+               and e.self_device_time_total > 0 and not getattr(e, "is_user_annotation", False)]
     busy = sum(e.self_device_time_total for e in kernels)
     per_step = PROFILED_STEPS * 1e3  # profiler times are microseconds
     by_category = defaultdict(float)

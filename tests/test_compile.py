@@ -185,14 +185,16 @@ COLD_COMPILE_BUDGET_S = 90.0
 
 @pytest.mark.skipif(kernel_device().type != "cuda", reason="Inductor launches the Triton kernels on a GPU only")
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
-@pytest.mark.parametrize("name", ["gpt2-small", "llama-small", "vit-base"])
+@pytest.mark.parametrize("name", ["gpt2-small", "gpt2-small:fused", "llama-small", "vit-base"])
 def test_compile_full_model_on_gpu(name, mode, tmp_path, monkeypatch):
     """A full-size model compiles with fullgraph=True (no graph break) from a cold cache within the budget, and
-    its compiled steps track eager ones (bf16 autocast)."""
+    its compiled steps track eager ones (bf16 autocast). ``:fused`` selects the fused linear + cross-entropy loss
+    (fp32 master weights under autocast: its fp32 weight gradient takes its own path)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = create_model(name, dropout=0.0).cuda()
+    name, _, loss = name.partition(":")
+    model = create_model(name, dropout=0.0, **({"loss": loss} if loss else {})).cuda()
     if name.startswith("vit"):
         x, y = torch.randn(16, 3, 224, 224, device="cuda"), torch.randint(0, 1000, (16,), device="cuda")
     else:
@@ -241,6 +243,9 @@ def _op_cases():
          [(B * T, 1000)]),
         ("linear_cross_entropy", lambda h, w: triformer.linear_cross_entropy(
             h, w, torch.arange(B * T, device="cuda") % 1000), [(B * T, C), (1000, C)]),
+        # fp32 master weight with bf16 activations (autocast training): grad_W is summed in fp32 by cuBLAS
+        ("linear_cross_entropy_fp32_weight", lambda h, w: triformer.linear_cross_entropy(
+            h, w.float(), torch.arange(B * T, device="cuda") % 1000), [(B * T, C), (1000, C)]),
     ]
 
 

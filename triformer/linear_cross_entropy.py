@@ -91,10 +91,13 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -
     """``out = a @ b`` when ``first``, else ``out += a @ b``; an ``out`` of a wider dtype (fp32 master weights,
     zero-initialized) takes the product computed in ``a``'s dtype and always sums it."""
     if out.dtype != a.dtype:
-        if out.is_cuda and out.dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16):
+        if (out.is_cuda and out.dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16)
+                and not _runtime.is_fake(out)):
             # cuBLAS adds the half-precision product into the fp32 ``out`` (beta = 1): one read and one write
             # of ``out``, where ``out += a @ b`` also wrote and read back a V x H product (31 of 90 ms of a
-            # Llama-1B-shaped step on an H200, ``benchmarks/results/h200/patch_llama.md``)
+            # Llama-1B-shaped step on an H200, ``benchmarks/results/h200/patch_llama.md``). Not on fake
+            # tensors (this body is the op's shape rule under torch.compile): torch 2.11 has no fake rule for
+            # ``addmm(out_dtype=)`` and its generic decomposition takes the dtype for ``beta``.
             torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
         else:
             out += a @ b
