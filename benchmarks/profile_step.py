@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import environment, out_dir
-from benchmarks.train_step import build, train_steps, variants
+from benchmarks.train_step import build, chosen, train_steps, variants
 
 PROFILED_STEPS = 3
 # Kernel name -> category, first match wins. cuBLAS/CUTLASS GEMMs carry these fragments on sm_90; Inductor's
@@ -135,7 +135,7 @@ def main():
              f"Command: `python -m benchmarks.profile_step --task {args.task} --variants \"{args.variants}\" "
              f"--modes {args.modes} --batch {batch}`", ""]
     for name, ctor in variants(args.task).items():
-        if not any(part and part in name for part in args.variants.split(",")):
+        if not chosen(args.variants, name):
             continue
         for mode in args.modes.split(","):
             compile_mode = None if mode == "eager" else (mode.partition(":")[2] or "default")

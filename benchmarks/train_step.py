@@ -52,6 +52,13 @@ def variants(task: str):
     }
 
 
+def chosen(spec: str, name: str) -> bool:
+    """Whether the variant ``name`` is picked by ``spec``: 'all', or comma-separated parts, each a substring of
+    the name, or ``=name`` for exactly that name (``=triformer`` without the other ViT variants)."""
+    return spec == "all" or any(part == f"={name}" or (part and not part.startswith("=") and part in name)
+                                for part in spec.split(","))
+
+
 def checkpointed(model):
     """``model`` with per-block activation checkpointing (what trainer.activation_checkpointing=true sets)."""
     set_activation_checkpointing(model, True)
@@ -193,15 +200,12 @@ def main():
                    help="comma-separated torch.compile modes for --compile (default, reduce-overhead, "
                         "max-autotune-no-cudagraphs)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 16 sequences / 128 images)")
-    p.add_argument("--variants", default="all", help="comma-separated substrings of the variants to run")
+    p.add_argument("--variants", default="all", help="comma-separated substrings of the variants to run, or =NAME for one exactly")
     p.add_argument("--graph", default="none",
                    help="comma-separated substrings of the variants to also run as a CUDA-graphed step ('all', 'none')")
     p.add_argument("--max-batch", default="none",
                    help="comma-separated substrings of the variants whose largest batch to search (eager; 'all')")
     args = p.parse_args()
-
-    def chosen(spec: str, name: str) -> bool:
-        return spec == "all" or any(part and part in name for part in spec.split(","))
 
     torch.backends.cuda.matmul.allow_tf32 = True
     batch, seq = (16, 1024) if args.task == "gpt" else (128, None)
