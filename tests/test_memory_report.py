@@ -89,3 +89,14 @@ def test_a_model_without_a_plain_twin_trains_and_the_report_says_it_skipped(tmp_
                              f"run_dir={tmp_path}", f"data.cache_dir={tmp_path}/c", "data.num_proc=1"]))
     assert "memory_report: skipped, models/plain.py has no plain PyTorch twin of GPT" in capsys.readouterr().err
     assert summary["steps"] == 1 and "memory_savings" not in summary
+
+
+def test_cuda_peak_is_kept_across_log_intervals_when_steps_replay_cuda_graphs(monkeypatch):
+    """A replayed CUDA graph allocates nothing, so resetting the peak each interval would report only what lives
+    outside the graphs: runs that replay graphs keep the run's peak."""
+    resets = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 11 * 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    cuda = torch.device("cuda")
+    assert memory.current_bytes(cuda, since_last=False) == 11 * 2**30 and resets == []
+    assert memory.current_bytes(cuda) == 11 * 2**30 and resets == [cuda]

@@ -429,6 +429,12 @@ class Trainer:
         self.logger.summary(**summary)
         return {**self.logger.summary_data, **summary}
 
+    @property
+    def _replays_cuda_graphs(self) -> bool:
+        """Whether training steps replay CUDA graphs: trainer.cuda_graph, or a compile mode that captures them."""
+        t = self.cfg.trainer
+        return bool(t.cuda_graph or (t.compile and t.compile_mode in CUDAGRAPH_COMPILE_MODES))
+
     def _train_step(self) -> tuple[float, float, bool]:
         t = self.cfg.trainer
         self.forward_model.train()
@@ -438,9 +444,9 @@ class Trainer:
                 self.graphed = graphs.GraphedStep(self.forward_model, batches, self._autocast)
             total = self.graphed.replay(batches)
         else:
-            if t.compile and t.compile_mode in CUDAGRAPH_COMPILE_MODES:
-                # these modes replay CUDA graphs: mark where a step begins, so its replay may reuse the memory of the
-                # last step's outputs
+            if self._replays_cuda_graphs:
+                # a compile mode that replays CUDA graphs: mark where a step begins, so its replay may reuse the
+                # memory of the last step's outputs
                 torch.compiler.cudagraph_mark_step_begin()
             total = torch.zeros((), device=self.ctx.device)
             for i, (x, y) in enumerate(batches):
@@ -476,7 +482,7 @@ class Trainer:
         examples_per_s = steps * t.batch_size / max(elapsed, 1e-9)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
                    "throughput": examples_per_s * self.items_per_example,
-                   "memory_gib": memory.current_bytes(self.ctx.device) / 2**30}
+                   "memory_gib": memory.current_bytes(self.ctx.device, since_last=not self._replays_cuda_graphs) / 2**30}
         if self.ctx.device.type == "cuda":
             seq = self.items_per_example if self.task.sequences else None
             flops = self.model.flops_per_example(seq) * examples_per_s
