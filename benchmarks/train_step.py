@@ -200,7 +200,8 @@ def main():
                    help="comma-separated torch.compile modes for --compile (default, reduce-overhead, "
                         "max-autotune-no-cudagraphs)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 16 sequences / 128 images)")
-    p.add_argument("--variants", default="all", help="comma-separated substrings of the variants to run, or =NAME for one exactly")
+    p.add_argument("--variants", default="all",
+                   help="comma-separated substrings of the variants to run, or =NAME for exactly one")
     p.add_argument("--graph", default="none",
                    help="comma-separated substrings of the variants to also run as a CUDA-graphed step ('all', 'none')")
     p.add_argument("--max-batch", default="none",

@@ -482,7 +482,8 @@ class Trainer:
         examples_per_s = steps * t.batch_size / max(elapsed, 1e-9)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
                    "throughput": examples_per_s * self.items_per_example,
-                   "memory_gib": memory.current_bytes(self.ctx.device, since_last=not self._replays_cuda_graphs) / 2**30}
+                   "memory_gib": memory.current_bytes(self.ctx.device,
+                                                      since_last=not self._replays_cuda_graphs) / 2**30}
         if self.ctx.device.type == "cuda":
             seq = self.items_per_example if self.task.sequences else None
             flops = self.model.flops_per_example(seq) * examples_per_s
