@@ -150,9 +150,9 @@ def _fold_tile(x_base, stride_xc, x_ref, start, n_before, col_end, m, s, x_sum, 
     col_ok = cols < col_end
     ptrs = x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc
     if MASKED:
-        x = tl.load(ptrs, mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
+        x = tl.load(ptrs, mask=col_ok[None, :], other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
     else:
-        x = tl.load(ptrs).to(tl.float32)
+        x = tl.load(ptrs, eviction_policy="evict_last").to(tl.float32)
     m_new = tl.maximum(m, tl.max(x, 1))
     rescale = tl.exp(m - m_new)
     s = s * rescale + tl.sum(tl.exp(x - m_new[:, None]), 1)
@@ -235,9 +235,10 @@ def _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, tar
     col_ok = cols < col_end
     if MASKED:
         x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
-                    other=float("-inf")).to(tl.float32)
+                    other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
     else:
-        x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc).to(tl.float32)
+        x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc,
+                    eviction_policy="evict_first").to(tl.float32)
     p = tl.exp((x - m[:, None]) - log_s[:, None])
     g = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * hit[:, None]
     if HAS_SMOOTHING:
@@ -247,10 +248,10 @@ def _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, tar
     g = tl.where(active[:, None], g, 0.0)
     if MASKED:
         tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * stride_gc, g.to(g_base.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+                 mask=row_ok[:, None] & col_ok[None, :], eviction_policy="evict_first")
     else:
         tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * stride_gc, g.to(g_base.dtype.element_ty),
-                 mask=row_ok[:, None])
+                 mask=row_ok[:, None], eviction_policy="evict_first")
 
 
 @triton.jit
@@ -270,14 +271,18 @@ def _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, 
     smooth = smoothing * scale
     z_coef = scale * 2.0 * z_loss * (m + log_s)
     g_base = grad_ptr + row_offsets(rows, inner, stride_go, stride_gi)
+    # Last tile first: pass 1 read the range front to back, so its last tiles are the likeliest still in L1/L2.
     masked_start = _masked_start(col_start, col_end, UNMASKED, BLOCK_V)
+    n_masked = tl.cdiv(col_end - masked_start, BLOCK_V)
+    for i in range(0, n_masked):
+        _grad_tile(x_base, stride_xc, g_base, stride_gc, masked_start + (n_masked - 1 - i) * BLOCK_V, col_end,
+                   row_ok, target, active, m, log_s, log_mean, hit, smooth, z_coef, n_cols, True, HAS_SMOOTHING,
+                   HAS_Z, BLOCK_V)
     if UNMASKED:
-        for start in range(col_start, masked_start, BLOCK_V):
-            _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, target, active, m, log_s,
-                       log_mean, hit, smooth, z_coef, n_cols, False, HAS_SMOOTHING, HAS_Z, BLOCK_V)
-    for start in range(masked_start, col_end, BLOCK_V):
-        _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, target, active, m, log_s,
-                   log_mean, hit, smooth, z_coef, n_cols, True, HAS_SMOOTHING, HAS_Z, BLOCK_V)
+        for i in range(0, (masked_start - col_start) // BLOCK_V):
+            _grad_tile(x_base, stride_xc, g_base, stride_gc, masked_start - (i + 1) * BLOCK_V, col_end, row_ok,
+                       target, active, m, log_s, log_mean, hit, smooth, z_coef, n_cols, False, HAS_SMOOTHING,
+                       HAS_Z, BLOCK_V)
 
 
 @triton.jit
