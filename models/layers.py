@@ -131,7 +131,9 @@ class Attention(nn.Module):
     """Multi-head (or grouped-query) attention with one fused qkv projection.
 
     The qkv output ``[B, T, (H + 2 * Hkv) * D]`` is viewed as ``[B, H + 2 * Hkv, T, D]`` and split into
-    q, k, v without copies: the rotary and attention kernels read the strided views directly.
+    q, k, v without copies (``triformer.split_qkv``): the rotary and attention kernels read the strided views
+    directly. Without rotary embeddings or a KV cache, ``attention_packed`` takes the projection's output itself,
+    so the backward writes its gradient in one tensor instead of autograd concatenating dq, dk and dv.
     """
 
     def __init__(self, cfg: TransformerConfig, ops, causal: bool):
@@ -144,14 +146,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None) -> torch.Tensor:
         """``rope``: None or (cos, sin, position of x's first token) for ``ops.apply_rope``."""
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
+        dropout_p = self.dropout if self.training else 0.0
+        if rope is None and cache is None:  # attention on the projection itself: its gradient comes back as one tensor
+            y = self.ops.attention_packed(self.qkv(x), self.n_head, self.n_kv_head, is_causal=self.causal,
+                                          dropout_p=dropout_p)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        q, k, v = self.ops.split_qkv(self.qkv(x), self.n_head, self.n_kv_head)
         if rope is not None:
             q, k = self.ops.apply_rope(q, k, *rope)
         if cache is not None:
             k, v = cache.append(k, v)
         # grouped-query attention: ops.attention reads key/value head h // (n_head / n_kv_head) for query head h
-        y = self.ops.attention(q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0)
+        y = self.ops.attention(q, k, v, is_causal=self.causal, dropout_p=dropout_p)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
