@@ -590,8 +590,8 @@ def _pow2(n: int) -> int:
 
 
 # The config Triton's autotuner chose for each tuning key. Its run() rebuilds the key from every argument on
-# each launch (~80 us of own time per launch in benchmarks/results/h200/host_overhead.md's cProfile, three
-# launches per forward+backward); once a key is tuned, its config is launched directly.
+# each launch, host time of the order of the kernels' own at GPT-2 sizes (benchmarks/host_overhead.py); once a
+# key is tuned, its config is launched directly.
 _TUNED: dict = {}
 
 

@@ -284,8 +284,8 @@ def _norm_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------- launchers
-# At GPT-2 sizes a norm's kernels take ~20 us on the GPU and the Python around them took several times that
-# (benchmarks/results/h200/host_overhead.md), so the launchers keep their per-call work small: launch
+# At GPT-2 sizes a norm's kernels take tens of microseconds on the GPU and the Python around them can take
+# longer (benchmarks/host_overhead.py), so the launchers keep their per-call work small: launch
 # parameters are computed once per shape (Triton 3.9's cdiv and next_power_of_2 are constexpr-function
 # wrappers, ~2 us a call on the host), contiguous inputs go to the kernels without views, and torch.empty
 # gets its sizes as ``size=`` (a positional torch.Size takes ~1 us longer to parse).
