@@ -42,14 +42,20 @@ def _gelu_fwd_kernel(x_ptr, b_ptr, y_ptr, M, N, M1, sx0, sx1, sxn, sb,
 
 
 @triton.jit
-def _bwd_tile(dy_ptr, x_ptr, first, group_end, M, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols, col_mask,
-              BLOCK_M: tl.constexpr):
-    """(rows, mask, x, dy) of the backward's tile at row ``first``; rows past the group or M load nothing."""
+def _tile_rows(first, group_end, M, col_mask, BLOCK_M: tl.constexpr):
+    """(rows, mask) of the backward's tile at row ``first``, empty past the group or M. No pointer goes in:
+    torch.compile's analysis of what a kernel writes (wrap_triton) counts every argument of a helper whose
+    result addresses a store as written."""
     rows = first + tl.arange(0, BLOCK_M)
-    mask = ((rows < M) & (rows < group_end))[:, None] & col_mask[None, :]
+    return rows, ((rows < M) & (rows < group_end))[:, None] & col_mask[None, :]
+
+
+@triton.jit
+def _bwd_tile(dy_ptr, x_ptr, rows, mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols):
+    """(x, dy) of the backward's tile at ``rows``."""
     x = tl.load(x_ptr + row_offsets(rows, M1, sx0, sx1)[:, None] + cols[None, :] * sxn, mask=mask)
     dy = tl.load(dy_ptr + row_offsets(rows, M1, sd0, sd1)[:, None] + cols[None, :] * sdn, mask=mask)
-    return rows, mask, x, dy
+    return x, dy
 
 
 @triton.jit
@@ -68,11 +74,12 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols * sb, mask=col_mask).to(tl.float32)[None, :]
         dbias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    rows, mask, x, dy = _bwd_tile(dy_ptr, x_ptr, first_row, first_row + ROWS_PER_GROUP, M, M1, sd0, sd1, sdn,
-                                  sx0, sx1, sxn, cols, col_mask, BLOCK_M)
+    group_end = first_row + ROWS_PER_GROUP
+    rows, mask = _tile_rows(first_row, group_end, M, col_mask, BLOCK_M)
+    x, dy = _bwd_tile(dy_ptr, x_ptr, rows, mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols)
     for start in range(0, ROWS_PER_GROUP, BLOCK_M):
-        nxt = _bwd_tile(dy_ptr, x_ptr, first_row + start + BLOCK_M, first_row + ROWS_PER_GROUP, M, M1, sd0, sd1,
-                        sdn, sx0, sx1, sxn, cols, col_mask, BLOCK_M)
+        next_rows, next_mask = _tile_rows(first_row + start + BLOCK_M, group_end, M, col_mask, BLOCK_M)
+        nxt = _bwd_tile(dy_ptr, x_ptr, next_rows, next_mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols)
         x = x.to(tl.float32)
         if HAS_BIAS:
             x += bias
@@ -81,7 +88,8 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0
         tl.store(dx_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             dbias += tl.sum(dx, axis=0)
-        rows, mask, x, dy = nxt
+        rows, mask = next_rows, next_mask
+        x, dy = nxt
     if HAS_BIAS:
         tl.store(dbias_part_ptr + tl.program_id(0).to(tl.int64) * N + cols, dbias, mask=col_mask)
 

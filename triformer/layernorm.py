@@ -188,15 +188,21 @@ def _load_dy_x(DY, X, rows, rows_inner, cols, mask, sdy_o, sdy_i, sdy_n, sx_o, s
 
 
 @triton.jit
-def _bwd_block(DY, X, Mean, Rstd, rb, M, rows_inner, cols, col_ok, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n,
-               RMS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Row block rb of the backward: (rows, row_ok, mean, rstd, dy, x); rows past M load nothing."""
+def _rows_of_block(rb, M, BLOCK_M: tl.constexpr):
+    """(rows, row_ok) of row block rb. No pointer goes in: torch.compile's analysis of what a kernel writes
+    (wrap_triton) counts every argument of a helper whose result addresses a store as written."""
     rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rows < M
+    return rows, rows < M
+
+
+@triton.jit
+def _bwd_block(DY, X, Mean, Rstd, rows, row_ok, rows_inner, cols, col_ok, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n,
+               RMS: tl.constexpr):
+    """(mean, rstd, dy, x) of the backward's rows; rows past M load nothing."""
     mean, rstd = _load_row_stats(Mean, Rstd, rows, row_ok, RMS)
     dy, x = _load_dy_x(DY, X, rows, rows_inner, cols, row_ok[:, None] & col_ok[None, :], sdy_o, sdy_i, sdy_n,
                        sx_o, sx_i, sx_n)
-    return rows, row_ok, mean, rstd, dy, x
+    return mean, rstd, dy, x
 
 
 @triton.jit
@@ -254,12 +260,14 @@ def _norm_bwd_kernel(
         # Each warp issues its loads in order, so a block's tiles are loaded one block ahead (PREFETCH): while
         # this block's row sums and stores run, the next block's dy and x are already in flight. Without it a
         # program has one block's bytes in flight at a time, too few to cover the memory latency at narrow rows.
-        rows, row_ok, mean, rstd, dy, x = _bwd_block(DY, X, Mean, Rstd, pid, M, rows_inner, cols, col_ok,
-                                                     sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, RMS, BLOCK_M)
+        rows, row_ok = _rows_of_block(pid, M, BLOCK_M)
+        mean, rstd, dy, x = _bwd_block(DY, X, Mean, Rstd, rows, row_ok, rows_inner, cols, col_ok,
+                                       sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, RMS)
         for rb in range(pid, n_row_blocks, n_programs):
+            next_rows, next_ok = _rows_of_block(rb + n_programs, M, BLOCK_M)
             if PREFETCH:
-                nxt = _bwd_block(DY, X, Mean, Rstd, rb + n_programs, M, rows_inner, cols, col_ok,
-                                 sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, RMS, BLOCK_M)
+                nxt = _bwd_block(DY, X, Mean, Rstd, next_rows, next_ok, rows_inner, cols, col_ok,
+                                 sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, RMS)
             mask = row_ok[:, None] & col_ok[None, :]
             if not ONE_TILE:
                 c1 = tl.load(RowSums + rows, mask=row_ok, other=0.0)
@@ -274,9 +282,10 @@ def _norm_bwd_kernel(
             dw += dy * xhat
             db += dy
             if not PREFETCH:
-                nxt = _bwd_block(DY, X, Mean, Rstd, rb + n_programs, M, rows_inner, cols, col_ok,
-                                 sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, RMS, BLOCK_M)
-            rows, row_ok, mean, rstd, dy, x = nxt
+                nxt = _bwd_block(DY, X, Mean, Rstd, next_rows, next_ok, rows_inner, cols, col_ok,
+                                 sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, RMS)
+            rows, row_ok = next_rows, next_ok
+            mean, rstd, dy, x = nxt
         if HAS_WEIGHT:
             tl.store(DW + pid.to(tl.int64) * N + cols, tl.sum(dw, 0), mask=col_ok)
         if HAS_BIAS:
