@@ -1,8 +1,7 @@
 """A run's lifecycle around the training loop: config validation before any work, ownership of the run
 directory (a lock), cleanup of what a killed run left behind, resume checks, and the messages a user needs.
 
-* ``validate_train_config(cfg)`` / ``validate_eval_config(cfg)``: every numeric value is checked before data is
-  prepared or a model built; the message names the key (``trainer.log_interval must be a positive int, got 0``).
+* Settings are checked before any work in ``training/settings.py``.
 * ``RunDirLock``: ``<run_dir>/.lock``, held with ``fcntl.flock`` for the run's lifetime (the kernel releases it
   when the process dies, even by ``kill -9``, so a lock is never stale). A second run into the same directory
   is refused with ``RunDirBusyError`` naming the holder's pid.
@@ -24,7 +23,6 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger("triformer.run")
 
@@ -42,87 +40,6 @@ class RunDirBusyError(RuntimeError):
 
 class RunComplete(Exception):
     """``resume`` points at a run that already reached ``trainer.max_steps``: nothing to train."""
-
-
-# ------------------------------------------------------------------------------------------ validation
-def _check_number(key: str, value: Any, *, integer: bool = False, minimum: float | None = None,
-                  maximum: float | None = None, min_exclusive: bool = False, max_exclusive: bool = False,
-                  optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = ok and not isinstance(value, bool)
-    if ok and not integer and value != value:  # NaN
-        ok = False
-    if ok and minimum is not None:
-        ok = value > minimum if min_exclusive else value >= minimum
-    if ok and maximum is not None:
-        ok = value < maximum if max_exclusive else value <= maximum
-    if not ok:
-        null = "null or " if optional else ""
-        if integer and minimum in (0, 1) and maximum is None and not min_exclusive:
-            want = f"{null}a {'positive' if minimum == 1 else 'non-negative'} int"
-        else:
-            lo = "" if minimum is None else (f"> {minimum}" if min_exclusive else f">= {minimum}")
-            hi = "" if maximum is None else (f"< {maximum}" if max_exclusive else f"<= {maximum}")
-            bounds = " and ".join(b for b in (lo, hi) if b)
-            want = f"{null}{'an int' if integer else 'a number'}{' ' + bounds if bounds else ''}"
-        raise ValueError(f"{key} must be {want}, got {value!r}")
-
-
-def _positive_int(key, value, optional=False):
-    _check_number(key, value, integer=True, minimum=1, optional=optional)
-
-
-def _non_negative_int(key, value, optional=False):
-    _check_number(key, value, integer=True, minimum=0, optional=optional)
-
-
-def validate_train_config(cfg) -> None:
-    """Check every numeric value of a training config (``configs/train.yaml`` composed) before any work."""
-    t, o, m = cfg.trainer, cfg.optim, cfg.model
-    _check_number("seed", cfg.seed, integer=True)
-    for key in ("batch_size", "grad_accum", "max_steps", "max_bad_steps", "keep_last", "log_interval"):
-        _positive_int(f"trainer.{key}", t[key])
-    for key in ("eval_interval", "ckpt_interval"):
-        _non_negative_int(f"trainer.{key}", t[key])
-    for key in ("eval_batches", "eval_batch_size", "cpu_threads"):
-        _positive_int(f"trainer.{key}", t.get(key), optional=True)
-    _check_number("trainer.grad_clip", t.grad_clip, minimum=0)
-    _check_number("trainer.peak_flops", t.peak_flops, minimum=0, min_exclusive=True)
-    _check_number("optim.lr", o.lr, minimum=0, min_exclusive=True)
-    _check_number("optim.min_lr_ratio", o.min_lr_ratio, minimum=0, maximum=1)
-    _check_number("optim.eps", o.eps, minimum=0)
-    _check_number("optim.weight_decay", o.weight_decay, minimum=0)
-    _non_negative_int("optim.warmup_steps", o.warmup_steps)
-    betas = list(o.betas) if o.betas is not None and not isinstance(o.betas, (str, int, float)) else None
-    if betas is None or len(betas) != 2:
-        raise ValueError(f"optim.betas must be a pair [beta1, beta2], got {o.betas!r}")
-    for i, b in enumerate(betas):
-        _check_number(f"optim.betas[{i}]", b, minimum=0, maximum=1, max_exclusive=True)
-    _check_number("model.dropout", m.get("dropout", 0.0), minimum=0, maximum=1, max_exclusive=True)
-    for key in ("n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden", "block_size"):
-        if key in m:
-            _positive_int(f"model.{key}", m[key], optional=True)
-    _check_number("loss.label_smoothing", cfg.loss.get("label_smoothing", 0.0), minimum=0, maximum=1,
-                  max_exclusive=True)
-    if "ce_chunks" in cfg.loss:
-        _positive_int("loss.ce_chunks", cfg.loss.ce_chunks)
-    if "seq_len" in cfg.data:
-        _positive_int("data.seq_len", cfg.data.seq_len)
-
-
-def validate_eval_config(cfg: dict) -> None:
-    """Check ``configs/eval.yaml``'s numeric values before a checkpoint is loaded."""
-    _positive_int("batch_size", cfg.get("batch_size"))
-    for key in ("max_batches", "context", "stride", "max_tokens"):
-        _positive_int(key, cfg.get(key), optional=True)
-    _positive_int("num_samples", cfg.get("num_samples", 1))
-    _positive_int("max_new_tokens", cfg.get("max_new_tokens", 1))
-    _check_number("temperature", cfg.get("temperature", 1.0), minimum=0, min_exclusive=True)
-    _positive_int("top_k", cfg.get("top_k"), optional=True)
-    if cfg.get("seed") is not None:
-        _check_number("seed", cfg["seed"], integer=True)
 
 
 # --------------------------------------------------------------------------------------- directory lock

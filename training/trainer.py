@@ -27,14 +27,12 @@ from torch import nn
 
 import models
 from models.layers import set_activation_checkpointing
-from training import checkpoint, distributed, graphs, init_from, memory, run
+from training import checkpoint, distributed, graphs, init_from, memory, run, settings
 from training.logging import RunLogger
 from training.optim import build_optimizer, lr_at
-from training.tasks import TASKS, get_task
+from training.tasks import get_task
 
 log = logging.getLogger("triformer.train")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -113,14 +111,7 @@ class Trainer:
 
     def _check_settings(self) -> None:
         """Every value and choice of the config, before any work: a typo fails in a second, not after the data."""
-        cfg, t = self.cfg, self.cfg.trainer
-        run.validate_train_config(cfg)  # every numeric value
-        _check_choice("trainer.precision", t.precision, PRECISIONS)
-        _check_choice("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
-        _check_choice("model.name", cfg.model.name, models.list_models())
-        # the registry's config of model.name, no parameters: the model config's own check of model.kernels (the
-        # only one) raises a typo before any work
-        models.model_config(cfg.model.name, cfg.model.kernels)
+        settings.check_train_config(self.cfg)
 
     def _start_processes(self) -> None:
         """Threads, device and process group first: every later step needs the device and this rank."""
@@ -321,9 +312,6 @@ class Trainer:
 
         With ``init_from`` the checkpoint's architecture replaces 1-3 (training/init_from.py)."""
         m, loss, task = self.cfg.model, self.cfg.loss, self.task
-        if loss.name not in task.losses:
-            users = " and ".join(t.model_kind + "s" for t in TASKS.values() if loss.name in t.losses) or "no task"
-            raise ValueError(f"loss={loss.name} is for {users}; {task.model_kind}s use loss={' or '.join(task.losses)}")
         overrides = {k: v for k, v in m.items() if k not in ("name", "kernels") and v is not None}
         chosen = {**loss, "loss": loss.name}  # the field ``loss`` is the loss group's choice
         overrides.update({k: chosen[k] for k in task.loss_fields if k in chosen})
@@ -628,11 +616,6 @@ def _hydra_output_dir() -> Path | None:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
         return None
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of: {', '.join(map(str, choices))}")
 
 
 def _seed_everything(seed: int) -> None:
