@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import training.data
-from training import checkpoint, run
+from training import checkpoint, run, settings
 from training.config import compose
 from training.trainer import Trainer, train
 
@@ -33,23 +33,43 @@ def _cfg(data_cache, *overrides, experiment="smoke"):
 
 # ------------------------------------------------------------------------------------------ validation
 @pytest.mark.parametrize("override, key", [
-    ("trainer.log_interval=0", "trainer.log_interval must be a positive int, got 0"),
-    ("optim.warmup_steps=-5", "optim.warmup_steps must be a non-negative int, got -5"),
-    ("trainer.ckpt_interval=-3", "trainer.ckpt_interval must be a non-negative int, got -3"),
-    ("trainer.eval_interval=-1", "trainer.eval_interval must be a non-negative int"),
-    ("trainer.grad_clip=-1", "trainer.grad_clip must be a number >= 0, got -1"),
-    ("trainer.eval_batches=0", "trainer.eval_batches must be null or a positive int"),
-    ("trainer.max_steps=2.5", "trainer.max_steps must be a positive int, got 2.5"),
-    ("optim.lr=0", "optim.lr must be a number > 0"),
-    ("optim.lr=nan", "optim.lr must be a number > 0"),
-    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be a number >= 0 and <= 1"),
-    ("optim.betas=[0.9,1.5]", r"optim.betas\[1\] must be a number >= 0 and < 1"),
-    ("optim.weight_decay=-0.1", "optim.weight_decay must be a number >= 0"),
-    ("model.dropout=1.0", "model.dropout must be a number >= 0 and < 1"),
-    ("model.n_layer=0", "model.n_layer must be null or a positive int"),
+    ("trainer.log_interval=0", "trainer.log_interval must be >= 1, got 0"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps must be >= 0, got -5"),
+    ("trainer.ckpt_interval=-3", "trainer.ckpt_interval must be >= 0, got -3"),
+    ("trainer.eval_interval=-1", "trainer.eval_interval must be >= 0"),
+    ("trainer.grad_clip=-1", "trainer.grad_clip must be >= 0, got -1"),
+    ("trainer.eval_batches=0", "trainer.eval_batches must be >= 1"),
+    ("trainer.max_steps=2.5", "trainer.max_steps must be an int, got 2.5"),
+    ("optim.lr=0", "optim.lr must be > 0"),
+    ("optim.lr=nan", "optim.lr must be a finite number"),
+    ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
+    ("optim.eps=inf", "optim.eps must be a finite number"),
+    ("optim.weight_decay=inf", "optim.weight_decay must be a finite number"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be >= 0 and <= 1"),
+    ("optim.betas=[0.9,1.5]", r"optim.betas\[1\] must be >= 0 and < 1"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.schedule=cosin", "optim.schedule='cosin' is not one of: cosine, linear, constant"),
+    ("optim.name=sgd", "optim.name='sgd' is not one of: adamw"),
+    ("model.dropout=1.0", r"model.dropout must be in \[0, 1\)"),
+    ("model.n_layer=0", "model.n_layer must be a positive int"),
+    ("model.n_head=5", r"model.n_embd \(32\) must be divisible by n_head \(5\)"),
+    ("model.n_kv_head=3", "model.n_kv_head must be a positive divisor of n_head"),
     ("loss.ce_chunks=0", "loss.ce_chunks must be a positive int"),
-    ("loss.label_smoothing=-0.1", "loss.label_smoothing must be a number >= 0 and < 1"),
+    ("loss.label_smoothing=-0.1", r"loss.label_smoothing must be in \[0, 1\)"),
     ("data.seq_len=0", "data.seq_len must be a positive int"),
+    ("data.seq_len=64", "data.seq_len=64 exceeds the model's block_size=32"),
+    ("data.val_fraction=0", "data.val_fraction=0 leaves no validation split"),
+    ("logger.name=tb", "logger.name='tb' is not one of: none, wandb"),
+    ("trainer.compile_backend=indcutor", "trainer.compile_backend='indcutor' is not one of"),
+    ("trainer.precision=fp8", "trainer.precision='fp8' is not one of"),
+    ("seed=36893488147419103232", "seed must be >= 0 and < 18446744073709551616"),
+    # a bool setting takes only true or false: "no" is a non-empty string, which Python calls true
+    ("trainer.compile=no", "trainer.compile must be true or false, got 'no'"),
+    ("trainer.activation_checkpointing=no", "trainer.activation_checkpointing must be true or false"),
+    ("trainer.eval_at_start=off", "trainer.eval_at_start must be true or false, got 'off'"),
+    ("trainer.test_at_end=nope", "trainer.test_at_end must be true or false"),
+    ("memory_report=maybe", "memory_report must be true or false, got 'maybe'"),
+    ("resume_allow_changes=1", "resume_allow_changes must be true or false, got 1"),
 ])
 def test_numeric_config_values_fail_before_any_work(tmp_path, data_cache, monkeypatch, override, key):
     def no_work(*args, **kwargs):
@@ -61,15 +81,36 @@ def test_numeric_config_values_fail_before_any_work(tmp_path, data_cache, monkey
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override, key", [
+    ("experiment=smoke-vit", None),
+    ("experiment=smoke-vit data.hflip=maybe", "data.hflip must be true or false, got 'maybe'"),
+    ("experiment=smoke-vit data.mean=[nan]", "data.mean must be null or a list of finite numbers, got \\[nan\\]"),
+    ("experiment=smoke-vit model.patch_size=3", r"model.image_size \(8\) must be divisible by patch_size \(3\)"),
+    ("experiment=smoke-vit model.pool=max", "model.pool must be one of"),
+    ("experiment=smoke-vit loss=fused", "loss=fused is for language models; image classifiers use loss=ce"),
+])
+def test_image_settings_fail_before_any_work(override, key):
+    cfg = compose(["model.kernels=torch", *override.split()])
+    if key is None:
+        settings.check_train_config(cfg)
+        return
+    with pytest.raises(ValueError, match=key):
+        settings.check_train_config(cfg)
+
+
 def test_eval_values_are_checked_before_loading():
-    for key, value, words in [("stride", 0, "stride must be null or a positive int, got 0"),
-                              ("context", -1, "context must be null or a positive int"),
-                              ("batch_size", 0, "batch_size must be a positive int"),
-                              ("temperature", 0, "temperature must be a number > 0"),
-                              ("top_k", 0, "top_k must be null or a positive int")]:
-        cfg = {"checkpoint": "missing.safetensors", "batch_size": 8, key: value}
+    for key, value, words in [("stride", 0, "stride must be >= 1, got 0"),
+                              ("context", -1, "context must be >= 1"),
+                              ("batch_size", 0, "batch_size must be >= 1"),
+                              ("temperature", 0, "temperature must be > 0"),
+                              ("top_k", 0, "top_k must be >= 1"),
+                              ("perplexity", "no", "perplexity must be true or false, got 'no'"),
+                              ("split", "dev", "split='dev' is not one of")]:
+        cfg = _eval_cfg("missing.safetensors", "out", **{key: value})
         with pytest.raises(ValueError, match=words):
-            run.validate_eval_config(cfg)
+            settings.check_eval_config(cfg)
+    with pytest.raises(ValueError, match="checkpoint= is required: python eval.py checkpoint=runs/"):
+        settings.check_eval_config(_eval_cfg(None, "out"))
 
 
 # ----------------------------------------------------------------------------------- run directory lock
@@ -312,8 +353,8 @@ def _eval_cfg(checkpoint, out, **extra):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    overrides = [f"checkpoint={checkpoint}", f"output_dir={out}", "device=cpu", "max_tokens=200", "context=16"]
-    overrides += [f"{k}={v}" for k, v in extra.items()]
+    values = {"checkpoint": checkpoint, "output_dir": out, "device": "cpu", "max_tokens": 200, "context": 16, **extra}
+    overrides = [f"{k}={v}" for k, v in values.items() if v is not None]  # checkpoint None: left missing (???)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return hydra_compose("eval", overrides=overrides)
 
