@@ -203,8 +203,27 @@ def test_resume_latest_is_the_newest_checkpoint_of_any_run(tmp_path):
     os.utime(older, (1_000_000, 1_000_000))
     (tmp_path / "run-a" / "checkpoints" / ".step_00000003.safetensors.tmp-x").write_bytes(b"torn")
     assert checkpoint.resolve_resume("latest", tmp_path) == newer
-    with pytest.raises(FileNotFoundError, match="no step_.*checkpoint under"):
+    with pytest.raises(FileNotFoundError, match="no step_.*checkpoint of a run directly under"):
         checkpoint.resolve_resume("latest", tmp_path / "empty")
+
+
+def test_resume_latest_never_picks_a_sweep_job_and_names_the_candidates(tmp_path):
+    """Right after a sweep (python train.py -m ...) its jobs are the newest checkpoints under runs/<name>/, but
+    each has other settings: latest means the newest plain run; a sweep job is the user's to name."""
+    plain = CheckpointManager(tmp_path / "2026-01-01_00-00-00" / "checkpoints").save(4, {"step": 4})
+    os.utime(plain, (1_000_000, 1_000_000))
+    sweep = tmp_path / "multirun-2026-01-02_00-00-00"
+    jobs = [sweep / f"{i}-loss.ce_chunks={c}" for i, c in enumerate((1, 4))]
+    for job in jobs:
+        CheckpointManager(job / "checkpoints").save(6, {"step": 6})
+    assert checkpoint.resolve_resume("latest", tmp_path) == plain
+    # a sweep's folder has no checkpoint of its own: its jobs are listed
+    with pytest.raises(FileNotFoundError, match=f"the runs below it: {jobs[0]}, {jobs[1]} .*resume=<run directory>"):
+        checkpoint.resolve_resume(str(sweep), tmp_path)
+    plain.unlink()
+    with pytest.raises(FileNotFoundError, match=f"the runs below it: {jobs[0]}, {jobs[1]}"):
+        checkpoint.resolve_resume("latest", tmp_path)
+    assert checkpoint.resolve_resume(str(jobs[1]), tmp_path) == jobs[1] / "checkpoints" / "step_00000006.safetensors"
 
 
 def _slow_save_file(tensors, filename, metadata=None):

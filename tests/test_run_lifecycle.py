@@ -174,8 +174,10 @@ def test_runs_started_together_without_run_dir_get_their_own_directories(tmp_pat
 def test_stale_checkpoint_temporaries_are_cleaned_under_the_lock(tmp_path, data_cache):
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir(parents=True)
-    stale = [".step_00000003.safetensors.tmp-k2j4h_x1", ".best.safetensors.tmp-4242", ".tmpa8b7c6d5"]
-    keep = ["notes.txt", "step_00000003.safetensors.tmp-other", ".hidden_by_user"]
+    stale = [".step_00000003.safetensors.triformer-tmp-k2j4h_x1", ".best.safetensors.triformer-tmp-4242"]
+    # another program's temporaries (tempfile's .tmpXXXXXX) and names that are not ours stay
+    keep = ["notes.txt", "step_00000003.safetensors.tmp-other", ".hidden_by_user", ".tmpa8b7c6d5",
+            ".step_00000003.safetensors.tmp-k2j4h_x1"]
     for name in stale + keep:
         (ckpts / name).write_bytes(b"x" * 10)
     # while another run holds the directory, nothing is touched
@@ -188,7 +190,7 @@ def test_stale_checkpoint_temporaries_are_cleaned_under_the_lock(tmp_path, data_
 
 def test_resume_cleans_the_source_run_temporaries(tmp_path, data_cache):
     train(_cfg(data_cache, f"run_dir={tmp_path / 'a'}", "trainer.max_steps=3"))
-    debris = tmp_path / "a" / "checkpoints" / ".step_00000006.safetensors.tmp-abcdef12"
+    debris = tmp_path / "a" / "checkpoints" / ".step_00000006.safetensors.triformer-tmp-abcdef12"
     debris.write_bytes(b"partial")
     train(_cfg(data_cache, f"run_dir={tmp_path / 'b'}", "trainer.max_steps=4", f"resume={tmp_path / 'a'}"))
     assert not debris.exists()

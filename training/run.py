@@ -24,11 +24,18 @@ import sys
 import time
 from pathlib import Path
 
+from training.checkpoint import TEMP_MARK
+
 log = logging.getLogger("triformer.run")
 
 LOCK_FILE = ".lock"
-# What save_checkpoint / CheckpointManager (and tempfile.mkstemp's default prefix) name their temporaries.
-STALE_TEMPORARY = re.compile(r"^\.(step_\d+|best)\.safetensors\.tmp-[A-Za-z0-9_]+$|^\.tmp[A-Za-z0-9_]{6,}$")
+# What save_checkpoint / CheckpointManager name their temporaries, and nothing else: a folder outside a run
+# directory may hold another program's temporaries (``.tmpXXXXXX``), which are not ours to remove.
+STALE_TEMPORARY = re.compile(rf"^\.(step_\d+|best)\.safetensors{re.escape(TEMP_MARK)}[A-Za-z0-9_]+$")
+# What a run writes into its directory: a new run into a directory holding any of these would replace the other
+# run's checkpoints and config and mix the two runs' metrics.
+RUN_RECORDS = ("config.json", "metrics.jsonl", "metrics.csv", "summary.json", "checkpoints/step_*.safetensors",
+               "checkpoints/best.safetensors")
 # Files Hydra writes into a job's output directory before our code runs: a run that failed while its
 # directory holds only these leaves nothing of value. (A live run's .lock keeps its directory.)
 HYDRA_FILES = {".hydra", "train.log", "eval.log"}
@@ -106,14 +113,14 @@ def clean_stale_temporaries(checkpoint_dir: str | os.PathLike, lock: RunDirLock 
     the run directory above it; without one, the directory's lock is taken for the cleanup and, when another
     run holds it, nothing is removed (that run may be writing)."""
     directory = Path(checkpoint_dir)
-    if not directory.is_dir():
+    if not directory.is_dir() or not os.access(directory, os.W_OK):  # read-only: nothing can be removed
         return []
     own = None
     if lock is None or not lock.held:
         own = RunDirLock(directory.parent)
         try:
             own.acquire()
-        except RunDirBusyError:
+        except (RunDirBusyError, PermissionError):
             return []
     removed = []
     try:
@@ -128,6 +135,39 @@ def clean_stale_temporaries(checkpoint_dir: str | os.PathLike, lock: RunDirLock 
         log.info(f"removed {len(removed)} temporary file(s) left in {directory} by an interrupted checkpoint write: "
                  + ", ".join(p.name for p in sorted(removed)))
     return removed
+
+
+def run_directory_of(checkpoint_path: str | os.PathLike) -> Path | None:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/step_N.safetensors``), or None for a
+    checkpoint file elsewhere."""
+    path = Path(checkpoint_path)
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def holds_run(directory: str | os.PathLike) -> list[str]:
+    """The records of a run that ``directory`` holds (``RUN_RECORDS`` present in it)."""
+    directory = Path(directory)
+    return [name for name in RUN_RECORDS if any(directory.glob(name))]
+
+
+def move_log(from_dir: Path, run_dir: Path) -> None:
+    """Move the log files Hydra opened in its output directory ``from_dir`` (``train.log``) to ``run_dir``,
+    appending: a resumed run continues in its own directory, and its log with it."""
+    target = run_dir / "train.log"
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler) or Path(handler.baseFilename).parent != from_dir:
+            continue
+        handler.acquire()
+        try:
+            handler.close()
+            old = Path(handler.baseFilename)
+            with open(target, "a") as f:  # what was logged before the move
+                f.write(old.read_text() if old.is_file() else "")
+            old.unlink(missing_ok=True)
+            handler.baseFilename, handler.mode = str(target), "a"
+            handler.stream = handler._open()
+        finally:
+            handler.release()
 
 
 def remove_if_empty(run_dir: str | os.PathLike, remove_parent: bool = False) -> bool:

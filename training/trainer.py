@@ -97,7 +97,7 @@ class Trainer:
         """A run's start as named steps, in order: settings checked before any work, random draws in their places."""
         run.setup_logging()
         self._check_settings()
-        self.resume_path = self._check_resume() if self.cfg.resume else None
+        self.resume_path, self.resume_state = self._check_resume() if self.cfg.resume else (None, None)
         self._start_processes()
         self._plan_batches()
         self._claim_run_dir()
@@ -106,7 +106,7 @@ class Trainer:
         self._report_memory()
         self._prepare_training()
         if self.resume_path is not None:
-            self._resume(self.resume_path)
+            self._resume()
         self._start_records()
 
     def _check_settings(self) -> None:
@@ -140,16 +140,33 @@ class Trainer:
         self.graphed: graphs.GraphedStep | None = None  # built at the first step, from its batches
 
     def _claim_run_dir(self) -> None:
-        """Rank 0 picks and locks the run directory before anything is written; a killed run's temporaries go."""
+        """Rank 0 picks and locks the run directory before anything is written; a killed run's temporaries go.
+        A directory holding another run's records is refused: only a resume continues a run in its directory."""
         self.run_dir = self._run_dir()
         if self.ctx.is_main:
             self._created_run_dir = self._created_run_dir or not self.run_dir.exists()
             # this run owns the directory until close(): a second run into it is refused
             self.lock = run.RunDirLock(self.run_dir).acquire()
+            records = run.holds_run(self.run_dir)
+            if records and not self._continues_in_place:
+                raise ValueError(
+                    f"run_dir={self.run_dir} already holds a run ({', '.join(records)}); a new run there would replace "
+                    f"its checkpoints, best.safetensors and config.json and mix the two runs' metrics. Choose another "
+                    f"run_dir (or leave it unset for a new directory), or continue that run with resume={self.run_dir}")
             run.clean_stale_temporaries(self.run_dir / "checkpoints", self.lock)
-            if self.resume_path is not None and self.resume_path.parent.resolve() != (self.run_dir / "checkpoints").resolve():
+            source = run.run_directory_of(self.resume_path) if self.resume_path is not None else None
+            if source is not None and not self._continues_in_place:
                 run.clean_stale_temporaries(self.resume_path.parent)
+            hydra_dir = _hydra_output_dir()
+            if hydra_dir is not None and hydra_dir.resolve() != self.run_dir.resolve():
+                run.move_log(hydra_dir, self.run_dir)  # the log of a resumed run continues in its directory
         distributed.barrier(self.ctx)
+
+    @property
+    def _continues_in_place(self) -> bool:
+        """Whether this run resumes a checkpoint of its own run directory."""
+        source = run.run_directory_of(self.resume_path) if self.resume_path is not None else None
+        return source is not None and source.resolve() == self.run_dir.resolve()
 
     def _prepare_data(self) -> None:
         """The data before the model: it decides the vocabulary or classes, and its task what a batch is (tasks.py)."""
@@ -212,8 +229,10 @@ class Trainer:
 
     def _start_records(self) -> None:
         """The logger last: a run refused by any step above writes no records (close() removes its folder)."""
+        history = run.run_directory_of(self.resume_path) if self.resume_path is not None else None
         self.logger = RunLogger(self.run_dir, self.cfg.logger, OmegaConf.to_container(self.cfg, resolve=True),
-                                enabled=self.ctx.is_main, throughput_unit=self.task.unit)
+                                enabled=self.ctx.is_main, throughput_unit=self.task.unit, history=history,
+                                until_step=self.step)
         if self.memory_report is not None:
             self._say(self.memory_report.message())
             self.logger.summary(memory_savings=self.memory_report.message(), **self.memory_report.metrics())
@@ -243,15 +262,16 @@ class Trainer:
                 "Train without it (trainer.compile=false, optionally trainer.cuda_graph=true), and please report "
                 "the error above.") from exc
 
-    def _check_resume(self) -> Path:
-        """Resolve ``resume`` and decide from the checkpoint's metadata, before any work: a finished run has
-        nothing to train; other batch or data settings are refused unless ``resume_allow_changes``."""
+    def _check_resume(self) -> tuple[Path, dict[str, Any]]:
+        """Resolve ``resume``, load and verify the checkpoint (a modified or corrupted file is refused, as eval.py
+        refuses it) and decide before any work: a finished run has nothing to train; other batch or data settings
+        are refused unless ``resume_allow_changes``."""
         cfg = self.cfg
         path = checkpoint.resolve_resume(cfg.resume, Path(cfg.runs_root) / cfg.name)
-        meta = checkpoint.read_metadata(path)
-        step, max_steps = meta.get("step", 0), cfg.trainer.max_steps
+        state = checkpoint.load_checkpoint(path)
+        step, max_steps = state.get("step", 0), cfg.trainer.max_steps
         if step >= max_steps:
-            source = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            source = run.run_directory_of(path) or path.parent
             best = path.parent / checkpoint.BEST_FILE
             best = best if best.is_file() else path
             raise run.RunComplete(
@@ -260,13 +280,13 @@ class Trainer:
                 f"trainer.max_steps={max(2 * step, step + 1)} (the learning-rate schedule then stretches to the new "
                 f"max_steps). To evaluate it: {run.eval_command(best)}",
                 {"steps": step, "resumed_from": str(path), "best_checkpoint": str(best)})
-        saved = meta.get("config") or {}
+        saved = state.get("config") or {}
         current = OmegaConf.to_container(cfg, resolve=True)
         diffs = run.check_resume(saved, current, path, bool(cfg.get("resume_allow_changes", False)))
         if diffs:
             log.warning("resuming with other settings (resume_allow_changes=true): " + "; ".join(diffs)
                         + ". The run will not continue exactly as the original would have")
-        return path
+        return path, state
 
     def _warn_if_slow_on_cpu(self) -> None:
         """A large model on the CPU: say so before the minutes of silence (the estimate follows the first step)."""
@@ -281,10 +301,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup
     def _run_dir(self) -> Path:
-        """run_dir, else Hydra's output directory, else a timestamped one; rank 0's choice is every rank's."""
+        """run_dir, else the directory of the run a resume continues, else Hydra's output directory, else a
+        timestamped one; rank 0's choice is every rank's."""
+        source = run.run_directory_of(self.resume_path) if self.resume_path is not None else None
         if self.cfg.run_dir:
             path = self.cfg.run_dir
             self._created_run_dir = not Path(path).exists()
+        elif source is not None:
+            path = source
         else:
             try:
                 from hydra.core.hydra_config import HydraConfig
@@ -544,10 +568,10 @@ class Trainer:
             self.last_ckpt = self.ckpt.save(self.step, payload, is_best=is_best)
         distributed.barrier(self.ctx)
 
-    def _resume(self, spec: str) -> None:
+    def _resume(self) -> None:
         """Load the checkpoint into what setup built: weights, optimizer, scaler, step, data position, RNG streams."""
-        path = checkpoint.resolve_resume(spec, Path(self.cfg.runs_root) / self.cfg.name)
-        state = checkpoint.load_checkpoint(path)
+        path, state = self.resume_path, self.resume_state
+        self.resume_state = None  # the tensors are in the model and optimizer now
         if state["model_name"] != self.cfg.model.name:
             raise checkpoint.CheckpointError(f"{path} holds a {state['model_name']!r} model, but model.name is "
                                              f"{self.cfg.model.name!r}")
@@ -599,11 +623,15 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-        if self.failed and (self.ctx is None or self.ctx.is_main):
-            # a run refused before its directory was chosen still had one made by Hydra
-            target = self.run_dir or (None if self.cfg.run_dir else _hydra_output_dir())
-            if target is not None and (self._auto_run_dir or self._created_run_dir):
-                run.remove_if_empty(target, remove_parent=self._auto_run_dir)
+        if self.ctx is None or self.ctx.is_main:
+            hydra_dir = _hydra_output_dir()
+            if self.failed:
+                # a run refused before its directory was chosen still had one made by Hydra
+                target = self.run_dir or (None if self.cfg.run_dir else hydra_dir)
+                if target is not None and (self._auto_run_dir or self._created_run_dir):
+                    run.remove_if_empty(target, remove_parent=self._auto_run_dir)
+            if hydra_dir is not None and self.run_dir is not None and hydra_dir.resolve() != self.run_dir.resolve():
+                run.remove_if_empty(hydra_dir)  # the run went to run_dir or the run it resumed, its log with it
         if self.ctx is not None:
             distributed.shutdown()
             self.ctx = None
