@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import torch
 from safetensors.torch import save_file
 
+from tests.helpers.checkpoints import flip_byte
 from training import checkpoint
 from training.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_checkpoint
 
@@ -115,15 +116,9 @@ def test_unstorable_value_is_named(tmp_path):
         save_checkpoint(tmp_path / "c.safetensors", {"model": {"fn": print}})
 
 
-def _flip_byte(path, offset):
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
 def test_tampered_tensor_bytes_refused(tmp_path):
     path = save_checkpoint(tmp_path / "c.safetensors", _payload())
-    _flip_byte(path, path.stat().st_size - 3)  # inside the last tensor's data
+    flip_byte(path, path.stat().st_size - 3)  # inside the last tensor's data
     with pytest.raises(CheckpointError, match="modified or is corrupted"):
         load_checkpoint(path)
 

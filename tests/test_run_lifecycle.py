@@ -224,6 +224,93 @@ def test_resume_with_other_batch_or_data_settings_is_refused_unless_allowed(tmp_
     assert summary["steps"] == 6 and "trainer.batch_size: checkpoint 8 vs now 4" in capsys.readouterr().err
 
 
+def _records(run_dir):
+    import csv
+    import json
+    jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.reader(f))
+    return jsonl, rows[0], rows[1:]
+
+
+def test_resumed_run_records_read_as_one_run(tmp_path, data_cache):
+    """Resume from step 3 of a 6-step run: the run continues in its own directory, the records past step 3 are
+    replaced by the resumed steps (no duplicates), and the CSV holds every step with its columns in one order."""
+    a = tmp_path / "smoke" / "a"
+    train(_cfg(data_cache, f"run_dir={a}"))
+    first, header, _ = _records(a)
+    losses = {r["step"]: r["loss"] for r in first if r["kind"] == "train"}
+    train(_cfg(data_cache, f"resume={a / 'checkpoints' / 'step_00000003.safetensors'}"))
+    again, header2, rows = _records(a)
+    steps = [(r["kind"], r["step"]) for r in again]
+    assert steps == [(r["kind"], r["step"]) for r in first] and len(set(steps)) == len(steps)
+    assert {r["step"]: r["loss"] for r in again if r["kind"] == "train"} == losses  # an exact continuation
+    assert header2 == header == ["kind", "step", "time", *sorted(set(header) - {"kind", "step", "time"})]
+    assert [int(r[1]) for r in rows] == [r["step"] for r in again]
+    assert [p.name for p in (tmp_path / "smoke").iterdir()] == ["a"]  # no second directory
+    # resume=latest finds it under runs/<name>/ and extends it in place, from step 6
+    train(_cfg(data_cache, f"runs_root={tmp_path}", "resume=latest", "trainer.max_steps=8"))
+    extended, _, rows = _records(a)
+    assert [r["step"] for r in extended if r["kind"] == "train"] == list(range(1, 9))
+    assert [p.name for p in (tmp_path / "smoke").iterdir()] == ["a"]
+
+
+def test_a_new_run_into_a_finished_run_is_refused(tmp_path, data_cache):
+    train(_cfg(data_cache, f"run_dir={tmp_path}", "trainer.max_steps=3"))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.raises(ValueError, match=f"run_dir={tmp_path} already holds a run .*config.json.*resume={tmp_path}"):
+        Trainer(_cfg(data_cache, f"run_dir={tmp_path}", "trainer.max_steps=3"))
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_resume_verifies_the_checkpoint(tmp_path, data_cache, complete):
+    """One changed byte is refused as eval.py refuses it: not "nothing to train", not a silent resume."""
+    from tests.helpers.checkpoints import flip_byte
+    train(_cfg(data_cache, f"run_dir={tmp_path / 'a'}", "trainer.max_steps=3"))
+    ckpt = tmp_path / "a" / "checkpoints" / "step_00000003.safetensors"
+    flip_byte(ckpt, -3)
+    with pytest.raises(checkpoint.CheckpointError, match="modified or is corrupted"):
+        train(_cfg(data_cache, f"resume={ckpt}", f"trainer.max_steps={3 if complete else 4}"))
+
+
+def _read_only(monkeypatch, root):
+    """Writes under ``root`` fail as on a read-only mount (the tests run as root, whom chmod does not stop)."""
+    import errno
+    real_open, real_access = os.open, os.access
+
+    def under(path):
+        return os.path.abspath(path).startswith(str(root))
+
+    def open_(path, flags, *args, **kwargs):
+        if under(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: not (under(path) and mode & os.W_OK)
+                        and real_access(path, mode, **kw))
+
+
+def test_resume_from_a_read_only_run_and_a_folder_of_other_files(tmp_path, data_cache, monkeypatch):
+    train(_cfg(data_cache, f"run_dir={tmp_path / 'ro'}", "trainer.max_steps=3"))
+    # a checkpoint copied into a folder of other things: another program's temporaries there are not ours
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "step_00000003.safetensors").write_bytes((tmp_path / "ro/checkpoints/step_00000003.safetensors").read_bytes())
+    others = [folder / ".tmpa8b7c6d5", folder / ".step_00000004.safetensors.tmp-k2j4h_x1"]
+    for p in others:
+        p.write_bytes(b"not ours")
+    train(_cfg(data_cache, f"run_dir={tmp_path / 'b'}", "trainer.max_steps=4", f"resume={folder}"))
+    assert all(p.exists() for p in others) and not (folder / run.LOCK_FILE).exists()
+    # a read-only run: continued in a new directory, its records carried over
+    _read_only(monkeypatch, tmp_path / "ro")
+    summary = train(_cfg(data_cache, f"runs_root={tmp_path}", "trainer.max_steps=4", f"resume={tmp_path / 'ro'}"))
+    assert summary["steps"] == 4 and Path(summary["run_dir"]).parent == tmp_path / "smoke"
+    steps = [r["step"] for r in _records(Path(summary["run_dir"]))[0] if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
 # ----------------------------------------------------------------------------------- failure and finish
 def test_failed_run_leaves_no_empty_folder(tmp_path, data_cache):
     with pytest.raises(ValueError, match="data.seq_len=64 exceeds the model's block_size=32"):

@@ -120,7 +120,7 @@ def clean_stale_temporaries(checkpoint_dir: str | os.PathLike, lock: RunDirLock 
         own = RunDirLock(directory.parent)
         try:
             own.acquire()
-        except (RunDirBusyError, PermissionError):
+        except (RunDirBusyError, OSError):  # busy, or a folder we may not write to: nothing is removed
             return []
     removed = []
     try:

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -307,7 +308,7 @@ class Trainer:
         if self.cfg.run_dir:
             path = self.cfg.run_dir
             self._created_run_dir = not Path(path).exists()
-        elif source is not None:
+        elif source is not None and os.access(source, os.W_OK):  # a read-only run is continued in a new directory
             path = source
         else:
             try:
