@@ -437,6 +437,58 @@ def test_train_and_eval_command_lines_log_to_their_directories(tmp_path):
     assert "evaluating" in (tmp_path / "eval" / "eval.log").read_text()
 
 
+def _start(script, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_user_errors_are_one_line_and_leave_no_folder(tmp_path, data_cache):
+    smoke = ["experiment=smoke", "model.kernels=torch", f"runs_root={tmp_path}/runs", f"data.cache_dir={data_cache}"]
+    cases = {  # started together: each pays Python's and torch's start-up, in parallel
+        "error: trainer.compile must be true or false, got 'no'": _start("train.py", *smoke, "trainer.compile=no"),
+        "error: init_from='gpt2': no such checkpoint file or run directory. init_from takes a local Hugging Face":
+            _start("train.py", *smoke, "init_from=gpt2"),
+        "error: checkpoint= is required: python eval.py checkpoint=runs/": _start("eval.py", f"hydra.run.dir={tmp_path}/eval/x"),
+    }
+    for expected, process in cases.items():
+        out = process.communicate(timeout=240)[0]
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert process.returncode == 1 and len(lines) == 1 and lines[0].startswith(expected), out
+    assert not list((tmp_path / "runs").glob("*")) and not (tmp_path / "eval").exists()  # runs_root itself may stay
+
+
+def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(tmp_path, data_cache):
+    import signal
+    import time
+    processes = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        run_dir = tmp_path / sig.name
+        processes[sig] = run_dir, _start("train.py", "experiment=smoke", "model.kernels=torch", f"run_dir={run_dir}",
+                                         f"data.cache_dir={data_cache}", "data.num_proc=1", "trainer.max_steps=100000",
+                                         "trainer.ckpt_interval=0", "trainer.eval_interval=0")
+    for sig, (run_dir, process) in processes.items():
+        deadline = time.monotonic() + 180
+        while '"step": 2,' not in ((run_dir / "metrics.jsonl").read_text() if (run_dir / "metrics.jsonl").exists()
+                                   else "") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.send_signal(sig)
+    for sig, (run_dir, process) in processes.items():
+        out = process.communicate(timeout=120)[0]
+        assert process.returncode == 128 + sig, out
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out
+        (said,) = [line for line in out.splitlines() if "resume with:" in line]
+        assert f"stopped by {sig.name} after step " in said and f"resume=" in said and "experiment=smoke" in said
+        (ckpt,) = run_dir.glob("checkpoints/step_*.safetensors")
+        step = checkpoint.load_checkpoint(ckpt)["step"]  # complete and verified
+        assert f"after step {step}, saved {ckpt}" in said
+    # the printed command continues the run where it stopped
+    state = checkpoint.read_metadata(ckpt)
+    summary = train(_cfg(data_cache, f"run_dir={run_dir}", f"resume={run_dir}", "data.num_proc=1",
+                         f"trainer.max_steps={state['step'] + 1}", "trainer.ckpt_interval=0", "trainer.eval_interval=0"))
+    assert summary["steps"] == state["step"] + 1
+
+
 # -------------------------------------------------------------------------------------------- messages
 def _eval_cfg(checkpoint, out, **extra):
     from hydra import compose as hydra_compose

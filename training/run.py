@@ -1,24 +1,30 @@
 """A run's lifecycle around the training loop: config validation before any work, ownership of the run
 directory (a lock), cleanup of what a killed run left behind, resume checks, and the messages a user needs.
 
-* Settings are checked before any work in ``training/settings.py``.
+* Settings are checked before any work in ``training/settings.py``; ``user_errors()`` around train.py's and
+  eval.py's work turns a refusal into one line (``error: ...``) instead of a traceback through Hydra.
 * ``RunDirLock``: ``<run_dir>/.lock``, held with ``fcntl.flock`` for the run's lifetime (the kernel releases it
   when the process dies, even by ``kill -9``, so a lock is never stale). A second run into the same directory
   is refused with ``RunDirBusyError`` naming the holder's pid.
 * ``clean_stale_temporaries(checkpoint_dir)``: removes only our own checkpoint temporaries
-  (``.step_*.safetensors.tmp-*``, ``.best.safetensors.tmp-*``, ``.tmp*``) and only while the lock of the run
-  directory they belong to is held, so a live writer's file is never touched.
+  (``.step_*.safetensors.triformer-tmp-*``, ``.best.safetensors.triformer-tmp-*``) and only while the lock of the
+  run directory they belong to is held, so a live writer's file is never touched.
+* ``Interrupted``: a run stopped by SIGINT (Ctrl-C) or SIGTERM after saving a checkpoint; its message is the
+  one line saying where and how to resume (``resume_command``).
 * ``check_resume(saved_config, cfg)``: refuses to resume with other batch or data settings (the run would no
   longer be the exact continuation) unless ``resume_allow_changes=true``.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import re
+import shlex
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -47,6 +53,59 @@ class RunDirBusyError(RuntimeError):
 
 class RunComplete(Exception):
     """``resume`` points at a run that already reached ``trainer.max_steps``: nothing to train."""
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after saving a checkpoint; ``str()`` says where and how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+# What a user's mistake raises (a refused setting, a missing or modified file, a busy directory): one line.
+USER_ERRORS = (ValueError, FileNotFoundError, RunDirBusyError)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Around train.py's and eval.py's work: a user's mistake as the one line ``error: <message>`` and exit status
+    1, not a traceback through Hydra (``HYDRA_FULL_ERROR=1`` keeps the traceback); a run stopped by a signal as
+    its one line and status 128 + the signal. An output directory Hydra made for the refused work goes too."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except Interrupted as stop:
+        log.warning(str(stop))
+        raise SystemExit(128 + stop.signum) from None
+    except KeyboardInterrupt:
+        _remove_hydra_output()
+        log.warning("interrupted before training started: nothing to save")
+        raise SystemExit(128 + signal.SIGINT) from None
+    except (*USER_ERRORS, OmegaConfBaseException) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _remove_hydra_output()
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _remove_hydra_output() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        remove_if_empty(HydraConfig.get().runtime.output_dir, remove_parent=True)
+
+
+def resume_command(run_dir: str | os.PathLike) -> str:
+    """The command that resumes the run in ``run_dir``: this command line's overrides (under Hydra) with
+    ``resume=<run_dir>``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    given = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    args = [a for a in given if not a.split("=", 1)[0].lstrip("+~") == "resume"] + [f"resume={run_dir}"]
+    return "python train.py " + " ".join(shlex.quote(a) for a in args)
 
 
 # --------------------------------------------------------------------------------------- directory lock

@@ -15,7 +15,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -379,55 +381,11 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
         bar = _progress(t, self.step, self.ctx.is_main)
-        bad_steps, first_bad = 0, None
-        window_time, window_steps = 0.0, 0  # training time only: evaluations and checkpoints excluded
         val = None
         summary = {}
-        first_step = True
         try:
-            if t.eval_at_start and self.step == 0:
-                start = self._evaluate_and_log("val", t.eval_batches)
-                self._say("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
-                summary.update({f"initial_{k}": v for k, v in start.items()})
-            while self.step < t.max_steps:
-                lr = lr_at(self.step, self.cfg.optim, t.max_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                started = time.perf_counter()
-                loss, grad_norm, finite = self._train_step()
-                elapsed = time.perf_counter() - started
-                window_time += elapsed
-                self.step += 1
-                window_steps += 1
-                if first_step and self.ctx.device.type == "cpu":
-                    first_step = False
-                    warning = run.cpu_estimate(elapsed, t.max_steps - self.step, self.cfg.model.name,
-                                               self.model.num_params())
-                    if warning:
-                        self._say("warning: " + warning, logging.WARNING)
-                if finite:
-                    bad_steps = 0
-                else:
-                    first_bad = self.step if bad_steps == 0 else first_bad
-                    bad_steps += 1
-                    self._say(f"step {self.step}: non-finite loss/gradient ({loss}, grad norm {grad_norm}); "
-                              f"step skipped ({bad_steps}/{t.max_bad_steps} in a row)")
-                    if bad_steps >= t.max_bad_steps:
-                        raise NonFiniteLossError(self._bad_message(first_bad))
-                if self.step % t.log_interval == 0 or self.step == t.max_steps or self.step == 1:
-                    metrics = self._train_metrics(loss, grad_norm, lr, window_steps, window_time)
-                    self.logger.log("train", self.step, metrics)
-                    bar.set_postfix_str(self._postfix(metrics), refresh=False)
-                    window_time, window_steps = 0.0, 0
-                bar.update(1)
-                last = self.step == t.max_steps
-                evaluated = None
-                if (t.eval_interval and self.step % t.eval_interval == 0) or last:
-                    val = evaluated = self._evaluate_and_log("val", t.eval_batches)
-                    self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-                # never during a run of bad steps: the newest checkpoint stays one from before the trouble
-                if bad_steps == 0 and ((t.ckpt_interval and self.step % t.ckpt_interval == 0) or last):
-                    self._save(evaluated)
+            with self._stop_on_signals():
+                val = self._loop(bar, summary)
         finally:
             bar.close()
         summary |= {"steps": self.step, "params": self.model.num_params(), "run_dir": str(self.run_dir),
@@ -441,6 +399,96 @@ class Trainer:
             summary.update({f"final_{k}": v for k, v in test.items()})
         self.logger.summary(**summary)
         return {**self.logger.summary_data, **summary}
+
+    def _loop(self, bar, summary: dict[str, Any]) -> dict[str, float] | None:
+        """The steps up to ``trainer.max_steps``; returns the last validation metrics."""
+        t = self.cfg.trainer
+        bad_steps, first_bad = 0, None
+        window_time, window_steps = 0.0, 0  # training time only: evaluations and checkpoints excluded
+        val = None
+        first_step = True
+        if t.eval_at_start and self.step == 0:
+            start = self._evaluate_and_log("val", t.eval_batches)
+            self._say("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
+            summary.update({f"initial_{k}": v for k, v in start.items()})
+        while self.step < t.max_steps:
+            lr = lr_at(self.step, self.cfg.optim, t.max_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            loss, grad_norm, finite = self._train_step()
+            elapsed = time.perf_counter() - started
+            window_time += elapsed
+            self.step += 1
+            window_steps += 1
+            if first_step and self.ctx.device.type == "cpu":
+                first_step = False
+                warning = run.cpu_estimate(elapsed, t.max_steps - self.step, self.cfg.model.name,
+                                           self.model.num_params())
+                if warning:
+                    self._say("warning: " + warning, logging.WARNING)
+            if finite:
+                bad_steps = 0
+            else:
+                first_bad = self.step if bad_steps == 0 else first_bad
+                bad_steps += 1
+                self._say(f"step {self.step}: non-finite loss/gradient ({loss}, grad norm {grad_norm}); "
+                          f"step skipped ({bad_steps}/{t.max_bad_steps} in a row)")
+                if bad_steps >= t.max_bad_steps:
+                    raise NonFiniteLossError(self._bad_message(first_bad))
+            if self.step % t.log_interval == 0 or self.step == t.max_steps or self.step == 1:
+                metrics = self._train_metrics(loss, grad_norm, lr, window_steps, window_time)
+                self.logger.log("train", self.step, metrics)
+                bar.set_postfix_str(self._postfix(metrics), refresh=False)
+                window_time, window_steps = 0.0, 0
+            bar.update(1)
+            last = self.step == t.max_steps
+            evaluated = None
+            if (t.eval_interval and self.step % t.eval_interval == 0) or last:
+                val = evaluated = self._evaluate_and_log("val", t.eval_batches)
+                self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            # never during a run of bad steps: the newest checkpoint stays one from before the trouble
+            saved = bad_steps == 0 and ((t.ckpt_interval and self.step % t.ckpt_interval == 0) or last)
+            if saved:
+                self._save(evaluated)
+            signum = self._stop_requested()
+            if signum:
+                if not saved:
+                    self._save(None)
+                raise run.Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {self.step}, saved "
+                                              f"{self.last_ckpt}; resume with: {run.resume_command(self.run_dir)}")
+        return val
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT (Ctrl-C) and SIGTERM (a scheduler ending the job) stop the run after the current step, with a
+        checkpoint of it (``_loop``), instead of a traceback (SIGINT) or nothing at all (SIGTERM) that lose every
+        step since the last interval checkpoint. A second Ctrl-C stops at once."""
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
+            yield
+            return
+
+        def request(signum, frame):
+            if signum == signal.SIGINT and self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_requested(self) -> int | None:
+        """The signal that asked the run to stop, agreed by every rank: torchrun forwards it to each, and they may
+        see it a step apart, but all must stop (and save) after the same step."""
+        signum = self._stop_signal or 0
+        if self.ctx.world_size > 1:
+            anyone = distributed.total(torch.tensor(float(signum), device=self.ctx.device), self.ctx).item()
+            signum = (signum or signal.SIGTERM) if anyone else 0
+        return signum or None
 
     @property
     def _replays_cuda_graphs(self) -> bool:
