@@ -113,6 +113,13 @@ def check_range(key: str, value: float, low: float | None = None, high: float | 
         raise ValueError(f"{key} must be {' and '.join(b for b in bounds if b)}, got {value!r}")
 
 
+def at_least(settings: Any, low: float, *keys: str) -> None:
+    """``check_range(key, value, low)`` for each of ``keys`` of ``settings`` that is set (null passes)."""
+    for key in keys:
+        if getattr(settings, key) is not None:
+            check_range(key, getattr(settings, key), low)
+
+
 # --------------------------------------------------------------------------------------------- groups
 @dataclasses.dataclass
 class RunSettings:
@@ -169,12 +176,9 @@ class TrainerSettings:
         import torch._dynamo  # the backends torch.compile knows, registered on import
 
         check_choice("compile_backend", self.compile_backend, torch._dynamo.list_backends(exclude_tags=()))
-        for key in ("batch_size", "grad_accum", "max_steps", "max_bad_steps", "keep_last", "log_interval",
-                    "cpu_threads", "eval_batches", "eval_batch_size"):
-            if getattr(self, key) is not None:
-                check_range(key, getattr(self, key), 1)
-        for key in ("eval_interval", "ckpt_interval", "grad_clip"):
-            check_range(key, getattr(self, key), 0)
+        at_least(self, 1, "batch_size", "grad_accum", "max_steps", "max_bad_steps", "keep_last", "log_interval",
+                 "cpu_threads", "eval_batches", "eval_batch_size")
+        at_least(self, 0, "eval_interval", "ckpt_interval", "grad_clip")
         check_range("peak_flops", self.peak_flops, 0, low_open=True)
 
 
@@ -292,10 +296,8 @@ class EvalSettings:
         check_choice("device", self.device, DEVICES)
         check_choice("kernels", self.kernels, ("auto", "triton", "torch"))
         check_choice("precision", self.precision, PRECISIONS)
-        for key in ("batch_size", "max_batches", "context", "stride", "max_tokens", "num_samples", "max_new_tokens",
-                    "top_k"):
-            if getattr(self, key) is not None:
-                check_range(key, getattr(self, key), 1)
+        at_least(self, 1, "batch_size", "max_batches", "context", "stride", "max_tokens", "num_samples",
+                 "max_new_tokens", "top_k")
         check_range("temperature", self.temperature, 0, low_open=True)
         check_range("seed", self.seed, 0, MAX_SEED, high_open=True)
 
