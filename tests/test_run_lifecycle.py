@@ -71,7 +71,7 @@ def _cfg(data_cache, *overrides, experiment="smoke"):
     ("memory_report=maybe", "memory_report must be true or false, got 'maybe'"),
     ("resume_allow_changes=1", "resume_allow_changes must be true or false, got 1"),
 ])
-def test_numeric_config_values_fail_before_any_work(tmp_path, data_cache, monkeypatch, override, key):
+def test_settings_fail_before_any_work(tmp_path, data_cache, monkeypatch, override, key):
     def no_work(*args, **kwargs):
         raise AssertionError("data was prepared before the config was checked")
 
