@@ -173,9 +173,10 @@ class TrainerSettings:
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
-        import torch._dynamo  # the backends torch.compile knows, registered on import
+        if self.compile_backend != "inductor":  # the default is always there; importing dynamo to list them costs ~3 s
+            import torch._dynamo
 
-        check_choice("compile_backend", self.compile_backend, torch._dynamo.list_backends(exclude_tags=()))
+            check_choice("compile_backend", self.compile_backend, torch._dynamo.list_backends(exclude_tags=()))
         at_least(self, 1, "batch_size", "grad_accum", "max_steps", "max_bad_steps", "keep_last", "log_interval",
                  "cpu_threads", "eval_batches", "eval_batch_size")
         at_least(self, 0, "eval_interval", "ckpt_interval", "grad_clip")
