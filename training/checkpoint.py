@@ -158,23 +158,6 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's non-tensor payload (step, config, model_name, ...) without reading or verifying its tensors
-    (tensors appear as ``None``): for decisions before a run starts. ``load_checkpoint`` verifies the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a triformer checkpoint (cannot parse it as safetensors: {e})") from e
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file but not a triformer checkpoint (format "
-                              f"{metadata.get('format')!r}, expected {FORMAT!r}); refusing to load it")
-    return _decode(json.loads(metadata.get("payload", "{}")), None)
-
-
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader, or the file after a crash, is the old file or the whole new
     one: a temporary beside it, fsync'ed, renamed over it, then the directory fsync'ed."""
@@ -312,7 +295,8 @@ def resolve_resume(spec: str, runs_root: str | os.PathLike, key: str = "resume")
             return found[-1]
     below = sorted({str(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
                     for p in where.rglob("step_*.safetensors") if STEP_FILE.match(p.name)}) if where.is_dir() else []
-    runs = f"; the runs below it: {', '.join(below)} (pass the one to continue as {key}=<run directory>)" if below else ""
+    runs = (f"; the runs below it: {', '.join(below)} (pass the one to continue as {key}=<run directory>)"
+            if below else "")
     raise FileNotFoundError(f"{key}={spec!r}: no step_*.safetensors checkpoint of a run "
                             f"{'directly under' if spec == 'latest' else 'in'} {where}{runs}")
 

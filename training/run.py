@@ -81,7 +81,8 @@ def user_errors():
         raise SystemExit(128 + stop.signum) from None
     except KeyboardInterrupt:
         _remove_hydra_output()
-        log.warning("interrupted before training started: nothing to save")
+        log.warning("interrupted: stopped at once, nothing saved since the last checkpoint (a single Ctrl-C during "
+                    "training stops after the current step and saves one)")
         raise SystemExit(128 + signal.SIGINT) from None
     except (*USER_ERRORS, OmegaConfBaseException) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
