@@ -101,6 +101,9 @@ class Trainer:
         run.setup_logging()
         self._check_settings()
         self.resume_path, self.resume_state = self._check_resume() if self.cfg.resume else (None, None)
+        # the run directory of the resumed checkpoint (None for a checkpoint file elsewhere): where the resumed run
+        # continues unless run_dir says otherwise, and whose records it carries on
+        self.resume_source = run.run_directory_of(self.resume_path) if self.resume_path is not None else None
         self._start_processes()
         self._plan_batches()
         self._claim_run_dir()
@@ -157,19 +160,17 @@ class Trainer:
                     f"its checkpoints, best.safetensors and config.json and mix the two runs' metrics. Choose another "
                     f"run_dir (or leave it unset for a new directory), or continue that run with resume={self.run_dir}")
             run.clean_stale_temporaries(self.run_dir / "checkpoints", self.lock)
-            source = run.run_directory_of(self.resume_path) if self.resume_path is not None else None
-            if source is not None and not self._continues_in_place:
+            if self.resume_source is not None and not self._continues_in_place:
                 run.clean_stale_temporaries(self.resume_path.parent)
             hydra_dir = _hydra_output_dir()
             if hydra_dir is not None and hydra_dir.resolve() != self.run_dir.resolve():
-                run.move_log(hydra_dir, self.run_dir)  # the log of a resumed run continues in its directory
+                run.move_log(hydra_dir, self.run_dir)  # the log goes with the run (run_dir, or the run resumed)
         distributed.barrier(self.ctx)
 
     @property
     def _continues_in_place(self) -> bool:
         """Whether this run resumes a checkpoint of its own run directory."""
-        source = run.run_directory_of(self.resume_path) if self.resume_path is not None else None
-        return source is not None and source.resolve() == self.run_dir.resolve()
+        return self.resume_source is not None and self.resume_source.resolve() == self.run_dir.resolve()
 
     def _prepare_data(self) -> None:
         """The data before the model: it decides the vocabulary or classes, and its task what a batch is (tasks.py)."""
@@ -232,9 +233,8 @@ class Trainer:
 
     def _start_records(self) -> None:
         """The logger last: a run refused by any step above writes no records (close() removes its folder)."""
-        history = run.run_directory_of(self.resume_path) if self.resume_path is not None else None
         self.logger = RunLogger(self.run_dir, self.cfg.logger, OmegaConf.to_container(self.cfg, resolve=True),
-                                enabled=self.ctx.is_main, throughput_unit=self.task.unit, history=history,
+                                enabled=self.ctx.is_main, throughput_unit=self.task.unit, history=self.resume_source,
                                 until_step=self.step)
         if self.memory_report is not None:
             self._say(self.memory_report.message())
@@ -306,7 +306,7 @@ class Trainer:
     def _run_dir(self) -> Path:
         """run_dir, else the directory of the run a resume continues, else Hydra's output directory, else a
         timestamped one; rank 0's choice is every rank's."""
-        source = run.run_directory_of(self.resume_path) if self.resume_path is not None else None
+        source = self.resume_source
         if self.cfg.run_dir:
             path = self.cfg.run_dir
             self._created_run_dir = not Path(path).exists()
