@@ -444,38 +444,36 @@ def _start(script, *args):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def test_user_errors_are_one_line_and_leave_no_folder(tmp_path, data_cache):
-    smoke = ["experiment=smoke", "model.kernels=torch", f"runs_root={tmp_path}/runs", f"data.cache_dir={data_cache}"]
-    cases = {  # started together: each pays Python's and torch's start-up, in parallel
-        "error: trainer.compile must be true or false, got 'no'": _start("train.py", *smoke, "trainer.compile=no"),
+def test_command_lines_refuse_in_one_line_and_stop_on_signals_with_a_checkpoint(tmp_path, data_cache):
+    """train.py/eval.py in subprocesses, started together (each pays Python's and torch's start-up, in parallel):
+    a refused setting is one line and leaves no folder; SIGINT and SIGTERM stop training after a step with a
+    checkpoint and one line saying how to resume."""
+    import signal
+    import time
+    smoke = ["experiment=smoke", "model.kernels=torch", f"data.cache_dir={data_cache}", "data.num_proc=1"]
+    refused = {
+        "error: trainer.compile must be true or false, got 'no'":
+            _start("train.py", *smoke, f"runs_root={tmp_path}/runs", "trainer.compile=no"),
         "error: init_from='gpt2': no such checkpoint file or run directory. init_from takes a local Hugging Face":
-            _start("train.py", *smoke, "init_from=gpt2"),
+            _start("train.py", *smoke, f"runs_root={tmp_path}/runs", "init_from=gpt2"),
         "error: checkpoint= is required: python eval.py checkpoint=runs/":
             _start("eval.py", f"hydra.run.dir={tmp_path}/eval/x"),
     }
-    for expected, process in cases.items():
+    stopped = {sig: (tmp_path / sig.name, _start("train.py", *smoke, f"run_dir={tmp_path / sig.name}",
+                                                 "trainer.max_steps=100000", "trainer.ckpt_interval=0",
+                                                 "trainer.eval_interval=0"))
+               for sig in (signal.SIGINT, signal.SIGTERM)}
+    for expected, process in refused.items():
         out = process.communicate(timeout=240)[0]
         lines = [line for line in out.splitlines() if line.strip()]
         assert process.returncode == 1 and len(lines) == 1 and lines[0].startswith(expected), out
     assert not list((tmp_path / "runs").glob("*")) and not (tmp_path / "eval").exists()  # runs_root itself may stay
-
-
-def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(tmp_path, data_cache):
-    import signal
-    import time
-    processes = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        run_dir = tmp_path / sig.name
-        processes[sig] = run_dir, _start("train.py", "experiment=smoke", "model.kernels=torch", f"run_dir={run_dir}",
-                                         f"data.cache_dir={data_cache}", "data.num_proc=1", "trainer.max_steps=100000",
-                                         "trainer.ckpt_interval=0", "trainer.eval_interval=0")
-    for sig, (run_dir, process) in processes.items():
-        deadline = time.monotonic() + 180
-        while '"step": 2,' not in ((run_dir / "metrics.jsonl").read_text() if (run_dir / "metrics.jsonl").exists()
-                                   else "") and time.monotonic() < deadline:
+    for sig, (run_dir, process) in stopped.items():
+        metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 180
+        while '"step": 2,' not in (metrics.read_text() if metrics.exists() else "") and time.monotonic() < deadline:
             time.sleep(0.2)
         process.send_signal(sig)
-    for sig, (run_dir, process) in processes.items():
+    for sig, (run_dir, process) in stopped.items():
         out = process.communicate(timeout=120)[0]
         assert process.returncode == 128 + sig, out
         assert "Traceback" not in out and "KeyboardInterrupt" not in out
