@@ -453,10 +453,12 @@ class Trainer:
                 self._save(evaluated)
             signum = self._stop_requested()
             if signum:
-                if not saved:
+                if not saved and bad_steps == 0:  # in a run of bad steps the last checkpoint stays the good one
                     self._save(None)
-                raise run.Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {self.step}, saved "
-                                              f"{self.last_ckpt}; resume with: {run.resume_command(self.run_dir)}")
+                where = f"saved {self.last_ckpt}" if bad_steps == 0 else (
+                    f"not saved (non-finite steps since {first_bad}); the last checkpoint is {self.last_ckpt}")
+                raise run.Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {self.step}, "
+                                              f"{where}; resume with: {run.resume_command(self.run_dir)}")
         return val
 
     @contextlib.contextmanager
