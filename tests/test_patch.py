@@ -11,6 +11,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,19 +244,6 @@ def test_pickle_deepcopy_and_torch_save_round_trips(calls):
     assert triformer.patch(patched).swapped == []  # patching again changes nothing
 
 
-def test_pickle_loads_in_a_fresh_process(tmp_path):
-    _, patched, _ = patched_pair("llama")
-    torch.save(patched, tmp_path / "model.pt")
-    code = f"""
-        import torch
-        model = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)
-        print(type(model.model.layers[0].self_attn).__mro__[1].__name__, model.config._attn_implementation)
-    """
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=240)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["_Subclass", "triformer"]
-
-
 def test_signature_return_dict_false_and_loss_options(calls):
     ref, patched, _ = patched_pair("llama")
     assert inspect.signature(patched.forward) == inspect.signature(ref.forward)
@@ -298,20 +286,27 @@ def test_save_pretrained_from_pretrained(tmp_path, calls):
     assert rel_error(got, want) <= FP32_RTOL and calls["_attention"] > 0
 
 
-def test_attention_backend_registered_when_transformers_loads():
-    code = """
+def test_fresh_process_registers_the_backend_and_loads_a_pickle(tmp_path):
+    """In a fresh process: ``import triformer`` does not import transformers, ``attn_implementation="triformer"``
+    works once it is imported, and a patched model saved with torch.save loads as the patched model."""
+    _, patched, _ = patched_pair("llama")
+    torch.save(patched, tmp_path / "model.pt")
+    code = f"""
         import sys
         import triformer
-        assert "transformers" not in sys.modules  # import triformer does not import it
-        import transformers
+        assert "transformers" not in sys.modules
+        import torch, transformers
         config = transformers.LlamaConfig(hidden_size=16, intermediate_size=16, num_attention_heads=2,
                                           num_hidden_layers=1, vocab_size=32)
         model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="triformer")
         print(model.config._attn_implementation)
+        model = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)
+        print(type(model.model.layers[0].self_attn).__mro__[1].__name__, model.config._attn_implementation)
     """
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=240)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=240,
+                         cwd=Path(__file__).resolve().parents[1])  # this checkout's triformer first on the path
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["triformer"]
+    assert out.stdout.split() == ["triformer", "_Subclass", "triformer"]
 
 
 def test_compile_fullgraph_matches_eager(calls):
