@@ -289,18 +289,22 @@ def _patch_activation(name, m, report) -> bool:
 # Gated MLPs
 # ------------------------------------------------------------------------------------------------------
 
+def _glu(gate, up, act: str):
+    """``act(gate) * up`` (``up=None``: ``gate`` packs gate and up halves) by triformer.swiglu / geglu; ``act`` is
+    what ``_gelu_kind`` found."""
+    if act == "silu":
+        return swiglu(gate, up)
+    return geglu(gate, up, act)
+
+
 class _GatedMLP(nn.Module):
     """``down_proj(glu(gate, up))`` with the module's own projections: ``gate_proj``/``up_proj``, or one packed
     ``gate_up_proj`` (gate first), and triformer's SwiGLU or GeGLU."""
 
     def forward(self, x):
         if self.triformer_packed:
-            gate, up = self.gate_up_proj(x), None
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.triformer_act == "silu":
-            return self.down_proj(swiglu(gate, up))
-        return self.down_proj(geglu(gate, up, self.triformer_act))
+            return self.down_proj(_glu(self.gate_up_proj(x), None, self.triformer_act))
+        return self.down_proj(_glu(self.gate_proj(x), self.up_proj(x), self.triformer_act))
 
 
 _MLP_LAYOUTS = ((("gate_proj", "up_proj", "down_proj"), False), (("gate_up_proj", "down_proj"), True))
@@ -352,6 +356,43 @@ def _patch_mlp(name, m, report, skip: set) -> bool:
     return True
 
 
+def _experts_problem(m) -> Optional[str]:
+    """None if ``m`` is a transformers MoE experts module whose gating (``_apply_gate``, which its batched and
+    grouped implementations call) computes ``act(gate) * up`` on packed halves; "" if it is no such module."""
+    if not (callable(getattr(type(m), "_apply_gate", None)) and "gate_up_proj" in m._parameters
+            and getattr(m, "has_gate", False)):
+        return ""
+    act = getattr(m, "act_fn", None)
+    kind = _gelu_kind(act)
+    if kind is None or not getattr(m, "is_concatenated", False):
+        return f"mlp: {_cls(m)} gates with {_cls(act)} on interleaved or unknown halves"
+    implementation = getattr(getattr(m, "config", None), "_experts_implementation", None)
+    if implementation in (None, "eager"):
+        return f"mlp: {_cls(m)} runs the eager experts loop (experts implementation {implementation!r})"
+    z = _probe_like(m.gate_up_proj, 3, 16)
+    with _probing(m):
+        gate, up = z.chunk(2, dim=-1)
+        if not _same(m._apply_gate(z), act(gate) * up):
+            return f"mlp: {_cls(m)}._apply_gate does not compute act(gate) * up"
+    return None
+
+
+def _patch_experts(name, m, report, skip: set) -> bool:
+    """Swaps an experts module's gating; its activation module, no longer called, goes into ``skip``."""
+    problem = _experts_problem(m)
+    if problem == "":
+        return False
+    if problem is not None:
+        report.left_alone.append((name, problem))
+        return True
+    kind = _gelu_kind(m.act_fn)
+    _swap_class(m, _subclass(type(m), "experts"), triformer_act=kind)
+    skip.add(id(m.act_fn))
+    glu = "swiglu" if kind == "silu" else f"geglu(approximate={kind!r})"
+    report.swapped.append((name, f"mlp: {_cls(m)}._apply_gate -> triformer.{glu} (every expert)"))
+    return True
+
+
 # ------------------------------------------------------------------------------------------------------
 # Subclasses of the model's own classes (attention with RoPE, causal LMs)
 # ------------------------------------------------------------------------------------------------------
@@ -373,12 +414,12 @@ def _new_subclassed(original: type, kind: str):
 
 @functools.lru_cache(maxsize=None)
 def _subclass(original: type, kind: str) -> type:
-    """``original`` with the ``forward`` that ``kind`` builds from the original one (same name, same
+    """``original`` with the method that ``kind`` builds from the original one (a forward keeps its name and
     signature: ``inspect.signature`` follows the wrapper's ``__wrapped__``)."""
-    forward = _SUBCLASS_FORWARDS[kind](original.forward)
+    method, build = _SUBCLASS_METHODS[kind]
     return type(original.__name__, (_Subclass, original),
-                {"forward": forward, "triformer_kind": kind, "__module__": original.__module__,
-                 "__qualname__": original.__qualname__})
+                {method: build(getattr(original, method)), "triformer_kind": kind,
+                 "__module__": original.__module__, "__qualname__": original.__qualname__})
 
 
 def _rebind_globals(fn, **names):
@@ -678,7 +719,15 @@ def _fused_loss_forward(forward):
     return fused_loss_forward
 
 
-_SUBCLASS_FORWARDS = {"rope": _rope_forward, "loss": _fused_loss_forward}
+def _experts_gate(_apply_gate):
+    def triformer_apply_gate(self, gate_up_out):
+        return _glu(gate_up_out, None, self.triformer_act)
+    return triformer_apply_gate
+
+
+# kind: (the method its subclass overrides, the function building it from the original method)
+_SUBCLASS_METHODS = {"rope": ("forward", _rope_forward), "loss": ("forward", _fused_loss_forward),
+                     "experts": ("_apply_gate", _experts_gate)}
 
 
 def _loss_problem(model) -> Optional[str]:
@@ -766,7 +815,8 @@ def patch(model: nn.Module, *, norm: bool = True, attention: bool = True, mlp: b
         try:
             if norm and _patch_norm(name, m, report):
                 continue
-            if mlp and (_patch_mlp(name, m, report, skip) or _patch_activation(name, m, report)):
+            if mlp and (_patch_mlp(name, m, report, skip) or _patch_experts(name, m, report, skip)
+                        or _patch_activation(name, m, report)):
                 continue
         except _CannotProbe:
             report.left_alone.append((name, f"{_cls(m)}: its weights are on the meta device (cannot verify it)"))
