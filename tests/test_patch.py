@@ -372,7 +372,8 @@ def test_benchmark_script_smoke(tmp_path, monkeypatch):
     ``pythonpath`` puts the repository root, and so ``benchmarks``, on sys.path)."""
     monkeypatch.setenv("TRIFORMER_BENCH_OUT", str(tmp_path))
     bench = importlib.import_module("benchmarks.patch_llama")
-    rows = bench.main(["--smoke", "--in-process", "--only", "llama", "--variants", "unpatched,triformer"])
+    rows = bench.main(["--smoke", "--in-process", "--only", "llama", "--variants", "unpatched,triformer",
+                       "--modes", "eager"])
     by_variant = {r["variant"]: r for r in rows}
     assert by_variant["triformer"]["swapped"] == "attention=2 rope=2 mlp=2 norm=5 loss=1"
     assert by_variant["triformer"]["loss_first"] == pytest.approx(by_variant["unpatched"]["loss_first"], rel=1e-5)
