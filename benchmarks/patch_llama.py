@@ -196,10 +196,6 @@ def run_variant(task: str, variant: str, mode: str, args) -> dict:
         from benchmarks.profile_step import memory_table, time_table
         label = f"{task}, {variant}, {mode}"
         row["profile"] = time_table(step, label) + memory_table(step, label)
-    del model, forward, opt
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -230,6 +226,9 @@ def run_group(runs: list[tuple[str, str, str]], args) -> list[dict]:
                    "skipped": f"failed: {type(exc).__name__}: {first_line}"}
         print("ROW " + json.dumps(row), flush=True)
         rows.append(row)
+        gc.collect()  # the variant's model and optimizer state go before the next is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -2,7 +2,6 @@
 parameter gradient equal to the unpatched model's (fp32, relative error <= 1e-5, padded batches), every swapped
 part actually runs its triformer kernel, and a patched model stays an ordinary object (pickle, deepcopy,
 generate, save/load, torch.compile(fullgraph=True)) that changes nothing for other models in the process."""
-import collections
 import copy
 import importlib
 import inspect
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 import triformer
-from tests.helpers.hf import DEVICE, FAMILIES, VOCAB, build, lm_batch, pair
+from tests.helpers.hf import DEVICE, FAMILIES, VOCAB, build, count_patch_calls, lm_batch, pair
 from triformer.testing import FP32_RTOL, rel_error
 
 transformers = pytest.importorskip("transformers")
@@ -27,16 +26,7 @@ KERNELS = ("_attention", "apply_rope", "rms_norm", "layer_norm", "gelu", "swiglu
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the triformer calls the patched forwards make (they look these names up in triformer.patch)."""
-    counts = collections.Counter()
-    for name in KERNELS:
-        fn = getattr(patch_module, name)
-
-        def counted(*args, _fn=fn, _name=name, **kwargs):
-            counts[_name] += 1
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(patch_module, name, counted)
-    return counts
+    return count_patch_calls(monkeypatch, KERNELS)
 
 
 def patched_pair(family, **overrides):

@@ -1,7 +1,6 @@
 """A patched model where people train it (tiny random Llama, fp32, CPU or GPU): transformers' Trainer with its
 default arguments, PEFT/LoRA patched before or after wrapping, gradient checkpointing, TRL's SFTTrainer, and
 DDP / FSDP2 over two processes. Each gives the unpatched model's losses and gradients."""
-import collections
 import importlib
 import os
 import socket
@@ -11,25 +10,16 @@ import torch
 import torch.multiprocessing as mp
 
 import triformer
-from tests.helpers.hf import DEVICE, VOCAB, lm_batch, pair
+from tests.helpers.hf import DEVICE, VOCAB, count_patch_calls, lm_batch, pair
 from triformer.testing import FP32_RTOL, rel_error
 
 transformers = pytest.importorskip("transformers")
-patch_module = importlib.import_module("triformer.patch")
 BACKBONE = ("_attention", "apply_rope", "rms_norm", "swiglu")
 
 
 @pytest.fixture
 def calls(monkeypatch):
-    counts = collections.Counter()
-    for name in BACKBONE + ("linear_cross_entropy",):
-        fn = getattr(patch_module, name)
-
-        def counted(*args, _fn=fn, _name=name, **kwargs):
-            counts[_name] += 1
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(patch_module, name, counted)
-    return counts
+    return count_patch_calls(monkeypatch, BACKBONE + ("linear_cross_entropy",))
 
 
 def _rows(n=8, seed=0):

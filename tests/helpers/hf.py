@@ -1,6 +1,8 @@
 """Tiny random transformers models and padded token batches for the ``triformer.patch`` tests (no download):
 ``FAMILIES`` names each causal-LM family with its model class and a two-layer config of hidden 32."""
+import collections
 import copy
+import importlib
 
 import torch
 
@@ -69,3 +71,17 @@ def lm_batch(vocab: int = VOCAB, B: int = 2, T: int = 9, padding: str = "right",
         mask[1, :3] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
+
+
+def count_patch_calls(monkeypatch, names) -> collections.Counter:
+    """Counts the calls the patched modules make to each of ``names`` (kernels they look up in triformer.patch)."""
+    module = importlib.import_module("triformer.patch")
+    counts = collections.Counter()
+    for name in names:
+        fn = getattr(module, name)
+
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            counts[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    return counts
