@@ -72,7 +72,7 @@ from triformer.rmsnorm import rms_norm
 from triformer.rope import apply_rope
 from triformer.swiglu import geglu, swiglu
 
-__all__ = ["PatchReport", "patch", "register_attention", "triformer_attention_forward"]
+__all__ = ["PatchReport", "patch"]
 
 ATTN_IMPLEMENTATION = "triformer"
 PARTS = ("norm", "attention", "mlp", "rope", "loss")
