@@ -86,6 +86,8 @@ EXPECT = {
     "gemma2": (("apply_rope", "rms_norm", "geglu"), ("attention", "loss")),
     # partial, interleaved RoPE: the rest
     "glm4": (("_attention", "rms_norm", "swiglu", "linear_cross_entropy"), ("rope",)),
+    # RoPE through complex frequencies (no apply_rotary_pos_emb); the weightless q/k RMSNorms are swapped
+    "llama4": (("_attention", "rms_norm", "swiglu", "linear_cross_entropy"), ()),
     "gpt2": (("_attention", "layer_norm", "gelu", "linear_cross_entropy"), ()),
     "gpt_neox": (("_attention", "apply_rope", "layer_norm", "gelu", "linear_cross_entropy"), ()),
 }

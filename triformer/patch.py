@@ -2,7 +2,7 @@
 
 Tested for logits, loss and every gradient against the unpatched model (fp32, 1e-5, padded batches) on
 ``transformers``' Llama, Mistral, Mixtral, Qwen2/3/3-MoE, Gemma 1/2/3, Phi3, OLMo2, Granite, SmolLM3, GLM4,
-GPT-2, GPT-NeoX and ViT, and timm's VisionTransformer (``tests/test_patch.py``). Other models get what
+Llama 4 (text), GPT-2, GPT-NeoX and ViT, and timm's VisionTransformer (``tests/test_patch.py``). Other models get what
 applies, and the report lists every candidate left alone with the reason.
 
 How. Nothing process-wide changes: no module global, no context variable, no class is modified. A patched
@@ -20,7 +20,7 @@ What is recognised is decided by structure, each candidate checked numerically o
 
 * ``norm``: ``nn.LayerNorm`` over the last dim (and subclasses that compute the same), and any weight-only
   RMSNorm (one 1-D ``weight``, an ``eps``/``variance_epsilon``, ``x * rsqrt(mean(x^2) + eps) * w``), also
-  Gemma's ``* (1 + w)``: ``triformer.layer_norm`` / ``triformer.rms_norm`` on the module's own parameters.
+  Gemma's ``* (1 + w)`` and weightless ones: ``triformer.layer_norm`` / ``triformer.rms_norm`` on the module's own parameters.
 * ``attention``: transformers models that dispatch through ``AttentionInterface`` get
   ``config._attn_implementation = "triformer"`` (registered when transformers loads, see
   ``register_attention``; the mask, padding and sliding windows reach the kernel as SDPA's boolean mask).
@@ -172,10 +172,11 @@ class _LayerNorm(nn.LayerNorm):
 
 
 class _RMSNorm(nn.Module):
-    """A weight-only RMSNorm running ``triformer.rms_norm`` on ``weight + triformer_offset`` (Gemma: 1)."""
+    """A weight-only (or weightless) RMSNorm running ``triformer.rms_norm`` on ``weight + triformer_offset``
+    (Gemma: 1)."""
 
     def forward(self, x):
-        weight = self.weight
+        weight = getattr(self, "weight", None)
         if weight is not None and self.triformer_offset:
             weight = weight + self.triformer_offset
         return rms_norm(x, weight, self.triformer_eps)
@@ -200,13 +201,16 @@ def _eps(m) -> Optional[float]:
 
 
 def _rms_norm_offset(m, eps: float) -> Optional[float]:
-    """0 or 1 if ``m(x)`` is ``rms(x) * (w + offset)`` on a probe (w replaced by random values), else None."""
-    w = m.weight
-    x = _probe_like(w, 3, w.numel())
-    w_probe = _probe_like(w, w.numel())
-    with _probing(m):
-        got = torch.func.functional_call(m, {"weight": w_probe}, (x,))
+    """0 or 1 if ``m(x)`` is ``rms(x) * (w + offset)`` on a probe (w replaced by random values; a module without
+    a weight must compute ``rms(x)``), else None."""
+    w = m._parameters.get("weight")
+    x = _probe_like(torch.empty(0) if w is None else w, 3, 24 if w is None else w.numel())
     normed = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps)
+    with _probing(m):
+        if w is None:
+            return 0.0 if _same(m(x), normed.to(x.dtype)) else None
+        w_probe = _probe_like(w, w.numel())
+        got = torch.func.functional_call(m, {"weight": w_probe}, (x,))
     for offset in (0.0, 1.0):
         if _same(got, (normed * (w_probe.double() + offset)).to(got.dtype if torch.is_tensor(got) else w.dtype)):
             return offset
@@ -217,8 +221,8 @@ def _norm_candidate(m) -> bool:
     if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
         return True
     params = dict(m.named_parameters())
-    return (set(params) == {"weight"} and params["weight"].dim() == 1 and next(m.children(), None) is None
-            and _eps(m) is not None)
+    weight_only = not params or (set(params) == {"weight"} and params["weight"].dim() == 1)
+    return weight_only and next(m.children(), None) is None and _eps(m) is not None
 
 
 def _patch_norm(name, m, report) -> bool:
@@ -363,9 +367,10 @@ def _experts_problem(m) -> Optional[str]:
             and getattr(m, "has_gate", False)):
         return ""
     act = getattr(m, "act_fn", None)
-    kind = _gelu_kind(act)
-    if kind is None or not getattr(m, "is_concatenated", False):
-        return f"mlp: {_cls(m)} gates with {_cls(act)} on interleaved or unknown halves"
+    if act is None:
+        return f"mlp: {_cls(m)} has its own gating (no act_fn)"
+    if _gelu_kind(act) is None or not getattr(m, "is_concatenated", False):
+        return f"mlp: {_cls(m)} gates with {_cls(act)} on interleaved halves, or with another activation"
     implementation = getattr(getattr(m, "config", None), "_experts_implementation", None)
     if implementation in (None, "eager"):
         return f"mlp: {_cls(m)} runs the eager experts loop (experts implementation {implementation!r})"
