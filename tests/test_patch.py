@@ -357,6 +357,9 @@ def test_bad_arguments():
         triformer.patch("model")
     with pytest.raises(TypeError, match="norm must be a bool"):
         triformer.patch(torch.nn.Linear(2, 2), norm=1)
+    bench = importlib.import_module("benchmarks.patch_llama")
+    with pytest.raises(SystemExit, match="--only: unknown"):
+        bench.main(["--smoke", "--only", "mistral"])
 
 
 def test_benchmark_script_smoke(tmp_path, monkeypatch):

@@ -75,7 +75,6 @@ from triformer.swiglu import geglu, swiglu
 __all__ = ["PatchReport", "patch"]
 
 ATTN_IMPLEMENTATION = "triformer"
-PARTS = ("norm", "attention", "mlp", "rope", "loss")
 
 
 @dataclass
@@ -399,7 +398,7 @@ def _patch_experts(name, m, report, skip: set) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Subclasses of the model's own classes (attention with RoPE, causal LMs)
+# Subclasses of the model's own classes (attention with RoPE, MoE experts, causal LMs)
 # ------------------------------------------------------------------------------------------------------
 
 class _Subclass:
@@ -653,7 +652,7 @@ def _rope_problem(m, rotary_dims: set) -> Optional[str]:
     fn = sys.modules[type(m).__module__].__dict__.get("apply_rotary_pos_emb")
     if fn is None or "apply_rotary_pos_emb" not in _raw_code_names(type(m).forward):
         return ""  # no RoPE here: nothing to report
-    head_dim = getattr(m, "head_dim", None)
+    head_dim = getattr(m, "head_dim", None) or getattr(m, "head_size", None)  # GPT-NeoX: head_size
     if head_dim is not None and rotary_dims and rotary_dims != {head_dim}:
         return f"rope: partial rotary dims {sorted(rotary_dims)} of head_dim {head_dim}"
     if not _rotate_half_rope(fn):
