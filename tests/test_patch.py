@@ -300,11 +300,13 @@ def test_fresh_process_registers_the_backend_and_loads_a_pickle(tmp_path):
     assert out.stdout.split() == ["triformer", "_Subclass", "triformer"]
 
 
-def test_compile_fullgraph_matches_eager(calls):
+# Inductor on the CPU compiles the patched Llama in about 35 s (2 cores): slow
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_fullgraph_matches_eager(calls, backend):
     ref, patched, _ = patched_pair("llama")
     ids, mask, labels = lm_batch()
     ref.train(), patched.train()
-    compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(patched, fullgraph=True, backend=backend)
     got = compiled(input_ids=ids, attention_mask=mask, labels=labels).loss
     want = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert rel_error(got, want) <= FP32_RTOL
