@@ -529,7 +529,11 @@ class _RegisterWhenLoaded:
 
         def exec_then_register(module):
             exec_module(module)
-            register_attention()
+            try:
+                register_attention()
+            except Exception as exc:  # a transformers this code does not know must still import
+                warnings.warn(f"triformer could not register its attention with transformers: {exc!r}",
+                              stacklevel=2)
         spec.loader.exec_module = exec_then_register
         return spec
 
