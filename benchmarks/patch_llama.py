@@ -105,7 +105,8 @@ def build_lm(name: str, variant: str, smoke: bool, device: torch.device):
         getattr(liger_kernel.transformers, liger_fn)()  # patches the family's classes: before building the model
     fields = {**fields, **SMOKE} if smoke else fields
     config = getattr(transformers, config_cls)(**fields, attn_implementation="sdpa")
-    model = getattr(transformers, model_cls)(config).to(device)
+    with device:  # initialized where it runs: a billion normal_ draws on the CPU take seconds per variant
+        model = getattr(transformers, model_cls)(config)
     return model, triformer.patch(model) if variant == "triformer" else None
 
 
