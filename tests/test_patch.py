@@ -104,6 +104,7 @@ def test_family_parity(calls, family):
     assert sorted({what.split(":")[0] for _, what in report.left_alone}) == sorted(left), str(report)
     check_lm_parity(ref, patched, *lm_batch(padding="left" if family in ("llama", "gpt2") else "right"), calls,
                     expect)
+    assert triformer.patch(patched).swapped == []  # patching again changes nothing
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,

@@ -120,6 +120,12 @@ def _is_patched(module) -> bool:
     return "triformer_original" in module.__dict__
 
 
+def _mark_patched(module: nn.Module) -> None:
+    """Marks a module that keeps its class as done, so that another patch call passes it by: a gated MLP's
+    activation (its swapped parent no longer calls it), an attention module running through AttentionInterface."""
+    module.__dict__.setdefault("triformer_original", type(module))
+
+
 # ------------------------------------------------------------------------------------------------------
 # Probes: a candidate is swapped only if it computes, on a random input, what its replacement computes
 # ------------------------------------------------------------------------------------------------------
@@ -329,8 +335,7 @@ def _width(proj) -> Optional[int]:
     return width if isinstance(width, int) else None
 
 
-def _patch_mlp(name, m, report, skip: set) -> bool:
-    """Swaps a gated MLP; its activation module, no longer called, goes into ``skip``."""
+def _patch_mlp(name, m, report) -> bool:
     layout = _gated_mlp(m)
     if layout is None:
         return False
@@ -353,7 +358,7 @@ def _patch_mlp(name, m, report, skip: set) -> bool:
         report.left_alone.append((name, f"mlp: {_cls(m)} does not compute down_proj(act(gate) * up)"))
         return True
     _swap_class(m, _GatedMLP, triformer_packed=packed, triformer_act=kind)
-    skip.add(id(act))
+    _mark_patched(act)
     glu = "swiglu" if kind == "silu" else f"geglu(approximate={kind!r})"
     report.swapped.append((name, f"mlp: {m.triformer_original.__name__} -> down_proj(triformer.{glu})"))
     return True
@@ -381,8 +386,7 @@ def _experts_problem(m) -> Optional[str]:
     return None
 
 
-def _patch_experts(name, m, report, skip: set) -> bool:
-    """Swaps an experts module's gating; its activation module, no longer called, goes into ``skip``."""
+def _patch_experts(name, m, report) -> bool:
     problem = _experts_problem(m)
     if problem == "":
         return False
@@ -391,7 +395,7 @@ def _patch_experts(name, m, report, skip: set) -> bool:
         return True
     kind = _gelu_kind(m.act_fn)
     _swap_class(m, _subclass(type(m), "experts"), triformer_act=kind)
-    skip.add(id(m.act_fn))
+    _mark_patched(m.act_fn)
     glu = "swiglu" if kind == "silu" else f"geglu(approximate={kind!r})"
     report.swapped.append((name, f"mlp: {_cls(m)}._apply_gate -> triformer.{glu} (every expert)"))
     return True
@@ -816,14 +820,13 @@ def patch(model: nn.Module, *, norm: bool = True, attention: bool = True, mlp: b
     timm_attention = getattr(sys.modules.get("timm.layers.attention"), "Attention", None)
     rotary_dims = _rotary_dims(model) if rope else set()
 
-    skip: set = set()
     for name, m in list(model.named_modules()):
-        if _is_patched(m) or id(m) in skip:
+        if _is_patched(m):
             continue
         try:
             if norm and _patch_norm(name, m, report):
                 continue
-            if mlp and (_patch_mlp(name, m, report, skip) or _patch_experts(name, m, report, skip)
+            if mlp and (_patch_mlp(name, m, report) or _patch_experts(name, m, report)
                         or _patch_activation(name, m, report)):
                 continue
         except _CannotProbe:
@@ -859,6 +862,8 @@ def patch(model: nn.Module, *, norm: bool = True, attention: bool = True, mlp: b
                                              "triformer.apply_rope in this module"))
             elif problem:
                 report.left_alone.append((name, problem))
+        if hf_attention:
+            _mark_patched(m)
     if loss:
         _patch_loss(model, report)
     if verbose:
