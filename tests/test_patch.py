@@ -350,8 +350,9 @@ def test_bf16_autocast_training_step_gpu(family):
         loss.backward()
         losses.append(loss.detach().float())
     assert rel_error(losses[1], losses[0]) <= 1e-2
+    largest = max(float(p.grad.norm()) for p in ref.parameters() if p.grad is not None)
     for (name, p_ref), p in zip(ref.named_parameters(), patched.parameters()):
-        if p_ref.grad is not None and float(p_ref.grad.norm()) > 0:
+        if p_ref.grad is not None and float(p_ref.grad.norm()) > 1e-3 * largest:  # not roundoff-sized
             assert rel_error(p.grad, p_ref.grad) <= 5e-2, name
 
 
