@@ -137,6 +137,22 @@ def test_gradient_checkpointing(calls):
     assert calls["rms_norm"] == 5 + 4  # the layers' norms ran twice: forward, then recomputed in the backward
 
 
+def test_accelerate_hooks_keep_the_patch(calls):
+    """A model dispatched by accelerate (``device_map=...`` puts a hook on every module, which calls the forward
+    it captured) runs the swapped forwards all the same."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    ref, patched = pair("llama")
+    for module in patched.modules():
+        hooks.add_hook_to_module(module, hooks.ModelHook())
+    triformer.patch(patched)
+    ids, mask, labels = lm_batch()
+    ref.train(), patched.train()
+    want = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert rel_error(patched(input_ids=ids, attention_mask=mask, labels=labels).loss, want) <= FP32_RTOL
+    for name in BACKBONE + ("linear_cross_entropy",):
+        assert calls[name] > 0, name
+
+
 # --- two processes on the CPU (gloo): DDP and FSDP2 give one process's losses ---
 
 def _free_port():

@@ -117,6 +117,8 @@ def _swap_class(module: nn.Module, cls: type, **attributes) -> None:
     module.__dict__.setdefault("triformer_original", type(module))
     module.__dict__.update(attributes)
     module.__class__ = cls
+    if "_old_forward" in module.__dict__:  # accelerate's hooks (device_map) call the forward they captured
+        module._old_forward = types.MethodType(cls.forward, module)
 
 
 def _is_patched(module) -> bool:
