@@ -370,6 +370,15 @@ def test_unsupported_parts_are_left_alone_and_listed():
     str(report)  # printable
 
 
+def test_wrappers_are_unwrapped():
+    """torch.compile's OptimizedModule and DataParallel are patched through (PEFT: tests/test_patch_training.py)."""
+    for wrap in (lambda m: torch.compile(m, backend="aot_eager"), torch.nn.DataParallel):
+        _, model = pair("llama")
+        report = triformer.patch(wrap(model))
+        assert report.parts() == {"attention": 2, "rope": 2, "mlp": 2, "norm": 5, "loss": 1}
+        assert type(model.lm_head) is patch_module._LMHead
+
+
 def test_attention_function_refuses_softcap():
     q = torch.randn(1, 2, 4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="softcap"):

@@ -789,10 +789,19 @@ def _patch_loss(model: nn.Module, report: PatchReport) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The model a PEFT wrapper (anything with ``get_base_model()``) holds, else ``model``."""
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else None
-    return base if isinstance(base, nn.Module) and base is not model else model
+    """The model inside the wrappers around it: torch.compile's ``_orig_mod``, (Distributed)DataParallel's
+    ``module``, a PEFT model's ``get_base_model()``."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            inner = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        else:
+            get_base = getattr(model, "get_base_model", None)
+            inner = get_base() if callable(get_base) else None
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        model = inner
 
 
 def patch(model: nn.Module, *, norm: bool = True, attention: bool = True, mlp: bool = True, rope: bool = True,
