@@ -46,7 +46,8 @@ What is recognised is decided by structure, each candidate checked numerically o
   ``return_dict=False``, a None in the logits slot), as with Liger-Kernel; eval mode, or no labels, returns
   the logits as before.
 
-PEFT: ``patch`` unwraps a ``PeftModel`` to its base model, and a patched model can be wrapped afterwards.
+Wrappers: ``patch`` unwraps a ``PeftModel`` to its base model (and torch.compile's and DDP's wrappers to their
+module); a patched model can be wrapped afterwards.
 Unpatch: not supported; patch a fresh copy (``copy.deepcopy(model)`` before patching) to keep both.
 """
 from __future__ import annotations
@@ -807,10 +808,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def patch(model: nn.Module, *, norm: bool = True, attention: bool = True, mlp: bool = True, rope: bool = True,
           loss: bool = True, verbose: bool = False) -> PatchReport:
     """Swap ``model``'s norms, attention, MLP activations, rotary embedding and causal-LM loss for triformer
-    kernels, in place (see the module docstring for what each part does). A PEFT model is patched through its
-    base model. Returns a ``PatchReport``: every module swapped, and every candidate left alone with the
-    reason. Patching twice is a no-op for modules already patched. Patch before sharding (FSDP) or wrapping
-    in DDP / torch.compile. On CPU the kernels run through Triton's interpreter; on CUDA they compile."""
+    kernels, in place (see the module docstring for what each part does). A PEFT model, torch.compile's
+    wrapper and (Distributed)DataParallel are patched through to the model inside (patching before compiling
+    saves a recompilation). Returns a ``PatchReport``: every module swapped, and every candidate left alone
+    with the reason. Patching twice is a no-op for modules already patched. Patch before FSDP sharding: the
+    probes read whole weights. On CPU the kernels run through Triton's interpreter; on CUDA they compile."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for part, value in (("norm", norm), ("attention", attention), ("mlp", mlp), ("rope", rope), ("loss", loss),
