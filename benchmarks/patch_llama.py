@@ -122,7 +122,8 @@ def run_variant(task: str, variant: str, args) -> dict:
         images = torch.randn(batch, 3, size, size, device=device)
         targets = torch.randint(0, SMOKE_VIT["num_classes"] if args.smoke else 1000, (batch,), device=device)
         items = batch
-    # bf16 autocast on the GPU; the CPU smoke run stays fp32 (the interpreter's bf16 dots are wrong)
+    # bf16 autocast on the GPU; the CPU smoke run stays fp32, where tests/test_patch.py holds the patched loss to
+    # the unpatched one at fp32's tolerance
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step() -> torch.Tensor:

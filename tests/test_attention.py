@@ -17,8 +17,7 @@ import triton  # noqa: E402  (after triformer, which picks compile vs interprete
 
 # triformer.attention is also the name of the exported function, which shadows the module as an attribute.
 attention_module = importlib.import_module("triformer.attention")
-# CPU tests use fp32 and fp16 only: triton 3.9's interpreter computes tl.dot on bf16 wrongly.
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if kernel_device().type == "cuda" else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import triformer
-from triformer.testing import FP32_RTOL, kernel_device, rel_error
+from triformer.testing import FP32_RTOL, assert_close, kernel_device, rel_error
 
 transformers = pytest.importorskip("transformers")
 patch_module = importlib.import_module("triformer.patch")
@@ -112,6 +112,36 @@ def test_llama_gqa_untied_llama3_rope_padding(calls, padding):
     assert report.left_alone == []
     assert report.parts() == {"attention": 2, "rope": 2, "mlp": 2, "norm": 5, "loss": 1}
     check_lm_parity(ref, patched, *lm_batch(61, padding=padding), calls, LLAMA_KERNELS)
+
+
+def test_llama_bf16_matches_float64(calls):
+    """A bf16 Llama, patched, against the unpatched one in float64; the unpatched one in bf16 (PyTorch's own
+    rounding) sets the bar. On the CPU the interpreter's bf16 ``tl.dot`` once gave attention garbage here."""
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(llama_config(num_hidden_layers=1, rope_parameters=LLAMA3_ROPE))
+    ref = ref.to(DEVICE, torch.float64)
+    peer = copy.deepcopy(ref).to(torch.bfloat16)
+    patched = copy.deepcopy(peer)
+    triformer.patch(patched)
+    ids, mask, labels = lm_batch(61)
+    real = mask.bool()
+    outs = {}
+    for name, model in (("ref", ref), ("peer", peer), ("patched", patched)):
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[real]
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        outs[name] = (logits, loss, dict(model.named_parameters()))
+    (logits64, loss64, params64), (logits_peer, loss_peer, params_peer), (logits, loss, params) = outs.values()
+    assert logits.dtype == torch.bfloat16
+    assert_close("logits", logits, logits64, peer=logits_peer)
+    assert_close("loss", loss, loss64, peer=loss_peer)
+    for name, p in params.items():
+        assert_close(f"grad {name}", p.grad, params64[name].grad, peer=params_peer[name].grad)
+    for name in LLAMA_KERNELS:
+        assert calls[name] > 0, f"{name} never ran: {dict(calls)}"
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0},

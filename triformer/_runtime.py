@@ -77,8 +77,38 @@ def _round_bf16_to_nearest_even() -> None:
     builder.cast_impl = cast_impl
 
 
+def _dot_bf16_as_fp32() -> None:
+    """Make the interpreter's ``tl.dot`` multiply bf16 operands as the numbers they encode.
+
+    Triton 3.9's interpreter holds bf16 as raw uint16 bits and hands them to ``np.matmul`` as integers: attention
+    in bf16 returned values near 1e9. A bf16 value widened to fp32 is exact (its bits shifted into the high half),
+    and the GPU's bf16 MMA forms exact products and accumulates them in fp32, so the product is the GPU's up to
+    the summation order. Only the interpreter's builder is patched: compiled kernels are untouched. A Triton
+    without this builder method is left alone: tests/test_attention.py checks bf16 attention on the CPU.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    dot = getattr(builder, "create_dot", None)
+    if dot is None:
+        return
+
+    def widen(operand):
+        if operand.dtype.scalar != triton.language.bfloat16:
+            return operand
+        bits = np.asarray(operand.data, dtype=np.uint16).astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), triton.language.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+
+
 if INTERPRET:
     _round_bf16_to_nearest_even()
+    _dot_bf16_as_fp32()
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
