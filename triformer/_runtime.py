@@ -34,6 +34,8 @@ def _decide_interpret() -> bool:
 
 
 INTERPRET: bool = _decide_interpret()
+# What TRIFORMER_INTERPRET said when the mode was decided: a later change has no effect, which errors point out.
+_FORCED_AT_IMPORT = os.environ.get("TRIFORMER_INTERPRET")
 # Triton builds its own library functions (tl.sum, tl.sigmoid, ...) for one mode when it is first
 # imported, so the variable must be set before that import, and a triton imported earlier in the other
 # mode cannot be repaired.
@@ -211,10 +213,40 @@ def traced_launches() -> bool:
     return not INTERPRET and is_wrap_triton_enabled()
 
 
+def _late_env_note() -> str:
+    """A sentence for errors about the mode: that TRIFORMER_INTERPRET changed after import, if it did."""
+    now = os.environ.get("TRIFORMER_INTERPRET")
+    if now == _FORCED_AT_IMPORT:
+        return ""
+    return (f" (TRIFORMER_INTERPRET is {now!r} now but was {_FORCED_AT_IMPORT!r} when triformer was imported: it is "
+            "read once, at import; set it before the first `import triformer`, in a fresh process)")
+
+
+def _mode_changed_error() -> RuntimeError:
+    now = os.environ.get("TRITON_INTERPRET", "unset")
+    return RuntimeError(
+        f"Triton's interpreter was switched {'off' if INTERPRET else 'on'} after triformer was imported "
+        f"(TRITON_INTERPRET is {now!r} now; triformer set it to {'1' if INTERPRET else '0'} and defined its kernels "
+        f"for the {'interpreter' if INTERPRET else 'compiler'}), and Triton cannot change modes within a process. "
+        f"Restore os.environ['TRITON_INTERPRET'] = '{'1' if INTERPRET else '0'}', or start a fresh process with "
+        "TRIFORMER_INTERPRET=0 or 1 set before `import triformer`" + _late_env_note())
+
+
+def check_mode() -> None:
+    """Raise RuntimeError, saying what to do, if Triton's interpreter setting no longer matches the mode the
+    kernels were defined for. Triton reads TRITON_INTERPRET again at each launch (``triton.knobs``), so one
+    changed after import made a kernel of one mode run in the other: a bare AssertionError from inside Triton.
+    Read through the same knob (a C ``getenv``, a fraction of a microsecond). ``launch`` calls it; so does any
+    launch that bypasses ``launch`` (attention's autotuned kernels)."""
+    if triton.knobs.runtime.interpret != INTERPRET:
+        raise _mode_changed_error()
+
+
 def launch(kernel, grid):
     """``kernel[grid]``, as torch.compile must see it: a ``wrap_triton`` node while a ``kernel_op`` body is
     traced on a GPU (``kernel_op``'s eager calls and opaque op bodies switch that off); nothing while an opaque
-    op's body runs on fake tensors as its shape rule; the kernel itself otherwise."""
+    op's body runs on fake tensors as its shape rule; the kernel itself otherwise. ``check_mode`` first."""
+    check_mode()
     if not INTERPRET and is_wrap_triton_enabled():
         return torch.library.wrap_triton(kernel)[grid]
     if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
@@ -248,12 +280,13 @@ def check_device(**tensors: torch.Tensor | None) -> torch.device:
     if not INTERPRET and device.type != "cuda":
         raise ValueError(
             f"{named[0][0]} is on {device}, but triformer compiled its kernels for CUDA; move the tensors to "
-            "the GPU, or set TRIFORMER_INTERPRET=1 before importing triformer to run them on the CPU"
+            "the GPU, or set TRIFORMER_INTERPRET=1 before importing triformer to run them on the CPU" + _late_env_note()
         )
     if INTERPRET and device.type != "cpu":
         raise ValueError(
             f"{named[0][0]} is on {device}, but triformer runs its kernels through Triton's interpreter "
             "(TRIFORMER_INTERPRET=1 or no CUDA device); pass CPU tensors or unset TRIFORMER_INTERPRET"
+            + _late_env_note()
         )
     return device
 

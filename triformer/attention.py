@@ -628,6 +628,7 @@ def _launch(kernel, seq_len: int, block: str, n_pairs: int, tiles: dict, tensors
     elif _runtime.traced_launches():  # torch.compile: Inductor benchmarks the candidates itself
         grid = lambda meta: (_cdiv(seq_len, meta[block]) * n_pairs,)  # noqa: E731
     else:
+        _runtime.check_mode()  # (these two launches bypass _runtime.launch)
         key = _tune_key(kernel, tensors, consts)
         tuned = _TUNED.get(key)
         if tuned is None:  # a new key: Triton prunes and benchmarks, then launches its pick
