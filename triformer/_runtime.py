@@ -291,6 +291,50 @@ def check_device(**tensors: torch.Tensor | None) -> torch.device:
     return device
 
 
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _concrete(value):
+    """A plain number for a size torch.compile made symbolic (see ``plan_cache``); others pass through."""
+    if not isinstance(value, _SYMBOLIC):
+        return value
+    if traced_launches():  # the plan becomes the traced kernels' grid and constexprs: hold it to this size
+        from torch.fx.experimental.symbolic_shapes import guard_scalar
+        return guard_scalar(value)
+    hint = value.node.hint  # the example size the trace was started with
+    if hint is None:  # a data-dependent size has no example: torch's own error says so
+        from torch.fx.experimental.symbolic_shapes import guard_scalar
+        return guard_scalar(value)
+    return hint
+
+
+def plan_cache(fn):
+    """``functools.lru_cache(maxsize=256)`` for a function that plans launches from sizes (Triton's host helpers
+    cost microseconds a call), that also accepts the symbolic sizes torch.compile passes with dynamic shapes
+    (``dynamic=True``, ``mark_dynamic``, or a second input shape), which lru_cache cannot hash.
+
+    A symbolic size is planned from its example value, without a guard, where the plan never reaches a kernel:
+    under the interpreter every op is opaque, its body runs on fake tensors only as its shape rule with the
+    launches skipped, and each real call plans again from its real sizes (plans shape launches and scratch
+    buffers, never an op's outputs). Where the plan is traced into the graph as a kernel's grid and constexprs
+    (``traced_launches()``: a GPU op under torch.compile), the size is specialized instead (a guard on its
+    value), so the traced launch is only ever replayed for that size: a new size recompiles, and
+    ``torch._dynamo.mark_dynamic`` on such a dim raises torch's constraint error.
+    """
+    cached = functools.lru_cache(maxsize=256)(fn)
+
+    @functools.wraps(fn)
+    def plan(*args):
+        try:
+            return cached(*args)
+        except TypeError:  # unhashable: a symbolic size (checked, so a TypeError of fn itself still shows)
+            if not any(isinstance(a, _SYMBOLIC) for a in args):
+                raise
+        return cached(*map(_concrete, args))
+
+    return plan
+
+
 @functools.lru_cache(maxsize=None)
 def multiprocessors(device_index: int) -> int:
     """Streaming multiprocessors of CUDA device ``device_index`` (a tensor's ``get_device()``)."""

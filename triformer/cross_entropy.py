@@ -55,7 +55,6 @@ does not synchronize: the failure surfaces at the next synchronization as a devi
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import triton
@@ -434,7 +433,7 @@ class Plan:
     n_splits: int = 0
 
 
-@functools.lru_cache(maxsize=256)
+@_runtime.plan_cache
 def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, in_place: bool) -> Plan:
     """Interpreter: fused, few programs with 64k-element tiles of many rows. GPU: see the constants above."""
     if _runtime.INTERPRET:
@@ -656,11 +655,12 @@ def _elements_apart(t: torch.Tensor) -> bool:
     answers "too hard" for any layout with gaps, the LM head's output sliced to the vocabulary among them."""
     if t.numel() == 0:
         return True
-    span = 0  # offset of the last element of the dims taken so far
-    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
-        if stride <= span:
+    dims = [(st, n) for n, st in zip(t.shape, t.stride()) if n > 1]
+    # the dims before dim i in (stride, index) order, summed without sorting: Dynamo cannot sort symbolic strides
+    for i, (stride, _) in enumerate(dims):
+        below = sum(st * (n - 1) for j, (st, n) in enumerate(dims) if st < stride or (st == stride and j < i))
+        if stride <= below:
             return False
-        span += stride * (size - 1)
     return True
 
 

@@ -19,7 +19,6 @@ reduction is parallel and deterministic, with no locks or atomics.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -279,7 +278,7 @@ def _tile(n_rows: int, n_cols: int, max_block_n: int, gpu_tile: int, per_thread:
     return block_m, block_n, num_warps
 
 
-@functools.lru_cache(maxsize=256)
+@_runtime.plan_cache
 def _fwd_launch(m: int, n: int, max_block_n: int):
     """(grid, meta-parameters) of the forward."""
     block_m, block_n, num_warps = _tile(m, n, max_block_n, gpu_tile=4096, per_thread=16, max_warps=16)
@@ -287,7 +286,7 @@ def _fwd_launch(m: int, n: int, max_block_n: int):
                                             num_warps=num_warps)
 
 
-@functools.lru_cache(maxsize=256)
+@_runtime.plan_cache
 def _bwd_launch(m: int, n: int, max_block_n: int, device_index: int):
     """(programs, row blocks, meta-parameters) of the backward, then (column blocks, meta-parameters) of
     column_sums_kernel, which adds the programs' partial dweight/dbias rows."""
