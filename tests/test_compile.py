@@ -159,6 +159,105 @@ def test_aot_eager_fullgraph_matches_eager(model_name):
         assert_close(f"grad {name}", compiled_grads[name], g.double())
 
 
+# ------------------------------------------------------------------------------------- changing sequence lengths
+# Evaluation, generation and packing call a compiled model at several sequence lengths. The launch planners were
+# lru_cache'd on sizes, and the second length (a symbolic one) failed with "unhashable type: non-nested SymInt";
+# planning with symbolic sizes also pinned them to one value (mark_dynamic: a constraint error).
+DYN_B, DYN_H, DYN_D, DYN_V = 2, 2, 8, 37
+
+
+def _every_op(x, w, b, wv, cos, sin, targets):
+    """Every op once on [B, T, C] activations, to one loss: T is the length that changes."""
+    T = x.shape[1]
+    y = triformer.layer_norm(x, w, b)
+    _, y = triformer.add_rms_norm(y, x, w)
+    y = triformer.swiglu(triformer.gelu(y, bias=b), x)
+    q, k = triformer.apply_rope(*(y.view(DYN_B, T, DYN_H, DYN_D).transpose(1, 2) * s for s in (1.0, 0.5)), cos, sin)
+    a = triformer.attention(q, k, q + k, is_causal=True)
+    p = triformer.softmax(q @ k.transpose(-1, -2), is_causal=True)
+    a = triformer.dropout(a + p @ q, 0.25, seed=3).transpose(1, 2).reshape(DYN_B * T, DYN_H * DYN_D)
+    return (triformer.cross_entropy(a @ wv.t(), targets.flatten(), inplace_backward=True)
+            + triformer.linear_cross_entropy(a, wv, targets.flatten()))
+
+
+def _compile_counter():
+    """(backend, compiles): aot_eager, and the number of graphs Dynamo has compiled since."""
+    import torch._dynamo.utils
+
+    torch._dynamo.utils.counters.clear()
+    return "aot_eager", lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _check_lengths(fn, compiled, make_inputs, lengths, mark, compiles, expected):
+    """At each length: the compiled loss and the gradients of the inputs ``make_inputs`` lists equal eager's
+    (fp32's bar), and after it Dynamo has compiled ``expected[i]`` frames in all (none new where it stays put).
+    ``mark``: (input, dim) pairs marked dynamic."""
+    for length, n in zip(lengths, expected):
+        inputs, with_grad = make_inputs(length)
+        results = []
+        for run in (fn, compiled):
+            leaves = [t.clone().requires_grad_() if i in with_grad else t for i, t in enumerate(inputs)]
+            for i, dim in mark:
+                torch._dynamo.mark_dynamic(leaves[i], dim)
+            loss = run(*leaves)
+            results.append((loss, *torch.autograd.grad(loss, [leaves[i] for i in with_grad])))
+        for i, (eager, comp) in enumerate(zip(*results)):
+            assert_close(f"T={length} output/grad {i}", comp, eager.double())
+        assert compiles() == n, f"T={length}: {compiles()} compiled graphs, expected {n}"
+
+
+def _every_op_inputs(length, g=torch.Generator().manual_seed(0)):
+    """(_every_op's inputs at sequence length ``length``, the indices of those that get gradients)."""
+    C = DYN_H * DYN_D
+    dev = kernel_device()
+    cos, sin = triformer.rope_cos_sin(32, DYN_D, device=dev)
+    return [torch.randn(DYN_B, length, C, generator=g).to(dev), torch.randn(C, generator=g).to(dev),
+            torch.randn(C, generator=g).to(dev), (torch.randn(DYN_V, C, generator=g) * 0.3).to(dev), cos, sin,
+            torch.randint(0, DYN_V, (DYN_B, length), generator=g).to(dev)], (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("dynamic", ["mark_dynamic", pytest.param(None, marks=pytest.mark.slow),
+                                     pytest.param(True, marks=pytest.mark.slow)])
+def test_every_op_compiles_once_for_changing_lengths(dynamic):
+    """Each op under torch.compile(fullgraph=True) at several sequence lengths (with the kernel device's
+    backend: aot_eager): mark_dynamic on the length compiles once (nothing pins it), the default dynamic=None
+    once static and once dynamic, dynamic=True once; every result equals eager's."""
+    torch._dynamo.reset()
+    backend, compiles = _compile_counter()
+    compiled = torch.compile(_every_op, backend=backend, fullgraph=True,
+                             dynamic=dynamic if isinstance(dynamic, bool) else None)
+    mark = [(0, 1), (6, 1)] if dynamic == "mark_dynamic" else []
+    lengths, expected = {"mark_dynamic": ((7, 12), (1, 1)), None: ((7, 12, 17), (1, 2, 2)),
+                         True: ((7, 12, 17), (1, 1, 1))}[dynamic]
+    _check_lengths(_every_op, compiled, _every_op_inputs, lengths, mark, compiles, expected)
+
+
+def test_model_compiles_once_for_changing_lengths():
+    """A llama-style GPT (RoPE, RMSNorm, SwiGLU, GQA attention, fused loss) compiled once for any sequence length
+    (mark_dynamic on it: nothing in the model or the ops pins it), at two lengths as evaluation calls it; the
+    loss and every parameter gradient equal eager's."""
+    torch._dynamo.reset()
+    model = GPT(gpt.tiny("llama", n_layer=1, loss="fused")).to(kernel_device())
+    params = [p for _, p in model.named_parameters()]
+
+    def loss_and_grads(idx, targets):
+        loss = model(idx, targets)[1]
+        return loss, *torch.autograd.grad(loss, params)
+
+    backend, compiles = _compile_counter()
+    compiled = torch.compile(lambda idx, targets: model(idx, targets)[1], backend=backend, fullgraph=True)
+    for length in (7, 12):
+        idx, targets = gpt.batch(2, length, seed=length)
+        torch._dynamo.mark_dynamic(idx, 1)
+        torch._dynamo.mark_dynamic(targets, 1)
+        eager = loss_and_grads(idx, targets)
+        loss = compiled(idx, targets)
+        for (name, _), ours, theirs in zip([("loss", None), *model.named_parameters()],
+                                           (loss, *torch.autograd.grad(loss, params)), eager):
+            assert_close(f"T={length} {name}", ours, theirs.double())
+        assert compiles() == 1, f"T={length}: {compiles()} compiled graphs, expected 1"
+
+
 def test_kernels_write_only_their_outputs_as_torch_compile_sees_them():
     """torch.compile decides from each kernel's Triton IR which arguments it writes (wrap_triton's analysis, which
     follows a called helper's result back to all its arguments). A kernel believed to write an input of its op is

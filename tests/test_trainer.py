@@ -153,6 +153,7 @@ def test_bf16_autocast_trains(tmp_path, data_cache):
     assert all(math.isfinite(v) for v in losses.values()) and losses[6] < losses[1]
 
 
+@pytest.mark.slow  # two whole runs; the fast suite covers the kernels in bf16 through test_models_gpt's autocast test
 def test_bf16_triton_kernels_train_like_torch_kernels(tmp_path, data_cache):
     """train.py's bf16 run on the CPU through the interpreter's kernels: its losses were stuck at 5.594 while
     the PyTorch variant's fell (the interpreter's bf16 ``tl.dot`` gave attention garbage). The logged losses

@@ -16,6 +16,7 @@ import inspect
 import math
 import os
 import sys
+import threading
 
 import torch
 from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
@@ -144,7 +145,7 @@ def kernel_op(name: str, mutates_args: tuple[str, ...], opaque: bool = False):
                     return fn(*args, **kwargs)
             op = torch.library.custom_op(name, run_directly, mutates_args=mutates_args,
                                          schema=torch.library.infer_schema(fn, mutates_args=mutates_args))
-            op.register_fake(fn)
+            op.register_fake(_shape_rule(fn))
         else:
             op = torch.library.triton_op(name, fn, mutates_args=mutates_args)
         _inductor_fallbacks.append(name)
@@ -196,6 +197,29 @@ def _register_inductor_fallbacks() -> bool:
 # happens before Inductor lowers the graph instead of being recorded as a side effect to replay afterwards (what
 # torch._dynamo.assume_constant_result sets, without importing Dynamo here).
 _register_inductor_fallbacks._dynamo_marked_constant = True
+
+
+_in_shape_rule = threading.local()
+
+
+def _shape_rule(fn):
+    """``fn`` as an opaque op's fake (shape) rule: on fake tensors, launches skipped, and ``shapes_only()`` true,
+    so launch plans take torch.compile's symbolic sizes at their example values (``plan_sizes``)."""
+    @functools.wraps(fn)
+    def rule(*args, **kwargs):
+        _in_shape_rule.on = True
+        try:
+            with _direct_launches():
+                return fn(*args, **kwargs)
+        finally:
+            _in_shape_rule.on = False
+    return rule
+
+
+def shapes_only() -> bool:
+    """Whether an op body now runs as an opaque op's shape rule (see ``kernel_op``): only its outputs' shapes
+    count, nothing it plans or launches does (the real call plans again from its real sizes)."""
+    return getattr(_in_shape_rule, "on", False)
 
 
 def _direct_launches():
@@ -294,33 +318,33 @@ def check_device(**tensors: torch.Tensor | None) -> torch.device:
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
-def _concrete(value):
-    """A plain number for a size torch.compile made symbolic (see ``plan_cache``); others pass through."""
+def _planned(value):
     if not isinstance(value, _SYMBOLIC):
         return value
-    if traced_launches():  # the plan becomes the traced kernels' grid and constexprs: hold it to this size
-        from torch.fx.experimental.symbolic_shapes import guard_scalar
-        return guard_scalar(value)
-    hint = value.node.hint  # the example size the trace was started with
-    if hint is None:  # a data-dependent size has no example: torch's own error says so
-        from torch.fx.experimental.symbolic_shapes import guard_scalar
-        return guard_scalar(value)
-    return hint
+    hint = value.node.hint  # the example size the trace started from (None: a data-dependent size)
+    if shapes_only() and hint is not None:
+        return hint
+    from torch.fx.experimental.symbolic_shapes import guard_scalar
+    return guard_scalar(value)
+
+
+def plan_sizes(*values):
+    """``values`` (sizes) as plain numbers for planning a launch: tile sizes, grids, loops over chunks. Under
+    torch.compile with dynamic shapes a size is symbolic, and planning with it (``min``, ``range``, Triton's
+    ``next_power_of_2``) adds guards that pin it to its example value one comparison at a time, through large
+    symbolic expressions (minutes for one op). Instead: in an opaque op's shape rule (``shapes_only()``) the plan
+    never reaches a kernel, so a size is taken at its example value, without a guard; where the plan is traced
+    into the graph as a kernel's grid and constexprs (a GPU op under torch.compile) the size is specialized, one
+    guard on its value, so the traced launch only ever runs at that size (a new size recompiles, and
+    ``torch._dynamo.mark_dynamic`` on it raises torch's constraint error). Plain ints pass through."""
+    return values if all(type(v) is int for v in values) else tuple(_planned(v) for v in values)
 
 
 def plan_cache(fn):
     """``functools.lru_cache(maxsize=256)`` for a function that plans launches from sizes (Triton's host helpers
     cost microseconds a call), that also accepts the symbolic sizes torch.compile passes with dynamic shapes
-    (``dynamic=True``, ``mark_dynamic``, or a second input shape), which lru_cache cannot hash.
-
-    A symbolic size is planned from its example value, without a guard, where the plan never reaches a kernel:
-    under the interpreter every op is opaque, its body runs on fake tensors only as its shape rule with the
-    launches skipped, and each real call plans again from its real sizes (plans shape launches and scratch
-    buffers, never an op's outputs). Where the plan is traced into the graph as a kernel's grid and constexprs
-    (``traced_launches()``: a GPU op under torch.compile), the size is specialized instead (a guard on its
-    value), so the traced launch is only ever replayed for that size: a new size recompiles, and
-    ``torch._dynamo.mark_dynamic`` on such a dim raises torch's constraint error.
-    """
+    (``dynamic=True``, ``mark_dynamic``, or a second input shape), which lru_cache cannot hash: they are
+    turned into numbers by ``plan_sizes`` first."""
     cached = functools.lru_cache(maxsize=256)(fn)
 
     @functools.wraps(fn)
@@ -330,7 +354,7 @@ def plan_cache(fn):
         except TypeError:  # unhashable: a symbolic size (checked, so a TypeError of fn itself still shows)
             if not any(isinstance(a, _SYMBOLIC) for a in args):
                 raise
-        return cached(*map(_concrete, args))
+        return cached(*plan_sizes(*args))
 
     return plan
 
@@ -350,6 +374,7 @@ def rows_per_program(n_rows: int, block_cols: int, gpu_rows: int = 1) -> int:
     """
     if not INTERPRET:
         return gpu_rows
+    n_rows, block_cols = plan_sizes(n_rows, block_cols)
     budget = max(1, (1 << 16) // block_cols)
     largest_fitting = 1 << (budget.bit_length() - 1)
     return min(triton.next_power_of_2(max(n_rows, 1)), largest_fitting, 256)
