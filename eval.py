@@ -12,8 +12,10 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from training.evaluate import run
+    from training.run import user_errors
 
-    run(cfg)
+    with user_errors():  # a missing checkpoint= or a refused setting is one line
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from training.run import user_errors
     from training.trainer import train
 
-    summary = train(cfg)
+    with user_errors():  # a refused setting is one line, Ctrl-C saves and says how to resume
+        summary = train(cfg)
     return summary.get("final_val/loss")  # the value a Hydra sweeper optimizes
 
 

@@ -107,6 +107,23 @@ def cuda_graphed(run: Callable[[], object]) -> Callable[[], None]:
     return replay
 
 
+def with_settings(run: Callable[[], object], module, values: dict, caches=()) -> Callable[[], object]:
+    """``run`` with ``module``'s globals (launch constants read at each launch) set to ``values`` for the call,
+    the launch-plan ``caches`` (``functools.lru_cache`` functions) cleared before and after so they see them."""
+    def timed():
+        saved = {k: getattr(module, k) for k in values}
+        vars(module).update(values)
+        for cache in caches:
+            cache.cache_clear()
+        try:
+            return run()
+        finally:
+            vars(module).update(saved)
+            for cache in caches:
+                cache.cache_clear()
+    return timed
+
+
 def mode_cases(op: str, shape: str, dtype, fns: dict, inputs=None, *, passes: dict | None = None,
                unit_bytes: float = 0, flops: dict | None = None, graphed: tuple[str, ...] = ()) -> list[Case]:
     """One Case per mode of MODES. ``fns`` maps a provider to ``fn(*inputs)``, or to ``(fn, its inputs)`` when it

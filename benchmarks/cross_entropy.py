@@ -95,56 +95,64 @@ def build_cases(device: str, shapes, dtypes=(torch.float32, torch.bfloat16), fns
     return cases
 
 
-# the sweep's shapes: the headline ones plus the per-chunk logits of the fused linear-CE (64 MiB of bf16 rows)
-SWEEP_SHAPES = [(16384, 50257), (4096, 256000), (32768, 32000), (8192, 128256), (640, 50257), (2560, 50257)]
+# the sweep's shapes: GPT-2's logits (contiguous, and as the view of the LM head's padded rows that its training
+# step passes), Llama-2/3 vocabularies, and the per-chunk logits of the fused linear-CE (64 MiB of bf16 rows)
+SWEEP_SHAPES = [(16384, 50257), (16384, 50257, 50304), (32768, 32000), (8192, 128256), (640, 50257)]
 
 
 def sweep_plans(rows: int, vocab: int, dtype: torch.dtype) -> dict:
-    """Launch plans to time at one shape: fused with 1-2 persistent programs per SM and the split pair with
-    1-8 column ranges, each at two tile sizes; plus "default", whatever ``_plan`` picks."""
+    """Launch plans to time at one shape: fused with 1-3 persistent programs per SM at three tile sizes and two
+    warp counts, and the split pair with 2-8 column ranges; plus "default", whatever ``_plan`` picks."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     plans = {"default": None}
-    for tile in (32768, 65536):
+    for tile in (16384, 32768, 65536):
         block_v = min(triton.next_power_of_2(vocab), tile // dtype.itemsize)
-        warps = min(16, max(4, block_v * dtype.itemsize // 1024))
-        for per_sm in (1, 2):
-            plans[f"fused_t{tile >> 10}k_p{per_sm}"] = ce_module.Plan(1, block_v, warps, per_sm * sms)
-        for splits in (1, 2, 4, 8):
-            if splits <= triton.cdiv(vocab, block_v):
-                plans[f"split_t{tile >> 10}k_s{splits}"] = ce_module.Plan(1, block_v, warps, 0, splits)
+        for warps in (8, 16):
+            for per_sm in (1, 2, 3):
+                plans[f"fused_t{tile >> 10}k_w{warps}_p{per_sm}"] = ce_module.Plan(1, block_v, warps, per_sm * sms)
+        if tile == 32768:
+            for splits in (2, 4, 8):
+                if splits <= triton.cdiv(vocab, block_v):
+                    plans[f"split_t{tile >> 10}k_s{splits}"] = ce_module.Plan(1, block_v, 16, 0, splits)
     return plans
 
 
 def sweep() -> None:
-    """triformer alone, gradient written over the logits (as the fused linear-CE launches it), under several
-    launch plans per shape (``_plan`` replaced while each runs): the data behind the constants of
-    ``triformer.cross_entropy``'s GPU launch. Writes ``cross_entropy_sweep``."""
+    """triformer alone under several launch plans per shape (``_plan`` replaced while each runs), the gradient
+    written over the logits (as the fused linear-CE and eager training steps launch it) and into a fresh buffer
+    (as torch.compile's step does): the data behind the constants of ``triformer.cross_entropy``'s GPU launch.
+    Writes ``cross_entropy_sweep``."""
     inputs = LazyInputs("cuda")
     chosen = ce_module._plan
     cases = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for rows, vocab in SWEEP_SHAPES:
-            shape = (rows, vocab, dtype)
-            providers = {}
-            for name, plan in sweep_plans(rows, vocab, dtype).items():
-                def run(plan=plan, shape=shape):
-                    ce_module._plan = chosen if plan is None else (lambda *args, plan=plan: plan)
-                    try:
-                        logits, targets = inputs.get(*shape)
-                        return torch.autograd.grad(cross_entropy(logits, targets, inplace_backward=True), logits)
-                    finally:
-                        ce_module._plan = chosen
-                providers[name] = run
-            cases.append(Case(op="cross_entropy", shape=f"{rows}x{vocab}", dtype=str(dtype).removeprefix("torch."),
-                              mode="fwd+bwd", bytes_moved=2 * rows * vocab * dtype.itemsize, flops=0,
-                              providers=providers))
+    for dtype in (torch.bfloat16,):  # what training steps pass; fp32 rows only move twice the bytes per element
+        for rows, vocab, *row_stride in SWEEP_SHAPES:
+            shape = (rows, vocab, dtype, *row_stride)
+            for inplace in (True, False):
+                if row_stride and inplace:  # autograd.grad cannot differentiate a view written in place
+                    continue
+                providers = {}
+                for name, plan in sweep_plans(rows, vocab, dtype).items():
+                    def run(plan=plan, shape=shape, inplace=inplace):
+                        ce_module._plan = chosen if plan is None else (lambda *args, plan=plan: plan)
+                        try:
+                            logits, targets = inputs.get(*shape)
+                            return torch.autograd.grad(cross_entropy(logits, targets, inplace_backward=inplace),
+                                                       logits)
+                        finally:
+                            ce_module._plan = chosen
+                    providers[name] = run
+                label = f"{rows}x{vocab}" + (f" (rows of {row_stride[0]})" if row_stride else "")
+                cases.append(Case(op="cross_entropy" + ("_inplace" if inplace else ""), shape=label,
+                                  dtype=str(dtype).removeprefix("torch."), mode="fwd+bwd",
+                                  bytes_moved=2 * rows * vocab * dtype.itemsize, flops=0, providers=providers))
     best = {}
     results = run_cases("cross_entropy_sweep", cases)
     for r in results:
-        key = (r["shape"], r["dtype"])
+        key = (r["op"], r["shape"], r["dtype"])
         if key not in best or r["ms"] < best[key]["ms"]:
             best[key] = r
-    default = {(r["shape"], r["dtype"]): r["ms"] for r in results if r["provider"] == "default"}
+    default = {(r["op"], r["shape"], r["dtype"]): r["ms"] for r in results if r["provider"] == "default"}
     for key, r in best.items():
         print(f"best {key}: {r['provider']} {r['ms']} ms ({r.get('pct_copy_bw')}% of copy); default {default[key]} ms")
 

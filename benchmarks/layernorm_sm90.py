@@ -78,11 +78,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, rms, has_w, has_b, has_dres in VARIANTS:
         for n, max_block_n in WIDTHS:
-            block_m, block_n, warps = ln._tile(M, n, max_block_n or ln.BWD_MAX_BLOCK_N, gpu_tile=2048, per_thread=8,
-                                               max_warps=32)
+            block_m, block_n, warps = ln._tile(M, n, max_block_n or ln.BWD_MAX_BLOCK_N, gpu_tile=ln.BWD_GPU_TILE,
+                                               per_thread=ln.BWD_PER_THREAD, max_warps=32)
             one_tile = block_n >= n
             constants = dict(RMS=rms, HAS_WEIGHT=has_w, HAS_BIAS=has_b, HAS_DRES=has_dres, BLOCK_M=block_m,
-                             BLOCK_N=block_n, ONE_TILE=one_tile)
+                             BLOCK_N=block_n, ONE_TILE=one_tile, PREFETCH=ln.BWD_PREFETCH)
             present = dict(W=has_w, Mean=not rms, DRES=has_dres, DW=has_w, DB=has_b, RowSums=not one_tile)
             compiled = triton.compile(specialise(ln._norm_bwd_kernel, constants, present),
                                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))

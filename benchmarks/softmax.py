@@ -14,7 +14,7 @@ import sys
 import torch
 
 import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, liger_import, main, mode_cases, run_cases
+from benchmarks.common import Case, liger_import, main, mode_cases, run_cases, with_settings
 from triformer.softmax import softmax
 
 softmax_module = sys.modules["triformer.softmax"]
@@ -77,18 +77,6 @@ SWEEP = [((8192, 32768), torch.bfloat16), ((4096, 32768), torch.float32), ((3276
          ((4096, 65536), torch.bfloat16)]
 
 
-def with_settings(run, values: dict):
-    """``run`` (a whole timed call: forward and/or backward) with ``triformer.softmax``'s globals set to ``values``."""
-    def timed():
-        saved = {k: getattr(softmax_module, k) for k in values}
-        vars(softmax_module).update(values)
-        try:
-            return run()
-        finally:
-            vars(softmax_module).update(saved)
-    return timed
-
-
 def sweep() -> None:
     """The launch constants of ``triformer.softmax`` (module globals read at each launch) over their candidates."""
     settings = {f"single{s >> 10}k_loop{b >> 10}k": dict(MAX_SINGLE_BLOCK=max(s, 32768), MAX_SINGLE_BLOCK_BWD=s,
@@ -100,7 +88,7 @@ def sweep() -> None:
         for name, values in settings.items():
             for case in mode_cases("softmax", "x".join(map(str, shape)), dtype, {name: softmax}, [x],
                                    passes={"fwd": 2, "bwd": 3, "fwd+bwd": 5}, unit_bytes=x.numel() * x.element_size()):
-                case.providers = {name: with_settings(case.providers[name], values)}
+                case.providers = {name: with_settings(case.providers[name], softmax_module, values)}
                 cases.append(case)
     run_cases("softmax_sweep", cases)
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import (Block, KVCache, Norm, TransformerConfig, at_least_fp32, dropout, init_weights,
-                           to_stream_dtype)
+from models.layers import (Block, KVCache, Norm, StateReader, TransformerConfig, at_least_fp32, dropout,
+                           init_weights, load_converted, to_stream_dtype)
 from models.ops import get_ops
 from triformer.rope import rope_inv_freq
 
@@ -228,44 +228,59 @@ class GPT(nn.Module):
         import transformers
         if isinstance(source, transformers.PreTrainedModel):
             hf_config, hf_state = source.config, source.state_dict()
+            name = f"Hugging Face model {type(source).__name__}"
         elif os.path.isdir(os.fspath(source)):
             hf_config, hf_state = load_hf_directory(source)
+            name = f"Hugging Face directory {os.fspath(source)}"
         else:
             hf = transformers.AutoModelForCausalLM.from_pretrained(os.fspath(source))
             hf_config, hf_state = hf.config, hf.state_dict()
+            name = f"Hugging Face model {os.fspath(source)}"
         config = GPTConfig(**{**_config_from_hf(hf_config), "kernels": kernels, **overrides})
         with torch.device("meta"):
             model = cls(config)
         state = {k: v.detach().to(dtype=dtype or v.dtype, copy=True)
-                 for k, v in model.convert_hf_state_dict(hf_state).items()}
-        model.load_state_dict(state, assign=True)
+                 for k, v in model.convert_hf_state_dict(hf_state, source=name).items()}
+        load_converted(model, state, name)
         if config.position == "rope":  # the tables were built on the meta device
             model.rope_cos, model.rope_sin = model.ops.rope_cos_sin(config.block_size, config.head_dim,
                                                                     config.rope_base, device=model.wte.weight.device,
                                                                     scaling=config.rope_scaling)
         return model
 
-    def convert_hf_state_dict(self, hf_state: dict) -> dict:
+    def convert_hf_state_dict(self, hf_state: dict, source: str = "Hugging Face state dict") -> dict:
         """A Hugging Face state dict (or anything laid out like it, e.g. its gradients) in this model's names and
         layouts: GPT-2's Conv1D weights transposed, llama's q/k/v and gate/up projections stacked, the token
-        embedding zero-padded to the padded vocab."""
+        embedding zero-padded to the padded vocab. Weights that disagree with this model's config are refused
+        (``ValueError`` naming ``source``), never padded, truncated or dropped: an embedding with other than
+        ``vocab_size`` rows, a missing tensor, or tensors the config has no place for (an extra layer)."""
         cfg = self.config
-        sd = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in hf_state.items()}
-        wte = sd["wte.weight" if cfg.position == "learned" else "embed_tokens.weight"]
-        out = {"wte.weight": F.pad(wte, (0, 0, 0, cfg.padded_vocab_size - wte.shape[0]))}
+        sd = StateReader({k.removeprefix("transformer.").removeprefix("model."): v for k, v in hf_state.items()},
+                         source)
+        heads = [("wte.weight", "wte.weight" if cfg.position == "learned" else "embed_tokens.weight")]
         if not cfg.tie_embeddings:
-            head = sd["lm_head.weight"]
-            out["lm_head.weight"] = F.pad(head, (0, 0, 0, cfg.padded_vocab_size - head.shape[0]))
+            heads.append(("lm_head.weight", "lm_head.weight"))
+        out = {}
+        for ours, theirs in heads:
+            rows = sd[theirs].shape[0]
+            if rows != cfg.vocab_size:
+                raise ValueError(f"{source}: its config says vocab_size={cfg.vocab_size} but {theirs} has {rows} rows; "
+                                 "the config and the weights disagree")
+            out[ours] = F.pad(sd[theirs], (0, 0, 0, cfg.padded_vocab_size - rows))
+        if cfg.tie_embeddings and "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd[heads[0][1]]):
+            raise ValueError(f"{source}: its config ties the LM head to the token embedding but lm_head.weight holds "
+                             "other values; the config and the weights disagree")
         if cfg.position == "rope":
             out["ln_f.weight"] = sd["norm.weight"]
             for i in range(cfg.n_layer):
                 theirs = {ours: torch.cat([sd[f"layers.{i}.{n}.weight"] for n in names])
                           for ours, names in _HF_LLAMA_BLOCK_NAMES}
                 out.update({f"blocks.{i}.{ours}.weight": t for ours, t in theirs.items()})
-            return out
-        self._require_gpt2_layout()
-        out.update({ours: sd[theirs].t() if transposed else sd[theirs]
-                    for ours, theirs, transposed in _gpt2_names(cfg.n_layer)})
+        else:
+            self._require_gpt2_layout()
+            out.update({ours: sd[theirs].t() if transposed else sd[theirs]
+                        for ours, theirs, transposed in _gpt2_names(cfg.n_layer)})
+        sd.check_all_read(_hf_unused)
         return out
 
     def to_huggingface(self):
@@ -348,6 +363,12 @@ def _gpt2_names(n_layer: int):
         for ours, theirs in _HF_GPT2_BLOCK_NAMES:
             yield f"blocks.{i}.{ours}.weight", f"h.{i}.{theirs}.weight", not ours.startswith("ln")
             yield f"blocks.{i}.{ours}.bias", f"h.{i}.{theirs}.bias", False
+def _hf_unused(key: str) -> bool:
+    """Tensors of a Hugging Face state dict that hold no weights: GPT-2's causal-mask buffers and llama's RoPE
+    frequencies (older transformers saved them), recomputed here."""
+    return key.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))
+
+
 # (our block weight, the llama weights stacked into it, in order)
 _HF_LLAMA_BLOCK_NAMES = (
     ("ln_1", ("input_layernorm",)), ("ln_2", ("post_attention_layernorm",)),
@@ -420,6 +441,13 @@ def load_hf_directory(path) -> tuple:
         raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
                                 "(save it with save_pretrained(..., safe_serialization=True))")
     state: dict = {}
+    root = os.path.realpath(path)
     for name in files:
-        state.update(load_file(os.path.join(path, name)))
+        # the index names shards relative to its directory: one outside it (../, an absolute path, a link out)
+        # would load someone else's file as these weights
+        shard = os.path.realpath(os.path.join(root, name))
+        if os.path.isabs(name) or os.path.dirname(shard) != root:
+            raise ValueError(f"{index} names the shard {name!r}, which is not a file in {path}; refusing to load "
+                             "weights from outside the model's directory")
+        state.update(load_file(shard))
     return config, state

@@ -131,7 +131,9 @@ class Attention(nn.Module):
     """Multi-head (or grouped-query) attention with one fused qkv projection.
 
     The qkv output ``[B, T, (H + 2 * Hkv) * D]`` is viewed as ``[B, H + 2 * Hkv, T, D]`` and split into
-    q, k, v without copies: the rotary and attention kernels read the strided views directly.
+    q, k, v without copies (``triformer.split_qkv``): the rotary and attention kernels read the strided views
+    directly. Without rotary embeddings or a KV cache, ``attention_packed`` takes the projection's output itself,
+    so the backward writes its gradient in one tensor instead of autograd concatenating dq, dk and dv.
     """
 
     def __init__(self, cfg: TransformerConfig, ops, causal: bool):
@@ -144,14 +146,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None) -> torch.Tensor:
         """``rope``: None or (cos, sin, position of x's first token) for ``ops.apply_rope``."""
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
+        dropout_p = self.dropout if self.training else 0.0
+        if rope is None and cache is None:  # attention on the projection itself: its gradient comes back as one tensor
+            y = self.ops.attention_packed(self.qkv(x), self.n_head, self.n_kv_head, is_causal=self.causal,
+                                          dropout_p=dropout_p)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        q, k, v = self.ops.split_qkv(self.qkv(x), self.n_head, self.n_kv_head)
         if rope is not None:
             q, k = self.ops.apply_rope(q, k, *rope)
         if cache is not None:
             k, v = cache.append(k, v)
         # grouped-query attention: ops.attention reads key/value head h // (n_head / n_kv_head) for query head h
-        y = self.ops.attention(q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0)
+        y = self.ops.attention(q, k, v, is_causal=self.causal, dropout_p=dropout_p)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -223,3 +229,39 @@ def init_weights(module: nn.Module, n_layer: int) -> None:
         elif p.dim() >= 2:
             std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
             nn.init.normal_(p, mean=0.0, std=std)
+
+
+class StateReader(dict):
+    """A foreign state dict (Hugging Face, timm) that records which tensors a conversion read, so a loader can
+    refuse weights that disagree with their config instead of reconciling them: a tensor the config needs and
+    the weights lack, or tensors the config has no place for (a layer more than its layer count says), which
+    would otherwise be dropped without a word."""
+
+    def __init__(self, state: dict, source: str):
+        super().__init__(state)
+        self.source, self.read = source, set()
+
+    def __getitem__(self, key):
+        if key not in self:
+            raise ValueError(f"{self.source}: its weights have no tensor {key!r}, which the architecture of its config "
+                             "needs; the config and the weights disagree")
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def check_all_read(self, ignorable=lambda key: False) -> None:
+        """``ValueError`` naming the tensors no conversion read (but those ``ignorable(key)`` allows)."""
+        unread = sorted(k for k in self if k not in self.read and not ignorable(k))
+        if unread:
+            shown = ", ".join(unread[:4]) + (f" and {len(unread) - 4} more" if len(unread) > 4 else "")
+            raise ValueError(f"{self.source}: its weights hold {len(unread)} tensor(s) its config has no place for "
+                             f"({shown}); the config and the weights disagree (e.g. more layers than the config's "
+                             "layer count), refusing to drop them")
+
+
+def load_converted(model: nn.Module, state: dict, source: str) -> None:
+    """``model.load_state_dict(state, assign=True)`` with a shape mismatch (a config that disagrees with its
+    weights) as a ``ValueError`` naming ``source``."""
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{source}: the weights do not fit the architecture of its config: {e}") from None

@@ -16,12 +16,12 @@ KERNELS = {"triton": "", "torch": "_reference"}
 # Every layer op a model may call. The "torch" variant of each is triformer's ``<name>_reference``.
 OP_NAMES = (
     "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
-    "attention", "dropout",
+    "attention", "attention_packed", "dropout",
     "gelu", "swiglu", "apply_rope",
     "cross_entropy", "linear_cross_entropy",
 )
 # Helpers that launch no kernel, shared by both variants.
-SHARED_NAMES = ("rope_cos_sin",)
+SHARED_NAMES = ("rope_cos_sin", "split_qkv")
 
 
 def check_kernels(kernels: str) -> None:

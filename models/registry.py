@@ -57,11 +57,16 @@ def list_models() -> list[str]:
     return list(_MODELS)
 
 
-def model_config(name: str, kernels: str = "triton", **overrides):
-    """The config ``create_model`` builds ``name`` from (no parameters allocated)."""
+def registered(name: str) -> tuple[type, dict]:
+    """(config class, the registry's fields) of model ``name``."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(_MODELS)}")
-    _, config_cls, fields = _MODELS[name]
+    return _MODELS[name][1:]
+
+
+def model_config(name: str, kernels: str = "triton", **overrides):
+    """The config ``create_model`` builds ``name`` from (no parameters allocated)."""
+    config_cls, fields = registered(name)
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:

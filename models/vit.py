@@ -12,7 +12,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from models.layers import Block, Norm, TransformerConfig, at_least_fp32, dropout, init_weights, to_stream_dtype
+from models.layers import (Block, Norm, StateReader, TransformerConfig, at_least_fp32, dropout, init_weights,
+                           load_converted, to_stream_dtype)
 from models.ops import get_ops
 
 POOLS = ("cls", "mean")
@@ -144,7 +145,7 @@ class ViT(nn.Module):
             mlp_hidden=blk.mlp.fc1.out_features, norm_eps=norm.eps, image_size=model.patch_embed.img_size[0],
             patch_size=model.patch_embed.patch_size[0], in_channels=model.patch_embed.proj.in_channels,
             num_classes=model.num_classes, pool=pool, kernels=kernels), **overrides})
-        sd = model.state_dict()
+        sd = StateReader(model.state_dict(), f"timm {type(model).__name__}")
         state = {"patch_embed.weight": sd["patch_embed.proj.weight"].flatten(1),
                  "patch_embed.bias": sd["patch_embed.proj.bias"], "cls_token": sd["cls_token"],
                  "pos_embed": sd["pos_embed"], "head.weight": sd["head.weight"], "head.bias": sd["head.bias"]}
@@ -155,7 +156,7 @@ class ViT(nn.Module):
                                  ("ln_2", "norm2"), ("mlp.fc", "mlp.fc1"), ("mlp.proj", "mlp.fc2")):
                 for k in ("weight", "bias"):
                     state[f"blocks.{i}.{ours}.{k}"] = sd[f"blocks.{i}.{theirs}.{k}"]
-        return cls._with_state(config, state)
+        return cls._with_state(config, state, sd)
 
     @classmethod
     def from_huggingface(cls, model, kernels: str = "triton", **overrides) -> "ViT":
@@ -170,7 +171,7 @@ class ViT(nn.Module):
             mlp_hidden=c.intermediate_size, norm_eps=c.layer_norm_eps, image_size=c.image_size,
             patch_size=c.patch_size, in_channels=c.num_channels, num_classes=c.num_labels, pool="cls",
             kernels=kernels), **overrides})
-        sd = model.state_dict()
+        sd = StateReader(model.state_dict(), f"Hugging Face {type(model).__name__}")
         emb = "vit.embeddings."
         state = {"patch_embed.weight": sd[emb + "patch_embeddings.projection.weight"].flatten(1),
                  "patch_embed.bias": sd[emb + "patch_embeddings.projection.bias"], "cls_token": sd[emb + "cls_token"],
@@ -183,13 +184,16 @@ class ViT(nn.Module):
                 state[f"blocks.{i}.attn.qkv.{k}"] = torch.cat([sd[layer[n] + k] for n in ("q", "k", "v")])
                 for ours in ("ln_1", "attn.proj", "ln_2", "mlp.fc", "mlp.proj"):
                     state[f"blocks.{i}.{ours}.{k}"] = sd[layer[ours] + k]
-        return cls._with_state(config, state)
+        return cls._with_state(config, state, sd)
 
     @classmethod
-    def _with_state(cls, config: ViTConfig, state: dict) -> "ViT":
+    def _with_state(cls, config: ViTConfig, state: dict, source: StateReader) -> "ViT":
+        """The model of ``config`` with ``state``, converted from ``source``: every tensor of the source must
+        have been used and have its shape (a config that disagrees with its weights is refused)."""
+        source.check_all_read()
         with torch.device("meta"):
             model = cls(config)
-        model.load_state_dict({k: v.detach().clone() for k, v in state.items()}, assign=True)
+        load_converted(model, {k: v.detach().clone() for k, v in state.items()}, source.source)
         return model
 
 

@@ -8,7 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from triformer.attention import (Attention, AttentionFunction, attention, attention_dropout_mask,
-                                 attention_reference)
+                                 attention_packed, attention_packed_reference, attention_reference, split_qkv)
 from triformer.dropout import dropout, dropout_keep_reference
 from triformer.testing import (FP32_RTOL, LOW_PRECISION_FLOOR, LOW_PRECISION_SLACK, assert_close, kernel_device,
                                poisoned_empty, random_tensor, rel_error)
@@ -164,6 +164,51 @@ def test_attention_reads_fused_qkv_projection_in_place(B, T):
     assert out.transpose(1, 2).reshape(B, T, H * D).data_ptr() == out.data_ptr()
     # an expanded upstream gradient (zero strides), as out.sum().backward() produces
     check_attention(q, k, v, torch.ones(1, 1, 1, 1, device=q.device).expand(B, H, T, D), is_causal=True)
+
+
+@pytest.mark.parametrize("n_head,n_kv_head,T,is_causal,dropout_p", [(3, 3, 37, True, 0.0), (4, 2, 19, False, 0.0),
+                                                                    (2, 1, 33, True, 0.25)])
+def test_attention_packed_matches_reference_with_one_gradient_tensor(n_head, n_kv_head, T, is_causal, dropout_p):
+    """attention_packed on a fused projection's output [B, T, (H + 2 H_kv) D]: output and d(qkv) against the
+    float64 reference on the same views; the gradient is one fresh tensor shaped like qkv, every element
+    written (poisoned buffers), equal to what attention on split views gives."""
+    B, D = 2, 16
+    qkv = random_tensor((B, T, (n_head + 2 * n_kv_head) * D), torch.float32).requires_grad_()
+    kwargs = dict(is_causal=is_causal, dropout_p=dropout_p, seed=7 if dropout_p else None)
+    out = attention_packed(qkv, n_head, n_kv_head, **kwargs)
+    grad_out = random_tensor(out.shape, out.dtype)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad_out)
+    assert dqkv.shape == qkv.shape and dqkv.is_contiguous() and not dqkv.isnan().any()
+    q64 = qkv.detach().double().requires_grad_()
+    ref = attention_packed_reference(q64, n_head, n_kv_head, **kwargs)
+    (ref_grad,) = torch.autograd.grad(ref, q64, grad_out.double())
+    assert_close("out", out, ref)
+    assert_close("dqkv", dqkv, ref_grad)
+    views = [t.detach().requires_grad_() for t in split_qkv(qkv.detach(), n_head, n_kv_head)]
+    split_out = attention(*views, **kwargs)
+    torch.testing.assert_close(out, split_out, rtol=0, atol=0)
+    for ours, theirs, view in zip(split_qkv(dqkv, n_head, n_kv_head), torch.autograd.grad(split_out, views, grad_out),
+                                  views):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_attention_packed_double_backward_and_bad_input():
+    qkv = random_tensor((1, 9, 3 * 2 * 8), torch.float32).requires_grad_()
+    out = attention_packed(qkv, 2, is_causal=True)
+    (g,) = torch.autograd.grad(out.square().sum(), qkv, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), qkv)
+    q64 = qkv.detach().double().requires_grad_()
+    (g64,) = torch.autograd.grad(attention_packed_reference(q64, 2, is_causal=True).square().sum(), q64,
+                                 create_graph=True)
+    assert_close("ddqkv", gg, torch.autograd.grad(g64.sum(), q64)[0])
+    for args, error, message in [((qkv[..., :-1], 2), ValueError, "must be \\(n_head \\+ 2 \\* n_kv_head\\)"),
+                                 ((qkv, 0), ValueError, "n_head must be a positive int"),
+                                 ((qkv, 2, True), ValueError, "n_kv_head must be a positive int"),
+                                 ((qkv[0], 2), ValueError, "qkv must be a 3-D tensor"),
+                                 ((random_tensor((1, 48, 9), torch.float32).transpose(1, 2), 2), ValueError,
+                                  "contiguous in its last")]:
+        with pytest.raises(error, match=message):
+            attention_packed(*args)
 
 
 def test_causal_alignment_matches_incremental_decoding():

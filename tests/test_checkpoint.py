@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import torch
 from safetensors.torch import save_file
 
+from tests.helpers.checkpoints import flip_byte
 from training import checkpoint
 from training.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_checkpoint
 
@@ -115,15 +116,9 @@ def test_unstorable_value_is_named(tmp_path):
         save_checkpoint(tmp_path / "c.safetensors", {"model": {"fn": print}})
 
 
-def _flip_byte(path, offset):
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
 def test_tampered_tensor_bytes_refused(tmp_path):
     path = save_checkpoint(tmp_path / "c.safetensors", _payload())
-    _flip_byte(path, path.stat().st_size - 3)  # inside the last tensor's data
+    flip_byte(path, path.stat().st_size - 3)  # inside the last tensor's data
     with pytest.raises(CheckpointError, match="modified or is corrupted"):
         load_checkpoint(path)
 
@@ -203,8 +198,27 @@ def test_resume_latest_is_the_newest_checkpoint_of_any_run(tmp_path):
     os.utime(older, (1_000_000, 1_000_000))
     (tmp_path / "run-a" / "checkpoints" / ".step_00000003.safetensors.tmp-x").write_bytes(b"torn")
     assert checkpoint.resolve_resume("latest", tmp_path) == newer
-    with pytest.raises(FileNotFoundError, match="no step_.*checkpoint under"):
+    with pytest.raises(FileNotFoundError, match="no step_.*checkpoint of a run directly under"):
         checkpoint.resolve_resume("latest", tmp_path / "empty")
+
+
+def test_resume_latest_never_picks_a_sweep_job_and_names_the_candidates(tmp_path):
+    """Right after a sweep (python train.py -m ...) its jobs are the newest checkpoints under runs/<name>/, but
+    each has other settings: latest means the newest plain run; a sweep job is the user's to name."""
+    plain = CheckpointManager(tmp_path / "2026-01-01_00-00-00" / "checkpoints").save(4, {"step": 4})
+    os.utime(plain, (1_000_000, 1_000_000))
+    sweep = tmp_path / "multirun-2026-01-02_00-00-00"
+    jobs = [sweep / f"{i}-loss.ce_chunks={c}" for i, c in enumerate((1, 4))]
+    for job in jobs:
+        CheckpointManager(job / "checkpoints").save(6, {"step": 6})
+    assert checkpoint.resolve_resume("latest", tmp_path) == plain
+    # a sweep's folder has no checkpoint of its own: its jobs are listed
+    with pytest.raises(FileNotFoundError, match=f"the runs below it: {jobs[0]}, {jobs[1]} .*resume=<run directory>"):
+        checkpoint.resolve_resume(str(sweep), tmp_path)
+    plain.unlink()
+    with pytest.raises(FileNotFoundError, match=f"the runs below it: {jobs[0]}, {jobs[1]}"):
+        checkpoint.resolve_resume("latest", tmp_path)
+    assert checkpoint.resolve_resume(str(jobs[1]), tmp_path) == jobs[1] / "checkpoints" / "step_00000006.safetensors"
 
 
 def _slow_save_file(tensors, filename, metadata=None):

@@ -212,7 +212,7 @@ def test_tiktoken_file_tokenizer_and_gpt2_file_check(tmp_path):
 
 def test_bad_configs_and_sources_raise_clear_errors(tmp_path):
     files = write_corpus(tmp_path / "c", 2)
-    with pytest.raises(ValueError, match=r"unknown data config key\(s\) \['seqlen'\]"):
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) data.seqlen"):
         build_data(files_cfg(tmp_path, files, seqlen=3), seed=0)
     with pytest.raises(ValueError, match="data.task"):
         build_data({"task": "audio"}, seed=0)
@@ -328,7 +328,7 @@ KILLER = textwrap.dedent("""
             return real(path)
         text._encode_file = encode
     else:  # just before the completion marker
-        cache._atomic_write = lambda path, data: os.kill(os.getpid(), signal.SIGKILL)
+        cache.atomic_write = lambda path, data: os.kill(os.getpid(), signal.SIGKILL)
     build_data({cfg!r}, seed=0)
     print("survived")
 """)

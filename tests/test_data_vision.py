@@ -220,7 +220,8 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(CacheError, match="train_images.bin has 50 bytes"):
         build_data(dict(base, root=str(root), name="ok"), seed=0)
     for bad, message in [(dict(channels=2), "channels"), (dict(crop_padding=-1), "crop_padding"),
-                         (dict(val_fraction=1.0), "val_fraction"), (dict(colour=True), "unknown data config"),
+                         (dict(val_fraction=1.0), "val_fraction"),
+                         (dict(colour=True), r"unknown setting\(s\) data.colour"),
                          (dict(std=[0.0]), "std"), (dict(mean=[0.5, 0.5]), "one per channel")]:
         with pytest.raises(ValueError, match=message):
             build_data({"task": "image", **bad}, seed=0)

@@ -97,7 +97,7 @@ def test_init_from_refuses_mismatches(tmp_path, data_cache):
         assert trainer.model.config.n_embd == 32  # the checkpoint's architecture wins
     finally:
         trainer.close()
-    with pytest.raises(ValueError, match="neither a Hugging Face"):
+    with pytest.raises(ValueError, match="no such checkpoint file or run directory. init_from takes a local Hugging"):
         Trainer(_cfg(tmp_path / "r3", data_cache, f"init_from={tmp_path / 'nothing'}"))
 
 
@@ -117,3 +117,28 @@ def test_from_huggingface_reads_directory_without_transformers_model(tmp_path):
     hf.save_pretrained(tmp_path, max_shard_size="20KB")
     model = GPT.from_huggingface(tmp_path, kernels="torch", dtype=torch.bfloat16)
     assert model.wte.weight.dtype == torch.bfloat16 and model.lm_head is not None
+
+
+def test_bf16_directory_trains_fp32_master_weights(tmp_path, data_cache):
+    hf_llama().to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    trainer, _ = _fit(_cfg(tmp_path / "run", data_cache, f"init_from={tmp_path / 'hf'}", "trainer.precision=fp32"))
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    states = [s for s in trainer.optimizer.state.values() if "exp_avg" in s]
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+
+
+def test_init_from_a_run_directory_and_a_read_only_checkpoint(tmp_path, data_cache):
+    """A triformer run directory has a config.json (the run's config) but is not a Hugging Face directory."""
+    first, _ = _fit(_cfg(tmp_path / "a", data_cache))
+    trainer = Trainer(_cfg(tmp_path / "b", data_cache, f"init_from={tmp_path / 'a'}"))
+    trainer.close()
+    assert trainer.model.config.n_embd == 32
+
+
+def test_init_from_a_name_that_is_nothing_says_so_in_one_message(tmp_path, data_cache):
+    with pytest.raises(ValueError) as info:
+        Trainer(_cfg(tmp_path / "r", data_cache, "init_from=gpt2"))
+    message = str(info.value)
+    assert message.startswith("init_from='gpt2': no such checkpoint file or run directory")
+    assert "save_pretrained" in message and "resume" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__

@@ -118,3 +118,54 @@ def test_llama_sharded_save_pretrained_roundtrip(tmp_path, tied):
     assert again.config.tie_word_embeddings == tied
     for name, t in hf.state_dict().items():
         assert torch.equal(again.state_dict()[name], t.float()), name
+
+
+def _edit_config(directory, **changes):
+    import json
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("family, changes, match", [
+    # a vocabulary the embedding does not have: neither zero-padded nor truncated
+    ("gpt2", {"vocab_size": 300}, "says vocab_size=300 but wte.weight has 101 rows"),
+    ("gpt2", {"vocab_size": 60}, "says vocab_size=60 but wte.weight has 101 rows"),
+    # one layer fewer than the weights hold: the second layer is not dropped
+    ("gpt2", {"n_layer": 1}, r"tensor\(s\) its config has no place for \(h\.1\."),
+    ("gpt2", {"n_layer": 3}, "no tensor 'h.2.ln_1.weight'"),
+    ("gpt2", {"n_positions": 50}, "do not fit the architecture of its config"),
+    ("llama", {"num_hidden_layers": 1}, r"no place for \(layers\.1\."),
+    ("llama", {"vocab_size": 128}, "says vocab_size=128 but embed_tokens.weight has 101 rows"),
+    ("llama", {"intermediate_size": 64}, "do not fit the architecture of its config"),
+])
+def test_a_config_that_disagrees_with_its_weights_is_refused(tmp_path, family, changes, match):
+    (hf_gpt2() if family == "gpt2" else hf_llama(tied=False)).save_pretrained(tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=match):
+        GPT.from_huggingface(tmp_path, kernels="torch")
+
+
+def test_a_tied_config_with_a_separate_lm_head_is_refused(tmp_path):
+    hf_llama(tied=False).save_pretrained(tmp_path)
+    _edit_config(tmp_path, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="ties the LM head to the token embedding but lm_head.weight holds other"):
+        GPT.from_huggingface(tmp_path, kernels="torch")
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/abs/elsewhere.safetensors", "sub/../../x.safetensors",
+                                   "link.safetensors"])
+def test_an_index_naming_shards_outside_the_directory_is_refused(tmp_path, shard):
+    import json
+    model_dir = tmp_path / "model"
+    hf_llama().save_pretrained(model_dir, max_shard_size="20KB")
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"someone else's file")
+    (model_dir / "link.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    index_path = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"names the shard '{shard}', which is not a file in"):
+        GPT.from_huggingface(model_dir, kernels="torch")

@@ -155,3 +155,16 @@ def test_bad_inputs():
         model(x.long())
     with pytest.raises(ValueError, match="targets must be int64/int32 of shape"):
         model(x, y[:1])
+
+
+def test_huggingface_config_that_disagrees_with_its_weights_is_refused():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=4, patch_size=2,
+        num_channels=1, num_labels=3))
+    hf.config.num_hidden_layers = 1
+    with pytest.raises(ValueError, match=r"no place for \(vit\.(layers|encoder\.layer)\.1\."):
+        ViT.from_huggingface(hf, kernels="torch")
+    hf.config.num_hidden_layers, hf.config.num_labels = 2, 5
+    with pytest.raises(ValueError, match="do not fit the architecture of its config"):
+        ViT.from_huggingface(hf, kernels="torch")

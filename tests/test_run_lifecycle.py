@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import training.data
-from training import checkpoint, run
+from training import checkpoint, run, settings
 from training.config import compose
 from training.trainer import Trainer, train
 
@@ -33,25 +33,45 @@ def _cfg(data_cache, *overrides, experiment="smoke"):
 
 # ------------------------------------------------------------------------------------------ validation
 @pytest.mark.parametrize("override, key", [
-    ("trainer.log_interval=0", "trainer.log_interval must be a positive int, got 0"),
-    ("optim.warmup_steps=-5", "optim.warmup_steps must be a non-negative int, got -5"),
-    ("trainer.ckpt_interval=-3", "trainer.ckpt_interval must be a non-negative int, got -3"),
-    ("trainer.eval_interval=-1", "trainer.eval_interval must be a non-negative int"),
-    ("trainer.grad_clip=-1", "trainer.grad_clip must be a number >= 0, got -1"),
-    ("trainer.eval_batches=0", "trainer.eval_batches must be null or a positive int"),
-    ("trainer.max_steps=2.5", "trainer.max_steps must be a positive int, got 2.5"),
-    ("optim.lr=0", "optim.lr must be a number > 0"),
-    ("optim.lr=nan", "optim.lr must be a number > 0"),
-    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be a number >= 0 and <= 1"),
-    ("optim.betas=[0.9,1.5]", r"optim.betas\[1\] must be a number >= 0 and < 1"),
-    ("optim.weight_decay=-0.1", "optim.weight_decay must be a number >= 0"),
-    ("model.dropout=1.0", "model.dropout must be a number >= 0 and < 1"),
-    ("model.n_layer=0", "model.n_layer must be null or a positive int"),
+    ("trainer.log_interval=0", "trainer.log_interval must be >= 1, got 0"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps must be >= 0, got -5"),
+    ("trainer.ckpt_interval=-3", "trainer.ckpt_interval must be >= 0, got -3"),
+    ("trainer.eval_interval=-1", "trainer.eval_interval must be >= 0"),
+    ("trainer.grad_clip=-1", "trainer.grad_clip must be >= 0, got -1"),
+    ("trainer.eval_batches=0", "trainer.eval_batches must be >= 1"),
+    ("trainer.max_steps=2.5", "trainer.max_steps must be an int, got 2.5"),
+    ("optim.lr=0", "optim.lr must be > 0"),
+    ("optim.lr=nan", "optim.lr must be a finite number"),
+    ("optim.lr=inf", "optim.lr must be a finite number, got inf"),
+    ("optim.eps=inf", "optim.eps must be a finite number"),
+    ("optim.weight_decay=inf", "optim.weight_decay must be a finite number"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be >= 0 and <= 1"),
+    ("optim.betas=[0.9,1.5]", r"optim.betas\[1\] must be >= 0 and < 1"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.schedule=cosin", "optim.schedule='cosin' is not one of: cosine, linear, constant"),
+    ("optim.name=sgd", "optim.name='sgd' is not one of: adamw"),
+    ("model.dropout=1.0", r"model.dropout must be in \[0, 1\)"),
+    ("model.n_layer=0", "model.n_layer must be a positive int"),
+    ("model.n_head=5", r"model.n_embd \(32\) must be divisible by n_head \(5\)"),
+    ("model.n_kv_head=3", "model.n_kv_head must be a positive divisor of n_head"),
     ("loss.ce_chunks=0", "loss.ce_chunks must be a positive int"),
-    ("loss.label_smoothing=-0.1", "loss.label_smoothing must be a number >= 0 and < 1"),
+    ("loss.label_smoothing=-0.1", r"loss.label_smoothing must be in \[0, 1\)"),
     ("data.seq_len=0", "data.seq_len must be a positive int"),
+    ("data.seq_len=64", "data.seq_len=64 exceeds the model's block_size=32"),
+    ("data.val_fraction=0", "data.val_fraction=0 leaves no validation split"),
+    ("logger.name=tb", "logger.name='tb' is not one of: none, wandb"),
+    ("trainer.compile_backend=indcutor", "trainer.compile_backend='indcutor' is not one of"),
+    ("trainer.precision=fp8", "trainer.precision='fp8' is not one of"),
+    ("seed=36893488147419103232", "seed must be >= 0 and < 18446744073709551616"),
+    # a bool setting takes only true or false: "no" is a non-empty string, which Python calls true
+    ("trainer.compile=no", "trainer.compile must be true or false, got 'no'"),
+    ("trainer.activation_checkpointing=no", "trainer.activation_checkpointing must be true or false"),
+    ("trainer.eval_at_start=off", "trainer.eval_at_start must be true or false, got 'off'"),
+    ("trainer.test_at_end=nope", "trainer.test_at_end must be true or false"),
+    ("memory_report=maybe", "memory_report must be true or false, got 'maybe'"),
+    ("resume_allow_changes=1", "resume_allow_changes must be true or false, got 1"),
 ])
-def test_numeric_config_values_fail_before_any_work(tmp_path, data_cache, monkeypatch, override, key):
+def test_settings_fail_before_any_work(tmp_path, data_cache, monkeypatch, override, key):
     def no_work(*args, **kwargs):
         raise AssertionError("data was prepared before the config was checked")
 
@@ -61,15 +81,36 @@ def test_numeric_config_values_fail_before_any_work(tmp_path, data_cache, monkey
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override, key", [
+    ("experiment=smoke-vit", None),
+    ("experiment=smoke-vit data.hflip=maybe", "data.hflip must be true or false, got 'maybe'"),
+    ("experiment=smoke-vit data.mean=[nan]", "data.mean must be null or a list of finite numbers, got \\[nan\\]"),
+    ("experiment=smoke-vit model.patch_size=3", r"model.image_size \(8\) must be divisible by patch_size \(3\)"),
+    ("experiment=smoke-vit model.pool=max", "model.pool must be one of"),
+    ("experiment=smoke-vit loss=fused", "loss=fused is for language models; image classifiers use loss=ce"),
+])
+def test_image_settings_fail_before_any_work(override, key):
+    cfg = compose(["model.kernels=torch", *override.split()])
+    if key is None:
+        settings.check_train_config(cfg)
+        return
+    with pytest.raises(ValueError, match=key):
+        settings.check_train_config(cfg)
+
+
 def test_eval_values_are_checked_before_loading():
-    for key, value, words in [("stride", 0, "stride must be null or a positive int, got 0"),
-                              ("context", -1, "context must be null or a positive int"),
-                              ("batch_size", 0, "batch_size must be a positive int"),
-                              ("temperature", 0, "temperature must be a number > 0"),
-                              ("top_k", 0, "top_k must be null or a positive int")]:
-        cfg = {"checkpoint": "missing.safetensors", "batch_size": 8, key: value}
+    for key, value, words in [("stride", 0, "stride must be >= 1, got 0"),
+                              ("context", -1, "context must be >= 1"),
+                              ("batch_size", 0, "batch_size must be >= 1"),
+                              ("temperature", 0, "temperature must be > 0"),
+                              ("top_k", 0, "top_k must be >= 1"),
+                              ("perplexity", "no", "perplexity must be true or false, got 'no'"),
+                              ("split", "dev", "split='dev' is not one of")]:
+        cfg = _eval_cfg("missing.safetensors", "out", **{key: value})
         with pytest.raises(ValueError, match=words):
-            run.validate_eval_config(cfg)
+            settings.check_eval_config(cfg)
+    with pytest.raises(ValueError, match="checkpoint= is required: python eval.py checkpoint=runs/"):
+        settings.check_eval_config(_eval_cfg(None, "out"))
 
 
 # ----------------------------------------------------------------------------------- run directory lock
@@ -133,8 +174,10 @@ def test_runs_started_together_without_run_dir_get_their_own_directories(tmp_pat
 def test_stale_checkpoint_temporaries_are_cleaned_under_the_lock(tmp_path, data_cache):
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir(parents=True)
-    stale = [".step_00000003.safetensors.tmp-k2j4h_x1", ".best.safetensors.tmp-4242", ".tmpa8b7c6d5"]
-    keep = ["notes.txt", "step_00000003.safetensors.tmp-other", ".hidden_by_user"]
+    stale = [".step_00000003.safetensors.triformer-tmp-k2j4h_x1", ".best.safetensors.triformer-tmp-4242"]
+    # another program's temporaries (tempfile's .tmpXXXXXX) and names that are not ours stay
+    keep = ["notes.txt", "step_00000003.safetensors.tmp-other", ".hidden_by_user", ".tmpa8b7c6d5",
+            ".step_00000003.safetensors.tmp-k2j4h_x1"]
     for name in stale + keep:
         (ckpts / name).write_bytes(b"x" * 10)
     # while another run holds the directory, nothing is touched
@@ -147,7 +190,7 @@ def test_stale_checkpoint_temporaries_are_cleaned_under_the_lock(tmp_path, data_
 
 def test_resume_cleans_the_source_run_temporaries(tmp_path, data_cache):
     train(_cfg(data_cache, f"run_dir={tmp_path / 'a'}", "trainer.max_steps=3"))
-    debris = tmp_path / "a" / "checkpoints" / ".step_00000006.safetensors.tmp-abcdef12"
+    debris = tmp_path / "a" / "checkpoints" / ".step_00000006.safetensors.triformer-tmp-abcdef12"
     debris.write_bytes(b"partial")
     train(_cfg(data_cache, f"run_dir={tmp_path / 'b'}", "trainer.max_steps=4", f"resume={tmp_path / 'a'}"))
     assert not debris.exists()
@@ -179,6 +222,94 @@ def test_resume_with_other_batch_or_data_settings_is_refused_unless_allowed(tmp_
     summary = train(_cfg(data_cache, f"run_dir={tmp_path / 'c'}", "trainer.batch_size=4", "resume_allow_changes=true",
                          f"resume={ckpt}"))
     assert summary["steps"] == 6 and "trainer.batch_size: checkpoint 8 vs now 4" in capsys.readouterr().err
+
+
+def _records(run_dir):
+    import csv
+    import json
+    jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.reader(f))
+    return jsonl, rows[0], rows[1:]
+
+
+def test_resumed_run_records_read_as_one_run(tmp_path, data_cache):
+    """Resume from step 3 of a 6-step run: the run continues in its own directory, the records past step 3 are
+    replaced by the resumed steps (no duplicates), and the CSV holds every step with its columns in one order."""
+    a = tmp_path / "smoke" / "a"
+    train(_cfg(data_cache, f"run_dir={a}"))
+    first, header, _ = _records(a)
+    losses = {r["step"]: r["loss"] for r in first if r["kind"] == "train"}
+    train(_cfg(data_cache, f"resume={a / 'checkpoints' / 'step_00000003.safetensors'}"))
+    again, header2, rows = _records(a)
+    steps = [(r["kind"], r["step"]) for r in again]
+    assert steps == [(r["kind"], r["step"]) for r in first] and len(set(steps)) == len(steps)
+    assert {r["step"]: r["loss"] for r in again if r["kind"] == "train"} == losses  # an exact continuation
+    assert header2 == header == ["kind", "step", "time", *sorted(set(header) - {"kind", "step", "time"})]
+    assert [int(r[1]) for r in rows] == [r["step"] for r in again]
+    assert [p.name for p in (tmp_path / "smoke").iterdir()] == ["a"]  # no second directory
+    # resume=latest finds it under runs/<name>/ and extends it in place, from step 6
+    train(_cfg(data_cache, f"runs_root={tmp_path}", "resume=latest", "trainer.max_steps=8"))
+    extended, _, rows = _records(a)
+    assert [r["step"] for r in extended if r["kind"] == "train"] == list(range(1, 9))
+    assert [p.name for p in (tmp_path / "smoke").iterdir()] == ["a"]
+
+
+def test_a_new_run_into_a_finished_run_is_refused(tmp_path, data_cache):
+    train(_cfg(data_cache, f"run_dir={tmp_path}", "trainer.max_steps=3"))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.raises(ValueError, match=f"run_dir={tmp_path} already holds a run .*config.json.*resume={tmp_path}"):
+        Trainer(_cfg(data_cache, f"run_dir={tmp_path}", "trainer.max_steps=3"))
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_resume_verifies_the_checkpoint(tmp_path, data_cache, complete):
+    """One changed byte is refused as eval.py refuses it: not "nothing to train", not a silent resume."""
+    from tests.helpers.checkpoints import flip_byte
+    train(_cfg(data_cache, f"run_dir={tmp_path / 'a'}", "trainer.max_steps=3"))
+    ckpt = tmp_path / "a" / "checkpoints" / "step_00000003.safetensors"
+    flip_byte(ckpt, -3)
+    with pytest.raises(checkpoint.CheckpointError, match="modified or is corrupted"):
+        train(_cfg(data_cache, f"resume={ckpt}", f"trainer.max_steps={3 if complete else 4}"))
+
+
+def _read_only(monkeypatch, root):
+    """Writes under ``root`` fail as on a read-only mount (the tests run as root, whom chmod does not stop)."""
+    import errno
+    real_open, real_access = os.open, os.access
+
+    def under(path):
+        return os.path.abspath(path).startswith(str(root))
+
+    def open_(path, flags, *args, **kwargs):
+        if under(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: not (under(path) and mode & os.W_OK)
+                        and real_access(path, mode, **kw))
+
+
+def test_resume_from_a_read_only_run_and_a_folder_of_other_files(tmp_path, data_cache, monkeypatch):
+    train(_cfg(data_cache, f"run_dir={tmp_path / 'ro'}", "trainer.max_steps=3"))
+    # a checkpoint copied into a folder of other things: another program's temporaries there are not ours
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    source = tmp_path / "ro" / "checkpoints" / "step_00000003.safetensors"
+    (folder / "step_00000003.safetensors").write_bytes(source.read_bytes())
+    others = [folder / ".tmpa8b7c6d5", folder / ".step_00000004.safetensors.tmp-k2j4h_x1"]
+    for p in others:
+        p.write_bytes(b"not ours")
+    train(_cfg(data_cache, f"run_dir={tmp_path / 'b'}", "trainer.max_steps=4", f"resume={folder}"))
+    assert all(p.exists() for p in others) and not (folder / run.LOCK_FILE).exists()
+    # a read-only run: continued in a new directory, its records carried over
+    _read_only(monkeypatch, tmp_path / "ro")
+    summary = train(_cfg(data_cache, f"runs_root={tmp_path}", "trainer.max_steps=4", f"resume={tmp_path / 'ro'}"))
+    assert summary["steps"] == 4 and Path(summary["run_dir"]).parent == tmp_path / "smoke"
+    steps = [r["step"] for r in _records(Path(summary["run_dir"]))[0] if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------------- failure and finish
@@ -307,13 +438,63 @@ def test_train_and_eval_command_lines_log_to_their_directories(tmp_path):
     assert "evaluating" in (tmp_path / "eval" / "eval.log").read_text()
 
 
+def _start(script, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_command_lines_refuse_in_one_line_and_stop_on_signals_with_a_checkpoint(tmp_path, data_cache):
+    """train.py/eval.py in subprocesses, started together (each pays Python's and torch's start-up, in parallel):
+    a refused setting is one line and leaves no folder; SIGINT and SIGTERM stop training after a step with a
+    checkpoint and one line saying how to resume."""
+    import signal
+    import time
+    smoke = ["experiment=smoke", "model.kernels=torch", f"data.cache_dir={data_cache}", "data.num_proc=1"]
+    refused = {
+        "error: trainer.compile must be true or false, got 'no'":
+            _start("train.py", *smoke, f"runs_root={tmp_path}/runs", "trainer.compile=no"),
+        "error: init_from='gpt2': no such checkpoint file or run directory. init_from takes a local Hugging Face":
+            _start("train.py", *smoke, f"runs_root={tmp_path}/runs", "init_from=gpt2"),
+        "error: checkpoint= is required: python eval.py checkpoint=runs/":
+            _start("eval.py", f"hydra.run.dir={tmp_path}/eval/x"),
+    }
+    stopped = {sig: (tmp_path / sig.name, _start("train.py", *smoke, f"run_dir={tmp_path / sig.name}",
+                                                 "trainer.max_steps=100000", "trainer.ckpt_interval=0",
+                                                 "trainer.eval_interval=0"))
+               for sig in (signal.SIGINT, signal.SIGTERM)}
+    for expected, process in refused.items():
+        out = process.communicate(timeout=240)[0]
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert process.returncode == 1 and len(lines) == 1 and lines[0].startswith(expected), out
+    assert not list((tmp_path / "runs").glob("*")) and not (tmp_path / "eval").exists()  # runs_root itself may stay
+    for sig, (run_dir, process) in stopped.items():
+        metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 180
+        while '"step": 2,' not in (metrics.read_text() if metrics.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.send_signal(sig)
+    for sig, (run_dir, process) in stopped.items():
+        out = process.communicate(timeout=120)[0]
+        assert process.returncode == 128 + sig, out
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out
+        (said,) = [line for line in out.splitlines() if "resume with:" in line]
+        assert f"stopped by {sig.name} after step " in said and "resume=" in said and "experiment=smoke" in said
+        (ckpt,) = run_dir.glob("checkpoints/step_*.safetensors")
+        step = checkpoint.load_checkpoint(ckpt)["step"]  # complete and verified
+        assert f"after step {step}, saved {ckpt}" in said
+    # the printed command continues the run where it stopped (SIGTERM's, the last of the loop)
+    summary = train(_cfg(data_cache, f"run_dir={run_dir}", f"resume={run_dir}", "data.num_proc=1",
+                         f"trainer.max_steps={step + 1}", "trainer.ckpt_interval=0", "trainer.eval_interval=0"))
+    assert summary["steps"] == step + 1
+
+
 # -------------------------------------------------------------------------------------------- messages
 def _eval_cfg(checkpoint, out, **extra):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    overrides = [f"checkpoint={checkpoint}", f"output_dir={out}", "device=cpu", "max_tokens=200", "context=16"]
-    overrides += [f"{k}={v}" for k, v in extra.items()]
+    values = {"checkpoint": checkpoint, "output_dir": out, "device": "cpu", "max_tokens": 200, "context": 16, **extra}
+    overrides = [f"{k}={v}" for k, v in values.items() if v is not None]  # checkpoint None: left missing (???)
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return hydra_compose("eval", overrides=overrides)
 

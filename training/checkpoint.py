@@ -27,6 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 FORMAT = "triformer-checkpoint/1"
+# In the name of every temporary a checkpoint write makes (``.<final name>.triformer-tmp-<random>``): the only
+# files a cleanup after a killed write may remove (training/run.py), never another program's ``.tmpXXXX``.
+TEMP_MARK = ".triformer-tmp-"
 STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
 BEST_FILE = "best.safetensors"
 
@@ -129,7 +132,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     payload_json = json.dumps(tree, sort_keys=True)
     metadata = {"format": FORMAT, "payload": payload_json, "sha256": _digest(payload_json, tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -155,21 +158,21 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's non-tensor payload (step, config, model_name, ...) without reading or verifying its tensors
-    (tensors appear as ``None``): for decisions before a run starts. ``load_checkpoint`` verifies the file."""
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader, or the file after a crash, is the old file or the whole new
+    one: a temporary beside it, fsync'ed, renamed over it, then the directory fsync'ed."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a triformer checkpoint (cannot parse it as safetensors: {e})") from e
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file but not a triformer checkpoint (format "
-                              f"{metadata.get('format')!r}, expected {FORMAT!r}); refusing to load it")
-    return _decode(json.loads(metadata.get("payload", "{}")), None)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -256,7 +259,7 @@ class CheckpointManager:
 
     def _point_best_at(self, path: Path) -> None:
         # A hard link costs no second write and survives pruning of the step file; swapped in atomically.
-        tmp = self.directory / f".{BEST_FILE}.tmp-{os.getpid()}"
+        tmp = self.directory / f".{BEST_FILE}{TEMP_MARK}{os.getpid()}"
         tmp.unlink(missing_ok=True)
         try:
             os.link(path, tmp)
@@ -270,18 +273,34 @@ class CheckpointManager:
         return found[-1][1] if found else None
 
 
-def resolve_resume(spec: str, runs_root: str | os.PathLike) -> Path:
-    """``spec`` is a checkpoint file, a directory (its newest step checkpoint, searched recursively), or
-    ``latest`` (the most recently written step checkpoint under ``runs_root``)."""
+def resolve_resume(spec: str, runs_root: str | os.PathLike, key: str = "resume") -> Path:
+    """The checkpoint ``<key>=spec`` means: a checkpoint file; a run directory (its last step checkpoint, in its
+    ``checkpoints/`` folder or in the directory itself); or ``latest``: the most recently written step checkpoint of
+    the runs directly under ``runs_root`` (``runs/<name>/<time>``). ``latest`` never picks a sweep's job
+    (``multirun-*/<job>``): the jobs of a sweep differ in their settings, so which one to continue is the user's
+    choice, and the error lists them; so does a directory with runs below it but no checkpoint of its own."""
+    where = Path(runs_root) if spec == "latest" else Path(spec)
+    if spec != "latest" and where.is_file():
+        return where
+    if not where.is_dir() and spec != "latest":
+        raise FileNotFoundError(f"{key}={spec!r}: no such checkpoint file or run directory")
     if spec == "latest":
-        where = Path(runs_root)
+        runs = sorted(d for d in where.iterdir() if d.is_dir()) if where.is_dir() else []
+        found = [p for d in runs for p in _run_checkpoints(d)[-1:]]
+        if found:
+            return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
     else:
-        where = Path(spec)
-        if where.is_file():
-            return where
-        if not where.is_dir():
-            raise FileNotFoundError(f"resume={spec!r}: no such checkpoint file or run directory")
-    candidates = [p for p in where.rglob("step_*.safetensors") if STEP_FILE.match(p.name)]
-    if not candidates:
-        raise FileNotFoundError(f"resume={spec!r}: no step_*.safetensors checkpoint under {where}")
-    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name))
+        found = _run_checkpoints(where)
+        if found:
+            return found[-1]
+    below = sorted({str(p.parent.parent if p.parent.name == "checkpoints" else p.parent)
+                    for p in where.rglob("step_*.safetensors") if STEP_FILE.match(p.name)}) if where.is_dir() else []
+    runs = (f"; the runs below it: {', '.join(below)} (pass the one to continue as {key}=<run directory>)"
+            if below else "")
+    raise FileNotFoundError(f"{key}={spec!r}: no step_*.safetensors checkpoint of a run "
+                            f"{'directly under' if spec == 'latest' else 'in'} {where}{runs}")
+
+
+def _run_checkpoints(run_dir: Path) -> list[Path]:
+    """A run directory's step checkpoints, by step (in ``checkpoints/``, or in the directory itself)."""
+    return [p for folder in (run_dir / "checkpoints", run_dir) for _, p in step_checkpoints(folder)]

@@ -13,9 +13,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-STRATEGIES = ("ddp", "fsdp")
-
-
 @dataclasses.dataclass(frozen=True)
 class DistContext:
     rank: int
@@ -39,8 +36,6 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
 
     if spec == "auto":
         spec = "cpu" if triformer.INTERPRET or not torch.cuda.is_available() else "cuda"
-    if spec not in ("cpu", "cuda"):
-        raise ValueError(f"trainer.device must be auto, cpu or cuda, got {spec!r}")
     if spec == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("trainer.device=cuda but no CUDA device is available")
@@ -50,8 +45,6 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
 
 def init(device_spec: str, strategy: str) -> DistContext:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op for one process."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"trainer.strategy must be one of {STRATEGIES}, got {strategy!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from training.data import build_data, load_tokenizer
-from training.data.common import check_positive_int, to_plain
+from training.data.common import check_positive_int
 from training.data.text import read_text
 from training.tasks import get_task, with_article
 
@@ -259,12 +259,10 @@ def resolve_checkpoint(spec: str | Path) -> Path:
 def run(cfg) -> dict[str, Any]:
     """``eval.py``'s work (configs/eval.yaml): metrics of one checkpoint, written to ``output_dir``."""
     from training import run as lifecycle
+    from training.settings import check_eval_config
 
     lifecycle.setup_logging()
-    cfg = to_plain(cfg)
-    if not cfg.get("checkpoint"):
-        raise ValueError("checkpoint=path/to/step_N.safetensors is required")
-    lifecycle.validate_eval_config(cfg)
+    cfg = check_eval_config(cfg)
     path = resolve_checkpoint(cfg["checkpoint"])
     if str(path) != str(cfg["checkpoint"]):
         log.info(f"checkpoint={cfg['checkpoint']} is a directory: evaluating {path}")

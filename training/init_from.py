@@ -32,10 +32,13 @@ GPT2_VOCAB = 50257
 
 
 def _hf_config(path: Path) -> dict | None:
+    """The config.json of a Hugging Face directory. A triformer run directory has a config.json too (the run's
+    config): Hugging Face's always names its ``model_type``, the run's never does."""
     config = path / "config.json"
     if path.is_dir() and config.is_file():
         with open(config) as f:
-            return json.load(f)
+            hf = json.load(f)
+        return hf if isinstance(hf, dict) and "model_type" in hf else None
     return None
 
 
@@ -45,10 +48,12 @@ def resolve(spec: str, cfg: DictConfig) -> tuple[str, Path]:
     if _hf_config(path) is not None:
         return "hf", path
     try:
-        return "triformer", checkpoint.resolve_resume(str(spec), Path(cfg.runs_root) / cfg.name)
-    except Exception as e:
-        raise ValueError(f"init_from={spec!r} is neither a Hugging Face save_pretrained directory (no config.json "
-                         f"there) nor a triformer checkpoint or run directory: {e}") from e
+        return "triformer", checkpoint.resolve_resume(str(path), Path(cfg.runs_root) / cfg.name, key="init_from")
+    except FileNotFoundError as e:
+        raise ValueError(f"{e}. init_from takes a local Hugging Face save_pretrained directory (with its "
+                         f"config.json), a triformer checkpoint or run directory, or latest; for a hub model, save it "
+                         f"locally first: transformers.AutoModelForCausalLM.from_pretrained({str(spec)!r})"
+                         ".save_pretrained(<directory>)") from None
 
 
 def prepare_config(cfg: DictConfig, say: Callable[[str], None]) -> None:
@@ -99,7 +104,9 @@ def build_model(cfg: DictConfig, overrides: dict[str, Any], say: Callable[[str],
         from models.gpt import _config_from_hf
         config = models.GPTConfig(**_config_from_hf(transformers.AutoConfig.from_pretrained(path)), kernels=kernels)
         run = _check_architecture(overrides, config, path, say)
-        model = models.GPT.from_huggingface(path, kernels=kernels, **run)
+        # fp32 master weights whatever the directory stores (bf16 saves are common): precision=bf16 is autocast
+        # over fp32 parameters, and an optimizer stepping bf16 weights would lose the small updates
+        model = models.GPT.from_huggingface(path, kernels=kernels, dtype=torch.float32, **run)
         source = f"Hugging Face {hf['model_type']} directory {path}"
     else:
         state = checkpoint.load_checkpoint(path)
@@ -108,7 +115,7 @@ def build_model(cfg: DictConfig, overrides: dict[str, Any], say: Callable[[str],
         base = models.model_config(name, kernels, **saved)
         run = _check_architecture(overrides, base, path, say)
         model = models.create_model(name, kernels=kernels, **{**saved, **run})
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])  # copies into the new model's fp32 parameters, whatever was saved
         source = f"triformer checkpoint {path} (step {state.get('step')})"
     vocab = overrides.get("vocab_size")
     if vocab is not None and getattr(model.config, "vocab_size", vocab) != vocab:

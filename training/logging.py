@@ -12,6 +12,7 @@ on the network; if wandb cannot start at all the run continues with the local re
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import netrc
@@ -23,8 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+from training.checkpoint import atomic_write
 
+LEADING_COLUMNS = ("kind", "step", "time")
 
 def wandb_logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -40,7 +42,11 @@ class RunLogger:
     """``log(kind, step, metrics)`` during the run, ``summary(...)`` for one-off results, ``close()`` at the end."""
 
     def __init__(self, run_dir: str | os.PathLike, cfg_logger, config: dict[str, Any], enabled: bool = True,
-                 throughput_unit: str = "tokens"):
+                 throughput_unit: str = "tokens", history: str | os.PathLike | None = None,
+                 until_step: int | None = None):
+        """``history``: the directory of the run this one resumes (``run_dir`` itself when it continues there):
+        its records up to ``until_step`` (the checkpoint's step) start this run's, so the records read as one
+        run; those past the checkpoint, which the resumed run trains again, are dropped."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.throughput_unit = throughput_unit
@@ -50,12 +56,15 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if history is not None:
+            self.records = _read_records(Path(history) / "metrics.jsonl", until_step)
+            summary = Path(history) / "summary.json"
+            self.summary_data = json.loads(summary.read_text()) if summary.is_file() else {}
+        atomic_write(self.run_dir / "config.json", json.dumps(config, indent=2, default=str).encode())
+        atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records).encode())
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-        if cfg_logger.name == "wandb":
+        if cfg_logger.name == "wandb":  # logger.name and its fields are checked in training/settings.py
             self.wandb = _start_wandb(cfg_logger, config, self.run_dir)
-        elif cfg_logger.name != "none":
-            raise ValueError(f"logger.name must be wandb or none, got {cfg_logger.name!r}")
 
     def log(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -70,7 +79,7 @@ class RunLogger:
         if not self.enabled:
             return
         self.summary_data.update(values)
-        (self.run_dir / "summary.json").write_text(json.dumps(self.summary_data, indent=2, default=str))
+        atomic_write(self.run_dir / "summary.json", json.dumps(self.summary_data, indent=2, default=str).encode())
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in values.items() if isinstance(v, (int, float, str))})
 
@@ -92,13 +101,14 @@ class RunLogger:
             self.wandb = None
 
     def _write_csv(self) -> None:
-        columns: dict[str, None] = {}
-        for r in self.records:
-            columns.update(dict.fromkeys(r))
-        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns))
-            writer.writeheader()
-            writer.writerows(self.records)
+        # kind, step, time, then the metrics by name: the same order whichever record came first (a resumed run's
+        # first record may be an evaluation, an uninterrupted run's a training step)
+        metrics = sorted({k for r in self.records for k in r} - set(LEADING_COLUMNS))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=[*LEADING_COLUMNS, *metrics])
+        writer.writeheader()
+        writer.writerows(self.records)
+        atomic_write(self.run_dir / "metrics.csv", text.getvalue().encode())
 
     def _series(self, kind: str, key: str) -> tuple[list[int], list[float]]:
         pts = [(r["step"], r[key]) for r in self.records
@@ -165,10 +175,23 @@ class RunLogger:
         plt.close(fig)
 
 
+def _read_records(path: Path, until_step: int | None) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` up to step ``until_step``; a line torn by a kill is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if until_step is None or record.get("step", 0) <= until_step:
+            records.append(record)
+    return records
+
+
 def _start_wandb(cfg_logger, config: dict[str, Any], run_dir: Path):
     mode = cfg_logger.mode
-    if mode not in WANDB_MODES:
-        raise ValueError(f"logger.mode must be one of {WANDB_MODES}, got {mode!r}")
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
     try:

@@ -1,36 +1,47 @@
 """A run's lifecycle around the training loop: config validation before any work, ownership of the run
 directory (a lock), cleanup of what a killed run left behind, resume checks, and the messages a user needs.
 
-* ``validate_train_config(cfg)`` / ``validate_eval_config(cfg)``: every numeric value is checked before data is
-  prepared or a model built; the message names the key (``trainer.log_interval must be a positive int, got 0``).
+* Settings are checked before any work in ``training/settings.py``; ``user_errors()`` around train.py's and
+  eval.py's work turns a refusal into one line (``error: ...``) instead of a traceback through Hydra.
 * ``RunDirLock``: ``<run_dir>/.lock``, held with ``fcntl.flock`` for the run's lifetime (the kernel releases it
   when the process dies, even by ``kill -9``, so a lock is never stale). A second run into the same directory
   is refused with ``RunDirBusyError`` naming the holder's pid.
 * ``clean_stale_temporaries(checkpoint_dir)``: removes only our own checkpoint temporaries
-  (``.step_*.safetensors.tmp-*``, ``.best.safetensors.tmp-*``, ``.tmp*``) and only while the lock of the run
-  directory they belong to is held, so a live writer's file is never touched.
+  (``.step_*.safetensors.triformer-tmp-*``, ``.best.safetensors.triformer-tmp-*``) and only while the lock of the
+  run directory they belong to is held, so a live writer's file is never touched.
+* ``Interrupted``: a run stopped by SIGINT (Ctrl-C) or SIGTERM after saving a checkpoint; its message is the
+  one line saying where and how to resume (``resume_command``).
 * ``check_resume(saved_config, cfg)``: refuses to resume with other batch or data settings (the run would no
   longer be the exact continuation) unless ``resume_allow_changes=true``.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import re
+import shlex
 import shutil
+import signal
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+from training.checkpoint import TEMP_MARK
 
 log = logging.getLogger("triformer.run")
 
 LOCK_FILE = ".lock"
-# What save_checkpoint / CheckpointManager (and tempfile.mkstemp's default prefix) name their temporaries.
-STALE_TEMPORARY = re.compile(r"^\.(step_\d+|best)\.safetensors\.tmp-[A-Za-z0-9_]+$|^\.tmp[A-Za-z0-9_]{6,}$")
+# What save_checkpoint / CheckpointManager name their temporaries, and nothing else: a folder outside a run
+# directory may hold another program's temporaries (``.tmpXXXXXX``), which are not ours to remove.
+STALE_TEMPORARY = re.compile(rf"^\.(step_\d+|best)\.safetensors{re.escape(TEMP_MARK)}[A-Za-z0-9_]+$")
+# What a run writes into its directory: a new run into a directory holding any of these would replace the other
+# run's checkpoints and config and mix the two runs' metrics.
+RUN_RECORDS = ("config.json", "metrics.jsonl", "metrics.csv", "summary.json", "checkpoints/step_*.safetensors",
+               "checkpoints/best.safetensors")
 # Files Hydra writes into a job's output directory before our code runs: a run that failed while its
 # directory holds only these leaves nothing of value. (A live run's .lock keeps its directory.)
 HYDRA_FILES = {".hydra", "train.log", "eval.log"}
@@ -44,85 +55,58 @@ class RunComplete(Exception):
     """``resume`` points at a run that already reached ``trainer.max_steps``: nothing to train."""
 
 
-# ------------------------------------------------------------------------------------------ validation
-def _check_number(key: str, value: Any, *, integer: bool = False, minimum: float | None = None,
-                  maximum: float | None = None, min_exclusive: bool = False, max_exclusive: bool = False,
-                  optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = ok and not isinstance(value, bool)
-    if ok and not integer and value != value:  # NaN
-        ok = False
-    if ok and minimum is not None:
-        ok = value > minimum if min_exclusive else value >= minimum
-    if ok and maximum is not None:
-        ok = value < maximum if max_exclusive else value <= maximum
-    if not ok:
-        null = "null or " if optional else ""
-        if integer and minimum in (0, 1) and maximum is None and not min_exclusive:
-            want = f"{null}a {'positive' if minimum == 1 else 'non-negative'} int"
-        else:
-            lo = "" if minimum is None else (f"> {minimum}" if min_exclusive else f">= {minimum}")
-            hi = "" if maximum is None else (f"< {maximum}" if max_exclusive else f"<= {maximum}")
-            bounds = " and ".join(b for b in (lo, hi) if b)
-            want = f"{null}{'an int' if integer else 'a number'}{' ' + bounds if bounds else ''}"
-        raise ValueError(f"{key} must be {want}, got {value!r}")
+class Interrupted(Exception):
+    """The run stopped on a signal after saving a checkpoint; ``str()`` says where and how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
-def _positive_int(key, value, optional=False):
-    _check_number(key, value, integer=True, minimum=1, optional=optional)
+# What a user's mistake raises (a refused setting, a missing or modified file, a busy directory): one line.
+USER_ERRORS = (ValueError, FileNotFoundError, RunDirBusyError)
 
 
-def _non_negative_int(key, value, optional=False):
-    _check_number(key, value, integer=True, minimum=0, optional=optional)
+@contextlib.contextmanager
+def user_errors():
+    """Around train.py's and eval.py's work: a user's mistake as the one line ``error: <message>`` and exit status
+    1, not a traceback through Hydra (``HYDRA_FULL_ERROR=1`` keeps the traceback); a run stopped by a signal as
+    its one line and status 128 + the signal. An output directory Hydra made for the refused work goes too."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except Interrupted as stop:
+        log.warning(str(stop))
+        raise SystemExit(128 + stop.signum) from None
+    except KeyboardInterrupt:
+        _remove_hydra_output()
+        log.warning("interrupted: stopped at once, nothing saved since the last checkpoint (a single Ctrl-C during "
+                    "training stops after the current step and saves one)")
+        raise SystemExit(128 + signal.SIGINT) from None
+    except (*USER_ERRORS, OmegaConfBaseException) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _remove_hydra_output()
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
-def validate_train_config(cfg) -> None:
-    """Check every numeric value of a training config (``configs/train.yaml`` composed) before any work."""
-    t, o, m = cfg.trainer, cfg.optim, cfg.model
-    _check_number("seed", cfg.seed, integer=True)
-    for key in ("batch_size", "grad_accum", "max_steps", "max_bad_steps", "keep_last", "log_interval"):
-        _positive_int(f"trainer.{key}", t[key])
-    for key in ("eval_interval", "ckpt_interval"):
-        _non_negative_int(f"trainer.{key}", t[key])
-    for key in ("eval_batches", "eval_batch_size", "cpu_threads"):
-        _positive_int(f"trainer.{key}", t.get(key), optional=True)
-    _check_number("trainer.grad_clip", t.grad_clip, minimum=0)
-    _check_number("trainer.peak_flops", t.peak_flops, minimum=0, min_exclusive=True)
-    _check_number("optim.lr", o.lr, minimum=0, min_exclusive=True)
-    _check_number("optim.min_lr_ratio", o.min_lr_ratio, minimum=0, maximum=1)
-    _check_number("optim.eps", o.eps, minimum=0)
-    _check_number("optim.weight_decay", o.weight_decay, minimum=0)
-    _non_negative_int("optim.warmup_steps", o.warmup_steps)
-    betas = list(o.betas) if o.betas is not None and not isinstance(o.betas, (str, int, float)) else None
-    if betas is None or len(betas) != 2:
-        raise ValueError(f"optim.betas must be a pair [beta1, beta2], got {o.betas!r}")
-    for i, b in enumerate(betas):
-        _check_number(f"optim.betas[{i}]", b, minimum=0, maximum=1, max_exclusive=True)
-    _check_number("model.dropout", m.get("dropout", 0.0), minimum=0, maximum=1, max_exclusive=True)
-    for key in ("n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden", "block_size"):
-        if key in m:
-            _positive_int(f"model.{key}", m[key], optional=True)
-    _check_number("loss.label_smoothing", cfg.loss.get("label_smoothing", 0.0), minimum=0, maximum=1,
-                  max_exclusive=True)
-    if "ce_chunks" in cfg.loss:
-        _positive_int("loss.ce_chunks", cfg.loss.ce_chunks)
-    if "seq_len" in cfg.data:
-        _positive_int("data.seq_len", cfg.data.seq_len)
+def _remove_hydra_output() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        remove_if_empty(HydraConfig.get().runtime.output_dir, remove_parent=True)
 
 
-def validate_eval_config(cfg: dict) -> None:
-    """Check ``configs/eval.yaml``'s numeric values before a checkpoint is loaded."""
-    _positive_int("batch_size", cfg.get("batch_size"))
-    for key in ("max_batches", "context", "stride", "max_tokens"):
-        _positive_int(key, cfg.get(key), optional=True)
-    _positive_int("num_samples", cfg.get("num_samples", 1))
-    _positive_int("max_new_tokens", cfg.get("max_new_tokens", 1))
-    _check_number("temperature", cfg.get("temperature", 1.0), minimum=0, min_exclusive=True)
-    _positive_int("top_k", cfg.get("top_k"), optional=True)
-    if cfg.get("seed") is not None:
-        _check_number("seed", cfg["seed"], integer=True)
+def resume_command(run_dir: str | os.PathLike) -> str:
+    """The command that resumes the run in ``run_dir``: this command line's overrides (under Hydra) with
+    ``resume=<run_dir>``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    given = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    args = [a for a in given if not a.split("=", 1)[0].lstrip("+~") == "resume"] + [f"resume={run_dir}"]
+    return "python train.py " + " ".join(shlex.quote(a) for a in args)
 
 
 # --------------------------------------------------------------------------------------- directory lock
@@ -189,14 +173,14 @@ def clean_stale_temporaries(checkpoint_dir: str | os.PathLike, lock: RunDirLock 
     the run directory above it; without one, the directory's lock is taken for the cleanup and, when another
     run holds it, nothing is removed (that run may be writing)."""
     directory = Path(checkpoint_dir)
-    if not directory.is_dir():
+    if not directory.is_dir() or not os.access(directory, os.W_OK):  # read-only: nothing can be removed
         return []
     own = None
     if lock is None or not lock.held:
         own = RunDirLock(directory.parent)
         try:
             own.acquire()
-        except RunDirBusyError:
+        except (RunDirBusyError, OSError):  # busy, or a folder we may not write to: nothing is removed
             return []
     removed = []
     try:
@@ -211,6 +195,39 @@ def clean_stale_temporaries(checkpoint_dir: str | os.PathLike, lock: RunDirLock 
         log.info(f"removed {len(removed)} temporary file(s) left in {directory} by an interrupted checkpoint write: "
                  + ", ".join(p.name for p in sorted(removed)))
     return removed
+
+
+def run_directory_of(checkpoint_path: str | os.PathLike) -> Path | None:
+    """The run directory a checkpoint belongs to (``<run>/checkpoints/step_N.safetensors``), or None for a
+    checkpoint file elsewhere."""
+    path = Path(checkpoint_path)
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def holds_run(directory: str | os.PathLike) -> list[str]:
+    """The records of a run that ``directory`` holds (``RUN_RECORDS`` present in it)."""
+    directory = Path(directory)
+    return [name for name in RUN_RECORDS if any(directory.glob(name))]
+
+
+def move_log(from_dir: Path, run_dir: Path) -> None:
+    """Move the log files Hydra opened in its output directory ``from_dir`` (``train.log``) to ``run_dir``,
+    appending: a resumed run continues in its own directory, and its log with it."""
+    target = run_dir / "train.log"
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler) or Path(handler.baseFilename).parent != from_dir:
+            continue
+        handler.acquire()
+        try:
+            handler.close()
+            old = Path(handler.baseFilename)
+            with open(target, "a") as f:  # what was logged before the move
+                f.write(old.read_text() if old.is_file() else "")
+            old.unlink(missing_ok=True)
+            handler.baseFilename, handler.mode = str(target), "a"
+            handler.stream = handler._open()
+        finally:
+            handler.release()
 
 
 def remove_if_empty(run_dir: str | os.PathLike, remove_parent: bool = False) -> bool:

@@ -31,12 +31,17 @@ class Task:
     data_fields: Callable[[Any], dict[str, Any]]  # data -> the model config fields the data decides
     build_data: str                # "module:function" (cfg.data as a dict, seed, rank, world_size) -> the data
     evaluate: str                  # "module:function" doing eval.py's work on a checkpoint of this task
+    data_config: str               # "module:Class": the dataclass of the data group's settings (checked before
+                                   # any work, training/settings.py)
 
     def make_data(self, cfg: dict, seed: int, rank: int = 0, world_size: int = 1):
         return _function(self.build_data)(cfg, seed, rank, world_size)
 
     def run_eval(self, *args, **kwargs) -> dict[str, Any]:
         return _function(self.evaluate)(*args, **kwargs)
+
+    def data_config_class(self) -> type:
+        return _function(self.data_config)
 
 
 def _function(spec: str) -> Callable:
@@ -58,10 +63,12 @@ def _image_fields(data) -> dict[str, Any]:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("lm", "language model", "text (language-model) data", "tokens", "tok", sequences=True, accuracy=False,
          losses=("ce", "fused"), loss_fields=("loss", "ce_chunks", "label_smoothing"), data_fields=_text_fields,
-         build_data="training.data.text:build_text_data", evaluate="training.evaluate:evaluate_lm"),
+         build_data="training.data.text:build_text_data", evaluate="training.evaluate:evaluate_lm",
+         data_config="training.data.text:TextConfig"),
     Task("image", "image classifier", "image-classification data", "images", "img", sequences=False, accuracy=True,
          losses=("ce",), loss_fields=("label_smoothing",), data_fields=_image_fields,
-         build_data="training.data.vision:build_image_data", evaluate="training.evaluate:evaluate_image"),
+         build_data="training.data.vision:build_image_data", evaluate="training.evaluate:evaluate_image",
+         data_config="training.data.vision:ImageConfig"),
 )}
 
 

@@ -13,8 +13,11 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -27,14 +30,12 @@ from torch import nn
 
 import models
 from models.layers import set_activation_checkpointing
-from training import checkpoint, distributed, graphs, init_from, memory, run
+from training import checkpoint, distributed, graphs, init_from, memory, run, settings
 from training.logging import RunLogger
 from training.optim import build_optimizer, lr_at
-from training.tasks import TASKS, get_task
+from training.tasks import get_task
 
 log = logging.getLogger("triformer.train")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -99,7 +100,10 @@ class Trainer:
         """A run's start as named steps, in order: settings checked before any work, random draws in their places."""
         run.setup_logging()
         self._check_settings()
-        self.resume_path = self._check_resume() if self.cfg.resume else None
+        self.resume_path, self.resume_state = self._check_resume() if self.cfg.resume else (None, None)
+        # the run directory of the resumed checkpoint (None for a checkpoint file elsewhere): where the resumed run
+        # continues unless run_dir says otherwise, and whose records it carries on
+        self.resume_source = run.run_directory_of(self.resume_path) if self.resume_path is not None else None
         self._start_processes()
         self._plan_batches()
         self._claim_run_dir()
@@ -108,19 +112,12 @@ class Trainer:
         self._report_memory()
         self._prepare_training()
         if self.resume_path is not None:
-            self._resume(self.resume_path)
+            self._resume()
         self._start_records()
 
     def _check_settings(self) -> None:
         """Every value and choice of the config, before any work: a typo fails in a second, not after the data."""
-        cfg, t = self.cfg, self.cfg.trainer
-        run.validate_train_config(cfg)  # every numeric value
-        _check_choice("trainer.precision", t.precision, PRECISIONS)
-        _check_choice("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
-        _check_choice("model.name", cfg.model.name, models.list_models())
-        # the registry's config of model.name, no parameters: the model config's own check of model.kernels (the
-        # only one) raises a typo before any work
-        models.model_config(cfg.model.name, cfg.model.kernels)
+        settings.check_train_config(self.cfg)
 
     def _start_processes(self) -> None:
         """Threads, device and process group first: every later step needs the device and this rank."""
@@ -149,16 +146,31 @@ class Trainer:
         self.graphed: graphs.GraphedStep | None = None  # built at the first step, from its batches
 
     def _claim_run_dir(self) -> None:
-        """Rank 0 picks and locks the run directory before anything is written; a killed run's temporaries go."""
+        """Rank 0 picks and locks the run directory before anything is written; a killed run's temporaries go.
+        A directory holding another run's records is refused: only a resume continues a run in its directory."""
         self.run_dir = self._run_dir()
         if self.ctx.is_main:
             self._created_run_dir = self._created_run_dir or not self.run_dir.exists()
             # this run owns the directory until close(): a second run into it is refused
             self.lock = run.RunDirLock(self.run_dir).acquire()
+            records = run.holds_run(self.run_dir)
+            if records and not self._continues_in_place:
+                raise ValueError(
+                    f"run_dir={self.run_dir} already holds a run ({', '.join(records)}); a new run there would replace "
+                    f"its checkpoints, best.safetensors and config.json and mix the two runs' metrics. Choose another "
+                    f"run_dir (or leave it unset for a new directory), or continue that run with resume={self.run_dir}")
             run.clean_stale_temporaries(self.run_dir / "checkpoints", self.lock)
-            if self.resume_path is not None and self.resume_path.parent.resolve() != (self.run_dir / "checkpoints").resolve():
+            if self.resume_source is not None and not self._continues_in_place:
                 run.clean_stale_temporaries(self.resume_path.parent)
+            hydra_dir = _hydra_output_dir()
+            if hydra_dir is not None and hydra_dir.resolve() != self.run_dir.resolve():
+                run.move_log(hydra_dir, self.run_dir)  # the log goes with the run (run_dir, or the run resumed)
         distributed.barrier(self.ctx)
+
+    @property
+    def _continues_in_place(self) -> bool:
+        """Whether this run resumes a checkpoint of its own run directory."""
+        return self.resume_source is not None and self.resume_source.resolve() == self.run_dir.resolve()
 
     def _prepare_data(self) -> None:
         """The data before the model: it decides the vocabulary or classes, and its task what a batch is (tasks.py)."""
@@ -222,7 +234,8 @@ class Trainer:
     def _start_records(self) -> None:
         """The logger last: a run refused by any step above writes no records (close() removes its folder)."""
         self.logger = RunLogger(self.run_dir, self.cfg.logger, OmegaConf.to_container(self.cfg, resolve=True),
-                                enabled=self.ctx.is_main, throughput_unit=self.task.unit)
+                                enabled=self.ctx.is_main, throughput_unit=self.task.unit, history=self.resume_source,
+                                until_step=self.step)
         if self.memory_report is not None:
             self._say(self.memory_report.message())
             self.logger.summary(memory_savings=self.memory_report.message(), **self.memory_report.metrics())
@@ -252,15 +265,16 @@ class Trainer:
                 "Train without it (trainer.compile=false, optionally trainer.cuda_graph=true), and please report "
                 "the error above.") from exc
 
-    def _check_resume(self) -> Path:
-        """Resolve ``resume`` and decide from the checkpoint's metadata, before any work: a finished run has
-        nothing to train; other batch or data settings are refused unless ``resume_allow_changes``."""
+    def _check_resume(self) -> tuple[Path, dict[str, Any]]:
+        """Resolve ``resume``, load and verify the checkpoint (a modified or corrupted file is refused, as eval.py
+        refuses it) and decide before any work: a finished run has nothing to train; other batch or data settings
+        are refused unless ``resume_allow_changes``."""
         cfg = self.cfg
         path = checkpoint.resolve_resume(cfg.resume, Path(cfg.runs_root) / cfg.name)
-        meta = checkpoint.read_metadata(path)
-        step, max_steps = meta.get("step", 0), cfg.trainer.max_steps
+        state = checkpoint.load_checkpoint(path)
+        step, max_steps = state.get("step", 0), cfg.trainer.max_steps
         if step >= max_steps:
-            source = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            source = run.run_directory_of(path) or path.parent
             best = path.parent / checkpoint.BEST_FILE
             best = best if best.is_file() else path
             raise run.RunComplete(
@@ -269,13 +283,13 @@ class Trainer:
                 f"trainer.max_steps={max(2 * step, step + 1)} (the learning-rate schedule then stretches to the new "
                 f"max_steps). To evaluate it: {run.eval_command(best)}",
                 {"steps": step, "resumed_from": str(path), "best_checkpoint": str(best)})
-        saved = meta.get("config") or {}
+        saved = state.get("config") or {}
         current = OmegaConf.to_container(cfg, resolve=True)
         diffs = run.check_resume(saved, current, path, bool(cfg.get("resume_allow_changes", False)))
         if diffs:
             log.warning("resuming with other settings (resume_allow_changes=true): " + "; ".join(diffs)
                         + ". The run will not continue exactly as the original would have")
-        return path
+        return path, state
 
     def _warn_if_slow_on_cpu(self) -> None:
         """A large model on the CPU: say so before the minutes of silence (the estimate follows the first step)."""
@@ -290,10 +304,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup
     def _run_dir(self) -> Path:
-        """run_dir, else Hydra's output directory, else a timestamped one; rank 0's choice is every rank's."""
+        """run_dir, else the directory of the run a resume continues, else Hydra's output directory, else a
+        timestamped one; rank 0's choice is every rank's."""
+        source = self.resume_source
         if self.cfg.run_dir:
             path = self.cfg.run_dir
             self._created_run_dir = not Path(path).exists()
+        elif source is not None and os.access(source, os.W_OK):  # a read-only run is continued in a new directory
+            path = source
         else:
             try:
                 from hydra.core.hydra_config import HydraConfig
@@ -321,9 +339,6 @@ class Trainer:
 
         With ``init_from`` the checkpoint's architecture replaces 1-3 (training/init_from.py)."""
         m, loss, task = self.cfg.model, self.cfg.loss, self.task
-        if loss.name not in task.losses:
-            users = " and ".join(t.model_kind + "s" for t in TASKS.values() if loss.name in t.losses) or "no task"
-            raise ValueError(f"loss={loss.name} is for {users}; {task.model_kind}s use loss={' or '.join(task.losses)}")
         overrides = {k: v for k, v in m.items() if k not in ("name", "kernels") and v is not None}
         chosen = {**loss, "loss": loss.name}  # the field ``loss`` is the loss group's choice
         overrides.update({k: chosen[k] for k in task.loss_fields if k in chosen})
@@ -366,55 +381,11 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
         bar = _progress(t, self.step, self.ctx.is_main)
-        bad_steps, first_bad = 0, None
-        window_time, window_steps = 0.0, 0  # training time only: evaluations and checkpoints excluded
         val = None
         summary = {}
-        first_step = True
         try:
-            if t.eval_at_start and self.step == 0:
-                start = self._evaluate_and_log("val", t.eval_batches)
-                self._say("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
-                summary.update({f"initial_{k}": v for k, v in start.items()})
-            while self.step < t.max_steps:
-                lr = lr_at(self.step, self.cfg.optim, t.max_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                started = time.perf_counter()
-                loss, grad_norm, finite = self._train_step()
-                elapsed = time.perf_counter() - started
-                window_time += elapsed
-                self.step += 1
-                window_steps += 1
-                if first_step and self.ctx.device.type == "cpu":
-                    first_step = False
-                    warning = run.cpu_estimate(elapsed, t.max_steps - self.step, self.cfg.model.name,
-                                               self.model.num_params())
-                    if warning:
-                        self._say("warning: " + warning, logging.WARNING)
-                if finite:
-                    bad_steps = 0
-                else:
-                    first_bad = self.step if bad_steps == 0 else first_bad
-                    bad_steps += 1
-                    self._say(f"step {self.step}: non-finite loss/gradient ({loss}, grad norm {grad_norm}); "
-                              f"step skipped ({bad_steps}/{t.max_bad_steps} in a row)")
-                    if bad_steps >= t.max_bad_steps:
-                        raise NonFiniteLossError(self._bad_message(first_bad))
-                if self.step % t.log_interval == 0 or self.step == t.max_steps or self.step == 1:
-                    metrics = self._train_metrics(loss, grad_norm, lr, window_steps, window_time)
-                    self.logger.log("train", self.step, metrics)
-                    bar.set_postfix_str(self._postfix(metrics), refresh=False)
-                    window_time, window_steps = 0.0, 0
-                bar.update(1)
-                last = self.step == t.max_steps
-                evaluated = None
-                if (t.eval_interval and self.step % t.eval_interval == 0) or last:
-                    val = evaluated = self._evaluate_and_log("val", t.eval_batches)
-                    self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-                # never during a run of bad steps: the newest checkpoint stays one from before the trouble
-                if bad_steps == 0 and ((t.ckpt_interval and self.step % t.ckpt_interval == 0) or last):
-                    self._save(evaluated)
+            with self._stop_on_signals():
+                val = self._loop(bar, summary)
         finally:
             bar.close()
         summary |= {"steps": self.step, "params": self.model.num_params(), "run_dir": str(self.run_dir),
@@ -428,6 +399,98 @@ class Trainer:
             summary.update({f"final_{k}": v for k, v in test.items()})
         self.logger.summary(**summary)
         return {**self.logger.summary_data, **summary}
+
+    def _loop(self, bar, summary: dict[str, Any]) -> dict[str, float] | None:
+        """The steps up to ``trainer.max_steps``; returns the last validation metrics."""
+        t = self.cfg.trainer
+        bad_steps, first_bad = 0, None
+        window_time, window_steps = 0.0, 0  # training time only: evaluations and checkpoints excluded
+        val = None
+        first_step = True
+        if t.eval_at_start and self.step == 0:
+            start = self._evaluate_and_log("val", t.eval_batches)
+            self._say("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
+            summary.update({f"initial_{k}": v for k, v in start.items()})
+        while self.step < t.max_steps:
+            lr = lr_at(self.step, self.cfg.optim, t.max_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            loss, grad_norm, finite = self._train_step()
+            elapsed = time.perf_counter() - started
+            window_time += elapsed
+            self.step += 1
+            window_steps += 1
+            if first_step and self.ctx.device.type == "cpu":
+                first_step = False
+                warning = run.cpu_estimate(elapsed, t.max_steps - self.step, self.cfg.model.name,
+                                           self.model.num_params())
+                if warning:
+                    self._say("warning: " + warning, logging.WARNING)
+            if finite:
+                bad_steps = 0
+            else:
+                first_bad = self.step if bad_steps == 0 else first_bad
+                bad_steps += 1
+                self._say(f"step {self.step}: non-finite loss/gradient ({loss}, grad norm {grad_norm}); "
+                          f"step skipped ({bad_steps}/{t.max_bad_steps} in a row)")
+                if bad_steps >= t.max_bad_steps:
+                    raise NonFiniteLossError(self._bad_message(first_bad))
+            if self.step % t.log_interval == 0 or self.step == t.max_steps or self.step == 1:
+                metrics = self._train_metrics(loss, grad_norm, lr, window_steps, window_time)
+                self.logger.log("train", self.step, metrics)
+                bar.set_postfix_str(self._postfix(metrics), refresh=False)
+                window_time, window_steps = 0.0, 0
+            bar.update(1)
+            last = self.step == t.max_steps
+            evaluated = None
+            if (t.eval_interval and self.step % t.eval_interval == 0) or last:
+                val = evaluated = self._evaluate_and_log("val", t.eval_batches)
+                self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            # never during a run of bad steps: the newest checkpoint stays one from before the trouble
+            saved = bad_steps == 0 and ((t.ckpt_interval and self.step % t.ckpt_interval == 0) or last)
+            if saved:
+                self._save(evaluated)
+            signum = self._stop_requested()
+            if signum:
+                if not saved and bad_steps == 0:  # in a run of bad steps the last checkpoint stays the good one
+                    self._save(None)
+                where = f"saved {self.last_ckpt}" if bad_steps == 0 else (
+                    f"not saved (non-finite steps since {first_bad}); the last checkpoint is {self.last_ckpt}")
+                raise run.Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {self.step}, "
+                                              f"{where}; resume with: {run.resume_command(self.run_dir)}")
+        return val
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT (Ctrl-C) and SIGTERM (a scheduler ending the job) stop the run after the current step, with a
+        checkpoint of it (``_loop``), instead of a traceback (SIGINT) or nothing at all (SIGTERM) that lose every
+        step since the last interval checkpoint. A second Ctrl-C stops at once."""
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
+            yield
+            return
+
+        def request(signum, frame):
+            if signum == signal.SIGINT and self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_requested(self) -> int | None:
+        """The signal that asked the run to stop, agreed by every rank: torchrun forwards it to each, and they may
+        see it a step apart, but all must stop (and save) after the same step."""
+        signum = self._stop_signal or 0
+        if self.ctx.world_size > 1:
+            anyone = distributed.total(torch.tensor(float(signum), device=self.ctx.device), self.ctx).item()
+            signum = (signum or signal.SIGTERM) if anyone else 0
+        return signum or None
 
     @property
     def _replays_cuda_graphs(self) -> bool:
@@ -556,10 +619,10 @@ class Trainer:
             self.last_ckpt = self.ckpt.save(self.step, payload, is_best=is_best)
         distributed.barrier(self.ctx)
 
-    def _resume(self, spec: str) -> None:
+    def _resume(self) -> None:
         """Load the checkpoint into what setup built: weights, optimizer, scaler, step, data position, RNG streams."""
-        path = checkpoint.resolve_resume(spec, Path(self.cfg.runs_root) / self.cfg.name)
-        state = checkpoint.load_checkpoint(path)
+        path, state = self.resume_path, self.resume_state
+        self.resume_state = None  # the tensors are in the model and optimizer now
         if state["model_name"] != self.cfg.model.name:
             raise checkpoint.CheckpointError(f"{path} holds a {state['model_name']!r} model, but model.name is "
                                              f"{self.cfg.model.name!r}")
@@ -611,11 +674,15 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-        if self.failed and (self.ctx is None or self.ctx.is_main):
-            # a run refused before its directory was chosen still had one made by Hydra
-            target = self.run_dir or (None if self.cfg.run_dir else _hydra_output_dir())
-            if target is not None and (self._auto_run_dir or self._created_run_dir):
-                run.remove_if_empty(target, remove_parent=self._auto_run_dir)
+        if self.ctx is None or self.ctx.is_main:
+            hydra_dir = _hydra_output_dir()
+            if self.failed:
+                # a run refused before its directory was chosen still had one made by Hydra
+                target = self.run_dir or (None if self.cfg.run_dir else hydra_dir)
+                if target is not None and (self._auto_run_dir or self._created_run_dir):
+                    run.remove_if_empty(target, remove_parent=self._auto_run_dir)
+            if hydra_dir is not None and self.run_dir is not None and hydra_dir.resolve() != self.run_dir.resolve():
+                run.remove_if_empty(hydra_dir)  # the run went to run_dir or the run it resumed, its log with it
         if self.ctx is not None:
             distributed.shutdown()
             self.ctx = None
@@ -628,11 +695,6 @@ def _hydra_output_dir() -> Path | None:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
         return None
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of: {', '.join(map(str, choices))}")
 
 
 def _seed_everything(seed: int) -> None:

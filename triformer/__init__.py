@@ -16,7 +16,8 @@ from triformer._runtime import INTERPRET
 # Each op module's __all__: its triple, its reference and the helpers that go with it. One import per op module,
 # in alphabetical order.
 from triformer.attention import (AttentionFunction, Attention, attention, attention_reference,  # noqa: E402
-                                 attention_dropout_mask)
+                                 attention_dropout_mask, PackedAttentionFunction, attention_packed,
+                                 attention_packed_reference, split_qkv)
 from triformer.cross_entropy import (CrossEntropyFunction, CrossEntropyLoss, cross_entropy,  # noqa: E402
                                      cross_entropy_reference)
 from triformer.dropout import (DropoutFunction, Dropout, dropout, dropout_reference, dropout_keep,  # noqa: E402
@@ -57,6 +58,7 @@ __version__ = "0.1.0"
 __all__ = [
     "INTERPRET",
     "AttentionFunction", "Attention", "attention", "attention_reference", "attention_dropout_mask",
+    "PackedAttentionFunction", "attention_packed", "attention_packed_reference", "split_qkv",
     "CrossEntropyFunction", "CrossEntropyLoss", "cross_entropy", "cross_entropy_reference",
     "DropoutFunction", "Dropout", "dropout", "dropout_reference", "dropout_keep", "dropout_keep_reference",
     "philox4x32_reference",

@@ -43,7 +43,8 @@ from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import INTERPRET, check_device, check_float
 from triformer._shared import dropout_keep, dropout_keep_reference, philox, seed_tensor, uniform
 
-__all__ = ["AttentionFunction", "Attention", "attention", "attention_reference", "attention_dropout_mask"]
+__all__ = ["AttentionFunction", "Attention", "attention", "attention_reference", "attention_dropout_mask",
+           "PackedAttentionFunction", "attention_packed", "attention_packed_reference", "split_qkv"]
 
 LOG2E = tl.constexpr(1.4426950408889634)  # the kernels use exp2: scores are kept in log2 units
 MAX_HEAD_DIM = 128  # larger tiles overflow shared memory or spill in every H100 config
@@ -589,8 +590,8 @@ def _pow2(n: int) -> int:
 
 
 # The config Triton's autotuner chose for each tuning key. Its run() rebuilds the key from every argument on
-# each launch (~80 us of own time per launch in benchmarks/results/h200/host_overhead.md's cProfile, three
-# launches per forward+backward); once a key is tuned, its config is launched directly.
+# each launch, host time of the order of the kernels' own at GPT-2 sizes (benchmarks/host_overhead.py); once a
+# key is tuned, its config is launched directly.
 _TUNED: dict = {}
 
 
@@ -703,15 +704,11 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     return out, lse
 
 
-@_runtime.kernel_op("triformer::attention_bwd", mutates_args=())
-def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-                   seed: Optional[torch.Tensor], is_causal: bool, dropout_p: float,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    H_kv = k.shape[1]
-    dq, dk, dv = _bthd_empty(B, H, Tq, D, q), _bthd_empty(B, H_kv, Tk, D, k), _bthd_empty(B, H_kv, Tk, D, v)
+def _launch_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale,
+                dq, dk, dv) -> None:
+    """The backward's two kernels, writing dq, dk and dv (any [B, H, T, D] strides)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    B, H, H_kv = q.shape[0], q.shape[1], k.shape[1]
     delta = _empty(lse.shape, lse)
     mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p,
                                                             is_causal)
@@ -722,7 +719,41 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             *shared, *out.stride(), *grad_out.stride(), *dq.stride(), *mask_strides, *scalars, **consts)
     _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H_kv, tiles, (q, k, v, grad_out, lse, delta, dk, dv, mask, kpm),
             *shared, *grad_out.stride(), *dk.stride(), *mask_strides, *scalars, **consts)
+
+
+@_runtime.kernel_op("triformer::attention_bwd", mutates_args=())
+def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                   seed: Optional[torch.Tensor], is_causal: bool, dropout_p: float,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, Tq, D = q.shape
+    H_kv, Tk = k.shape[1], k.shape[2]
+    dq, dk, dv = _bthd_empty(B, H, Tq, D, q), _bthd_empty(B, H_kv, Tk, D, k), _bthd_empty(B, H_kv, Tk, D, v)
+    _launch_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale,
+                dq, dk, dv)
     return dq, dk, dv
+
+
+def split_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [B, n_head, T, D], k and v [B, n_kv_head, T, D]: views of a fused projection's output
+    ``qkv`` [B, T, (n_head + 2 * n_kv_head) * D] (per token: the query heads, then the key heads, then the value
+    heads)."""
+    B, T, width = qkv.shape
+    heads = n_head + 2 * n_kv_head
+    return qkv.view(B, T, heads, width // heads).transpose(1, 2).split([n_head, n_kv_head, n_kv_head], dim=1)
+
+
+# The packed backward writes dq, dk and dv into one buffer shaped like qkv, which is the gradient of the fused
+# projection's output as it stands: from separate dq, dk and dv autograd would concatenate them into that
+# buffer, one more pass over it.
+@_runtime.kernel_op("triformer::attention_bwd_packed", mutates_args=())
+def _attention_bwd_packed(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          seed: Optional[torch.Tensor], n_head: int, n_kv_head: int, is_causal: bool,
+                          dropout_p: float, scale: float) -> torch.Tensor:
+    dqkv = _empty(qkv.shape, qkv)
+    _launch_bwd(grad_out, *split_qkv(qkv, n_head, n_kv_head), out, lse, None, None, seed, is_causal, dropout_p,
+                scale, *split_qkv(dqkv, n_head, n_kv_head))
+    return dqkv
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -754,6 +785,50 @@ class AttentionFunction(torch.autograd.Function):
         dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed,
                                     ctx.is_causal, ctx.dropout_p, ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None
+
+
+class PackedAttentionFunction(torch.autograd.Function):
+    """Autograd of ``attention_packed``: the fused projection's output in, its gradient out as one tensor.
+    Takes already-validated arguments; use ``attention_packed`` instead."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_head, n_kv_head, is_causal, dropout_p, scale, seed):
+        q, k, v = split_qkv(qkv, n_head, n_kv_head)
+        out, lse = _attention_fwd(q, k, v, None, None, seed, is_causal, dropout_p, scale)
+        ctx.save_for_backward(qkv, out, lse, seed)
+        ctx.heads, ctx.is_causal, ctx.dropout_p, ctx.scale = (n_head, n_kv_head), is_causal, dropout_p, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, out, lse, seed = ctx.saved_tensors
+        if needs_graph(grad_out, qkv):  # create_graph=True: through the reference (triformer._double_backward)
+            (dqkv,) = reference_grads(
+                lambda qkv_: attention_packed_reference(qkv_, *ctx.heads, ctx.is_causal, ctx.dropout_p, ctx.scale,
+                                                        seed),
+                (qkv,), (grad_out,), ctx.needs_input_grad[:1])
+        else:
+            dqkv = _attention_bwd_packed(grad_out, qkv, out, lse, seed, *ctx.heads, ctx.is_causal, ctx.dropout_p,
+                                         ctx.scale)
+        return dqkv, None, None, None, None, None, None
+
+
+def _check_heads(qkv, n_head, n_kv_head) -> int:
+    """n_kv_head, defaulting to n_head, once qkv [B, T, (n_head + 2 * n_kv_head) * D] is checked against both."""
+    n_kv_head = n_head if n_kv_head is None else n_kv_head
+    for name, n in (("n_head", n_head), ("n_kv_head", n_kv_head)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        raise ValueError(f"qkv must be a 3-D tensor [batch, seq, (n_head + 2 * n_kv_head) * head_dim], got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    if qkv.shape[-1] % (n_head + 2 * n_kv_head):
+        raise ValueError(f"qkv's last dimension {qkv.shape[-1]} must be (n_head + 2 * n_kv_head) * head_dim with "
+                         f"n_head={n_head} and n_kv_head={n_kv_head}")
+    if qkv.stride(-1) != 1:  # the heads are views of each token's row
+        raise ValueError(f"qkv must be contiguous in its last dimension, got strides {qkv.stride()}: call "
+                         f".contiguous() first")
+    return n_kv_head
 
 
 def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask) -> None:
@@ -814,6 +889,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed_t = seed_tensor(seed, q.device) if dropout_p > 0 else None
     return AttentionFunction.apply(q, k, v, is_causal, float(dropout_p), scale, attn_mask, key_padding_mask, seed_t)
+
+
+def attention_packed(qkv: torch.Tensor, n_head: int, n_kv_head: Optional[int] = None, is_causal: bool = False,
+                     dropout_p: float = 0.0, scale: Optional[float] = None, seed=None) -> torch.Tensor:
+    """``attention`` on the output of a fused q/k/v projection, ``qkv`` [B, T, (n_head + 2 * n_kv_head) * D]
+    (per token the query heads, then the key heads, then the value heads: ``split_qkv``). Returns [B, n_head,
+    T, D] as ``attention`` does, and its backward returns d(qkv) as one tensor written by the kernels, where
+    separate q, k, v views would have autograd concatenate their gradients. ``n_kv_head`` defaults to
+    ``n_head``; the other arguments are ``attention``'s."""
+    n_kv_head = _check_heads(qkv, n_head, n_kv_head)
+    q, k, v = split_qkv(qkv, n_head, n_kv_head)
+    _check_arguments(q, k, v, is_causal, dropout_p, scale, None, None)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed_t = seed_tensor(seed, qkv.device) if dropout_p > 0 else None
+    return PackedAttentionFunction.apply(qkv, n_head, n_kv_head, is_causal, float(dropout_p), scale, seed_t)
+
+
+def attention_packed_reference(qkv: torch.Tensor, n_head: int, n_kv_head: Optional[int] = None,
+                               is_causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None,
+                               seed=None) -> torch.Tensor:
+    """``attention_reference`` on ``split_qkv``'s views: plain PyTorch, ``attention_packed``'s semantics."""
+    n_kv_head = _check_heads(qkv, n_head, n_kv_head)
+    return attention_reference(*split_qkv(qkv, n_head, n_kv_head), is_causal, dropout_p, scale, seed=seed)
 
 
 def attention_dropout_mask(shape, dropout_p: float, seed, device=None) -> torch.Tensor:

@@ -35,13 +35,11 @@ Where the gradient goes (``inplace_backward``):
 Inside ``torch.compile`` nothing is written in place (the rules above are still checked, so a call that
 traces also runs eagerly): the forward writes the gradient into a fresh buffer and the backward scales it out
 of place (``grad * grad_output``, one pointwise kernel that Inductor fuses with what follows). Traced, an
-in-place write becomes a mutation that functionalization must preserve: of the logits, usually a view (the
-LM head's output sliced to the vocabulary), it made Inductor copy the logits' storage out and back, two
-logits-sized passes (2.5 of 36 ms in a gpt2-small step on an H200, ``benchmarks/results/h200/profile_step.md``)
-for no memory saved; of the saved gradient, an input of the backward graph, it kept Inductor from capturing
-that graph in a CUDA graph (``mode="reduce-overhead"``). Measured on an H200 (gpt2-small, 16 x 1024 tokens,
-bf16, ``benchmarks/results/h200/train_step_gpt.md``): out of place, the compiled step went from 36.2 to 33.8 ms
-and its peak from 10.26 to 9.60 GiB (the eager step, in place, peaks at 9.32 GiB).
+in-place write becomes a mutation that functionalization must preserve: of the logits (usually a view of the LM
+head's output sliced to the vocabulary) it makes Inductor copy the logits' storage out and back, two
+logits-sized passes for no memory saved; of the saved gradient, an input of the backward graph, it keeps
+Inductor from capturing that graph in a CUDA graph (``mode="reduce-overhead"``). The compiled training step's
+time and memory either way: ``docs/performance_history.md``.
 
 Because the stored gradient is scaled in place, one forward supports one backward: a second backward
 through the same graph (``retain_graph=True``) raises autograd's "modified by an inplace operation" error
@@ -150,9 +148,9 @@ def _fold_tile(x_base, stride_xc, x_ref, start, n_before, col_end, m, s, x_sum, 
     col_ok = cols < col_end
     ptrs = x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc
     if MASKED:
-        x = tl.load(ptrs, mask=col_ok[None, :], other=float("-inf")).to(tl.float32)
+        x = tl.load(ptrs, mask=col_ok[None, :], other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
     else:
-        x = tl.load(ptrs).to(tl.float32)
+        x = tl.load(ptrs, eviction_policy="evict_last").to(tl.float32)
     m_new = tl.maximum(m, tl.max(x, 1))
     rescale = tl.exp(m - m_new)
     s = s * rescale + tl.sum(tl.exp(x - m_new[:, None]), 1)
@@ -171,9 +169,8 @@ def _fold_tile(x_base, stride_xc, x_ref, start, n_before, col_end, m, s, x_sum, 
 # UNMASKED (chosen at launch, see _unmasked_tiles): whole tiles load without a column mask and only the last,
 # partial one takes it. With rows at 16-byte-aligned strides but a length that is not a multiple of 16 (GPT-2's
 # 50257 padded to 50304, as the LM head and the fused linear-CE lay them out) that is what lets the compiler
-# vectorize the loads and stores (ld.global.v4 instead of 2-byte loads). Elsewhere the plain masked loop measured
-# faster (H200, runs 7-8 in benchmarks/results/h200: contiguous 16384x50257 bf16 2.39 ms masked against 3.19
-# unmasked; rows of 50304: 2.94 masked against 2.63 unmasked; linear-CE chunks 0.19 against 0.10 ms).
+# vectorize the loads and stores (ld.global.v4 instead of 2-byte loads). Elsewhere the plain masked loop is
+# faster (benchmarks/cross_entropy.py --sweep; history in docs/performance_history.md).
 @triton.jit
 def _masked_start(col_start, col_end, UNMASKED: tl.constexpr, BLOCK_V: tl.constexpr):
     """Where the masked tiles of [col_start, col_end) begin: all of them, or with UNMASKED the partial last one."""
@@ -235,9 +232,10 @@ def _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, tar
     col_ok = cols < col_end
     if MASKED:
         x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
-                    other=float("-inf")).to(tl.float32)
+                    other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
     else:
-        x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc).to(tl.float32)
+        x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc,
+                    eviction_policy="evict_first").to(tl.float32)
     p = tl.exp((x - m[:, None]) - log_s[:, None])
     g = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * hit[:, None]
     if HAS_SMOOTHING:
@@ -247,10 +245,10 @@ def _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, tar
     g = tl.where(active[:, None], g, 0.0)
     if MASKED:
         tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * stride_gc, g.to(g_base.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+                 mask=row_ok[:, None] & col_ok[None, :], eviction_policy="evict_first")
     else:
         tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * stride_gc, g.to(g_base.dtype.element_ty),
-                 mask=row_ok[:, None])
+                 mask=row_ok[:, None], eviction_policy="evict_first")
 
 
 @triton.jit
@@ -270,14 +268,18 @@ def _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, 
     smooth = smoothing * scale
     z_coef = scale * 2.0 * z_loss * (m + log_s)
     g_base = grad_ptr + row_offsets(rows, inner, stride_go, stride_gi)
+    # Last tile first: pass 1 read the range front to back, so its last tiles are the likeliest still in L1/L2.
     masked_start = _masked_start(col_start, col_end, UNMASKED, BLOCK_V)
+    n_masked = tl.cdiv(col_end - masked_start, BLOCK_V)
+    for i in range(0, n_masked):
+        _grad_tile(x_base, stride_xc, g_base, stride_gc, masked_start + (n_masked - 1 - i) * BLOCK_V, col_end,
+                   row_ok, target, active, m, log_s, log_mean, hit, smooth, z_coef, n_cols, True, HAS_SMOOTHING,
+                   HAS_Z, BLOCK_V)
     if UNMASKED:
-        for start in range(col_start, masked_start, BLOCK_V):
-            _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, target, active, m, log_s,
-                       log_mean, hit, smooth, z_coef, n_cols, False, HAS_SMOOTHING, HAS_Z, BLOCK_V)
-    for start in range(masked_start, col_end, BLOCK_V):
-        _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, target, active, m, log_s,
-                   log_mean, hit, smooth, z_coef, n_cols, True, HAS_SMOOTHING, HAS_Z, BLOCK_V)
+        for i in range(0, (masked_start - col_start) // BLOCK_V):
+            _grad_tile(x_base, stride_xc, g_base, stride_gc, masked_start - (i + 1) * BLOCK_V, col_end, row_ok,
+                       target, active, m, log_s, log_mean, hit, smooth, z_coef, n_cols, False, HAS_SMOOTHING,
+                       HAS_Z, BLOCK_V)
 
 
 @triton.jit
@@ -406,15 +408,13 @@ def _scale_rows_kernel(x_ptr, scale_ptr, n_rows, n_cols, inner, stride_o, stride
             tl.store(ptrs, (x * scale[:, None]).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-# GPU launch (constants from `benchmarks/cross_entropy.py --sweep` on an H200, results in benchmarks/results/h200):
+# GPU launch, from `benchmarks/cross_entropy.py --sweep` (its results: benchmarks/results/<card>/cross_entropy_sweep.md):
 # a row tile of TILE_BYTES per loop step (64 bytes per thread at 16 warps). Fused launches that write the
-# gradient over the logits keep two resident programs per SM when the rows they stream fit in 1.5 x
-# L2_ROW_BUDGET (48 MiB, about the 50 MB L2), else one (32768x32000 fp32: 3.18 -> 2.70 ms at two; 16384x50257
-# fp32: 2.89 -> 3.44 ms at two). A separate gradient buffer doubles the bytes in flight, so it keeps one (two,
-# with the separate buffer, were timed only together with a slower tile loop, run 6). Rows so
-# long that one program per SM already streams more than L2_ROW_BUDGET lose pass 2's L2 hits anyway and go
-# split (4096x256000 bf16: 2.30 -> 1.73 ms; 8192x128256 bf16: 2.16 -> 1.72 ms), as do fewer than
-# FUSED_MIN_ROWS_PER_SM rows per SM, into enough column ranges for SPLIT_PROGRAMS_PER_SM programs per SM.
+# gradient over the logits keep two resident programs per SM while the rows they stream fit in 1.5 x
+# L2_ROW_BUDGET (about the L2), so pass 2 still finds them there; a separate gradient buffer doubles the bytes in
+# flight, so it keeps one. Rows so long that one program per SM already streams more than L2_ROW_BUDGET lose
+# pass 2's L2 hits anyway and go split, as do fewer than FUSED_MIN_ROWS_PER_SM rows per SM, into enough column
+# ranges for SPLIT_PROGRAMS_PER_SM programs per SM.
 TILE_BYTES = 32768
 GPU_WARPS = 16
 L2_ROW_BUDGET = 32 << 20
@@ -486,7 +486,7 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
         return
     g = grad3 if grad3 is not None else logits3  # never written when HAS_GRAD is off
     per_row_scale = scale is not None and scale.numel() > 1
-    # the logits' layout decides: they are read twice, the gradient written once (run 7 timed it that way)
+    # the logits' layout decides: they are read twice, the gradient written once
     common = dict(HAS_SMOOTHING=label_smoothing > 0, UNMASKED=_unmasked_tiles(logits3))
     flags = dict(HAS_GRAD=grad3 is not None, HAS_SCALE=scale is not None, HAS_Z=z_loss > 0, **common)
     strides = (*logits3.stride(), *g.stride(), targets.stride(0), scale.stride(0) if per_row_scale else 0)

@@ -41,32 +41,54 @@ def _gelu_fwd_kernel(x_ptr, b_ptr, y_ptr, M, N, M1, sx0, sx1, sxn, sb,
 
 
 @triton.jit
+def _tile_rows(first, group_end, M, col_mask, BLOCK_M: tl.constexpr):
+    """(rows, mask) of the backward's tile at row ``first``, empty past the group or M. No pointer goes in:
+    torch.compile's analysis of what a kernel writes (wrap_triton) counts every argument of a helper whose
+    result addresses a store as written."""
+    rows = first + tl.arange(0, BLOCK_M)
+    return rows, ((rows < M) & (rows < group_end))[:, None] & col_mask[None, :]
+
+
+@triton.jit
+def _bwd_tile(dy_ptr, x_ptr, rows, mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols):
+    """(x, dy) of the backward's tile at ``rows``."""
+    x = tl.load(x_ptr + row_offsets(rows, M1, sx0, sx1)[:, None] + cols[None, :] * sxn, mask=mask)
+    dy = tl.load(dy_ptr + row_offsets(rows, M1, sd0, sd1)[:, None] + cols[None, :] * sdn, mask=mask)
+    return x, dy
+
+
+@triton.jit
 def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0, sd1, sdn, sx0, sx1, sxn, sb,
                      ROWS_PER_GROUP,
                      HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid (row groups, column blocks). A program walks its group's ROWS_PER_GROUP rows one BLOCK_M tile at
     # a time, so the bias gradient leaves it as a single fp32 partial row (one per group, summed by
-    # column_sums_kernel) rather than one per tile.
+    # column_sums_kernel) rather than one per tile. The next tile's x and dy are loaded before this one's GELU
+    # and stores (a warp issues in order): with few programs per SM, one tile in flight each does not cover
+    # the memory latency.
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_mask = cols < N
     first_row = tl.program_id(0) * ROWS_PER_GROUP
     if HAS_BIAS:
         bias = tl.load(b_ptr + cols * sb, mask=col_mask).to(tl.float32)[None, :]
         dbias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    group_end = first_row + ROWS_PER_GROUP
+    rows, mask = _tile_rows(first_row, group_end, M, col_mask, BLOCK_M)
+    x, dy = _bwd_tile(dy_ptr, x_ptr, rows, mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols)
     for start in range(0, ROWS_PER_GROUP, BLOCK_M):
-        rows = first_row + start + tl.arange(0, BLOCK_M)
-        mask = (rows < M)[:, None] & col_mask[None, :]
-        x = tl.load(x_ptr + row_offsets(rows, M1, sx0, sx1)[:, None] + cols[None, :] * sxn, mask=mask)
+        next_rows, next_mask = _tile_rows(first_row + start + BLOCK_M, group_end, M, col_mask, BLOCK_M)
+        nxt = _bwd_tile(dy_ptr, x_ptr, next_rows, next_mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols)
         x = x.to(tl.float32)
         if HAS_BIAS:
             x += bias
-        dy = tl.load(dy_ptr + row_offsets(rows, M1, sd0, sd1)[:, None] + cols[None, :] * sdn, mask=mask)
         _, grad = gelu_and_grad(x, APPROX_TANH)
         dx = tl.where(mask, dy.to(tl.float32) * grad, 0.0)
         tl.store(dx_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             dbias += tl.sum(dx, axis=0)
+        rows, mask = next_rows, next_mask
+        x, dy = nxt
     if HAS_BIAS:
         tl.store(dbias_part_ptr + tl.program_id(0).to(tl.int64) * N + cols, dbias, mask=col_mask)
 
@@ -97,12 +119,16 @@ def _bwd_launch(M: int, N: int, has_bias: bool, device_index: int):
             (triton.cdiv(N, sum_n),), dict(TWO=False, BLOCK_P=sum_g, BLOCK_N=sum_n, num_warps=4))
 
 
+BIAS_PROGRAMS_PER_SM = 4  # benchmarks/gelu.py --sweep times the alternatives
+
+
 def _row_groups(device_index: int, row_blocks: int, col_blocks: int) -> int:
     """How many row groups the bias-gradient backward splits the rows into (= fp32 partial rows)."""
     if _runtime.INTERPRET:
         return triton.cdiv(row_blocks, 2)  # two tiles per program, so the loop is exercised on the CPU too
-    # about 4 resident programs per multiprocessor: enough loads in flight, and few partial rows to sum
-    return max(1, min(row_blocks, triton.cdiv(4 * _runtime.multiprocessors(device_index), col_blocks)))
+    # BIAS_PROGRAMS_PER_SM resident programs per multiprocessor: enough loads in flight, few partial rows to sum
+    return max(1, min(row_blocks, triton.cdiv(BIAS_PROGRAMS_PER_SM * _runtime.multiprocessors(device_index),
+                                              col_blocks)))
 
 
 @_runtime.kernel_op("triformer::gelu_fwd", mutates_args=())

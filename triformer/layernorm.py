@@ -187,6 +187,24 @@ def _load_dy_x(DY, X, rows, rows_inner, cols, mask, sdy_o, sdy_i, sdy_n, sx_o, s
 
 
 @triton.jit
+def _rows_of_block(rb, M, BLOCK_M: tl.constexpr):
+    """(rows, row_ok) of row block rb. No pointer goes in: torch.compile's analysis of what a kernel writes
+    (wrap_triton) counts every argument of a helper whose result addresses a store as written."""
+    rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    return rows, rows < M
+
+
+@triton.jit
+def _bwd_block(DY, X, Mean, Rstd, rows, row_ok, rows_inner, cols, col_ok, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n,
+               RMS: tl.constexpr):
+    """(mean, rstd, dy, x) of the backward's rows; rows past M load nothing."""
+    mean, rstd = _load_row_stats(Mean, Rstd, rows, row_ok, RMS)
+    dy, x = _load_dy_x(DY, X, rows, rows_inner, cols, row_ok[:, None] & col_ok[None, :], sdy_o, sdy_i, sdy_n,
+                       sx_o, sx_i, sx_n)
+    return mean, rstd, dy, x
+
+
+@triton.jit
 def _normalized(x, mean, rstd):
     return (x - mean[:, None]) * rstd[:, None]
 
@@ -197,7 +215,7 @@ def _norm_bwd_kernel(
     M, N, rows_inner, n_row_blocks,
     sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, sd_o, sd_i, sd_n,
     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # Persistent: program p takes row blocks p, p + P, p + 2P, ... and writes its dweight/dbias column
     # sums to row p of DW/DB ([P, N] fp32). The accumulators are 2-D so that the cross-thread reduction
@@ -238,15 +256,21 @@ def _norm_bwd_kernel(
         w = _load_vector(W, cols, col_ok, 1.0, HAS_WEIGHT, BLOCK_N)
         dw = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        # Each warp issues its loads in order, so a block's tiles are loaded one block ahead (PREFETCH): while
+        # this block's row sums and stores run, the next block's dy and x are already in flight. Without it a
+        # program has one block's bytes in flight at a time, too few to cover the memory latency at narrow rows.
+        rows, row_ok = _rows_of_block(pid, M, BLOCK_M)
+        mean, rstd, dy, x = _bwd_block(DY, X, Mean, Rstd, rows, row_ok, rows_inner, cols, col_ok,
+                                       sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, RMS)
         for rb in range(pid, n_row_blocks, n_programs):
-            rows = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-            row_ok = rows < M
+            next_rows, next_ok = _rows_of_block(rb + n_programs, M, BLOCK_M)
+            if PREFETCH:
+                nxt = _bwd_block(DY, X, Mean, Rstd, next_rows, next_ok, rows_inner, cols, col_ok,
+                                 sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, RMS)
             mask = row_ok[:, None] & col_ok[None, :]
-            mean, rstd = _load_row_stats(Mean, Rstd, rows, row_ok, RMS)
             if not ONE_TILE:
                 c1 = tl.load(RowSums + rows, mask=row_ok, other=0.0)
                 c2 = tl.load(RowSums + M + rows, mask=row_ok, other=0.0)
-            dy, x = _load_dy_x(DY, X, rows, rows_inner, cols, mask, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n)
             xhat = _normalized(x, mean, rstd)
             g = dy * w[None, :]
             if ONE_TILE:  # the row sums of pass 1, from the tile itself
@@ -256,6 +280,11 @@ def _norm_bwd_kernel(
                       cols, sd_n, mask, RMS, HAS_DRES)
             dw += dy * xhat
             db += dy
+            if not PREFETCH:
+                nxt = _bwd_block(DY, X, Mean, Rstd, next_rows, next_ok, rows_inner, cols, col_ok,
+                                 sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, RMS)
+            rows, row_ok = next_rows, next_ok
+            mean, rstd, dy, x = nxt
         if HAS_WEIGHT:
             tl.store(DW + pid.to(tl.int64) * N + cols, tl.sum(dw, 0), mask=col_ok)
         if HAS_BIAS:
@@ -263,8 +292,8 @@ def _norm_bwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------- launchers
-# At GPT-2 sizes a norm's kernels take ~20 us on the GPU and the Python around them took several times that
-# (benchmarks/results/h200/host_overhead.md), so the launchers keep their per-call work small: launch
+# At GPT-2 sizes a norm's kernels take tens of microseconds on the GPU and the Python around them can take
+# longer (benchmarks/host_overhead.py), so the launchers keep their per-call work small: launch
 # parameters are computed once per shape (Triton 3.9's cdiv and next_power_of_2 are constexpr-function
 # wrappers, ~2 us a call on the host), contiguous inputs go to the kernels without views, and torch.empty
 # gets its sizes as ``size=`` (a positional torch.Size takes ~1 us longer to parse).
@@ -278,10 +307,19 @@ def _tile(n_rows: int, n_cols: int, max_block_n: int, gpu_tile: int, per_thread:
     return block_m, block_n, num_warps
 
 
+# GPU tiles: elements per tile and per thread of each kernel, and how many backward warps an SM keeps resident
+# (the persistent backward grid is sized to that, so there is no second wave). At 8 elements per thread the
+# backward takes 80-88 registers (ptxas, sm_90), which is what lets 20 warps stay resident. benchmarks/norm_sweep.py
+# times the alternatives; docs/performance_history.md has its results.
+FWD_GPU_TILE, FWD_PER_THREAD = 4096, 16
+BWD_GPU_TILE, BWD_PER_THREAD, BWD_RESIDENT_WARPS, BWD_PREFETCH = 2048, 8, 20, True
+
+
 @_runtime.plan_cache
 def _fwd_launch(m: int, n: int, max_block_n: int):
     """(grid, meta-parameters) of the forward."""
-    block_m, block_n, num_warps = _tile(m, n, max_block_n, gpu_tile=4096, per_thread=16, max_warps=16)
+    block_m, block_n, num_warps = _tile(m, n, max_block_n, gpu_tile=FWD_GPU_TILE, per_thread=FWD_PER_THREAD,
+                                        max_warps=16)
     return (triton.cdiv(m, block_m),), dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=block_n >= n,
                                             num_warps=num_warps)
 
@@ -290,19 +328,19 @@ def _fwd_launch(m: int, n: int, max_block_n: int):
 def _bwd_launch(m: int, n: int, max_block_n: int, device_index: int):
     """(programs, row blocks, meta-parameters) of the backward, then (column blocks, meta-parameters) of
     column_sums_kernel, which adds the programs' partial dweight/dbias rows."""
-    # Measured with ptxas for sm_90: at 8 elements per thread the backward takes 80-88 registers, so an SM holds
-    # about 20 of its warps. The persistent grid is sized to what is resident at once (no second wave).
-    block_m, block_n, num_warps = _tile(m, n, max_block_n, gpu_tile=2048, per_thread=8, max_warps=32)
+    block_m, block_n, num_warps = _tile(m, n, max_block_n, gpu_tile=BWD_GPU_TILE, per_thread=BWD_PER_THREAD,
+                                        max_warps=32)
     n_row_blocks = triton.cdiv(m, block_m)
     # Two interpreter programs exercise both the persistent row loop and the cross-program reduction.
-    programs = min(n_row_blocks, 2 if INTERPRET else _runtime.multiprocessors(device_index) * max(1, 20 // num_warps))
+    programs = min(n_row_blocks, 2 if INTERPRET else
+                   _runtime.multiprocessors(device_index) * max(1, BWD_RESIDENT_WARPS // num_warps))
     if INTERPRET:
         sum_p = triton.next_power_of_2(programs)
         sum_n = min(triton.next_power_of_2(n), (1 << 16) // sum_p)
     else:
         sum_p, sum_n = 128, 32
     return (programs, n_row_blocks,
-            dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=block_n >= n, num_warps=num_warps),
+            dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=block_n >= n, PREFETCH=BWD_PREFETCH, num_warps=num_warps),
             triton.cdiv(n, sum_n), dict(BLOCK_P=sum_p, BLOCK_N=sum_n, num_warps=4))
 
 

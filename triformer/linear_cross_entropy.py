@@ -11,20 +11,19 @@ Memory: one logits buffer of at most ``CHUNK_BYTES`` (256 MiB) plus O(N) floats,
 gradients. Chunks are a multiple of 128 rows where the budget allows (whole matmul tiles). Why that budget:
 every chunk reads and writes the whole ``grad_W`` accumulator once (V x H, 4 bytes a value for fp32 master
 weights), while its matmuls do 6 x rows x V x H flops, so the accumulator's share of the time falls like
-1 / rows whatever V and H are -- on an H200 (~690 TFLOP/s, ~4.3 TB/s) about 200 / rows for an fp32 accumulator.
-At 64 MiB a Llama-3 vocabulary (128256) gave 256-row chunks and the accumulator dominated the step
-(``benchmarks/results/h200/patch_llama.md``); 256 MiB gives 1024 rows there and ~2600 for GPT-2's 50257.
+1 / rows whatever V and H are: at a card's ratio of matmul rate to bandwidth (~160 FLOP/byte on an H200) about
+200 / rows for an fp32 accumulator. 256 MiB gives 1024-row chunks for a Llama-3 vocabulary (128256), where a
+quarter of that let the accumulator dominate the step, and ~2600 rows for GPT-2's 50257.
 
 Alignment: GEMM kernels with 16-byte vector or TMA accesses need every operand's leading dimension *and*
 contiguous extent to be a multiple of 16 bytes (CUTLASS checks both; cuBLAS falls back to slower kernels).
 With an odd vocabulary (GPT-2's 50257) each of the three matmuls has an operand whose contiguous extent is V
--- logits (N = V), g (K = V), g^T (M = V) -- and with one matmul over the whole vocabulary this op ran at
-~100 TFLOP/s on an H100, like eager PyTorch. So the buffer's rows are padded to a multiple of 64 elements, and
+-- logits (N = V), g (K = V), g^T (M = V) -- and with one matmul over the whole vocabulary this op ran at a
+fraction of the card's matmul rate, like eager PyTorch. So the buffer's rows are padded to a multiple of 64 elements, and
 the vocabulary is split: its first ``V - V % 8`` rows go through aligned matmuls per chunk, the last few (< 8)
 through three matmuls over all N tokens at once (their [N, < 8] logits and gradients are copied into and out of
-each chunk's buffer), with no copy of the weight: three tiny matmuls per chunk took ~200 us of host time for
-almost no GPU work (H200, ``benchmarks/linear_cross_entropy.py --profile``: enqueueing 25 chunks took 7.0 ms
-without the split and 12.1 ms with it, while the GPU time fell from 35.6 to 12.3 ms).
+each chunk's buffer), with no copy of the weight: three tiny matmuls per chunk would cost more host time than
+their GPU work (``benchmarks/linear_cross_entropy.py --profile`` shows both).
 
 Precision: the matmuls run in the hidden state's dtype (the activation dtype; a weight of another dtype,
 e.g. fp32 master weights under autocast, is cast once per call -- a V x H copy outside the budget) with fp32
@@ -94,8 +93,8 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -
         if (out.is_cuda and out.dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16)
                 and not _runtime.is_fake(out)):
             # cuBLAS adds the half-precision product into the fp32 ``out`` (beta = 1): one read and one write
-            # of ``out``, where ``out += a @ b`` also wrote and read back a V x H product (31 of 90 ms of a
-            # Llama-1B-shaped step on an H200, ``benchmarks/results/h200/patch_llama.md``). Not on fake
+            # of ``out``, where ``out += a @ b`` also wrote and read back a V x H product, which dominated a
+            # Llama-sized step (``benchmarks/patch_llama.py``). Not on fake
             # tensors (this body is the op's shape rule under torch.compile): torch 2.11 has no fake rule for
             # ``addmm(out_dtype=)`` and its generic decomposition takes the dtype for ``beta``.
             torch.addmm(out, a, b, out_dtype=out.dtype, out=out)

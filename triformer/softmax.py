@@ -159,13 +159,12 @@ def _softmax_bwd_kernel(y_ptr, dy_ptr, dx_ptr, n_rows, n_cols, tq, shift,
 # ---------------------------------------------------------------------------------------------------------
 
 # Longest row kept whole in registers. On a GPU 32768 fp32 values over 32 warps is 32 registers a thread. The
-# backward holds two such rows (y, dy): at 32768 ptxas spills ~280 bytes a thread, and it is still faster than
-# two sweeps (H200, `benchmarks/softmax.py --sweep`: 8192x32768 bf16 bwd 0.50 -> 0.40 ms, 4096x32768 fp32
-# 0.63 -> 0.46 ms); at 65536 both directions spill more and lose to the sweeps. On the interpreter a small
-# bound keeps the two-sweep path cheap to test.
+# backward holds two such rows (y, dy): at 32768 ptxas spills some bytes a thread and it is still faster than
+# two sweeps; at 65536 both directions spill more and lose to the sweeps (`benchmarks/softmax.py --sweep`).
+# On the interpreter a small bound keeps the two-sweep path cheap to test.
 MAX_SINGLE_BLOCK = 1024 if INTERPRET else 32768
 MAX_SINGLE_BLOCK_BWD = 1024 if INTERPRET else 32768
-# Column tile of the two-sweep path (16384 beat 4096 and 8192 at 4096x65536 bf16 in the same sweep).
+# Column tile of the two-sweep path: the fastest of the sweep's candidates at the longest rows.
 LOOP_BLOCK = 512 if INTERPRET else 16384
 
 LOG2_E = 1.4426950408889634

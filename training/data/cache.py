@@ -21,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from training.checkpoint import atomic_write
+
 FORMAT_VERSION = 1
 _CHUNK = 1 << 24
 
@@ -71,26 +73,12 @@ class Writer:
             arrays[name] = dict(dtype=e["dtype"], shape=[e["rows"]] + e["row_shape"], nbytes=int(nbytes),
                                 blake2b=e["hash"].hexdigest())
         meta = dict(format=FORMAT_VERSION, key=key, arrays=arrays, extra=extra)
-        _atomic_write(self.directory / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+        atomic_write(self.directory / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
 
     def abort(self) -> None:
         for e in self._files.values():
             e["f"].close()
             e["tmp"].unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @contextlib.contextmanager

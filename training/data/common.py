@@ -12,7 +12,6 @@ the same data as a 1-process run with twice the per-call batch.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Mapping
 from typing import Any
@@ -32,12 +31,11 @@ def to_plain(cfg: Any) -> dict:
 
 
 def parse_config(cls, cfg: dict):
-    """Build dataclass ``cls`` from ``cfg``, rejecting unknown keys (typos would otherwise be ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - names)
-    if unknown:
-        raise ValueError(f"unknown data config key(s) {unknown}; valid keys: {sorted(names)}")
-    return cls(**cfg)
+    """Build dataclass ``cls`` from ``cfg``: unknown keys (typos would otherwise be ignored) and values of the
+    wrong type are refused, naming the ``data.`` key (``training.settings.build``)."""
+    from training.settings import build
+
+    return build("data", cls, cfg)
 
 
 def check_rank(rank: int, world_size: int) -> None:

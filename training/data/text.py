@@ -98,6 +98,12 @@ class TextConfig:
             raise ValueError(f"splits must map 'train' (and optionally 'val', 'test') to source splits, "
                              f"got {self.splits!r}")
 
+    def needs_val_fraction(self) -> bool:
+        """Whether the val split is carved from train (``val_fraction``): the source has none of its own."""
+        if self.source == "hf":
+            return "val" not in self.splits
+        return not (self.source == "files" and isinstance(self.paths, dict) and "val" in self.paths)
+
 
 # ---------------------------------------------------------------------------------------------- sources
 

@@ -60,8 +60,8 @@ class ImageConfig:
     split_seed: int = 0
     crop_padding: int = 4                 # random crop after zero padding; 0 disables
     hflip: bool = True
-    mean: list | None = None              # per channel, on [0, 1] pixels; null: from the train split
-    std: list | None = None
+    mean: list[float] | None = None              # per channel, on [0, 1] pixels; null: from the train split
+    std: list[float] | None = None
     cache_dir: str | None = None
     verify: str = "full"
     repair_cache: bool = False
@@ -94,6 +94,12 @@ class ImageConfig:
                 raise ValueError(f"{name} must be a list of per-channel values or null, got {value!r}")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {self.std!r}")
+
+    def needs_val_fraction(self) -> bool:
+        """Whether the val split is carved from train (``val_fraction``): the source has none of its own."""
+        if self.source == "hf":
+            return "val" not in self.splits
+        return not (self.source == "folder" and (Path(self.root).expanduser() / "val").is_dir())
 
 
 # ---------------------------------------------------------------------------------------------- sources
