@@ -174,6 +174,7 @@ def _every_op(x, w, b, wv, cos, sin, targets):
     y = triformer.swiglu(triformer.gelu(y, bias=b), x)
     q, k = triformer.apply_rope(*(y.view(DYN_B, T, DYN_H, DYN_D).transpose(1, 2) * s for s in (1.0, 0.5)), cos, sin)
     a = triformer.attention(q, k, q + k, is_causal=True)
+    a = a + triformer.attention_packed(torch.cat([y, x, y * x], -1), DYN_H, is_causal=True)
     p = triformer.softmax(q @ k.transpose(-1, -2), is_causal=True)
     a = triformer.dropout(a + p @ q, 0.25, seed=3).transpose(1, 2).reshape(DYN_B * T, DYN_H * DYN_D)
     return (triformer.cross_entropy(a @ wv.t(), targets.flatten(), inplace_backward=True)
@@ -345,6 +346,7 @@ def _op_cases(T: int = 256):
         ("attention", lambda q, k, v: triformer.attention(q, k, v, is_causal=True), [(B, H, T, D)] * 3),
         ("attention_dropout", lambda q, k, v: triformer.attention(q, k, v, is_causal=True, dropout_p=0.1, seed=5),
          [(B, H, T, D)] * 3),
+        ("attention_packed", lambda qkv: triformer.attention_packed(qkv, H, is_causal=True), [(B, T, 3 * H * D)]),
         ("cross_entropy", lambda x: triformer.cross_entropy(x, torch.arange(x.shape[0], device=dev) % 1000),
          [(B * T, 1000)]),
         ("linear_cross_entropy", lambda h, w: triformer.linear_cross_entropy(
