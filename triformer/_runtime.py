@@ -127,7 +127,8 @@ def kernel_op(name: str, mutates_args: tuple[str, ...], opaque: bool = False):
     traceable: shapes and strides only, never a tensor's values or address.
 
     Under the interpreter (CPU tensors) the operator is an opaque ``torch.library.custom_op``, since Inductor
-    can launch Triton kernels only on a GPU; ``fn`` is its fake rule too, with the launches skipped. ``opaque``
+    can launch Triton kernels only on a GPU; ``fn`` is its fake rule too, with the launches skipped and
+    ``shapes_only()`` true (``_shape_rule``). ``opaque``
     keeps an op opaque on the GPU as well: for a body whose point is its in-place memory plan (functionalization
     would turn each in-place buffer into a copy).
 
@@ -207,12 +208,13 @@ def _shape_rule(fn):
     so launch plans take torch.compile's symbolic sizes at their example values (``plan_sizes``)."""
     @functools.wraps(fn)
     def rule(*args, **kwargs):
+        outer = shapes_only()  # (restored after: a body may call another op, whose rule nests in this one)
         _in_shape_rule.on = True
         try:
             with _direct_launches():
                 return fn(*args, **kwargs)
         finally:
-            _in_shape_rule.on = False
+            _in_shape_rule.on = outer
     return rule
 
 
