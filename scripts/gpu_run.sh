@@ -31,6 +31,7 @@ run_steps() {
         timeout ${PY_TIMEOUT:-500} python3 $1 2>&1 | tee $TRIFORMER_BENCH_OUT/py-$n.txt | tail -80; shift ;;
       *) echo "unknown step $1"; shift ;;
     esac
+    tar czf $OUT/results.tar.gz -C $TRIFORMER_BENCH_OUT .  # after every step: a call cut short keeps what ran
   done
 }
 # The whole run stops at GPU_RUN_DEADLINE seconds so the results are still packed inside the device call's limit.
