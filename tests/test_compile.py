@@ -217,6 +217,12 @@ def _every_op_inputs(length, g=torch.Generator().manual_seed(0)):
             torch.randint(0, DYN_V, (DYN_B, length), generator=g).to(dev)], (0, 1, 2, 3)
 
 
+# On a GPU the traced launch plans specialize the length (_runtime.plan_sizes): one graph per length there, which
+# test_compile_each_op_on_gpu_for_changing_lengths checks instead.
+CPU_ONLY = pytest.mark.skipif(not triformer.INTERPRET, reason="the CPU path: one graph for every length")
+
+
+@CPU_ONLY
 @pytest.mark.parametrize("dynamic", ["mark_dynamic", pytest.param(None, marks=pytest.mark.slow),
                                      pytest.param(True, marks=pytest.mark.slow)])
 def test_every_op_compiles_once_for_changing_lengths(dynamic):
@@ -233,6 +239,7 @@ def test_every_op_compiles_once_for_changing_lengths(dynamic):
     _check_lengths(_every_op, compiled, _every_op_inputs, lengths, mark, compiles, expected)
 
 
+@CPU_ONLY
 def test_model_compiles_once_for_changing_lengths():
     """A llama-style GPT (RoPE, RMSNorm, SwiGLU, GQA attention, fused loss) compiled once for any sequence length
     (mark_dynamic on it: nothing in the model or the ops pins it), at two lengths as evaluation calls it; the
