@@ -17,8 +17,7 @@ import triton  # noqa: E402  (after triformer, which picks compile vs interprete
 
 # triformer.attention is also the name of the exported function, which shadows the module as an attribute.
 attention_module = importlib.import_module("triformer.attention")
-# CPU tests use fp32 and fp16 only: triton 3.9's interpreter computes tl.dot on bf16 wrongly.
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if kernel_device().type == "cuda" else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
@@ -191,6 +190,23 @@ def test_attention_packed_matches_reference_with_one_gradient_tensor(n_head, n_k
     for ours, theirs, view in zip(split_qkv(dqkv, n_head, n_kv_head), torch.autograd.grad(split_out, views, grad_out),
                                   views):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_packed_low_precision_matches_reference(dtype):
+    """attention_packed in fp16/bf16 (bf16 on the CPU too: the interpreter's bf16 tl.dot once returned ~1e9):
+    output and d(qkv) against the float64 reference, the reference run in that dtype setting the bar."""
+    n_head, n_kv_head, T, D = 4, 2, 45, 16
+    qkv = random_tensor((2, T, (n_head + 2 * n_kv_head) * D), dtype).requires_grad_()
+    grad_out = random_tensor((2, n_head, T, D), dtype)
+    results = []
+    for x in (qkv, qkv.detach().double().requires_grad_(), qkv.detach().clone().requires_grad_()):
+        fn = attention_packed if x is qkv else attention_packed_reference
+        out = fn(x, n_head, n_kv_head, is_causal=True)
+        results.append((out, *torch.autograd.grad(out, x, grad_out.to(x.dtype))))
+    for name, ours, ref, peer in zip(("out", "dqkv"), *results):
+        assert ours.dtype == dtype
+        assert_close(name, ours, ref, peer)
 
 
 def test_attention_packed_double_backward_and_bad_input():

@@ -2,6 +2,8 @@
 
 Each case asserts the exception type and that the message names the offending argument.
 """
+import re
+
 import pytest
 import torch
 
@@ -36,6 +38,31 @@ def vit():
 
 def images(B=2):
     return rows(B, 3, 10, 10)
+
+
+# ------------------------------------------------------------------------------------------------ mode
+def test_interpreter_switched_after_import_is_refused_at_launch(monkeypatch):
+    """TRITON_INTERPRET flipped after ``import triformer`` made Triton fail with a bare AssertionError inside
+    the first launch; the launch now says what changed and what to do, and works again once it is restored."""
+    x = rows(3, 8)
+    mode = "1" if tf.INTERPRET else "0"
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if tf.INTERPRET else "1")
+    restore = re.escape(f"Restore os.environ['TRITON_INTERPRET'] = '{mode}'")
+    with pytest.raises(RuntimeError, match=f"TRITON_INTERPRET is .* now.*{restore}.*TRIFORMER_INTERPRET=0 or 1 set "
+                                           "before `import triformer`"):
+        tf.gelu(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "true" if tf.INTERPRET else "off")  # same mode, other spelling
+    assert torch.allclose(tf.gelu(x), tf.gelu_reference(x), atol=1e-6)
+
+
+def test_triformer_interpret_set_after_import_is_named(monkeypatch):
+    """TRIFORMER_INTERPRET is read once, at import: a later change has no effect, and the device error a
+    tensor for the other mode then gets says so."""
+    monkeypatch.setenv("TRIFORMER_INTERPRET", "0" if tf.INTERPRET else "1")
+    other = torch.empty(3, 8, device="meta" if tf.INTERPRET else "cpu")
+    with pytest.raises(ValueError, match="x is on .*TRIFORMER_INTERPRET is '[01]' now but was .* when triformer was "
+                                         "imported: it is read once, at import"):
+        tf.gelu(other)
 
 
 # ------------------------------------------------------------------------------------------------ ops

@@ -268,13 +268,33 @@ def test_inplace_backward_refusals_leave_logits_intact():
         "leaf": lambda: leaf,
         "view of a leaf": lambda: leaf[1:],
         "expanded": lambda: (leaf[:1] * 2).expand(5, 300),
+        # rows 100 apart but 300 long: each row's gradient would overwrite the next rows' logits (was accepted,
+        # gradient off by 0.5)
+        "rows overlap": lambda: (leaf * 2).as_strided((5, 300), (100, 1)),
+        "columns interleave with rows": lambda: (leaf * 2).as_strided((5, 150), (1, 2)),
+        "3-D, inner rows overlap": lambda: (leaf * 2).as_strided((2, 3, 200), (600, 150, 1)),
     }
     for name, make in cases.items():
         logits = make()
         before = logits.detach().clone()
-        with pytest.raises(ValueError, match="inplace_backward"):
-            cross_entropy(logits, targets[: logits.shape[0]], inplace_backward=True)
+        with pytest.raises(ValueError, match="inplace_backward.*(leaf|share memory)"):
+            cross_entropy(logits, targets[: logits.shape[-2]].expand(logits.shape[:-1]), inplace_backward=True)
         assert torch.equal(logits.detach(), before), name
+
+
+@given(shape=st.lists(st.integers(0, 4), min_size=1, max_size=4), data=st.data())
+def test_elements_apart_is_never_wrong(shape, data):
+    """The in-place check's layout rule against brute force: whenever it says no two elements share memory,
+    every element's offset is distinct; and it accepts the layouts the kernel meets (dense, permuted, sliced)."""
+    strides = data.draw(st.lists(st.integers(0, 30), min_size=len(shape), max_size=len(shape)))
+    t = torch.empty(4 * 4 * 30 + 1).as_strided(shape, strides)  # room for the largest offset
+    grid = torch.meshgrid(*(torch.arange(n) for n in shape), indexing="ij")
+    offsets = sum(g * st_ for g, st_ in zip(grid, strides)).flatten()
+    if ce_module._elements_apart(t):
+        assert offsets.unique().numel() == offsets.numel(), (shape, strides)
+    dense = torch.empty([n + 1 for n in shape])
+    perm = data.draw(st.permutations(range(len(shape))))
+    assert ce_module._elements_apart(dense[tuple(slice(0, n) for n in shape)].permute(*perm))
 
 
 def test_inplace_backward_without_recorded_gradient_writes_nothing():

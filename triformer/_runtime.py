@@ -16,6 +16,7 @@ import inspect
 import math
 import os
 import sys
+import threading
 
 import torch
 from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
@@ -34,6 +35,8 @@ def _decide_interpret() -> bool:
 
 
 INTERPRET: bool = _decide_interpret()
+# What TRIFORMER_INTERPRET said when the mode was decided: a later change has no effect, which errors point out.
+_FORCED_AT_IMPORT = os.environ.get("TRIFORMER_INTERPRET")
 # Triton builds its own library functions (tl.sum, tl.sigmoid, ...) for one mode when it is first
 # imported, so the variable must be set before that import, and a triton imported earlier in the other
 # mode cannot be repaired.
@@ -77,8 +80,38 @@ def _round_bf16_to_nearest_even() -> None:
     builder.cast_impl = cast_impl
 
 
+def _dot_bf16_as_fp32() -> None:
+    """Make the interpreter's ``tl.dot`` multiply bf16 operands as the numbers they encode.
+
+    Triton 3.9's interpreter holds bf16 as raw uint16 bits and hands them to ``np.matmul`` as integers: attention
+    in bf16 returned values near 1e9. A bf16 value widened to fp32 is exact (its bits shifted into the high half),
+    and the GPU's bf16 MMA forms exact products and accumulates them in fp32, so the product is the GPU's up to
+    the summation order. Only the interpreter's builder is patched: compiled kernels are untouched. A Triton
+    without this builder method is left alone: tests/test_attention.py checks bf16 attention on the CPU.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    dot = getattr(builder, "create_dot", None)
+    if dot is None:
+        return
+
+    def widen(operand):
+        if operand.dtype.scalar != triton.language.bfloat16:
+            return operand
+        bits = np.asarray(operand.data, dtype=np.uint16).astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), triton.language.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+
+
 if INTERPRET:
     _round_bf16_to_nearest_even()
+    _dot_bf16_as_fp32()
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -94,7 +127,8 @@ def kernel_op(name: str, mutates_args: tuple[str, ...], opaque: bool = False):
     traceable: shapes and strides only, never a tensor's values or address.
 
     Under the interpreter (CPU tensors) the operator is an opaque ``torch.library.custom_op``, since Inductor
-    can launch Triton kernels only on a GPU; ``fn`` is its fake rule too, with the launches skipped. ``opaque``
+    can launch Triton kernels only on a GPU; ``fn`` is its fake rule too, with the launches skipped and
+    ``shapes_only()`` true (``_shape_rule``). ``opaque``
     keeps an op opaque on the GPU as well: for a body whose point is its in-place memory plan (functionalization
     would turn each in-place buffer into a copy).
 
@@ -112,7 +146,7 @@ def kernel_op(name: str, mutates_args: tuple[str, ...], opaque: bool = False):
                     return fn(*args, **kwargs)
             op = torch.library.custom_op(name, run_directly, mutates_args=mutates_args,
                                          schema=torch.library.infer_schema(fn, mutates_args=mutates_args))
-            op.register_fake(fn)
+            op.register_fake(_shape_rule(fn))
         else:
             op = torch.library.triton_op(name, fn, mutates_args=mutates_args)
         _inductor_fallbacks.append(name)
@@ -166,6 +200,30 @@ def _register_inductor_fallbacks() -> bool:
 _register_inductor_fallbacks._dynamo_marked_constant = True
 
 
+_in_shape_rule = threading.local()
+
+
+def _shape_rule(fn):
+    """``fn`` as an opaque op's fake (shape) rule: on fake tensors, launches skipped, and ``shapes_only()`` true,
+    so launch plans take torch.compile's symbolic sizes at their example values (``plan_sizes``)."""
+    @functools.wraps(fn)
+    def rule(*args, **kwargs):
+        outer = shapes_only()  # (restored after: a body may call another op, whose rule nests in this one)
+        _in_shape_rule.on = True
+        try:
+            with _direct_launches():
+                return fn(*args, **kwargs)
+        finally:
+            _in_shape_rule.on = outer
+    return rule
+
+
+def shapes_only() -> bool:
+    """Whether an op body now runs as an opaque op's shape rule (see ``kernel_op``): only its outputs' shapes
+    count, nothing it plans or launches does (the real call plans again from its real sizes)."""
+    return getattr(_in_shape_rule, "on", False)
+
+
 def _direct_launches():
     """Launch kernels straight away: eager tensors need no graph node (``wrap_triton`` costs ~1 ms per launch
     through its dispatcher when it is enabled outside tracing)."""
@@ -181,10 +239,40 @@ def traced_launches() -> bool:
     return not INTERPRET and is_wrap_triton_enabled()
 
 
+def _late_env_note() -> str:
+    """A sentence for errors about the mode: that TRIFORMER_INTERPRET changed after import, if it did."""
+    now = os.environ.get("TRIFORMER_INTERPRET")
+    if now == _FORCED_AT_IMPORT:
+        return ""
+    return (f" (TRIFORMER_INTERPRET is {now!r} now but was {_FORCED_AT_IMPORT!r} when triformer was imported: it is "
+            "read once, at import; set it before the first `import triformer`, in a fresh process)")
+
+
+def _mode_changed_error() -> RuntimeError:
+    now = os.environ.get("TRITON_INTERPRET", "unset")
+    return RuntimeError(
+        f"Triton's interpreter was switched {'off' if INTERPRET else 'on'} after triformer was imported "
+        f"(TRITON_INTERPRET is {now!r} now; triformer set it to {'1' if INTERPRET else '0'} and defined its kernels "
+        f"for the {'interpreter' if INTERPRET else 'compiler'}), and Triton cannot change modes within a process. "
+        f"Restore os.environ['TRITON_INTERPRET'] = '{'1' if INTERPRET else '0'}', or start a fresh process with "
+        "TRIFORMER_INTERPRET=0 or 1 set before `import triformer`" + _late_env_note())
+
+
+def check_mode() -> None:
+    """Raise RuntimeError, saying what to do, if Triton's interpreter setting no longer matches the mode the
+    kernels were defined for. Triton reads TRITON_INTERPRET again at each launch (``triton.knobs``), so one
+    changed after import made a kernel of one mode run in the other: a bare AssertionError from inside Triton.
+    Read through the same knob (a C ``getenv``, a fraction of a microsecond). ``launch`` calls it; so does any
+    launch that bypasses ``launch`` (attention's autotuned kernels)."""
+    if triton.knobs.runtime.interpret != INTERPRET:
+        raise _mode_changed_error()
+
+
 def launch(kernel, grid):
     """``kernel[grid]``, as torch.compile must see it: a ``wrap_triton`` node while a ``kernel_op`` body is
     traced on a GPU (``kernel_op``'s eager calls and opaque op bodies switch that off); nothing while an opaque
-    op's body runs on fake tensors as its shape rule; the kernel itself otherwise."""
+    op's body runs on fake tensors as its shape rule; the kernel itself otherwise. ``check_mode`` first."""
+    check_mode()
     if not INTERPRET and is_wrap_triton_enabled():
         return torch.library.wrap_triton(kernel)[grid]
     if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
@@ -218,14 +306,59 @@ def check_device(**tensors: torch.Tensor | None) -> torch.device:
     if not INTERPRET and device.type != "cuda":
         raise ValueError(
             f"{named[0][0]} is on {device}, but triformer compiled its kernels for CUDA; move the tensors to "
-            "the GPU, or set TRIFORMER_INTERPRET=1 before importing triformer to run them on the CPU"
+            "the GPU, or set TRIFORMER_INTERPRET=1 before importing triformer to run them on the CPU" + _late_env_note()
         )
     if INTERPRET and device.type != "cpu":
         raise ValueError(
             f"{named[0][0]} is on {device}, but triformer runs its kernels through Triton's interpreter "
             "(TRIFORMER_INTERPRET=1 or no CUDA device); pass CPU tensors or unset TRIFORMER_INTERPRET"
+            + _late_env_note()
         )
     return device
+
+
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _planned(value):
+    if not isinstance(value, _SYMBOLIC):
+        return value
+    hint = value.node.hint  # the example size the trace started from (None: a data-dependent size)
+    if shapes_only() and hint is not None:
+        return hint
+    from torch.fx.experimental.symbolic_shapes import guard_scalar
+    return guard_scalar(value)
+
+
+def plan_sizes(*values):
+    """``values`` (sizes) as plain numbers for planning a launch: tile sizes, grids, loops over chunks. Under
+    torch.compile with dynamic shapes a size is symbolic, and planning with it (``min``, ``range``, Triton's
+    ``next_power_of_2``) adds guards that pin it to its example value one comparison at a time, through large
+    symbolic expressions (minutes for one op). Instead: in an opaque op's shape rule (``shapes_only()``) the plan
+    never reaches a kernel, so a size is taken at its example value, without a guard; where the plan is traced
+    into the graph as a kernel's grid and constexprs (a GPU op under torch.compile) the size is specialized, one
+    guard on its value, so the traced launch only ever runs at that size (a new size recompiles, and
+    ``torch._dynamo.mark_dynamic`` on it raises torch's constraint error). Plain ints pass through."""
+    return values if all(type(v) is int for v in values) else tuple(_planned(v) for v in values)
+
+
+def plan_cache(fn):
+    """``functools.lru_cache(maxsize=256)`` for a function that plans launches from sizes (Triton's host helpers
+    cost microseconds a call), that also accepts the symbolic sizes torch.compile passes with dynamic shapes
+    (``dynamic=True``, ``mark_dynamic``, or a second input shape), which lru_cache cannot hash: they are
+    turned into numbers by ``plan_sizes`` first."""
+    cached = functools.lru_cache(maxsize=256)(fn)
+
+    @functools.wraps(fn)
+    def plan(*args):
+        try:
+            return cached(*args)
+        except TypeError:  # unhashable: a symbolic size (checked, so a TypeError of fn itself still shows)
+            if not any(isinstance(a, _SYMBOLIC) for a in args):
+                raise
+        return cached(*plan_sizes(*args))
+
+    return plan
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,6 +376,7 @@ def rows_per_program(n_rows: int, block_cols: int, gpu_rows: int = 1) -> int:
     """
     if not INTERPRET:
         return gpu_rows
+    n_rows, block_cols = plan_sizes(n_rows, block_cols)
     budget = max(1, (1 << 16) // block_cols)
     largest_fitting = 1 << (budget.bit_length() - 1)
     return min(triton.next_power_of_2(max(n_rows, 1)), largest_fitting, 256)

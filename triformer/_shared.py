@@ -29,7 +29,6 @@ Random numbers
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 
@@ -37,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triformer import _runtime  # noqa: F401  (decides compile vs interpreter before the kernels below)
+from triformer import _runtime  # (first: decides compile vs interpreter before the kernels below)
 
 __all__ = [
     "row_offsets", "row_layout", "rows_view",
@@ -167,7 +166,7 @@ def gelu_and_grad(x, APPROX_TANH: tl.constexpr):
     return x * cdf, cdf + pdf_term
 
 
-@functools.lru_cache(maxsize=256)
+@_runtime.plan_cache
 def elementwise_tiles(M: int, N: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for a streaming kernel over an [M, N] grid of rows (cached: it runs on every launch).
 

@@ -608,6 +608,7 @@ def _tiles(Tq: int, Tk: int, n_pairs: int) -> dict:
     they fit, else 64 x 64 blocks."""
     if not INTERPRET:
         return dict(SEQ_M=0, SEQ_N=0)
+    Tq, Tk, n_pairs = _runtime.plan_sizes(Tq, Tk, n_pairs)
     seq_m, seq_n = _pow2(Tq), _pow2(Tk)
     if max(seq_m, seq_n) > _INTERPRET_TILE:
         return dict(BLOCK_M=64, BLOCK_N=64, SEQ_M=0, SEQ_N=0)
@@ -629,6 +630,7 @@ def _launch(kernel, seq_len: int, block: str, n_pairs: int, tiles: dict, tensors
     elif _runtime.traced_launches():  # torch.compile: Inductor benchmarks the candidates itself
         grid = lambda meta: (_cdiv(seq_len, meta[block]) * n_pairs,)  # noqa: E731
     else:
+        _runtime.check_mode()  # (these two launches bypass _runtime.launch)
         key = _tune_key(kernel, tensors, consts)
         tuned = _TUNED.get(key)
         if tuned is None:  # a new key: Triton prunes and benchmarks, then launches its pick
@@ -674,6 +676,7 @@ def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_caus
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     kpm_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
     rng = (seed if dropout_p > 0 else q, dropout_p, 1.0 / (1.0 - dropout_p))  # q: a placeholder never read
+    Tq, Tk, D = _runtime.plan_sizes(Tq, Tk, D)  # the constexprs below
     dot_prec = "ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
     consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
                   HAS_DROPOUT=dropout_p > 0, QUADS=Tk % 4 == 0, DOT_PREC=dot_prec, HEAD_DIM=D,

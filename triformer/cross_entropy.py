@@ -24,7 +24,8 @@ Where the gradient goes (``inplace_backward``):
   gradient is recorded, reuse is refused with a ``ValueError`` before anything is written unless:
   1. ``logits`` is not a leaf, nor a view of one: leaves are the caller's data (inputs, parameters), only
      an intermediate result such as the output of the LM head's matmul may be consumed;
-  2. no element of ``logits`` shares memory with another (no expanded, stride-0 dimension), and
+  2. no element of ``logits`` shares memory with another (no expanded, stride-0 dimension, no rows closer
+     together than V elements or other overlapping view), and
      ``logits`` can be read as rows of V in place: its leading dims merge into at most two strided groups
      (``triformer._shared.rows_view``; any layout ``view(-1, T, V)`` accepts, among others).
   Autograd's version counter covers the remaining hazard: the write counts as an in-place modification,
@@ -52,7 +53,6 @@ does not synchronize: the failure surfaces at the next synchronization as a devi
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import triton
@@ -433,7 +433,7 @@ class Plan:
     n_splits: int = 0
 
 
-@functools.lru_cache(maxsize=256)
+@_runtime.plan_cache
 def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, in_place: bool) -> Plan:
     """Interpreter: fused, few programs with 64k-element tiles of many rows. GPU: see the constants above."""
     if _runtime.INTERPRET:
@@ -482,7 +482,7 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
     launches."""
     outer, inner, n_cols = logits3.shape
     n_rows = outer * inner
-    if n_rows == 0:
+    if n_rows == 0 or _runtime.shapes_only():  # (a shape rule: it writes no output's shape)
         return
     g = grad3 if grad3 is not None else logits3  # never written when HAS_GRAD is off
     per_row_scale = scale is not None and scale.numel() > 1
@@ -523,7 +523,7 @@ def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
     outer, inner, n_cols = x3.shape
     n_rows = outer * inner
     flat = scale.reshape(-1)
-    if n_rows == 0:
+    if n_rows == 0 or _runtime.shapes_only():  # (a shape rule: it writes no output's shape)
         return
     if _runtime.INTERPRET:
         block_v = min(triton.next_power_of_2(n_cols), 1024)
@@ -647,15 +647,33 @@ def check_targets_tensor(targets, expected_shape, what: str) -> None:
         raise ValueError(f"targets must have shape {tuple(expected_shape)} ({what}), got {tuple(targets.shape)}")
 
 
+def _elements_apart(t: torch.Tensor) -> bool:
+    """Whether no two elements of ``t`` share memory, proven from its layout: with its dims of size > 1 sorted by
+    stride, each stride must step past the whole span of the dims below it. That holds for every slice,
+    permutation and padded-row layout; one it cannot prove (a stride 0, rows closer together than a row is long,
+    interleaved dims) counts as sharing. PyTorch's ``torch._debug_has_internal_overlap`` is no help here: it
+    answers "too hard" for any layout with gaps, the LM head's output sliced to the vocabulary among them."""
+    if t.numel() == 0:
+        return True
+    dims = [(st, n) for n, st in zip(t.shape, t.stride()) if n > 1]
+    # the dims before dim i in (stride, index) order, summed without sorting: Dynamo cannot sort symbolic strides
+    for i, (stride, _) in enumerate(dims):
+        below = sum(st * (n - 1) for j, (st, n) in enumerate(dims) if st < stride or (st == stride and j < i))
+        if stride <= below:
+            return False
+    return True
+
+
 def _check_inplace(logits: torch.Tensor) -> None:
     """The rule of the module docstring, point by point, for logits whose gradient is being recorded."""
     base = logits if logits._base is None else logits._base
     if logits.is_leaf or base.is_leaf:
         raise ValueError("inplace_backward=True would overwrite logits, which is a leaf tensor (or a view of one): "
                          "only an intermediate result, e.g. the LM head's output, may be consumed")
-    if any(st == 0 and n > 1 for st, n in zip(logits.stride(), logits.shape)):
+    if not _elements_apart(logits):
         raise ValueError(f"inplace_backward=True needs logits whose elements do not share memory, got strides "
-                         f"{logits.stride()} for shape {tuple(logits.shape)}")
+                         f"{logits.stride()} for shape {tuple(logits.shape)} (an expanded or overlapping view); "
+                         "pass inplace_backward=False, or logits.contiguous()")
     rows_view(logits, "logits with inplace_backward=True", copy_ok=False)
 
 

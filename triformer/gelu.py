@@ -7,7 +7,6 @@ recomputes the activation from ``x`` instead of saving anything extra. The formu
 row layout and the tile shape come from ``triformer._shared``, as they do for the gated units of
 ``triformer.swiglu``.
 """
-import functools
 import math
 from typing import Optional
 
@@ -96,14 +95,14 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0
 
 # Launch parameters are computed once per shape: on the host, Triton 3.9's cdiv and next_power_of_2 cost ~2 us
 # a call, and a backward with a bias made ten such calls.
-@functools.lru_cache(maxsize=256)
+@_runtime.plan_cache
 def _fwd_launch(M: int, N: int):
     """(grid, meta-parameters) of the forward."""
     block_m, block_n = elementwise_tiles(M, N)
     return (triton.cdiv(M, block_m), triton.cdiv(N, block_n)), dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
 
 
-@functools.lru_cache(maxsize=256)
+@_runtime.plan_cache
 def _bwd_launch(M: int, N: int, has_bias: bool, device_index: int):
     """(grid, rows per group, meta-parameters) of the backward, then (grid, meta-parameters) of the bias
     gradient's column_sums_kernel."""

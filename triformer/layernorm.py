@@ -19,7 +19,6 @@ reduction is parallel and deterministic, with no locks or atomics.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -316,7 +315,7 @@ FWD_GPU_TILE, FWD_PER_THREAD = 4096, 16
 BWD_GPU_TILE, BWD_PER_THREAD, BWD_RESIDENT_WARPS, BWD_PREFETCH = 2048, 8, 20, True
 
 
-@functools.lru_cache(maxsize=256)
+@_runtime.plan_cache
 def _fwd_launch(m: int, n: int, max_block_n: int):
     """(grid, meta-parameters) of the forward."""
     block_m, block_n, num_warps = _tile(m, n, max_block_n, gpu_tile=FWD_GPU_TILE, per_thread=FWD_PER_THREAD,
@@ -325,7 +324,7 @@ def _fwd_launch(m: int, n: int, max_block_n: int):
                                             num_warps=num_warps)
 
 
-@functools.lru_cache(maxsize=256)
+@_runtime.plan_cache
 def _bwd_launch(m: int, n: int, max_block_n: int, device_index: int):
     """(programs, row blocks, meta-parameters) of the backward, then (column blocks, meta-parameters) of
     column_sums_kernel, which adds the programs' partial dweight/dbias rows."""

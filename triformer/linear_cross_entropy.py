@@ -116,10 +116,6 @@ def _sweep(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bi
     dtype = hidden.dtype
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
-    rows = chunk_rows or _chunk_rows(n_rows, n_cols, dtype.itemsize)
-    padded = triton.cdiv(n_cols, ROW_ALIGN) * ROW_ALIGN
-    buf = torch.empty(min(rows, n_rows), padded, dtype=dtype, device=hidden.device)[:, :n_cols]
-    split = _vocab_split(n_cols)
     any_grad = need_h or need_w or need_b
     grad_h = torch.empty(n_rows, n_hidden, dtype=dtype, device=hidden.device) if need_h else None
     # the first chunk's product initializes grad_W (no memset, no read of zeros) unless nothing will write it
@@ -127,6 +123,12 @@ def _sweep(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bi
     grad_w = ((torch.zeros if zero_w else torch.empty)(weight.shape, dtype=weight.dtype, device=weight.device)
               if need_w else None)
     grad_b = torch.zeros(n_cols, dtype=torch.float32, device=hidden.device) if need_b else None
+    if _runtime.shapes_only():  # the op's shape rule: the outputs exist, the chunk loop only fills them
+        return grad_h, grad_w, grad_b.to(bias.dtype) if grad_b is not None else None
+    rows = chunk_rows or _chunk_rows(n_rows, n_cols, dtype.itemsize)
+    padded = triton.cdiv(n_cols, ROW_ALIGN) * ROW_ALIGN
+    buf = torch.empty(min(rows, n_rows), padded, dtype=dtype, device=hidden.device)[:, :n_cols]
+    split = _vocab_split(n_cols)
     # the loop enqueues several kernels per chunk, so the views it needs are made once where they can be
     w_bulk, b_bulk = w[:split], (b[:split] if b is not None else None)
     w_bulk_t = w_bulk.t()

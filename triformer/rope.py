@@ -67,7 +67,7 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_
     R, half = B * H * T, D // 2
     if R == 0:
         return y
-    block_d = triton.next_power_of_2(half)
+    block_d = triton.next_power_of_2(*_runtime.plan_sizes(half))
     # GPU: 2048-value half tiles (4096 values with both halves), 32 per thread of 4 warps.
     block_r = _runtime.rows_per_program(R, 2 * block_d, gpu_rows=max(1, 2048 // block_d))
     _runtime.launch(_rope_kernel, (triton.cdiv(R, block_r),))(

@@ -172,6 +172,7 @@ LOG2_E = 1.4426950408889634
 
 def _launch_params(n_rows: int, n_cols: int, max_single: int) -> tuple[int, int, bool, int]:
     """(ROWS, BLOCK_N, SINGLE, num_warps)."""
+    n_rows, n_cols = _runtime.plan_sizes(n_rows, n_cols)
     single = n_cols <= max_single
     block = triton.next_power_of_2(n_cols) if single else LOOP_BLOCK
     # GPU: about 16 elements a thread; short rows are packed several to a program so a tile has >= 2048.
