@@ -302,7 +302,6 @@ class Trainer:
                       "expect minutes per step (a time estimate follows the first step). A GPU (trainer=gpu) or a "
                       "small model (python train.py, model=gpt2-nano, experiment=vit-digits) is the practical choice")
 
-    # ------------------------------------------------------------------------------------------------ setup
     def _run_dir(self) -> Path:
         """run_dir, else the directory of the run a resume continues, else Hydra's output directory, else a
         timestamped one; rank 0's choice is every rank's."""
@@ -377,7 +376,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
-    # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
         bar = _progress(t, self.step, self.ctx.is_main)
@@ -600,7 +598,6 @@ class Trainer:
         self.logger.log("eval", self.step, result)
         return result
 
-    # ------------------------------------------------------------------------------------------ checkpoints
     def _save(self, val: dict[str, float] | None) -> None:
         is_best = val is not None and val["val/loss"] < self.best_val
         if is_best:
@@ -645,7 +642,6 @@ class Trainer:
                 f"{first_bad}-{self.step}); stopping. {where}. Try a lower optim.lr, trainer.grad_clip, or "
                 f"precision bf16/fp32 instead of fp16.")
 
-    # -------------------------------------------------------------------------------------------------- misc
     def _say(self, message: str, level: int = logging.INFO) -> None:
         if self.ctx is None or self.ctx.is_main:
             log.log(level, message)
