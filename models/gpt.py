@@ -36,7 +36,7 @@ class GPTConfig(TransformerConfig):
     rope_scaling: dict | None = None   # Hugging Face's rope_parameters minus rope_theta: linear or llama3 scaling
     tie_embeddings: bool = True        # False: a separate lm_head (padded like wte) instead of wte's weight
     loss: str = "ce"                   # "ce": logits then cross_entropy; "fused": linear_cross_entropy, no logits
-    ce_chunks: int = 1                 # n_chunks of the "ce" loss: kernel launches over row blocks; same peak memory
+    ce_chunks: int = 1                 # "ce" loss: a count of launches (n_chunks) over row blocks, not tokens each
     label_smoothing: float = 0.0
 
     def __post_init__(self):
