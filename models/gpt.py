@@ -213,7 +213,8 @@ class GPT(nn.Module):
         return F.linear(h, self.head_weight)[..., :self.config.vocab_size]
 
     # ----------------------------------------------------------------------------------------------------
-    # Hugging Face interchange lives in models/interchange.py; these are its entry points on the class
+    # Hugging Face interchange lives in models/interchange.py; these are its entry points on the class (each
+    # imports it on call: interchange imports this module)
 
     @classmethod
     def from_huggingface(cls, source, kernels: str = "triton", dtype: torch.dtype | None = None,

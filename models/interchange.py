@@ -92,6 +92,7 @@ def gpt_from_huggingface(source, kernels: str = "triton", dtype: torch.dtype | N
                                                                 scaling=config.rope_scaling)
     return model
 
+
 def convert_hf_state_dict(cfg: GPTConfig, hf_state: dict, source: str = "Hugging Face state dict") -> dict:
     """A Hugging Face state dict (or anything laid out like it, e.g. its gradients) in the names and layouts of
     a GPT of config ``cfg``: GPT-2's Conv1D weights transposed, llama's q/k/v and gate/up projections stacked, the
@@ -126,6 +127,7 @@ def convert_hf_state_dict(cfg: GPTConfig, hf_state: dict, source: str = "Hugging
     sd.check_all_read(_hf_unused)
     return out
 
+
 def gpt_to_huggingface(model: GPT):
     """``model`` as a ``transformers`` GPT2LMHeadModel or, for llama-style configs, LlamaForCausalLM (fp32
     copy of the weights, padding rows dropped); ``.save_pretrained(directory)`` then writes the checkpoint."""
@@ -149,6 +151,7 @@ def gpt_to_huggingface(model: GPT):
         raise RuntimeError(f"GPT-2 export mismatch: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
     return hf
+
 
 def _llama_to_huggingface(model: GPT):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -180,6 +183,7 @@ def _llama_to_huggingface(model: GPT):
     if cfg.tie_embeddings:
         hf.tie_weights()
     return hf
+
 
 def _require_gpt2_layout(cfg: GPTConfig) -> None:
     if not (cfg.norm == "layernorm" and cfg.position == "learned" and cfg.bias and cfg.activation != "swiglu"
@@ -320,6 +324,7 @@ def vit_from_timm(model, kernels: str = "triton", **overrides) -> ViT:
                 state[f"blocks.{i}.{ours}.{k}"] = sd[f"blocks.{i}.{theirs}.{k}"]
     return _vit_with_state(config, state, sd)
 
+
 def vit_from_huggingface(model, kernels: str = "triton", **overrides) -> ViT:
     """A ViT with the weights of a ``transformers`` ViTForImageClassification (class-token pooling)."""
     c = model.config
@@ -346,6 +351,7 @@ def vit_from_huggingface(model, kernels: str = "triton", **overrides) -> ViT:
             for ours in ("ln_1", "attn.proj", "ln_2", "mlp.fc", "mlp.proj"):
                 state[f"blocks.{i}.{ours}.{k}"] = sd[layer[ours] + k]
     return _vit_with_state(config, state, sd)
+
 
 def _vit_with_state(config: ViTConfig, state: dict, source: _StateReader) -> ViT:
     """The model of ``config`` with ``state``, converted from ``source``: every tensor of the source must

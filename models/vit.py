@@ -118,6 +118,7 @@ class ViT(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------
     # timm and Hugging Face interchange lives in models/interchange.py; these are its entry points on the class
+    # (each imports it on call: interchange imports this module)
 
     @classmethod
     def from_timm(cls, model, kernels: str = "triton", **overrides) -> "ViT":
