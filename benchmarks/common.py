@@ -214,6 +214,12 @@ def measure(fn: Callable[[], object]) -> tuple[float, float]:
     return ms, peak
 
 
+# Dense (no sparsity) bf16 tensor-core peak of each card's SXM part, in FLOP/s, by ``card()`` name: the
+# denominator of a benchmark's MFU. H200 has H100's compute (only its memory differs). A card missing here gets
+# no MFU rather than one against another card's peak.
+BF16_DENSE_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12}
+
+
 def card(device_name: str | None = None) -> str:
     """The results folder of a GPU (this machine's when ``device_name`` is None): "NVIDIA H200" -> "h200",
     "NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA GeForce RTX 4090" -> "rtx-4090";

@@ -8,8 +8,9 @@ Variants, each eager, and on request under torch.compile (--compile) and as a CU
 (each loss option),
 the same model built from the PyTorch references (kernels=torch), and a plain-PyTorch model written the
 usual way (nanoGPT-style GPT-2 with SDPA flash attention and F.cross_entropy; a ViT with SDPA). Reports
-tokens/s (images/s), MFU against 989 TFLOP/s dense bf16, peak allocated memory, and (--max-batch) the
-largest batch that fits on the card. Results: benchmarks/results/<card>/train_step_<gpt|vit>.{csv,md,png}.
+tokens/s (images/s), MFU against the card's dense bf16 peak (``benchmarks.common.BF16_DENSE_PEAK_FLOPS``),
+peak allocated memory, and (--max-batch) the largest batch that fits on the card.
+Results: benchmarks/results/<card>/train_step_<gpt|vit>.{csv,md,png}.
 """
 from __future__ import annotations
 
@@ -25,9 +26,7 @@ import triformer  # noqa: F401
 import models
 from models.layers import set_activation_checkpointing
 from models.plain import PlainGPT, PlainViT  # one plain model for the trainer and here
-from benchmarks.common import environment, out_dir
-
-H100_BF16_DENSE_PEAK = 989e12
+from benchmarks.common import BF16_DENSE_PEAK_FLOPS, card, environment, out_dir
 
 
 def variants(task: str):
@@ -156,9 +155,10 @@ def measure(task, name, ctor, mode, batch, seq, steps, warmup):
     per_step = batch * (seq if task == "gpt" else 1)
     flops = flops_per_example(task, seq)
     del model, opt, raw, run
+    peak_flops = BF16_DENSE_PEAK_FLOPS.get(card())
     return {"variant": name, "mode": mode, "batch": batch, "ms_per_step": round(dt * 1e3, 2),
             ("tokens_per_s" if task == "gpt" else "images_per_s"): round(per_step / dt),
-            "MFU": round(flops * batch / dt / H100_BF16_DENSE_PEAK, 3),
+            "MFU": round(flops * batch / dt / peak_flops, 3) if peak_flops else "",
             "peak_GiB": round(peak, 2), "final_loss": round(float(loss.detach()), 3),
             "first_step_s": round(first_step_s, 1) if mode != "graph" else "",
             # a compiled CUDA-graph mode that skipped its graphs runs without them: the row must say so

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import (Block, KVCache, Norm, StateReader, TransformerConfig, at_least_fp32, dropout,
-                           init_weights, load_converted, to_stream_dtype)
+from models.layers import (Block, KVCache, Norm, TransformerConfig, at_least_fp32, dropout, init_weights,
+                           to_stream_dtype)
 from models.ops import get_ops
 from triformer.rope import rope_inv_freq
 
@@ -37,7 +36,7 @@ class GPTConfig(TransformerConfig):
     rope_scaling: dict | None = None   # Hugging Face's rope_parameters minus rope_theta: linear or llama3 scaling
     tie_embeddings: bool = True        # False: a separate lm_head (padded like wte) instead of wte's weight
     loss: str = "ce"                   # "ce": logits then cross_entropy; "fused": linear_cross_entropy, no logits
-    ce_chunks: int = 1                 # n_chunks of the "ce" loss: kernel launches over row blocks; same peak memory
+    ce_chunks: int = 1                 # "ce" loss: a count of launches (n_chunks) over row blocks, not tokens each
     label_smoothing: float = 0.0
 
     def __post_init__(self):
@@ -214,199 +213,26 @@ class GPT(nn.Module):
         return F.linear(h, self.head_weight)[..., :self.config.vocab_size]
 
     # ----------------------------------------------------------------------------------------------------
-    # Hugging Face interchange: GPT2LMHeadModel and LlamaForCausalLM both ways (tied or untied, RoPE scaling
-    # linear or llama3, grouped-query attention)
+    # Hugging Face interchange lives in models/interchange.py; these are its entry points on the class (each
+    # imports it on call: interchange imports this module)
 
     @classmethod
     def from_huggingface(cls, source, kernels: str = "triton", dtype: torch.dtype | None = None,
                          **overrides) -> "GPT":
-        """A model with the weights of ``source``: a ``transformers`` GPT2LMHeadModel or LlamaForCausalLM, a
-        local directory written by ``save_pretrained`` (config.json plus ``model.safetensors`` or sharded
-        ``model-0000i-of-0000n.safetensors`` with their index, read with the safetensors library: no HF model
-        is built, so a checkpoint needs its own size in memory once), or a hub name (downloads; needs network
-        access). ``dtype`` casts the weights (default: as stored, fp32 for an in-memory model)."""
-        import transformers
-        if isinstance(source, transformers.PreTrainedModel):
-            hf_config, hf_state = source.config, source.state_dict()
-            name = f"Hugging Face model {type(source).__name__}"
-        elif os.path.isdir(os.fspath(source)):
-            hf_config, hf_state = load_hf_directory(source)
-            name = f"Hugging Face directory {os.fspath(source)}"
-        else:
-            hf = transformers.AutoModelForCausalLM.from_pretrained(os.fspath(source))
-            hf_config, hf_state = hf.config, hf.state_dict()
-            name = f"Hugging Face model {os.fspath(source)}"
-        config = GPTConfig(**{**_config_from_hf(hf_config), "kernels": kernels, **overrides})
-        with torch.device("meta"):
-            model = cls(config)
-        state = {k: v.detach().to(dtype=dtype or v.dtype, copy=True)
-                 for k, v in model.convert_hf_state_dict(hf_state, source=name).items()}
-        load_converted(model, state, name)
-        if config.position == "rope":  # the tables were built on the meta device
-            model.rope_cos, model.rope_sin = model.ops.rope_cos_sin(config.block_size, config.head_dim,
-                                                                    config.rope_base, device=model.wte.weight.device,
-                                                                    scaling=config.rope_scaling)
-        return model
+        """``models.interchange.gpt_from_huggingface``: a GPT with the weights of a ``transformers``
+        GPT2LMHeadModel / LlamaForCausalLM, a local ``save_pretrained`` directory or a hub name."""
+        from models import interchange
+        return interchange.gpt_from_huggingface(source, kernels=kernels, dtype=dtype, **overrides)
 
     def convert_hf_state_dict(self, hf_state: dict, source: str = "Hugging Face state dict") -> dict:
-        """A Hugging Face state dict (or anything laid out like it, e.g. its gradients) in this model's names and
-        layouts: GPT-2's Conv1D weights transposed, llama's q/k/v and gate/up projections stacked, the token
-        embedding zero-padded to the padded vocab. Weights that disagree with this model's config are refused
-        (``ValueError`` naming ``source``), never padded, truncated or dropped: an embedding with other than
-        ``vocab_size`` rows, a missing tensor, or tensors the config has no place for (an extra layer)."""
-        cfg = self.config
-        sd = StateReader({k.removeprefix("transformer.").removeprefix("model."): v for k, v in hf_state.items()},
-                         source)
-        heads = [("wte.weight", "wte.weight" if cfg.position == "learned" else "embed_tokens.weight")]
-        if not cfg.tie_embeddings:
-            heads.append(("lm_head.weight", "lm_head.weight"))
-        out = {}
-        for ours, theirs in heads:
-            rows = sd[theirs].shape[0]
-            if rows != cfg.vocab_size:
-                raise ValueError(f"{source}: its config says vocab_size={cfg.vocab_size} but {theirs} has {rows} rows; "
-                                 "the config and the weights disagree")
-            out[ours] = F.pad(sd[theirs], (0, 0, 0, cfg.padded_vocab_size - rows))
-        if cfg.tie_embeddings and "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd[heads[0][1]]):
-            raise ValueError(f"{source}: its config ties the LM head to the token embedding but lm_head.weight holds "
-                             "other values; the config and the weights disagree")
-        if cfg.position == "rope":
-            out["ln_f.weight"] = sd["norm.weight"]
-            for i in range(cfg.n_layer):
-                theirs = {ours: torch.cat([sd[f"layers.{i}.{n}.weight"] for n in names])
-                          for ours, names in _HF_LLAMA_BLOCK_NAMES}
-                out.update({f"blocks.{i}.{ours}.weight": t for ours, t in theirs.items()})
-        else:
-            self._require_gpt2_layout()
-            out.update({ours: sd[theirs].t() if transposed else sd[theirs]
-                        for ours, theirs, transposed in _gpt2_names(cfg.n_layer)})
-        sd.check_all_read(_hf_unused)
-        return out
+        """``models.interchange.convert_hf_state_dict`` for this model's config."""
+        from models import interchange
+        return interchange.convert_hf_state_dict(self.config, hf_state, source)
 
     def to_huggingface(self):
-        """This model as a ``transformers`` GPT2LMHeadModel or, for llama-style configs, LlamaForCausalLM (fp32
-        copy of the weights, padding rows dropped); ``.save_pretrained(directory)`` then writes the checkpoint."""
-        from transformers import GPT2Config, GPT2LMHeadModel
-        cfg = self.config
-        if cfg.position == "rope":
-            return self._to_huggingface_llama()
-        self._require_gpt2_layout()
-        act = {v: k for k, v in _HF_ACTIVATIONS.items()}[cfg.activation]
-        hf = GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                        n_positions=cfg.block_size, vocab_size=cfg.vocab_size,
-                                        layer_norm_epsilon=cfg.norm_eps, activation_function=act,
-                                        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout))
-        sd = self.state_dict()
-        theirs = {"transformer.wte.weight": sd["wte.weight"][:cfg.vocab_size]}
-        theirs.update({"transformer." + name: sd[ours].t() if transposed else sd[ours]
-                       for ours, name, transposed in _gpt2_names(cfg.n_layer)})
-        missing, unexpected = hf.load_state_dict({k: v.detach().float().cpu() for k, v in theirs.items()},
-                                                 strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:  # the LM head is tied to wte
-            raise RuntimeError(f"GPT-2 export mismatch: missing {missing}, unexpected {unexpected}")
-        hf.tie_weights()
-        return hf
-
-    def _to_huggingface_llama(self):
-        from transformers import LlamaConfig, LlamaForCausalLM
-        cfg = self.config
-        if not (cfg.norm == "rmsnorm" and cfg.activation == "swiglu" and not cfg.bias):
-            raise ValueError("only llama-style configs (rmsnorm, rope, swiglu, no biases) map to Hugging Face Llama")
-        rope = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_base}
-        hf = LlamaForCausalLM(LlamaConfig(
-            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-            hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, max_position_embeddings=cfg.block_size,
-            vocab_size=cfg.vocab_size, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-            rope_parameters=rope, attention_dropout=cfg.dropout, head_dim=cfg.head_dim))
-        sd, V = self.state_dict(), cfg.vocab_size
-        theirs = {"model.embed_tokens.weight": sd["wte.weight"][:V], "model.norm.weight": sd["ln_f.weight"]}
-        if not cfg.tie_embeddings:
-            theirs["lm_head.weight"] = sd["lm_head.weight"][:V]
-        sizes = {"self_attn.q_proj": cfg.n_head * cfg.head_dim, "self_attn.k_proj": cfg.n_kv_head * cfg.head_dim,
-                 "self_attn.v_proj": cfg.n_kv_head * cfg.head_dim, "mlp.gate_proj": cfg.mlp_hidden,
-                 "mlp.up_proj": cfg.mlp_hidden}
-        for i in range(cfg.n_layer):
-            for ours, names in _HF_LLAMA_BLOCK_NAMES:
-                parts = sd[f"blocks.{i}.{ours}.weight"].split([sizes.get(n, -1) for n in names]) if len(names) > 1 \
-                    else [sd[f"blocks.{i}.{ours}.weight"]]
-                theirs.update({f"model.layers.{i}.{n}.weight": t for n, t in zip(names, parts)})
-        missing, unexpected = hf.load_state_dict({k: v.detach().float().cpu() for k, v in theirs.items()},
-                                                 strict=False)
-        if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
-            raise RuntimeError(f"Llama export mismatch: missing {missing}, unexpected {unexpected}")
-        if cfg.tie_embeddings:
-            hf.tie_weights()
-        return hf
-
-    def _require_gpt2_layout(self) -> None:
-        cfg = self.config
-        if not (cfg.norm == "layernorm" and cfg.position == "learned" and cfg.bias and cfg.activation != "swiglu"
-                and cfg.n_kv_head == cfg.n_head):
-            raise ValueError("only GPT-2-style configs (layernorm, learned positions, biases, GELU, no GQA) map "
-                             "to Hugging Face GPT-2")
-
-
-# GPT-2's Hugging Face activation names; "gelu_new" is the tanh approximation GPT-2 was trained with
-_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
-# (our block submodule, theirs) for every Linear/LayerNorm of a GPT-2 block
-_HF_GPT2_BLOCK_NAMES = (("ln_1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                        ("ln_2", "ln_2"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj"))
-
-
-def _gpt2_names(n_layer: int):
-    """(our tensor, HF GPT-2's without "transformer.", transposed?) for all but the token embedding. HF's
-    Conv1D stores Linear weights as [in, out]: those are transposed."""
-    yield "wpe.weight", "wpe.weight", False
-    yield "ln_f.weight", "ln_f.weight", False
-    yield "ln_f.bias", "ln_f.bias", False
-    for i in range(n_layer):
-        for ours, theirs in _HF_GPT2_BLOCK_NAMES:
-            yield f"blocks.{i}.{ours}.weight", f"h.{i}.{theirs}.weight", not ours.startswith("ln")
-            yield f"blocks.{i}.{ours}.bias", f"h.{i}.{theirs}.bias", False
-def _hf_unused(key: str) -> bool:
-    """Tensors of a Hugging Face state dict that hold no weights: GPT-2's causal-mask buffers and llama's RoPE
-    frequencies (older transformers saved them), recomputed here."""
-    return key.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))
-
-
-# (our block weight, the llama weights stacked into it, in order)
-_HF_LLAMA_BLOCK_NAMES = (
-    ("ln_1", ("input_layernorm",)), ("ln_2", ("post_attention_layernorm",)),
-    ("attn.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("attn.proj", ("self_attn.o_proj",)),
-    ("mlp.fc", ("mlp.gate_proj", "mlp.up_proj")), ("mlp.proj", ("mlp.down_proj",)))
-
-
-def _config_from_hf(c) -> dict:
-    """GPTConfig fields for a Hugging Face GPT-2 or llama config; ValueError for variants we do not model."""
-    def require(ok: bool, what: str):
-        if not ok:
-            raise ValueError(f"Hugging Face {c.model_type} config with {what} is not supported")
-
-    if c.model_type == "gpt2":
-        require(c.activation_function in _HF_ACTIVATIONS, f"activation_function={c.activation_function!r}")
-        require(c.scale_attn_weights and not c.scale_attn_by_inverse_layer_idx and not c.add_cross_attention,
-                "scale_attn_by_inverse_layer_idx / unscaled attention / cross attention")
-        return dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.n_positions,
-                    vocab_size=c.vocab_size, norm_eps=c.layer_norm_epsilon,
-                    activation=_HF_ACTIVATIONS[c.activation_function], dropout=c.resid_pdrop)
-    if c.model_type == "llama":
-        rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
-        rope.setdefault("rope_theta", getattr(c, "rope_theta", 10000.0))
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        require(kind in ("default", "linear", "llama3"), f"rope scaling {rope}")
-        scaling = None if kind == "default" else {k: v for k, v in rope.items() if k not in ("rope_theta", "type")}
-        if scaling is not None:
-            scaling["rope_type"] = kind
-        require(c.hidden_act == "silu" and not c.attention_bias and not getattr(c, "mlp_bias", False),
-                "biases or a non-SiLU activation")
-        require(getattr(c, "head_dim", None) in (None, c.hidden_size // c.num_attention_heads),
-                f"head_dim={c.head_dim}")
-        return dict(n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
-                    n_kv_head=c.num_key_value_heads, mlp_hidden=c.intermediate_size,
-                    block_size=c.max_position_embeddings, vocab_size=c.vocab_size, norm_eps=c.rms_norm_eps,
-                    rope_base=float(rope["rope_theta"]), rope_scaling=scaling,
-                    tie_embeddings=bool(c.tie_word_embeddings), dropout=c.attention_dropout, **LLAMA_STYLE)
-    raise ValueError(f"unsupported Hugging Face model_type {c.model_type!r}; expected 'gpt2' or 'llama'")
+        """``models.interchange.gpt_to_huggingface``: this model as a ``transformers`` model."""
+        from models import interchange
+        return interchange.gpt_to_huggingface(self)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
@@ -421,33 +247,3 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generat
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def load_hf_directory(path) -> tuple:
-    """(transformers config, state dict) of a local ``save_pretrained`` directory, read with the safetensors
-    library: ``model.safetensors``, or the shards listed in ``model.safetensors.index.json``."""
-    import json
-
-    import transformers
-    from safetensors.torch import load_file
-
-    path = os.fspath(path)
-    config = transformers.AutoConfig.from_pretrained(path)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
-                                "(save it with save_pretrained(..., safe_serialization=True))")
-    state: dict = {}
-    root = os.path.realpath(path)
-    for name in files:
-        # the index names shards relative to its directory: one outside it (../, an absolute path, a link out)
-        # would load someone else's file as these weights
-        shard = os.path.realpath(os.path.join(root, name))
-        if os.path.isabs(name) or os.path.dirname(shard) != root:
-            raise ValueError(f"{index} names the shard {name!r}, which is not a file in {path}; refusing to load "
-                             "weights from outside the model's directory")
-        state.update(load_file(shard))
-    return config, state

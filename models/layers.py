@@ -230,38 +230,3 @@ def init_weights(module: nn.Module, n_layer: int) -> None:
             std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
             nn.init.normal_(p, mean=0.0, std=std)
 
-
-class StateReader(dict):
-    """A foreign state dict (Hugging Face, timm) that records which tensors a conversion read, so a loader can
-    refuse weights that disagree with their config instead of reconciling them: a tensor the config needs and
-    the weights lack, or tensors the config has no place for (a layer more than its layer count says), which
-    would otherwise be dropped without a word."""
-
-    def __init__(self, state: dict, source: str):
-        super().__init__(state)
-        self.source, self.read = source, set()
-
-    def __getitem__(self, key):
-        if key not in self:
-            raise ValueError(f"{self.source}: its weights have no tensor {key!r}, which the architecture of its config "
-                             "needs; the config and the weights disagree")
-        self.read.add(key)
-        return super().__getitem__(key)
-
-    def check_all_read(self, ignorable=lambda key: False) -> None:
-        """``ValueError`` naming the tensors no conversion read (but those ``ignorable(key)`` allows)."""
-        unread = sorted(k for k in self if k not in self.read and not ignorable(k))
-        if unread:
-            shown = ", ".join(unread[:4]) + (f" and {len(unread) - 4} more" if len(unread) > 4 else "")
-            raise ValueError(f"{self.source}: its weights hold {len(unread)} tensor(s) its config has no place for "
-                             f"({shown}); the config and the weights disagree (e.g. more layers than the config's "
-                             "layer count), refusing to drop them")
-
-
-def load_converted(model: nn.Module, state: dict, source: str) -> None:
-    """``model.load_state_dict(state, assign=True)`` with a shape mismatch (a config that disagrees with its
-    weights) as a ``ValueError`` naming ``source``."""
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{source}: the weights do not fit the architecture of its config: {e}") from None

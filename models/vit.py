@@ -12,8 +12,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from models.layers import (Block, Norm, StateReader, TransformerConfig, at_least_fp32, dropout, init_weights,
-                           load_converted, to_stream_dtype)
+from models.layers import Block, Norm, TransformerConfig, at_least_fp32, dropout, init_weights, to_stream_dtype
 from models.ops import get_ops
 
 POOLS = ("cls", "mean")
@@ -118,95 +117,18 @@ class ViT(nn.Module):
         return logits, at_least_fp32(self.ops.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing))
 
     # ----------------------------------------------------------------------------------------------------
-    # interchange with timm and Hugging Face
+    # timm and Hugging Face interchange lives in models/interchange.py; these are its entry points on the class
+    # (each imports it on call: interchange imports this module)
 
     @classmethod
     def from_timm(cls, model, kernels: str = "triton", **overrides) -> "ViT":
-        """A ViT with the weights of a timm ``VisionTransformer`` of the plain layout (class token, learned
-        position embedding over the class token too, no layer scale / register tokens / qk-norm)."""
-        pool = {"token": "cls", "avg": "mean"}.get(model.global_pool)
-        blk = model.blocks[0]
-        unsupported = [why for why, bad in (
-            (f"global_pool={model.global_pool!r}", pool is None),
-            ("no class token", model.cls_token is None),
-            ("register tokens", getattr(model, "reg_token", None) is not None),
-            ("no_embed_class", getattr(model, "no_embed_class", False)),
-            ("pre-norm of the patch embedding", not isinstance(model.norm_pre, nn.Identity)),
-            ("layer scale / qk-norm", any(not isinstance(getattr(blk, n, nn.Identity()), nn.Identity)
-                                          for n in ("ls1", "ls2"))
-             or any(not isinstance(getattr(blk.attn, n, nn.Identity()), nn.Identity) for n in ("q_norm", "k_norm"))),
-            ("qkv without bias", blk.attn.qkv.bias is None),
-        ) if bad]
-        if unsupported:
-            raise ValueError(f"timm VisionTransformer with {', '.join(unsupported)} is not supported")
-        norm = model.fc_norm if pool == "mean" else model.norm
-        config = ViTConfig(**{**dict(
-            n_layer=len(model.blocks), n_head=blk.attn.num_heads, n_embd=model.embed_dim,
-            mlp_hidden=blk.mlp.fc1.out_features, norm_eps=norm.eps, image_size=model.patch_embed.img_size[0],
-            patch_size=model.patch_embed.patch_size[0], in_channels=model.patch_embed.proj.in_channels,
-            num_classes=model.num_classes, pool=pool, kernels=kernels), **overrides})
-        sd = StateReader(model.state_dict(), f"timm {type(model).__name__}")
-        state = {"patch_embed.weight": sd["patch_embed.proj.weight"].flatten(1),
-                 "patch_embed.bias": sd["patch_embed.proj.bias"], "cls_token": sd["cls_token"],
-                 "pos_embed": sd["pos_embed"], "head.weight": sd["head.weight"], "head.bias": sd["head.bias"]}
-        final = "fc_norm" if pool == "mean" else "norm"
-        state.update({f"norm.{k}": sd[f"{final}.{k}"] for k in ("weight", "bias")})
-        for i in range(config.n_layer):
-            for ours, theirs in (("ln_1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"),
-                                 ("ln_2", "norm2"), ("mlp.fc", "mlp.fc1"), ("mlp.proj", "mlp.fc2")):
-                for k in ("weight", "bias"):
-                    state[f"blocks.{i}.{ours}.{k}"] = sd[f"blocks.{i}.{theirs}.{k}"]
-        return cls._with_state(config, state, sd)
+        """``models.interchange.vit_from_timm``: a ViT with the weights of a timm ``VisionTransformer``."""
+        from models import interchange
+        return interchange.vit_from_timm(model, kernels=kernels, **overrides)
 
     @classmethod
     def from_huggingface(cls, model, kernels: str = "triton", **overrides) -> "ViT":
-        """A ViT with the weights of a ``transformers`` ViTForImageClassification (class-token pooling)."""
-        c = model.config
-        if c.hidden_act != "gelu":
-            raise ValueError(f"unsupported ViT hidden_act {c.hidden_act!r}; expected 'gelu'")
-        if not c.qkv_bias:
-            raise ValueError("ViT configs with qkv_bias=False are not supported")
-        config = ViTConfig(**{**dict(
-            n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size,
-            mlp_hidden=c.intermediate_size, norm_eps=c.layer_norm_eps, image_size=c.image_size,
-            patch_size=c.patch_size, in_channels=c.num_channels, num_classes=c.num_labels, pool="cls",
-            kernels=kernels), **overrides})
-        sd = StateReader(model.state_dict(), f"Hugging Face {type(model).__name__}")
-        emb = "vit.embeddings."
-        state = {"patch_embed.weight": sd[emb + "patch_embeddings.projection.weight"].flatten(1),
-                 "patch_embed.bias": sd[emb + "patch_embeddings.projection.bias"], "cls_token": sd[emb + "cls_token"],
-                 "pos_embed": sd[emb + "position_embeddings"], "norm.weight": sd["vit.layernorm.weight"],
-                 "norm.bias": sd["vit.layernorm.bias"], "head.weight": sd["classifier.weight"],
-                 "head.bias": sd["classifier.bias"]}
-        for i in range(config.n_layer):
-            layer = _hf_layer_names(sd, i)
-            for k in ("weight", "bias"):
-                state[f"blocks.{i}.attn.qkv.{k}"] = torch.cat([sd[layer[n] + k] for n in ("q", "k", "v")])
-                for ours in ("ln_1", "attn.proj", "ln_2", "mlp.fc", "mlp.proj"):
-                    state[f"blocks.{i}.{ours}.{k}"] = sd[layer[ours] + k]
-        return cls._with_state(config, state, sd)
-
-    @classmethod
-    def _with_state(cls, config: ViTConfig, state: dict, source: StateReader) -> "ViT":
-        """The model of ``config`` with ``state``, converted from ``source``: every tensor of the source must
-        have been used and have its shape (a config that disagrees with its weights is refused)."""
-        source.check_all_read()
-        with torch.device("meta"):
-            model = cls(config)
-        load_converted(model, {k: v.detach().clone() for k, v in state.items()}, source.source)
-        return model
-
-
-def _hf_layer_names(sd: dict, i: int) -> dict:
-    """Prefixes of layer ``i``'s tensors in a ViTForImageClassification state dict, in the naming of
-    transformers >= 5 (``vit.layers.i.attention.q_proj``) or before it (``vit.encoder.layer.i...``)."""
-    new = f"vit.layers.{i}."
-    if new + "attention.q_proj.weight" in sd:
-        return {"q": new + "attention.q_proj.", "k": new + "attention.k_proj.", "v": new + "attention.v_proj.",
-                "attn.proj": new + "attention.o_proj.", "ln_1": new + "layernorm_before.",
-                "ln_2": new + "layernorm_after.", "mlp.fc": new + "mlp.fc1.", "mlp.proj": new + "mlp.fc2."}
-    old = f"vit.encoder.layer.{i}."
-    return {"q": old + "attention.attention.query.", "k": old + "attention.attention.key.",
-            "v": old + "attention.attention.value.", "attn.proj": old + "attention.output.dense.",
-            "ln_1": old + "layernorm_before.", "ln_2": old + "layernorm_after.",
-            "mlp.fc": old + "intermediate.dense.", "mlp.proj": old + "output.dense."}
+        """``models.interchange.vit_from_huggingface``: a ViT with the weights of a ``transformers``
+        ViTForImageClassification."""
+        from models import interchange
+        return interchange.vit_from_huggingface(model, kernels=kernels, **overrides)

@@ -136,6 +136,48 @@ def test_non_finite_run_stops_and_keeps_checkpoint_from_before(tmp_path, data_ca
     assert [s for s, _ in checkpoint.step_checkpoints(tmp_path / "checkpoints")][-1] == 2
 
 
+def _skipping_on_device(trainer):
+    """``trainer`` as it runs on CUDA with fused AdamW (which runs on the CPU too): the optimizer skips a non-finite
+    step on the device, and the guard reads the steps' records only where it must."""
+    o = trainer.cfg.optim
+    trainer.optimizer = torch.optim.AdamW(param_groups(trainer.wrapped, o.weight_decay), lr=o.lr,
+                                          betas=tuple(o.betas), eps=o.eps, fused=True)
+    trainer.skips_on_device = True
+
+
+def test_non_finite_steps_are_skipped_on_the_device(tmp_path, data_cache, monkeypatch):
+    def no_pinning(self, *args, **kwargs):
+        raise AssertionError("host batches are pinned only for a CUDA device")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_pinning)
+    cfg = _cfg(tmp_path, data_cache, "trainer.max_bad_steps=3", "trainer.log_interval=6", "trainer.eval_interval=0")
+    trainer = Trainer(cfg)
+    _skipping_on_device(trainer)
+    trainer.model.register_forward_hook(_nan_at({3, 4}))
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert {int(s["step"]) for s in trainer.optimizer.state.values()} == {4}  # 2 of 6 skipped on the device
+    assert summary["steps"] == 6 and math.isfinite(_records(tmp_path)[6])
+    assert [s for s, _ in checkpoint.step_checkpoints(tmp_path / "checkpoints")] == [6]
+
+
+def test_non_finite_run_stops_on_a_later_read_naming_the_same_steps(tmp_path, data_cache):
+    cfg = _cfg(tmp_path, data_cache, "trainer.max_bad_steps=3", "trainer.log_interval=100", "trainer.eval_interval=0",
+               "trainer.ckpt_interval=0", "trainer.max_steps=10")
+    trainer = Trainer(cfg)
+    _skipping_on_device(trainer)
+    trainer.model.register_forward_hook(_nan_at(set(range(3, 100))))
+    try:
+        with pytest.raises(NonFiniteLossError, match=r"non-finite for 3 steps in a row \(steps 3-5\)"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    # read after steps 1 (its log line), 4 and 7 (max_bad_steps records each): step 5's outcome is seen at step 7
+    assert trainer.step == 7
+
+
 def test_fp16_scaler_skips_non_finite_step(tmp_path, data_cache):
     trainer, _ = _fit(_cfg(tmp_path, data_cache, "trainer.precision=fp16", "trainer.eval_interval=0"), _nan_at({2}))
     scale = _records(tmp_path, key="loss_scale")

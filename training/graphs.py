@@ -77,7 +77,7 @@ class GraphedStep:
             if x.shape != x_static.shape or y.shape != y_static.shape:
                 raise ValueError(f"a captured step takes micro-batches of shapes {tuple(x_static.shape)}, "
                                  f"{tuple(y_static.shape)}; got {tuple(x.shape)}, {tuple(y.shape)}")
-            x_static.copy_(x, non_blocking=True)
-            y_static.copy_(y, non_blocking=True)
+            x_static.copy_(x)  # the trainer copies its batches to the device (Trainer._to_device)
+            y_static.copy_(y)
         self.graph.replay()
         return self.total

@@ -101,8 +101,9 @@ def build_model(cfg: DictConfig, overrides: dict[str, Any], say: Callable[[str],
                              "(gpt2 or llama)")
         import transformers
 
-        from models.gpt import _config_from_hf
-        config = models.GPTConfig(**_config_from_hf(transformers.AutoConfig.from_pretrained(path)), kernels=kernels)
+        from models.interchange import gpt_config_from_huggingface
+        config = models.GPTConfig(**gpt_config_from_huggingface(transformers.AutoConfig.from_pretrained(path)),
+                                  kernels=kernels)
         run = _check_architecture(overrides, config, path, say)
         # fp32 master weights whatever the directory stores (bf16 saves are common): precision=bf16 is autocast
         # over fp32 parameters, and an optimizer stepping bf16 weights would lose the small updates

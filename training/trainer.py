@@ -226,6 +226,12 @@ class Trainer:
         self.forward_model = self._compile(self.wrapped) if t.compile else self.wrapped
         self.optimizer = build_optimizer(self.wrapped, cfg.optim, self.ctx.device, sharded=self.ctx.sharded)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=self.precision == "fp16")
+        # Fused AdamW takes the skip of a non-finite step as a device flag (``found_inf``, as the fp16 scaler passes
+        # it), so the host need not wait for each step's loss: the guard reads the steps' records later
+        # (``_loop``). Other optimizers (the CPU's, FSDP's foreach) are told on the host, after a sync that costs
+        # nothing on the CPU.
+        self.skips_on_device = self.ctx.device.type == "cuda" and bool(self.optimizer.defaults.get("fused"))
+        self._copy_stream = torch.cuda.Stream(self.ctx.device) if self.ctx.device.type == "cuda" else None
         self.ckpt = checkpoint.CheckpointManager(self.run_dir / "checkpoints", keep_last=t.keep_last)
         self.step = 0
         self.best_val = math.inf
@@ -302,7 +308,6 @@ class Trainer:
                       "expect minutes per step (a time estimate follows the first step). A GPU (trainer=gpu) or a "
                       "small model (python train.py, model=gpt2-nano, experiment=vit-digits) is the practical choice")
 
-    # ------------------------------------------------------------------------------------------------ setup
     def _run_dir(self) -> Path:
         """run_dir, else the directory of the run a resume continues, else Hydra's output directory, else a
         timestamped one; rank 0's choice is every rank's."""
@@ -377,7 +382,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
-    # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
         bar = _progress(t, self.step, self.ctx.is_main)
@@ -404,6 +408,7 @@ class Trainer:
         """The steps up to ``trainer.max_steps``; returns the last validation metrics."""
         t = self.cfg.trainer
         bad_steps, first_bad = 0, None
+        pending: list[tuple[int, torch.Tensor]] = []  # (step, its record) not yet read by the guard
         window_time, window_steps = 0.0, 0  # training time only: evaluations and checkpoints excluded
         val = None
         first_step = True
@@ -416,42 +421,53 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
-            loss, grad_norm, finite = self._train_step()
-            elapsed = time.perf_counter() - started
-            window_time += elapsed
+            pending.append((self.step + 1, self._train_step()))
             self.step += 1
             window_steps += 1
+            logs = self.step % t.log_interval == 0 or self.step == t.max_steps or self.step == 1
+            last = self.step == t.max_steps
+            evaluates = bool(t.eval_interval and self.step % t.eval_interval == 0) or last
+            saves = bool(t.ckpt_interval and self.step % t.ckpt_interval == 0) or last
+            signum = self._stop_requested()
+            # Reading a record waits for its step to finish on the device. With the skip on the device that wait
+            # comes only where a step's outcome is needed (its log line, an evaluation, a checkpoint, a stop) or
+            # max_bad_steps records have piled up, so a run that goes bad stops within max_bad_steps steps of
+            # where it would with a read every step, naming the same steps; the skipped steps changed nothing.
+            if not self.skips_on_device or logs or evaluates or saves or signum or len(pending) >= t.max_bad_steps:
+                records = torch.stack([r for _, r in pending]).tolist()
+                for (step, _), (loss, grad_norm, finite) in zip(pending, records):
+                    if finite:
+                        bad_steps = 0
+                        continue
+                    first_bad = step if bad_steps == 0 else first_bad
+                    bad_steps += 1
+                    self._say(f"step {step}: non-finite loss/gradient ({loss}, grad norm {grad_norm}); "
+                              f"step skipped ({bad_steps}/{t.max_bad_steps} in a row)")
+                    if bad_steps >= t.max_bad_steps:
+                        raise NonFiniteLossError(self._bad_message(first_bad, step))
+                pending.clear()
+            elapsed = time.perf_counter() - started  # with the wait for the device above, when there was one
+            window_time += elapsed
             if first_step and self.ctx.device.type == "cpu":
                 first_step = False
                 warning = run.cpu_estimate(elapsed, t.max_steps - self.step, self.cfg.model.name,
                                            self.model.num_params())
                 if warning:
                     self._say("warning: " + warning, logging.WARNING)
-            if finite:
-                bad_steps = 0
-            else:
-                first_bad = self.step if bad_steps == 0 else first_bad
-                bad_steps += 1
-                self._say(f"step {self.step}: non-finite loss/gradient ({loss}, grad norm {grad_norm}); "
-                          f"step skipped ({bad_steps}/{t.max_bad_steps} in a row)")
-                if bad_steps >= t.max_bad_steps:
-                    raise NonFiniteLossError(self._bad_message(first_bad))
-            if self.step % t.log_interval == 0 or self.step == t.max_steps or self.step == 1:
+            if logs:
                 metrics = self._train_metrics(loss, grad_norm, lr, window_steps, window_time)
                 self.logger.log("train", self.step, metrics)
                 bar.set_postfix_str(self._postfix(metrics), refresh=False)
                 window_time, window_steps = 0.0, 0
             bar.update(1)
-            last = self.step == t.max_steps
             evaluated = None
-            if (t.eval_interval and self.step % t.eval_interval == 0) or last:
+            if evaluates:
                 val = evaluated = self._evaluate_and_log("val", t.eval_batches)
                 self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
             # never during a run of bad steps: the newest checkpoint stays one from before the trouble
-            saved = bad_steps == 0 and ((t.ckpt_interval and self.step % t.ckpt_interval == 0) or last)
+            saved = bad_steps == 0 and saves
             if saved:
                 self._save(evaluated)
-            signum = self._stop_requested()
             if signum:
                 if not saved and bad_steps == 0:  # in a run of bad steps the last checkpoint stays the good one
                     self._save(None)
@@ -498,10 +514,12 @@ class Trainer:
         t = self.cfg.trainer
         return bool(t.cuda_graph or (t.compile and t.compile_mode in CUDAGRAPH_COMPILE_MODES))
 
-    def _train_step(self) -> tuple[float, float, bool]:
+    def _train_step(self) -> torch.Tensor:
+        """One optimizer step; returns its record on the device, (loss, grad norm, 1.0 if the step counted as finite
+        else 0.0), without waiting for it where the optimizer skips a non-finite step on the device."""
         t = self.cfg.trainer
         self.forward_model.train()
-        batches = [self.data.next_batch(self.micro_batch) for _ in range(t.grad_accum)]
+        batches = [self._to_device(self.data.next_batch(self.micro_batch)) for _ in range(t.grad_accum)]
         if t.cuda_graph:
             if self.graphed is None:
                 self.graphed = graphs.GraphedStep(self.forward_model, batches, self._autocast)
@@ -513,7 +531,6 @@ class Trainer:
                 torch.compiler.cudagraph_mark_step_begin()
             total = torch.zeros((), device=self.ctx.device)
             for i, (x, y) in enumerate(batches):
-                x, y = x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
                 with distributed.gradient_sync(self.wrapped, self.ctx, enabled=i == t.grad_accum - 1):
                     with self._autocast(), self._compile_errors_named():
                         _, loss = self.forward_model(x, y)
@@ -523,22 +540,37 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
-        loss_value, norm_value = torch.stack([distributed.mean(total / t.grad_accum, self.ctx),
-                                              grad_norm.float()]).tolist()
-        loss_finite = math.isfinite(loss_value)
+        stats = torch.stack([distributed.mean(total / t.grad_accum, self.ctx), grad_norm.float()])
         if self.scaler.is_enabled():
             # fp16: an overflowing gradient is routine (the scaler skips the step and lowers the scale); only a
             # non-finite loss counts as a bad step.
+            finite = stats[0].isfinite()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            finite = loss_finite
         else:
-            finite = loss_finite and math.isfinite(norm_value)
-            if finite:
+            finite = stats.isfinite().all()
+            if self.skips_on_device:
+                self.optimizer.found_inf = (~finite).float()
+                self.optimizer.step()
+            elif finite:
                 self.optimizer.step()
         if not t.cuda_graph:  # a captured step's gradients live in its graph's memory, rewritten by each replay
             self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, norm_value, finite
+        return torch.cat([stats, finite.float()[None]])
+
+    def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A host batch on the run's device. On CUDA it is pinned and copied on a side stream: a copy from pinned
+        memory runs without the host, and with the host a step ahead of the device (``_loop`` does not wait for
+        each step) it overlaps the previous step's kernels instead of queueing behind them."""
+        if self._copy_stream is None:
+            return batch[0].to(self.ctx.device), batch[1].to(self.ctx.device)
+        compute = torch.cuda.current_stream(self.ctx.device)
+        with torch.cuda.stream(self._copy_stream):
+            out = tuple(b.pin_memory().to(self.ctx.device, non_blocking=True) for b in batch)
+        compute.wait_stream(self._copy_stream)
+        for b in out:  # allocated on the copy stream, used on the compute stream
+            b.record_stream(compute)
+        return out
 
     def _train_metrics(self, loss: float, grad_norm: float, lr: float, steps: int, elapsed: float) -> dict[str, float]:
         t = self.cfg.trainer
@@ -600,7 +632,6 @@ class Trainer:
         self.logger.log("eval", self.step, result)
         return result
 
-    # ------------------------------------------------------------------------------------------ checkpoints
     def _save(self, val: dict[str, float] | None) -> None:
         is_best = val is not None and val["val/loss"] < self.best_val
         if is_best:
@@ -638,14 +669,13 @@ class Trainer:
         _set_rng_state(state["rng"][rank], self.ctx.device)
         self._say(f"resumed from {path} at step {self.step}")
 
-    def _bad_message(self, first_bad: int) -> str:
+    def _bad_message(self, first_bad: int, last_bad: int) -> str:
         where = (f"the last checkpoint, {self.last_ckpt}, is from before step {first_bad}" if self.last_ckpt
                  else "no checkpoint was written")
         return (f"the loss or gradient was non-finite for {self.cfg.trainer.max_bad_steps} steps in a row (steps "
-                f"{first_bad}-{self.step}); stopping. {where}. Try a lower optim.lr, trainer.grad_clip, or "
+                f"{first_bad}-{last_bad}); stopping. {where}. Try a lower optim.lr, trainer.grad_clip, or "
                 f"precision bf16/fp32 instead of fp16.")
 
-    # -------------------------------------------------------------------------------------------------- misc
     def _say(self, message: str, level: int = logging.INFO) -> None:
         if self.ctx is None or self.ctx.is_main:
             log.log(level, message)

@@ -7,9 +7,19 @@ argument checks) and ``triformer._double_backward`` (gradients of gradients); ne
 names. Everything here is public to the package (no leading underscore) and is no part of the user-facing API
 exported by ``triformer/__init__.py``.
 
+Kernel vocabulary
+    The names kernels use for the same things, so that one signature reads like the next:
+    ``<t>_ptr`` is a pointer to tensor ``t`` (``x_ptr``, ``dy_ptr``), commented in a long signature with the
+    tensor's shape, layout and whether the kernel writes it (as Liger-Kernel's kernels document theirs);
+    ``M`` and ``N`` are the rows and columns of a row-wise or tiled kernel's ``[M, N]`` view (leading dims merged);
+    ``rows_inner`` is the rows of one inner group of the ``[outer, inner, N]`` row grid below (1: every row at one
+    stride); ``s<t>_<d>`` is tensor ``t``'s stride along dim ``d``: ``o``, ``i`` and ``n`` for the row grid's outer
+    group, inner row and column (``sx_o, sx_i, sx_n``, the triple ``row_layout`` returns), or the dim's letter
+    where a kernel indexes named dims (``sx_b, sx_h, sx_t, sx_d`` for rope's ``[B, H, T, D]``, ``sx_b, sx_q,
+    sx_k`` for softmax's ``[batch, Tq, Tk]`` scores).
 Row layouts
     A row-wise kernel reads each tensor ``[..., N]`` as an ``[outer, inner, N]`` grid of rows: row ``r`` starts at
-    ``row_offsets(r, rows_inner, stride_outer, stride_inner)``, so permuted leading dims (a ``[B, T, N]`` view of
+    ``row_offsets(r, rows_inner, s_o, s_i)``, so permuted leading dims (a ``[B, T, N]`` view of
     ``[T, B, N]`` memory) are read in place. ``row_layout`` gives several same-shaped tensors one such grid
     (their strides and the shared ``rows_inner``); ``rows_view`` gives one tensor as an ``[outer, inner, N]`` view,
     for kernels that take a tensor and its ``stride()``. Both merge leading dims wherever the strides allow and
@@ -49,11 +59,11 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------- row layouts
 @triton.jit
-def row_offsets(rows, rows_inner, stride_outer, stride_inner):
+def row_offsets(rows, rows_inner, s_o, s_i):
     """Element offsets (int64) of the first element of ``rows`` of an ``[outer, inner, N]`` grid (see
     ``row_layout``). ``rows`` may be int32, which a GPU divides far faster than int64 (a row count never reaches
     2**31), or int64; the offsets, which can pass 2**31 elements, are int64 either way."""
-    return (rows // rows_inner).to(tl.int64) * stride_outer + (rows % rows_inner).to(tl.int64) * stride_inner
+    return (rows // rows_inner).to(tl.int64) * s_o + (rows % rows_inner).to(tl.int64) * s_i
 
 
 def _row_groups(shape, tensors):
@@ -73,12 +83,12 @@ def _row_groups(shape, tensors):
 
 def row_layout(*tensors: torch.Tensor | None):
     """Same-shaped tensors ``[..., N]`` (None entries allowed) as ``[outer, inner, N]`` grids of one shape, for
-    a kernel that finds row ``r`` of each at ``row_offsets(r, rows_inner, s_outer, s_inner)`` and column ``c``
-    ``c * s_col`` further.
+    a kernel that finds row ``r`` of each at ``row_offsets(r, rows_inner, s_o, s_i)`` and column ``c``
+    ``c * s_n`` further.
 
     Returns ``(tensors, n_rows, rows_inner, n_cols, strides)``: the tensors themselves, or each copied to
     contiguous when their leading dims cannot be merged into two groups (rare: a 4-D tensor permuted twice);
-    ``strides[i]`` is tensor i's ``(s_outer, s_inner, s_col)``, the first tensor's for a None entry so that an
+    ``strides[i]`` is tensor i's ``(s_o, s_i, s_n)``, the first tensor's for a None entry so that an
     absent tensor adds no specialization. ``rows_inner`` is 1 when every tensor's rows sit at one stride
     (contiguous tensors take that path without per-dim Python, which costs microseconds of host time per call).
     A 0-d tensor is one row of one element.
@@ -95,11 +105,11 @@ def row_layout(*tensors: torch.Tensor | None):
     if groups is None:
         return row_layout(*(None if t is None else t.contiguous() for t in tensors))
     if len(groups) == 2:
-        (_, s_outer), (rows_inner, s_inner) = groups
+        (_, s_o), (rows_inner, s_i) = groups
     else:  # one stride for all rows (or a single row)
         rows_inner = 1
-        s_outer = s_inner = groups[0][1] if groups else [0] * len(present)
-    present_strides = iter(zip(s_outer, s_inner, (t.stride(-1) for t in present)))
+        s_o = s_i = groups[0][1] if groups else [0] * len(present)
+    present_strides = iter(zip(s_o, s_i, (t.stride(-1) for t in present)))
     strides = [None if t is None else next(present_strides) for t in tensors]
     strides = [strides[0] if s is None else s for s in strides]
     return tensors, n_rows, rows_inner, n_cols, strides
@@ -125,16 +135,20 @@ def rows_view(x: torch.Tensor, what: str, copy_ok: bool) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------- column sums
 @triton.jit
-def column_sums_kernel(Part, Out0, Out1, P, N, TWO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``Out0[:] = Part[0].sum(0)`` and, with TWO, ``Out1[:] = Part[1].sum(0)``, for fp32 partials Part
-    ``[1 or 2, P, N]`` (contiguous) and contiguous outputs of any float dtype.
+def column_sums_kernel(
+    part_ptr,  # fp32 partial rows, contiguous [1 or 2, P, N]
+    out0_ptr,  # out: part[0].sum(0), contiguous [N], any float dtype
+    out1_ptr,  # out (with TWO): part[1].sum(0), as out0
+    P, N, TWO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``out0[:] = part[0].sum(0)`` and, with TWO, ``out1[:] = part[1].sum(0)``.
 
     Grid ``(cdiv(N, BLOCK_N), 1 or 2)``: axis 1 picks the output, so two gradients (a norm's dweight and dbias)
     take one launch. Callers pick narrow column blocks, so that even a short row (N = 768) spreads over many
     programs, each adding BLOCK_P partial rows per step."""
     which = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    base = Part + which.to(tl.int64) * P * N
+    base = part_ptr + which.to(tl.int64) * P * N
     acc = tl.zeros([BLOCK_P, BLOCK_N], tl.float32)
     for start in range(0, P, BLOCK_P):
         part_rows = start + tl.arange(0, BLOCK_P)
@@ -143,11 +157,11 @@ def column_sums_kernel(Part, Out0, Out1, P, N, TWO: tl.constexpr, BLOCK_P: tl.co
     total = tl.sum(acc, 0)
     if TWO:
         if which == 1:
-            tl.store(Out1 + cols, total.to(Out1.dtype.element_ty), mask=cols < N)
+            tl.store(out1_ptr + cols, total.to(out1_ptr.dtype.element_ty), mask=cols < N)
         else:
-            tl.store(Out0 + cols, total.to(Out0.dtype.element_ty), mask=cols < N)
+            tl.store(out0_ptr + cols, total.to(out0_ptr.dtype.element_ty), mask=cols < N)
     else:
-        tl.store(Out0 + cols, total.to(Out0.dtype.element_ty), mask=cols < N)
+        tl.store(out0_ptr + cols, total.to(out0_ptr.dtype.element_ty), mask=cols < N)
 
 
 # ------------------------------------------------------------------------------------------------ element-wise

@@ -566,10 +566,6 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor | N
     return (total * scale[0] if scale is not None else total).to(logits.dtype)
 
 
-def _loss_fake(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
-    return logits.new_empty(targets.shape if reduction == "none" else ())
-
-
 @_runtime.kernel_op("triformer::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
                        reduction: str, n_chunks: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:

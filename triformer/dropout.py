@@ -41,8 +41,13 @@ __all__ = ["DropoutFunction", "Dropout", "dropout", "dropout_reference",
 
 
 @triton.jit
-def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n_elements, n_cols, stride_r, stride_c, p, scale,
-                    FLAT: tl.constexpr, BLOCK: tl.constexpr):
+def _dropout_kernel(
+    x_ptr,     # input as a [M, N] view (its leading dims merged), strides sx_m, sx_n (unread when FLAT)
+    y_ptr,     # out: contiguous, x's shape
+    seed_ptr,  # 0-d int64 seed on the device
+    n_elements, n_cols, sx_m, sx_n, p, scale,  # x's element count and row length; scale = 1 / (1 - p)
+    FLAT: tl.constexpr, BLOCK: tl.constexpr,
+):
     # fp32 math: Inductor passes Python floats as fp64
     p, scale = tl.cast(p, tl.float32), tl.cast(scale, tl.float32)
     # Each program owns BLOCK consecutive logical indices as a [BLOCK // 4, 4] tile: row k of the tile is
@@ -56,7 +61,7 @@ def _dropout_kernel(x_ptr, y_ptr, seed_ptr, n_elements, n_cols, stride_r, stride
     if FLAT:
         src = idx
     else:  # a strided [rows, n_cols] view: logical index -> memory offset
-        src = (idx // n_cols) * stride_r + (idx % n_cols) * stride_c
+        src = (idx // n_cols) * sx_m + (idx % n_cols) * sx_n
     x = tl.load(x_ptr + src, mask=in_range, other=0.0).to(tl.float32)
     r0, r1, r2, r3 = philox(seed, quad)
     keep = uniform(r0[:, None], r1[:, None], r2[:, None], r3[:, None], lane[None, :]) >= p

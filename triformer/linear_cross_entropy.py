@@ -304,7 +304,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Same loss semantics as ``triformer.cross_entropy`` (plus ``z_loss``), in the hidden state's dtype. The
     [N, V] logits are never materialized: see the module docstring for the chunking, the memory bound and
     the precision of each gradient. ``chunk_rows`` overrides the tokens per chunk (default: as many as
-    ``CHUNK_BYTES`` of logits hold).
+    ``CHUNK_BYTES`` of logits hold): a size, where ``cross_entropy``'s ``n_chunks`` (the trainer's ``ce_chunks``)
+    is a count of launches.
     """
     _check_args(hidden, weight, targets, bias, z_loss, chunk_rows)
     check_loss_args(ignore_index, reduction, label_smoothing)

@@ -26,9 +26,15 @@ __all__ = ["RopeFunction", "RotaryEmbedding", "rope", "rope_reference", "apply_r
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, R, H, T, HALF, offset,
-                 sxb, sxh, sxt, sxd, scb, sct, scd, ssb, sst, ssd,
-                 INVERSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rope_kernel(
+    x_ptr,    # q or k [B, H, T, D], strides sx_b, sx_h, sx_t, sx_d
+    cos_ptr,  # cos table [B or 1, T', D/2], strides scos_b (0 for a table shared by the batch), scos_t, scos_d
+    sin_ptr,  # sin table, laid out as cos, strides ssin_*
+    y_ptr,    # out: the rotated vectors, contiguous [B, H, T, D]
+    R, H, T, HALF, offset,  # R = B * H * T head vectors; HALF = D / 2; position of t is t + offset
+    sx_b, sx_h, sx_t, sx_d, scos_b, scos_t, scos_d, ssin_b, ssin_t, ssin_d,
+    INVERSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
     # A program rotates BLOCK_R of the B*H*T head vectors. Their two halves are loaded as two [BLOCK_R,
     # BLOCK_D] tiles, so the rotation pairs lane i of one with lane i of the other: no shuffles.
     # (b, h, t) from int32 row indices (int64 division is far slower on a GPU); offsets in int64
@@ -38,12 +44,12 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, R, H, T, HALF, offset,
     h = (rows // T % H).to(tl.int64)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
     mask = (rows < R)[:, None] & (d < HALF)[None, :]
-    x1_ptrs = x_ptr + (b * sxb + h * sxh + t * sxt)[:, None] + d[None, :] * sxd
+    x1_ptrs = x_ptr + (b * sx_b + h * sx_h + t * sx_t)[:, None] + d[None, :] * sx_d
     x1 = tl.load(x1_ptrs, mask=mask).to(tl.float32)
-    x2 = tl.load(x1_ptrs + HALF * sxd, mask=mask).to(tl.float32)
+    x2 = tl.load(x1_ptrs + HALF * sx_d, mask=mask).to(tl.float32)
     pos = t + offset
-    c = tl.load(cos_ptr + (b * scb + pos * sct)[:, None] + d[None, :] * scd, mask=mask).to(tl.float32)
-    s = tl.load(sin_ptr + (b * ssb + pos * sst)[:, None] + d[None, :] * ssd, mask=mask).to(tl.float32)
+    c = tl.load(cos_ptr + (b * scos_b + pos * scos_t)[:, None] + d[None, :] * scos_d, mask=mask).to(tl.float32)
+    s = tl.load(sin_ptr + (b * ssin_b + pos * ssin_t)[:, None] + d[None, :] * ssin_d, mask=mask).to(tl.float32)
     if INVERSE:
         s = -s
     y1_ptrs = y_ptr + rows.to(tl.int64)[:, None] * (2 * HALF) + d[None, :]

@@ -87,30 +87,34 @@ def _finite_or_zero(m):
 
 
 @triton.jit
-def _softmax_fwd_kernel(x_ptr, y_ptr, n_rows, n_cols, tq, shift,
-                        sxb, sxq, sxk, syb, syq, syk, coef,
-                        IS_CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                        SINGLE: tl.constexpr):
+def _softmax_fwd_kernel(
+    x_ptr,  # scores [batch, Tq, Tk], strides sx_b, sx_q, sx_k
+    y_ptr,  # out: softmax over Tk, same shape, strides sy_b, sy_q, sy_k
+    n_rows, n_cols, tq, shift,  # batch * Tq rows of Tk columns; row q's last visible key is q + shift (causal)
+    sx_b, sx_q, sx_k, sy_b, sy_q, sy_k,
+    coef,  # scale * log2(e)
+    IS_CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+):
     coef = tl.cast(coef, tl.float32)  # fp32 math: Inductor passes Python floats as fp64
     # coef = scale * log2(e): the max is taken on raw scores (scale > 0 commutes with it) and the scale is
     # applied to x - max, so large scores lose no precision to a pre-scaled copy.
     b, q, row_ok, last = _row_coords(n_rows, tq, shift, ROWS)
-    x_row = b * sxb + q * sxq
-    y_row = b * syb + q * syq
+    x_row = b * sx_b + q * sx_q
+    y_row = b * sy_b + q * sy_q
     cols = tl.arange(0, BLOCK_N)
     if SINGLE:
-        x = _load_tile(x_ptr, x_row, sxk, cols, n_cols, row_ok, last, float("-inf"), IS_CAUSAL)
+        x = _load_tile(x_ptr, x_row, sx_k, cols, n_cols, row_ok, last, float("-inf"), IS_CAUSAL)
         m = _finite_or_zero(tl.max(x, 1))
         e = tl.exp2((x - m[:, None]) * coef)
         d = tl.sum(e, 1)
         # A fully masked row has e == 0 and d == 0; dividing by 1 instead leaves it 0 (a NaN d stays NaN).
         inv = 1.0 / tl.where(d == 0, 1.0, d)
-        _store_tile(y_ptr, y_row, syk, cols, n_cols, row_ok, e * inv[:, None])
+        _store_tile(y_ptr, y_row, sy_k, cols, n_cols, row_ok, e * inv[:, None])
     else:
         m = tl.full([ROWS], float("-inf"), tl.float32)
         d = tl.zeros([ROWS], tl.float32)
         for start in range(0, _causal_end(n_cols, row_ok, last, IS_CAUSAL), BLOCK_N):
-            x = _load_tile(x_ptr, x_row, sxk, start + cols, n_cols, row_ok, last, float("-inf"), IS_CAUSAL)
+            x = _load_tile(x_ptr, x_row, sx_k, start + cols, n_cols, row_ok, last, float("-inf"), IS_CAUSAL)
             m_new = tl.maximum(m, tl.max(x, 1))
             base = _finite_or_zero(m_new)
             d = d * tl.exp2((m - base) * coef) + tl.sum(tl.exp2((x - base[:, None]) * coef), 1)
@@ -118,40 +122,45 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, n_rows, n_cols, tq, shift,
         m = _finite_or_zero(m)
         inv = 1.0 / tl.where(d == 0, 1.0, d)
         for start in range(0, n_cols, BLOCK_N):
-            x = _load_tile(x_ptr, x_row, sxk, start + cols, n_cols, row_ok, last, float("-inf"), IS_CAUSAL)
-            _store_tile(y_ptr, y_row, syk, start + cols, n_cols, row_ok,
+            x = _load_tile(x_ptr, x_row, sx_k, start + cols, n_cols, row_ok, last, float("-inf"), IS_CAUSAL)
+            _store_tile(y_ptr, y_row, sy_k, start + cols, n_cols, row_ok,
                         tl.exp2((x - m[:, None]) * coef) * inv[:, None])
 
 
 @triton.jit
-def _softmax_bwd_kernel(y_ptr, dy_ptr, dx_ptr, n_rows, n_cols, tq, shift,
-                        syb, syq, syk, sgb, sgq, sgk, sxb, sxq, sxk, scale,
-                        IS_CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                        SINGLE: tl.constexpr):
+def _softmax_bwd_kernel(
+    y_ptr,   # the forward's softmax [batch, Tq, Tk], strides sy_b, sy_q, sy_k
+    dy_ptr,  # its gradient, strides sdy_b, sdy_q, sdy_k
+    dx_ptr,  # out: the scores' gradient, strides sdx_b, sdx_q, sdx_k
+    n_rows, n_cols, tq, shift,  # as the forward's
+    sy_b, sy_q, sy_k, sdy_b, sdy_q, sdy_k, sdx_b, sdx_q, sdx_k,
+    scale,
+    IS_CAUSAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+):
     scale = tl.cast(scale, tl.float32)  # fp32 math: Inductor passes Python floats as fp64
     # Masked entries have y == 0, so they are not read (dx is 0 there even if dy holds inf/NaN).
     b, q, row_ok, last = _row_coords(n_rows, tq, shift, ROWS)
-    y_row = b * syb + q * syq
-    g_row = b * sgb + q * sgq
-    x_row = b * sxb + q * sxq
+    y_row = b * sy_b + q * sy_q
+    dy_row = b * sdy_b + q * sdy_q
+    dx_row = b * sdx_b + q * sdx_q
     cols = tl.arange(0, BLOCK_N)
     if SINGLE:
-        y = _load_tile(y_ptr, y_row, syk, cols, n_cols, row_ok, last, 0.0, IS_CAUSAL)
-        g = _load_tile(dy_ptr, g_row, sgk, cols, n_cols, row_ok, last, 0.0, IS_CAUSAL)
+        y = _load_tile(y_ptr, y_row, sy_k, cols, n_cols, row_ok, last, 0.0, IS_CAUSAL)
+        g = _load_tile(dy_ptr, dy_row, sdy_k, cols, n_cols, row_ok, last, 0.0, IS_CAUSAL)
         dot = tl.sum(y * g, 1)
-        _store_tile(dx_ptr, x_row, sxk, cols, n_cols, row_ok, scale * y * (g - dot[:, None]))
+        _store_tile(dx_ptr, dx_row, sdx_k, cols, n_cols, row_ok, scale * y * (g - dot[:, None]))
     else:
         # Elementwise partial sums, reduced once after the sweep.
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
         for start in range(0, _causal_end(n_cols, row_ok, last, IS_CAUSAL), BLOCK_N):
-            y = _load_tile(y_ptr, y_row, syk, start + cols, n_cols, row_ok, last, 0.0, IS_CAUSAL)
-            g = _load_tile(dy_ptr, g_row, sgk, start + cols, n_cols, row_ok, last, 0.0, IS_CAUSAL)
+            y = _load_tile(y_ptr, y_row, sy_k, start + cols, n_cols, row_ok, last, 0.0, IS_CAUSAL)
+            g = _load_tile(dy_ptr, dy_row, sdy_k, start + cols, n_cols, row_ok, last, 0.0, IS_CAUSAL)
             acc += y * g
         dot = tl.sum(acc, 1)
         for start in range(0, n_cols, BLOCK_N):
-            y = _load_tile(y_ptr, y_row, syk, start + cols, n_cols, row_ok, last, 0.0, IS_CAUSAL)
-            g = _load_tile(dy_ptr, g_row, sgk, start + cols, n_cols, row_ok, last, 0.0, IS_CAUSAL)
-            _store_tile(dx_ptr, x_row, sxk, start + cols, n_cols, row_ok, scale * y * (g - dot[:, None]))
+            y = _load_tile(y_ptr, y_row, sy_k, start + cols, n_cols, row_ok, last, 0.0, IS_CAUSAL)
+            g = _load_tile(dy_ptr, dy_row, sdy_k, start + cols, n_cols, row_ok, last, 0.0, IS_CAUSAL)
+            _store_tile(dx_ptr, dx_row, sdx_k, start + cols, n_cols, row_ok, scale * y * (g - dot[:, None]))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,17 +211,18 @@ def _launch_fwd(x: torch.Tensor, y: torch.Tensor, is_causal: bool, scale: float)
         return
     x3, y3 = _scores_view(x), _scores_view(y, output=True)
     grid, n_rows, tq, tk, meta = _launch_config(x3, MAX_SINGLE_BLOCK)
-    _runtime.launch(_softmax_fwd_kernel, grid)(x3, y3, n_rows, tk, tq, tk - tq, *x3.stride(), *y3.stride(), scale * LOG2_E,
-                              IS_CAUSAL=is_causal, **meta)
+    _runtime.launch(_softmax_fwd_kernel, grid)(
+        x3, y3, n_rows, tk, tq, tk - tq, *x3.stride(), *y3.stride(), scale * LOG2_E, IS_CAUSAL=is_causal, **meta)
 
 
 def _launch_bwd(y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, is_causal: bool, scale: float) -> None:
     if y.numel() == 0:
         return
-    y3, g3, x3 = _scores_view(y), _scores_view(dy), _scores_view(dx, output=True)
+    y3, dy3, dx3 = _scores_view(y), _scores_view(dy), _scores_view(dx, output=True)
     grid, n_rows, tq, tk, meta = _launch_config(y3, MAX_SINGLE_BLOCK_BWD)
-    _runtime.launch(_softmax_bwd_kernel, grid)(y3, g3, x3, n_rows, tk, tq, tk - tq, *y3.stride(), *g3.stride(), *x3.stride(),
-                              scale, IS_CAUSAL=is_causal, **meta)
+    _runtime.launch(_softmax_bwd_kernel, grid)(
+        y3, dy3, dx3, n_rows, tk, tq, tk - tq, *y3.stride(), *dy3.stride(), *dx3.stride(), scale,
+        IS_CAUSAL=is_causal, **meta)
 
 
 @_runtime.kernel_op("triformer::softmax_fwd", mutates_args=())

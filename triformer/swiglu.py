@@ -38,30 +38,41 @@ def _act_and_grad(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _glu_fwd_kernel(g_ptr, u_ptr, y_ptr, M, N, M1, sg0, sg1, sgn, su0, su1, sun,
-                    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _glu_fwd_kernel(
+    g_ptr,  # gate [M, N] in the [outer, inner, N] row layout (_shared.row_layout), strides sg_*
+    u_ptr,  # up, same shape and layout, strides su_*
+    y_ptr,  # out: act(gate) * up, contiguous [M, N]
+    M, N, rows_inner, sg_o, sg_i, sg_n, su_o, su_i, su_n,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
     # One BLOCK_M x BLOCK_N tile of the [M, N] (N = F) view per program; the output is contiguous [M, N].
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    g = tl.load(g_ptr + row_offsets(rows, M1, sg0, sg1)[:, None] + cols[None, :] * sgn, mask=mask)
-    u = tl.load(u_ptr + row_offsets(rows, M1, su0, su1)[:, None] + cols[None, :] * sun, mask=mask)
+    g = tl.load(g_ptr + row_offsets(rows, rows_inner, sg_o, sg_i)[:, None] + cols[None, :] * sg_n, mask=mask)
+    u = tl.load(u_ptr + row_offsets(rows, rows_inner, su_o, su_i)[:, None] + cols[None, :] * su_n, mask=mask)
     act, _ = _act_and_grad(g.to(tl.float32), ACT)
     y = act * u.to(tl.float32)
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _glu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dgu_ptr, M, N, M1, sd0, sd1, sdn, sg0, sg1, sgn, su0, su1, sun,
-                    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _glu_bwd_kernel(
+    dy_ptr,   # gradient of y [M, N], strides sdy_*
+    g_ptr,    # gate, strides sg_*
+    u_ptr,    # up, strides su_*
+    dgu_ptr,  # out: contiguous [M, 2N], d gate in columns [0, N), d up in [N, 2N)
+    M, N, rows_inner, sdy_o, sdy_i, sdy_n, sg_o, sg_i, sg_n, su_o, su_i, su_n,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
     # Same tiling as the forward; d(gate) goes to columns [0, N) and d(up) to [N, 2N) of the contiguous
     # [M, 2N] gradient buffer.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    dy = tl.load(dy_ptr + row_offsets(rows, M1, sd0, sd1)[:, None] + cols[None, :] * sdn, mask=mask)
-    g = tl.load(g_ptr + row_offsets(rows, M1, sg0, sg1)[:, None] + cols[None, :] * sgn, mask=mask)
-    u = tl.load(u_ptr + row_offsets(rows, M1, su0, su1)[:, None] + cols[None, :] * sun, mask=mask)
+    dy = tl.load(dy_ptr + row_offsets(rows, rows_inner, sdy_o, sdy_i)[:, None] + cols[None, :] * sdy_n, mask=mask)
+    g = tl.load(g_ptr + row_offsets(rows, rows_inner, sg_o, sg_i)[:, None] + cols[None, :] * sg_n, mask=mask)
+    u = tl.load(u_ptr + row_offsets(rows, rows_inner, su_o, su_i)[:, None] + cols[None, :] * su_n, mask=mask)
     dy = dy.to(tl.float32)
     act, grad = _act_and_grad(g.to(tl.float32), ACT)
     out = dgu_ptr + rows.to(tl.int64)[:, None] * (2 * N) + cols[None, :]
@@ -75,10 +86,10 @@ def glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tens
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if gate.numel() == 0:
         return y
-    (g, u), M, M1, N, ((sg0, sg1, sgn), (su0, su1, sun)) = row_layout(gate, up)
+    (g, u), M, rows_inner, N, (sg, su) = row_layout(gate, up)
     block_m, block_n = elementwise_tiles(M, N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _runtime.launch(_glu_fwd_kernel, grid)(g, u, y, M, N, M1, sg0, sg1, sgn, su0, su1, sun,
+    _runtime.launch(_glu_fwd_kernel, grid)(g, u, y, M, N, rows_inner, *sg, *su,
                           ACT=_ACTIVATIONS[activation], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return y
 
@@ -89,10 +100,10 @@ def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: 
     dgu = torch.empty((*gate.shape[:-1], 2 * gate.shape[-1]), dtype=gate.dtype, device=gate.device)
     if gate.numel() == 0:
         return dgu
-    (d, g, u), M, M1, N, ((sd0, sd1, sdn), (sg0, sg1, sgn), (su0, su1, sun)) = row_layout(dy, gate, up)
+    (d, g, u), M, rows_inner, N, (sdy, sg, su) = row_layout(dy, gate, up)
     block_m, block_n = elementwise_tiles(M, N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _runtime.launch(_glu_bwd_kernel, grid)(d, g, u, dgu, M, N, M1, sd0, sd1, sdn, sg0, sg1, sgn, su0, su1, sun,
+    _runtime.launch(_glu_bwd_kernel, grid)(d, g, u, dgu, M, N, rows_inner, *sdy, *sg, *su,
                           ACT=_ACTIVATIONS[activation], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return dgu
 

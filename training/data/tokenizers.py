@@ -50,9 +50,6 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.encoding.encode_ordinary_batch(texts, num_threads=1)
-
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])
 
