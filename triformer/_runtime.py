@@ -33,6 +33,28 @@ def _decide_interpret() -> bool:
     return not torch.cuda.is_available()
 
 
+def _import_order_message(triton_interprets: bool) -> str:
+    """Why ``import triformer`` failed after triton was imported in the other mode, and what works. Something
+    else imported triton first (building a transformers or timm model, torch.compile); triton cannot switch modes
+    afterwards. Without CUDA only the interpreter can run the kernels, so keeping triton's compiler mode
+    (``TRIFORMER_INTERPRET=0``) would only move the error to the first kernel call: it is not offered there."""
+    setting = os.environ.get("TRITON_INTERPRET", "unset")
+    first = ("put `import triformer` before the import that loaded triton (transformers, timm, or anything "
+             "that builds a model or compiles)")
+    if INTERPRET and not torch.cuda.is_available():
+        return (f"triton was imported before triformer in its compiler mode (TRITON_INTERPRET={setting!r}), but this "
+                f"machine has no CUDA device, so triformer's kernels can run only through Triton's interpreter, which "
+                f"triton fixes when it is first imported. Either {first}, or start Python with the interpreter on: "
+                f"TRITON_INTERPRET=1 python your_script.py")
+    if INTERPRET:
+        return (f"triton was imported before triformer in its compiler mode (TRITON_INTERPRET={setting!r}), but "
+                f"TRIFORMER_INTERPRET asks for the interpreter. Either {first}, or unset TRIFORMER_INTERPRET to "
+                f"compile the kernels for CUDA")
+    return (f"triton was imported before triformer with its interpreter on (TRITON_INTERPRET={setting!r}), but "
+            f"triformer would compile its kernels for CUDA. Either {first}, or set "
+            f"TRIFORMER_INTERPRET=1 to run the kernels through the interpreter")
+
+
 INTERPRET: bool = _decide_interpret()
 # Triton builds its own library functions (tl.sum, tl.sigmoid, ...) for one mode when it is first
 # imported, so the variable must be set before that import, and a triton imported earlier in the other
@@ -40,12 +62,7 @@ INTERPRET: bool = _decide_interpret()
 if "triton" in sys.modules:
     _already = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
     if _already != INTERPRET:
-        raise ImportError(
-            "triton was imported before triformer with TRITON_INTERPRET="
-            f"{os.environ.get('TRITON_INTERPRET', 'unset')!r}, but triformer needs the "
-            f"{'interpreter' if INTERPRET else 'compiler'}; import triformer first, or set "
-            f"TRIFORMER_INTERPRET={int(_already)} to keep triton's mode"
-        )
+        raise ImportError(_import_order_message(_already))
 os.environ["TRITON_INTERPRET"] = "1" if INTERPRET else "0"
 
 import triton  # noqa: E402  (after TRITON_INTERPRET is set: see above)
