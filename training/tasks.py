@@ -31,6 +31,7 @@ class Task:
     data_fields: Callable[[Any], dict[str, Any]]  # data -> the model config fields the data decides
     build_data: str                # "module:function" (cfg.data as a dict, seed, rank, world_size) -> the data
     evaluate: str                  # "module:function" doing eval.py's work on a checkpoint of this task
+    sample_prompt: str | None = None  # the prompt of the sampling command a finished run prints; None: no sampling
 
     def make_data(self, cfg: dict, seed: int, rank: int = 0, world_size: int = 1):
         return _function(self.build_data)(cfg, seed, rank, world_size)
@@ -58,7 +59,8 @@ def _image_fields(data) -> dict[str, Any]:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("lm", "language model", "text (language-model) data", "tokens", "tok", sequences=True, accuracy=False,
          losses=("ce", "fused"), loss_fields=("loss", "ce_chunks", "label_smoothing"), data_fields=_text_fields,
-         build_data="training.data.text:build_text_data", evaluate="training.evaluate:evaluate_lm"),
+         build_data="training.data.text:build_text_data", evaluate="training.evaluate:evaluate_lm",
+         sample_prompt="def main("),  # the default data is Python source; any text works as a prompt
     Task("image", "image classifier", "image-classification data", "images", "img", sequences=False, accuracy=True,
          losses=("ce",), loss_fields=("label_smoothing",), data_fields=_image_fields,
          build_data="training.data.vision:build_image_data", evaluate="training.evaluate:evaluate_image"),

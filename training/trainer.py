@@ -602,6 +602,8 @@ class Trainer:
         target = best if best.is_file() else self.last_ckpt
         if target:
             lines.append(f"  evaluate it:     {run.eval_command(target)}")
+            if self.task.sample_prompt is not None:
+                lines.append(f"  sample from it:  {run.sample_command(target, self.task.sample_prompt)}")
         self._say("\n".join(lines))
 
     def close(self) -> None:
