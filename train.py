@@ -7,6 +7,8 @@ Examples: ``python train.py`` (small GPT on the stdlib sources, CPU), ``python t
 import hydra
 from omegaconf import DictConfig
 
+import training.config  # noqa: F401  (registers the resolvers configs/train.yaml uses)
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:

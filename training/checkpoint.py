@@ -144,6 +144,26 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return path
 
 
+def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` into ``path`` through a temporary file in the same directory, fsync'ed and renamed over it: a
+    reader never sees half a file, and an interrupted write leaves the old one (reports, exported configs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
 def file_mode() -> int:
     """The mode ``open(path, "w")`` gives a new file under the process's umask (0644 under the usual 022)."""
     try:

@@ -293,7 +293,8 @@ class Trainer:
         """run_dir, else Hydra's output directory, else a timestamped one; rank 0's choice is every rank's."""
         if self.cfg.run_dir:
             path = self.cfg.run_dir
-            self._created_run_dir = not Path(path).exists()
+            # Hydra makes run_dir first (its .hydra/ and train.log go there too): holding only those, it is new
+            self._created_run_dir = not Path(path).exists() or {p.name for p in Path(path).iterdir()} <= run.HYDRA_FILES
         else:
             try:
                 from hydra.core.hydra_config import HydraConfig
