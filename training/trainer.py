@@ -366,17 +366,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
-        bar = _progress(t, self.step, self.ctx.is_main)
         bad_steps, first_bad = 0, None
         window_time, window_steps = 0.0, 0  # training time only: evaluations and checkpoints excluded
         val = None
         summary = {}
         first_step = True
+        if t.eval_at_start and self.step == 0:
+            start = self._evaluate_and_log("val", t.eval_batches)
+            self._say("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
+            summary.update({f"initial_{k}": v for k, v in start.items()})
+            # the starting weights are a candidate too: a checkpoint worse than them is not the best
+            self.best_val = min(self.best_val, start["val/loss"])
+        # after the evaluation at start: the bar's time estimate, like the CPU warning's, is from training steps
+        bar = _progress(t, self.step, self.ctx.is_main)
         try:
-            if t.eval_at_start and self.step == 0:
-                start = self._evaluate_and_log("val", t.eval_batches)
-                self._say("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
-                summary.update({f"initial_{k}": v for k, v in start.items()})
             while self.step < t.max_steps:
                 lr = lr_at(self.step, self.cfg.optim, t.max_steps)
                 for group in self.optimizer.param_groups:
@@ -596,6 +599,9 @@ class Trainer:
         lines = [f"finished: {summary.get('steps')} steps", f"  run directory:   {self.run_dir}"]
         if best.is_file():
             lines.append(f"  best checkpoint: {best} (val/loss {self.best_val:.4f})")
+        elif "initial_val/loss" in summary and self.last_ckpt:
+            lines.append(f"  best checkpoint: none; no evaluation beat the starting weights (val/loss "
+                         f"{summary['initial_val/loss']:.4f} before training): train longer or with another optim.lr")
         if self.last_ckpt:
             lines.append(f"  last checkpoint: {self.last_ckpt}")
         if finals:
