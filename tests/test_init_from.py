@@ -117,3 +117,50 @@ def test_from_huggingface_reads_directory_without_transformers_model(tmp_path):
     hf.save_pretrained(tmp_path, max_shard_size="20KB")
     model = GPT.from_huggingface(tmp_path, kernels="torch", dtype=torch.bfloat16)
     assert model.wte.weight.dtype == torch.bfloat16 and model.lm_head is not None
+
+
+def _llama_with_its_tokenizer(directory):
+    """A tiny Llama directory with its own BPE tokenizer.json (trained here, offline) and eos token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["def main():\n    return 0\n", "import os, sys\nclass A:\n    pass\n"] * 20, trainer)
+    hf = hf_llama()
+    hf.resize_token_embeddings(tok.get_vocab_size())
+    hf.config.eos_token_id = tok.token_to_id("</s>")
+    hf.save_pretrained(directory)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    return tok
+
+
+def test_llama_directory_trains_with_its_own_tokenizer(tmp_path, data_cache):
+    tok = _llama_with_its_tokenizer(tmp_path / "llama")
+    cfg = _cfg(tmp_path / "run", data_cache, f"init_from={tmp_path / 'llama'}", "trainer.max_steps=1")
+    trainer, summary = _fit(cfg)
+    assert cfg.data.tokenizer == "hf" and trainer.data.vocab_size == tok.get_vocab_size()
+    assert summary["steps"] == 1 and summary["final_val/loss"] > 0
+
+
+def test_hub_name_from_the_local_cache_or_one_line_when_unreachable(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    cfg = compose(["experiment=smoke", "init_from=someone/tiny-llama"])
+    with pytest.raises(init_from.HubUnavailable, match=r"^init_from=someone/tiny-llama: .*Hub is not reachable.*"
+                                                       r"hf download someone/tiny-llama"):
+        init_from.resolve(cfg.init_from, cfg)
+    # the layout huggingface_hub's cache has after a download: refs/main names the snapshot
+    repo = tmp_path / "hub" / "models--someone--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abc")
+    hf_llama().save_pretrained(repo / "snapshots" / "0123abc")
+    kind, path = init_from.resolve(cfg.init_from, cfg)
+    assert kind == "hf" and path == repo / "snapshots" / "0123abc"
