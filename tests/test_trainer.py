@@ -11,7 +11,7 @@ import torch
 
 from training import checkpoint
 from training.config import compose
-from training.logging import wandb_logged_in
+from training.logging import wandb_logged_in, wandb_scalars
 from training.optim import build_optimizer, lr_at, param_groups
 from training.trainer import NonFiniteLossError, Trainer, train
 
@@ -263,3 +263,9 @@ def test_wandb_goes_online_only_when_logged_in(tmp_path, monkeypatch):
     assert not wandb_logged_in()
     monkeypatch.setenv("WANDB_API_KEY", "key")
     assert wandb_logged_in()
+
+
+def test_wandb_scalars_are_named_by_section():
+    assert wandb_scalars("train", {"loss": 1.5, "lr": 0.1, "throughput": 9, "flag": True, "note": "x"}) == {
+        "train/loss": 1.5, "train/lr": 0.1, "train/throughput": 9}
+    assert wandb_scalars("eval", {"val/loss": 2.0, "val/accuracy": 0.5}) == {"val/loss": 2.0, "val/accuracy": 0.5}
