@@ -353,6 +353,10 @@ class Trainer:
             plain = plain_model_like(self.model)
             report = memory.compare(self.model, plain, x, y, f"{m.name}{kernels}, micro-batch {shape}, {self.precision}",
                                     self._autocast)
+        vocab = getattr(self.model.config, "vocab_size", None)
+        report.sources = memory.savings_sources(
+            float(m.get("dropout", 0.0)), self.cfg.loss.name if "fused" in self.task.losses else None,
+            bool(self.cfg.trainer.activation_checkpointing), (y.numel(), vocab) if vocab else None)
         del plain
         if self.ctx.device.type == "cuda":
             torch.cuda.empty_cache()
