@@ -13,6 +13,7 @@ one. ``CheckpointManager`` keeps the last K step files (everything a resume need
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -128,11 +129,29 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     tree = _encode(payload, "", tensors, {}, set())
     payload_json = json.dumps(tree, sort_keys=True)
     metadata = {"format": FORMAT, "payload": payload_json, "sha256": _digest(payload_json, tensors)}
+    with _replacing(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return path
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` into ``path`` as checkpoints are written: a reader never sees half a file, and an interrupted
+    write leaves the old one (reports, result tables)."""
+    path = Path(path)
+    with _replacing(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return path
+
+
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """A temporary name beside ``path`` to write to; once written it is fsync'ed and renamed over ``path`` (then
+    the directory fsync'ed), and on any failure removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        yield tmp
         os.chmod(tmp, file_mode())  # mkstemp's 0600 -> what open() would give: the rest of the run's files' mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -141,27 +160,6 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return path
-
-
-def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
-    """``data`` into ``path`` through a temporary file in the same directory, fsync'ed and renamed over it: a
-    reader never sees half a file, and an interrupted write leaves the old one (reports, exported configs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def file_mode() -> int:
