@@ -11,6 +11,7 @@ device the chosen mode cannot run on is an error.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -94,6 +95,30 @@ def _round_bf16_to_nearest_even() -> None:
     builder.cast_impl = cast_impl
 
 
+def _single_threaded_numpy_blas():
+    """A context manager factory: numpy's BLAS on one thread while an interpreted kernel runs.
+
+    The interpreter does each ``tl.dot`` as a numpy matmul of a tile (e.g. 64 x 128 by 128 x 64). OpenBLAS splits
+    even such small products over its threads, whose hand-offs and spinning cost more than the product: on two
+    cores shared with other processes, attention's forward+backward took 1.24 s of CPU time with numpy's
+    default threads and 0.26 s with one. Limited only during launches (threadpoolctl, ~60 us a launch), so the
+    rest of the process keeps its BLAS threads; without threadpoolctl (it comes with scikit-learn, in the
+    ``train`` extra) nothing changes."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return contextlib.nullcontext
+    controller = None
+
+    def limit():
+        nonlocal controller
+        if controller is None:  # at the first launch: the scan of loaded libraries takes ~30 ms
+            controller = ThreadpoolController().select(user_api="blas")
+        return controller.limit(limits=1) if controller.lib_controllers else contextlib.nullcontext()
+
+    return limit
+
+
 def _patch_language_once_per_launch() -> None:
     """Stop the interpreter from re-patching ``triton.language`` at every ``@triton.jit`` helper call inside a
     kernel.
@@ -121,11 +146,13 @@ def _patch_language_once_per_launch() -> None:
         return frozenset(id(v) for v in fn.__globals__.values() if any(v is m for m in lang_modules))
 
     run_kernel = executor.__call__
+    single_threaded_blas = _single_threaded_numpy_blas()
 
     def run_kernel_tracked(self, *args, **kwargs):
         patched.append(set(langs_of(self.fn)))
         try:
-            return run_kernel(self, *args, **kwargs)
+            with single_threaded_blas():
+                return run_kernel(self, *args, **kwargs)
         finally:
             patched.pop()
 
