@@ -5,7 +5,8 @@ from 0.8 s to 6 s while others were busy on the same two cores).
 ``python -m benchmarks.cpu_default_run [train.py overrides ...]`` runs ``python train.py <overrides>`` into a
 scratch run directory (the data cache must already hold the stdlib corpus, as after a first run: tokenizing is
 not what is timed), then appends a row to ``benchmarks/results/cpu/default_run.md`` (or ``$TRIFORMER_BENCH_OUT``)
-with the command, date, load average, wall and CPU seconds, and the training part's wall time (first to last
+with the command, date, load average, wall and CPU seconds (the file keeps one table per question: move a
+new row where it belongs), and the training part's wall time (first to last
 record of metrics.jsonl: evaluations included, start-up and the memory report not).
 """
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pathlib import Path
 from training.checkpoint import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADER = ("| date (UTC) | command | cores | load avg before | wall s | CPU s (user+sys) | training part s "
-          "| final val/loss |\n|---|---|---|---|---|---|---|---|\n")
+HEADER = ("| date (UTC) | command or change | load avg before | wall s | CPU s (user+sys) | training part s "
+          "| final val/loss |\n|---|---|---|---|---|---|---|\n")
 
 
 def run(overrides: list[str]) -> dict:
@@ -52,7 +53,7 @@ def run(overrides: list[str]) -> dict:
 def main() -> None:
     result = run(sys.argv[1:])
     out = Path(os.environ.get("TRIFORMER_BENCH_OUT") or ROOT / "benchmarks" / "results" / "cpu") / "default_run.md"
-    row = (f"| {result['date']} | `{result['command']}` | {result['cores']} | {result['load']:.1f} | "
+    row = (f"| {result['date']} | `{result['command']}` ({result['cores']} cores) | {result['load']:.1f} | "
            f"{result['wall']:.0f} | {result['cpu']:.0f} | {result['training']:.0f} | {result['val']:.4f} |\n")
     text = out.read_text() if out.is_file() else ("# The default CPU run, timed\n\nRows appended by "
                                                   "`python -m benchmarks.cpu_default_run [overrides]`.\n\n" + HEADER)
