@@ -2,7 +2,8 @@
 
 Examples: ``python eval.py checkpoint=runs/gpt2-nano-stdlib/<time>`` (a run directory: its best checkpoint; test perplexity,
 bits per byte), ``... text_file=notes.txt context=128 stride=64``, ``... perplexity=false 'prompt="def main("'``
-(samples; in a shell the whole override goes in single quotes, so Hydra gets the quoted text), ``python eval.py checkpoint=runs/vit-digits/<time>/checkpoints/best.safetensors`` (accuracy and a
+(samples; in a shell the whole override goes in single quotes, so Hydra gets the quoted text),
+``python eval.py checkpoint=runs/vit-digits/<time>/checkpoints/best.safetensors`` (accuracy and a
 confusion matrix PNG). Logic lives in ``training.evaluate``.
 """
 import hydra

@@ -76,7 +76,8 @@ def savings_sources(dropout: float, loss: str | None, checkpointing: bool,
     (on if dropout > 0 else off).append(f"dropout masks never stored (model.dropout={dropout:g}"
                                         + ("" if dropout > 0 else "; on with model.dropout > 0") + ")")
     if loss is not None and logits_shape is not None:
-        logits = f"[{logits_shape[0]}, {logits_shape[1]}] fp32 logits, {format_bytes(4 * logits_shape[0] * logits_shape[1])}"
+        rows, vocab = logits_shape
+        logits = f"[{rows}, {vocab}] fp32 logits, {format_bytes(4 * rows * vocab)}"
         (on if loss == "fused" else off).append(
             f"the fused loss (loss=fused: no {logits})" if loss == "fused" else
             f"the fused loss (loss=fused would not keep the {logits})")

@@ -294,7 +294,8 @@ class Trainer:
         if self.cfg.run_dir:
             path = self.cfg.run_dir
             # Hydra makes run_dir first (its .hydra/ and train.log go there too): holding only those, it is new
-            self._created_run_dir = not Path(path).exists() or {p.name for p in Path(path).iterdir()} <= run.HYDRA_FILES
+            self._created_run_dir = (not Path(path).exists()
+                                     or {p.name for p in Path(path).iterdir()} <= run.HYDRA_FILES)
         else:
             try:
                 from hydra.core.hydra_config import HydraConfig
