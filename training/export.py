@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from training.checkpoint import load_checkpoint, save_checkpoint, weights_only
+from training.checkpoint import file_mode, load_checkpoint, save_checkpoint, weights_only
 from training.evaluate import load_model, resolve_checkpoint
 
 
@@ -48,6 +48,11 @@ def export_huggingface(checkpoint: str | os.PathLike, out: str | os.PathLike) ->
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
+        # mkdtemp's 0700 (and any 0600 file) -> the modes open()/mkdir would give under the umask
+        mode = file_mode()
+        for f in tmp.iterdir():
+            os.chmod(f, mode)
+        os.chmod(tmp, 0o777 & ~(0o666 & ~mode))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
