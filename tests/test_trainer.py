@@ -231,6 +231,8 @@ def test_cpu_threads_sets_torch_threads(tmp_path, data_cache, monkeypatch):
     Trainer(_cfg(tmp_path / "default", data_cache)).close()
     Trainer(_cfg(tmp_path / "three", data_cache, "trainer.cpu_threads=3")).close()
     assert calls == [3]
+    Trainer(_cfg(tmp_path / "interpreted", data_cache, "model.kernels=triton")).close()
+    assert calls == [3, 1]  # null with the interpreter: one thread
 
 
 def test_fused_loss_is_for_language_models(tmp_path, data_cache):

@@ -128,6 +128,11 @@ class Trainer:
         if t.cpu_threads is not None:
             torch.set_num_threads(t.cpu_threads)
         self.ctx = distributed.init(t.device, t.strategy)
+        if t.cpu_threads is None and cfg.model.kernels == "triton" and self.ctx.device.type == "cpu":
+            # The interpreter runs every kernel in this one Python thread; torch's other threads have only the
+            # small ops between kernels to share, and on shared cores took CPU from it (the default run's 20
+            # steps: 50 s with two threads, 32-41 s with one, the same losses)
+            torch.set_num_threads(1)
         if cfg.model.kernels == "triton":
             import triformer
 
