@@ -1,8 +1,9 @@
 """Evaluate a checkpoint written by train.py: ``python eval.py checkpoint=path [key=value ...]`` (configs/eval.yaml).
 
 Examples: ``python eval.py checkpoint=runs/gpt2-nano-stdlib/<time>`` (a run directory: its best checkpoint; test perplexity,
-bits per byte), ``... text_file=notes.txt context=128 stride=64``, ``... perplexity=false prompt="def main("``
-(samples), ``python eval.py checkpoint=runs/vit-digits/<time>/checkpoints/best.safetensors`` (accuracy and a
+bits per byte), ``... text_file=notes.txt context=128 stride=64``, ``... perplexity=false 'prompt="def main("'``
+(samples; in a shell the whole override goes in single quotes, so Hydra gets the quoted text),
+``python eval.py checkpoint=runs/vit-digits/<time>/checkpoints/best.safetensors`` (accuracy and a
 confusion matrix PNG). Logic lives in ``training.evaluate``.
 """
 import hydra

@@ -135,10 +135,60 @@ def test_init_from_a_run_directory_and_a_read_only_checkpoint(tmp_path, data_cac
     assert trainer.model.config.n_embd == 32
 
 
-def test_init_from_a_name_that_is_nothing_says_so_in_one_message(tmp_path, data_cache):
+def test_init_from_a_name_that_is_nothing_says_so_in_one_message(tmp_path, data_cache, monkeypatch):
+    """Not a path, and a Hub name the Hub cannot give here: one message naming the setting (no resume, no chain)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ValueError) as info:
         Trainer(_cfg(tmp_path / "r", data_cache, "init_from=gpt2"))
     message = str(info.value)
-    assert message.startswith("init_from='gpt2': no such checkpoint file or run directory")
-    assert "save_pretrained" in message and "resume" not in message
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert message.startswith("init_from=gpt2: ") and "hf download gpt2" in message and "resume" not in message
+    assert info.value.__cause__ is None and not info.value.__context__
+def _llama_with_its_tokenizer(directory):
+    """A tiny Llama directory with its own BPE tokenizer.json (trained here, offline) and eos token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["def main():\n    return 0\n", "import os, sys\nclass A:\n    pass\n"] * 20, trainer)
+    hf = hf_llama()
+    hf.resize_token_embeddings(tok.get_vocab_size())
+    hf.config.eos_token_id = tok.token_to_id("</s>")
+    hf.save_pretrained(directory)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    return tok
+
+
+def test_llama_directory_trains_with_its_own_tokenizer(tmp_path, data_cache):
+    tok = _llama_with_its_tokenizer(tmp_path / "llama")
+    cfg = _cfg(tmp_path / "run", data_cache, f"init_from={tmp_path / 'llama'}", "trainer.max_steps=1")
+    trainer, summary = _fit(cfg)
+    assert cfg.data.tokenizer == "hf" and trainer.data.vocab_size == tok.get_vocab_size()
+    assert summary["steps"] == 1 and summary["final_val/loss"] > 0
+
+
+def test_hub_name_from_the_local_cache_or_one_line_when_unreachable(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    cfg = compose(["experiment=smoke", "init_from=someone/tiny-llama"])
+    with pytest.raises(init_from.HubUnavailable, match=r"^init_from=someone/tiny-llama: .*Hub is not reachable.*"
+                                                       r"hf download someone/tiny-llama"):
+        init_from.resolve(cfg.init_from, cfg)
+    # the layout huggingface_hub's cache has after a download: refs/main names the snapshot
+    repo = tmp_path / "hub" / "models--someone--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abc")
+    hf_llama().save_pretrained(repo / "snapshots" / "0123abc")
+    kind, path = init_from.resolve(cfg.init_from, cfg)
+    assert kind == "hf" and path == repo / "snapshots" / "0123abc"

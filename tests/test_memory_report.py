@@ -100,3 +100,16 @@ def test_cuda_peak_is_kept_across_log_intervals_when_steps_replay_cuda_graphs(mo
     cuda = torch.device("cuda")
     assert memory.current_bytes(cuda, since_last=False) == 11 * 2**30 and resets == []
     assert memory.current_bytes(cuda) == 11 * 2**30 and resets == [cuda]
+
+
+def test_line_says_where_savings_come_from():
+    none = memory.savings_sources(0.0, "ce", False, (512, 257))
+    assert none.startswith("This run has none of what saves memory: ")
+    assert "model.dropout > 0" in none and "[512, 257] fp32 logits, 514.0 KiB" in none
+    assert "trainer.activation_checkpointing=true" in none
+    some = memory.savings_sources(0.1, "fused", False, (512, 257))
+    assert some.startswith("Savings from: dropout masks never stored (model.dropout=0.1); the fused loss")
+    assert "Not on in this run: activation checkpointing" in some
+    report = memory.MemoryReport(memory.StepMemory(3, None), memory.StepMemory(2, None), "m", sources=none)
+    assert report.message().endswith(". " + none)
+    assert "logits" not in memory.savings_sources(0.1, None, True, None)  # an image model has no fused loss

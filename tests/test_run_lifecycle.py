@@ -408,8 +408,8 @@ def test_wandb_is_opt_in_and_an_offline_run_records_the_metrics(tmp_path, data_c
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1
     history = _wandb_history(runs[0])
-    steps = {int(h["_step"]) for h in history if "loss" in h}
-    assert steps == {1, 2, 3}
+    steps = {int(h["_step"]) for h in history if "train/loss" in h}
+    assert steps == {1, 2, 3} and not any("loss" in h for h in history)  # scalars named by section
     assert any("val/loss" in h for h in history) and any("plots/loss/path" in h for h in history)
 
 

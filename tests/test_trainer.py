@@ -11,7 +11,7 @@ import torch
 
 from training import checkpoint
 from training.config import compose
-from training.logging import wandb_logged_in
+from training.logging import wandb_logged_in, wandb_scalars
 from training.optim import build_optimizer, lr_at, param_groups
 from training.trainer import NonFiniteLossError, Trainer, train
 
@@ -286,6 +286,8 @@ def test_cpu_threads_sets_torch_threads(tmp_path, data_cache, monkeypatch):
     Trainer(_cfg(tmp_path / "default", data_cache)).close()
     Trainer(_cfg(tmp_path / "three", data_cache, "trainer.cpu_threads=3")).close()
     assert calls == [3]
+    Trainer(_cfg(tmp_path / "interpreted", data_cache, "model.kernels=triton")).close()
+    assert calls == [3, 1]  # null with the interpreter: one thread
 
 
 def test_fused_loss_is_for_language_models(tmp_path, data_cache):
@@ -318,3 +320,22 @@ def test_wandb_goes_online_only_when_logged_in(tmp_path, monkeypatch):
     assert not wandb_logged_in()
     monkeypatch.setenv("WANDB_API_KEY", "key")
     assert wandb_logged_in()
+
+
+def test_wandb_scalars_are_named_by_section():
+    assert wandb_scalars("train", {"loss": 1.5, "lr": 0.1, "throughput": 9, "flag": True, "note": "x"}) == {
+        "train/loss": 1.5, "train/lr": 0.1, "train/throughput": 9}
+    assert wandb_scalars("eval", {"val/loss": 2.0, "val/accuracy": 0.5}) == {"val/loss": 2.0, "val/accuracy": 0.5}
+
+
+def test_progress_bar_starts_after_the_evaluation_at_start(tmp_path, data_cache, monkeypatch):
+    """The bar's time estimate, like the CPU warning's, comes from training steps, not the evaluation before
+    them (on gpt2-small on a CPU the two read 7 h and 3.2 h)."""
+    import training.trainer as trainer_module
+
+    order = []
+    progress, evaluate = trainer_module._progress, Trainer.evaluate
+    monkeypatch.setattr(trainer_module, "_progress", lambda *a: order.append("bar") or progress(*a))
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a: order.append("eval") or evaluate(self, *a))
+    train(_cfg(tmp_path, data_cache, "trainer.eval_at_start=true", "trainer.max_steps=1"))
+    assert order[:2] == ["eval", "bar"]

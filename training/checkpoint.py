@@ -8,15 +8,16 @@ so a tampered or bit-rotted file is refused instead of silently resuming from wr
 
 Writes go to a temporary file in the same directory, are fsync'ed, then ``os.replace``'d over the final
 name (atomic on POSIX), and the directory is fsync'ed: a reader sees either the old file or the complete new
-one. ``CheckpointManager`` keeps the last K step files plus ``best.safetensors`` (lowest validation loss).
+one. ``CheckpointManager`` keeps the last K step files (everything a resume needs) plus ``best.safetensors``
+(lowest validation loss; weights only, ``weights_only``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -131,11 +132,29 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     tree = _encode(payload, "", tensors, {}, set())
     payload_json = json.dumps(tree, sort_keys=True)
     metadata = {"format": FORMAT, "payload": payload_json, "sha256": _digest(payload_json, tensors)}
+    with _replacing(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return path
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` into ``path`` as checkpoints are written: a reader never sees half a file, and an interrupted
+    write leaves the old one (reports, result tables)."""
+    path = Path(path)
+    with _replacing(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return path
+
+
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """A temporary name beside ``path`` to write to; once written it is fsync'ed and renamed over ``path`` (then
+    the directory fsync'ed), and on any failure removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        yield tmp
         os.chmod(tmp, file_mode())  # mkstemp's 0600 -> what open() would give: the rest of the run's files' mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -144,7 +163,6 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return path
 
 
 def file_mode() -> int:
@@ -240,6 +258,15 @@ def step_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# What a checkpoint needs to be evaluated, sampled, fine-tuned from (init_from) or exported: the weights and what
+# describes them; the training state (optimizer, scaler, RNG streams, data position) is for resume only.
+WEIGHTS_KEYS = ("model", "model_name", "model_config", "config", "step", "val", "best_val_loss")
+
+
+def weights_only(payload: dict[str, Any]) -> dict[str, Any]:
+    return {k: payload[k] for k in WEIGHTS_KEYS if k in payload}
+
+
 class CheckpointManager:
     """``step_<N>.safetensors`` files in one directory: keeps the newest ``keep_last`` and a ``best`` link."""
 
@@ -250,23 +277,15 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def save(self, step: int, payload: dict[str, Any], is_best: bool = False) -> Path:
+        """The step file keeps everything a resume needs; ``best.safetensors`` only the weights and what
+        describes them (``weights_only``): resume reads step files, so optimizer and RNG state there would only
+        make the file a user keeps and copies several times larger."""
         path = save_checkpoint(self.directory / f"step_{step:08d}.safetensors", payload)
         if is_best:
-            self._point_best_at(path)
+            save_checkpoint(self.directory / BEST_FILE, weights_only(payload))
         for _, old in step_checkpoints(self.directory)[:-self.keep_last]:
             old.unlink(missing_ok=True)
         return path
-
-    def _point_best_at(self, path: Path) -> None:
-        # A hard link costs no second write and survives pruning of the step file; swapped in atomically.
-        tmp = self.directory / f".{BEST_FILE}{TEMP_MARK}{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, self.directory / BEST_FILE)
-        _fsync_dir(self.directory)
 
     def latest(self) -> Path | None:
         found = step_checkpoints(self.directory)

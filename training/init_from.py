@@ -1,4 +1,10 @@
-"""``init_from=<local Hugging Face directory | triformer checkpoint | run directory>``: fine-tune from weights.
+"""``init_from=<Hugging Face Hub name | local Hugging Face directory | triformer checkpoint | run directory>``:
+fine-tune from weights.
+
+* A Hub name (``gpt2``, ``gpt2-xl``, ``openai-community/gpt2-medium``, a Llama repository), as nanoGPT's
+  ``init_from='gpt2-xl'``: that repository's config, safetensors weights and tokenizer files, from the local
+  Hugging Face cache or downloaded with ``huggingface_hub.snapshot_download``; then as a local directory. Where
+  the Hub cannot be reached and nothing is cached, one line says so and what to do instead.
 
 * A directory with a ``config.json`` written by ``save_pretrained`` (GPT-2 or Llama, ``model.safetensors`` or
   sharded): ``GPT.from_huggingface`` reads it with the safetensors library, offline. Its architecture comes
@@ -10,21 +16,26 @@
 
 The tokenizer: the data must produce the ids the checkpoint was trained on. A text run left at the default
 byte tokenizer takes the checkpoint's: GPT-2's BPE for a Hugging Face GPT-2 directory with its 50257-token
-vocabulary, or the tokenizer a triformer checkpoint's run used. Any other mismatch between the data's vocabulary
+vocabulary, the directory's own ``tokenizer.json`` for any other (a Llama's: ``data.tokenizer=hf``), or the
+tokenizer a triformer checkpoint's run used. Any other mismatch between the data's vocabulary
 and the checkpoint's is an error that says so.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import torch
 from omegaconf import DictConfig, open_dict
 
 import models
 from training import checkpoint
+from training.data import tokenizers
 
 # GPTConfig/ViTConfig fields a fine-tuning run may change without changing what the weights mean
 RUN_FIELDS = ("kernels", "dropout", "loss", "ce_chunks", "label_smoothing")
@@ -42,18 +53,52 @@ def _hf_config(path: Path) -> dict | None:
     return None
 
 
+# The files of a Hub repository a model needs: its config, safetensors weights (sharded or not), the tokenizer.
+HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "generation_config.json"]
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+class HubUnavailable(ValueError):
+    """A Hub name that is neither cached nor downloadable here (a user error: one line, no traceback)."""
+
+
+def hub_snapshot(name: str) -> Path:
+    """The local directory of Hub repository ``name`` (its HUB_FILES): the cached snapshot, else downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or only partly): download below
+        pass
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    if tokenizers.offline_requested() or not tokenizers.network_reachable(host):
+        raise HubUnavailable(
+            f"init_from={name}: not a local directory or checkpoint, and the Hugging Face Hub is not reachable from "
+            f"here (nor is {name} in the local cache): on a machine with network run `hf download {name} --local-dir "
+            f"DIR` and pass init_from=DIR")
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001 - unknown repository, gated model, network failure: one line
+        raise HubUnavailable(f"init_from={name}: could not download it from the Hugging Face Hub: "
+                             f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+
+
 def resolve(spec: str, cfg: DictConfig) -> tuple[str, Path]:
-    """("hf", directory) or ("triformer", checkpoint file)."""
+    """("hf", directory) or ("triformer", checkpoint file); a Hub name becomes its local snapshot directory."""
     path = Path(str(spec)).expanduser()
     if _hf_config(path) is not None:
         return "hf", path
     try:
         return "triformer", checkpoint.resolve_resume(str(path), Path(cfg.runs_root) / cfg.name, key="init_from")
     except FileNotFoundError as e:
-        raise ValueError(f"{e}. init_from takes a local Hugging Face save_pretrained directory (with its "
-                         f"config.json), a triformer checkpoint or run directory, or latest; for a hub model, save it "
-                         f"locally first: transformers.AutoModelForCausalLM.from_pretrained({str(spec)!r})"
-                         ".save_pretrained(<directory>)") from None
+        missing = e
+    if not path.exists() and _HUB_NAME.match(str(spec)) and str(spec) != "latest":
+        snapshot = hub_snapshot(str(spec))
+        if _hf_config(snapshot) is not None:
+            return "hf", snapshot
+    raise ValueError(f"{missing}. init_from takes a local Hugging Face save_pretrained directory (with its "
+                     f"config.json), a triformer checkpoint or run directory, latest, or a Hugging Face Hub name")
 
 
 def prepare_config(cfg: DictConfig, say: Callable[[str], None]) -> None:
@@ -66,6 +111,8 @@ def prepare_config(cfg: DictConfig, say: Callable[[str], None]) -> None:
         hf = _hf_config(path)
         if hf.get("model_type") == "gpt2" and hf.get("vocab_size") == GPT2_VOCAB:
             tokenizer = {"tokenizer": "gpt2"}
+        elif (path / "tokenizer.json").is_file():  # e.g. a Llama: its own tokenizer, read with `tokenizers`
+            tokenizer = {"tokenizer": "hf", "tokenizer_file": str(path)}
     else:
         data = (checkpoint.load_checkpoint(path).get("config") or {}).get("data") or {}
         if data.get("tokenizer", "bytes") != "bytes":

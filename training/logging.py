@@ -38,6 +38,13 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def wandb_scalars(kind: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of one record under wandb names: each in its section, ``train/loss``, ``train/lr``, ``val/loss``
+    (evaluation metrics already carry their split), so wandb groups them into panels per section."""
+    return {(k if "/" in k else f"{kind}/{k}"): v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 class RunLogger:
     """``log(kind, step, metrics)`` during the run, ``summary(...)`` for one-off results, ``close()`` at the end."""
 
@@ -73,7 +80,7 @@ class RunLogger:
         self.records.append(record)
         self._jsonl.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            self.wandb.log(wandb_scalars(kind, metrics), step=step)
 
     def summary(self, **values: Any) -> None:
         if not self.enabled:

@@ -30,6 +30,7 @@ class MemoryReport:
     triformer: StepMemory
     plain: StepMemory         # the plain PyTorch model of the same size (models.plain)
     description: str          # e.g. "gpt2-nano, batch 16x256, fp32"
+    sources: str = ""         # where this run's savings come from, or would (``savings_sources``)
 
     @property
     def saved_bytes(self) -> int:
@@ -47,7 +48,7 @@ class MemoryReport:
         if self.triformer.cuda_peak_bytes is not None:
             line += (f"; step peak {format_bytes(self.plain.cuda_peak_bytes)} -> "
                      f"{format_bytes(self.triformer.cuda_peak_bytes)}")
-        return line
+        return line + (f". {self.sources}" if self.sources else "")
 
     def metrics(self) -> dict[str, float]:
         out = {"memory/activations_plain_bytes": self.plain.saved_bytes,
@@ -58,6 +59,36 @@ class MemoryReport:
             out["memory/step_peak_plain_bytes"] = self.plain.cuda_peak_bytes
             out["memory/step_peak_triformer_bytes"] = self.triformer.cuda_peak_bytes
         return out
+
+
+def savings_sources(dropout: float, loss: str | None, checkpointing: bool,
+                    logits_shape: tuple[int, int] | None) -> str:
+    """Where triformer's activation memory savings come from, said for this run: which sources it has on, and
+    what the others would save. The layers themselves save what plain PyTorch's save (attention keeps its
+    output and log-sum-exp as SDPA does), so a run with none of them on shows about the same memory:
+    * dropout: plain PyTorch keeps each dropout's mask (a byte per element, and a [B, H, T, T] one inside
+      attention); triformer regenerates its masks from a seed in backward;
+    * the fused loss (``loss=fused``): the [tokens, vocabulary] logits, which the cross-entropy keeps in fp32,
+      are never made;
+    * activation checkpointing: each block keeps only its input and recomputes the rest in backward.
+    README "Where the memory goes" has each one measured."""
+    on, off = [], []
+    (on if dropout > 0 else off).append(f"dropout masks never stored (model.dropout={dropout:g}"
+                                        + ("" if dropout > 0 else "; on with model.dropout > 0") + ")")
+    if loss is not None and logits_shape is not None:
+        rows, vocab = logits_shape
+        logits = f"[{rows}, {vocab}] fp32 logits, {format_bytes(4 * rows * vocab)}"
+        (on if loss == "fused" else off).append(
+            f"the fused loss (loss=fused: no {logits})" if loss == "fused" else
+            f"the fused loss (loss=fused would not keep the {logits})")
+    (on if checkpointing else off).append("activation checkpointing (trainer.activation_checkpointing=true: "
+                                          "blocks keep only their inputs)")
+    parts = []
+    if on:
+        parts.append("Savings from: " + "; ".join(on))
+    if off:
+        parts.append(("Not on in this run: " if on else "This run has none of what saves memory: ") + "; ".join(off))
+    return ". ".join(parts) + " (README: Where the memory goes)"
 
 
 def format_bytes(n: float) -> str:

@@ -286,7 +286,18 @@ def check_resume(saved: dict, current: dict, path, allow_changes: bool) -> list[
 
 # --------------------------------------------------------------------------------------------- messages
 def eval_command(checkpoint: str | os.PathLike) -> str:
-    return f"python eval.py checkpoint={checkpoint}"
+    return f"python eval.py checkpoint={shlex.quote(str(checkpoint))}"
+
+
+def sample_command(checkpoint: str | os.PathLike, prompt: str) -> str:
+    """eval.py sampling from ``checkpoint``, ready to paste into a POSIX shell. Hydra's override grammar reads
+    ``(``, ``,``, ``=`` and spaces itself, so the prompt goes to it as a double-quoted string and the shell gets
+    the whole override in single quotes. Inside Hydra's quotes a backslash is literal except before a quote or
+    at the end, where it is doubled; a quote is escaped."""
+    value = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', prompt)
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    override = 'prompt="' + value + '"'
+    return f"{eval_command(checkpoint)} perplexity=false {shlex.quote(override)}"
 
 
 def cpu_estimate(seconds_per_step: float, steps_left: int, model_name: str, params: int) -> str | None:

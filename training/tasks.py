@@ -33,6 +33,7 @@ class Task:
     evaluate: str                  # "module:function" doing eval.py's work on a checkpoint of this task
     data_config: str               # "module:Class": the dataclass of the data group's settings (checked before
                                    # any work, training/settings.py)
+    sample_prompt: str | None = None  # the prompt of the sampling command a finished run prints; None: no sampling
 
     def make_data(self, cfg: dict, seed: int, rank: int = 0, world_size: int = 1):
         return _function(self.build_data)(cfg, seed, rank, world_size)
@@ -64,7 +65,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("lm", "language model", "text (language-model) data", "tokens", "tok", sequences=True, accuracy=False,
          losses=("ce", "fused"), loss_fields=("loss", "ce_chunks", "label_smoothing"), data_fields=_text_fields,
          build_data="training.data.text:build_text_data", evaluate="training.evaluate:evaluate_lm",
-         data_config="training.data.text:TextConfig"),
+         data_config="training.data.text:TextConfig",
+         sample_prompt="def main("),  # the default data is Python source; any text works as a prompt
     Task("image", "image classifier", "image-classification data", "images", "img", sequences=False, accuracy=True,
          losses=("ce",), loss_fields=("label_smoothing",), data_fields=_image_fields,
          build_data="training.data.vision:build_image_data", evaluate="training.evaluate:evaluate_image",

@@ -125,6 +125,11 @@ class Trainer:
         if t.cpu_threads is not None:
             torch.set_num_threads(t.cpu_threads)
         self.ctx = distributed.init(t.device, t.strategy)
+        if t.cpu_threads is None and cfg.model.kernels == "triton" and self.ctx.device.type == "cpu":
+            # The interpreter runs every kernel in this one Python thread; torch's other threads have only the
+            # small ops between kernels to share, and on shared cores took CPU from it (the default run's 20
+            # steps: 50 s with two threads, 32-41 s with one, the same losses)
+            torch.set_num_threads(1)
         if cfg.model.kernels == "triton":
             import triformer
 
@@ -314,7 +319,9 @@ class Trainer:
         source = self.resume_source
         if self.cfg.run_dir:
             path = self.cfg.run_dir
-            self._created_run_dir = not Path(path).exists()
+            # Hydra makes run_dir first (its .hydra/ and train.log go there too): holding only those, it is new
+            self._created_run_dir = (not Path(path).exists()
+                                     or {p.name for p in Path(path).iterdir()} <= run.HYDRA_FILES)
         elif source is not None and os.access(source, os.W_OK):  # a read-only run is continued in a new directory
             path = source
         else:
@@ -372,6 +379,10 @@ class Trainer:
             plain = plain_model_like(self.model)
             report = memory.compare(self.model, plain, x, y, f"{m.name}{kernels}, micro-batch {shape}, {self.precision}",
                                     self._autocast)
+        vocab = getattr(self.model.config, "vocab_size", None)
+        report.sources = memory.savings_sources(
+            float(m.get("dropout", 0.0)), self.cfg.loss.name if "fused" in self.task.losses else None,
+            bool(self.cfg.trainer.activation_checkpointing), (y.numel(), vocab) if vocab else None)
         del plain
         if self.ctx.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -384,14 +395,9 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
-        bar = _progress(t, self.step, self.ctx.is_main)
-        val = None
         summary = {}
-        try:
-            with self._stop_on_signals():
-                val = self._loop(bar, summary)
-        finally:
-            bar.close()
+        with self._stop_on_signals():
+            val = self._loop(summary)
         summary |= {"steps": self.step, "params": self.model.num_params(), "run_dir": str(self.run_dir),
                    "last_checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
                    "best_val_loss": self.best_val if math.isfinite(self.best_val) else None}
@@ -404,7 +410,7 @@ class Trainer:
         self.logger.summary(**summary)
         return {**self.logger.summary_data, **summary}
 
-    def _loop(self, bar, summary: dict[str, Any]) -> dict[str, float] | None:
+    def _loop(self, summary: dict[str, Any]) -> dict[str, float] | None:
         """The steps up to ``trainer.max_steps``; returns the last validation metrics."""
         t = self.cfg.trainer
         bad_steps, first_bad = 0, None
@@ -416,65 +422,72 @@ class Trainer:
             start = self._evaluate_and_log("val", t.eval_batches)
             self._say("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start.items()))
             summary.update({f"initial_{k}": v for k, v in start.items()})
-        while self.step < t.max_steps:
-            lr = lr_at(self.step, self.cfg.optim, t.max_steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            started = time.perf_counter()
-            pending.append((self.step + 1, self._train_step()))
-            self.step += 1
-            window_steps += 1
-            logs = self.step % t.log_interval == 0 or self.step == t.max_steps or self.step == 1
-            last = self.step == t.max_steps
-            evaluates = bool(t.eval_interval and self.step % t.eval_interval == 0) or last
-            saves = bool(t.ckpt_interval and self.step % t.ckpt_interval == 0) or last
-            signum = self._stop_requested()
-            # Reading a record waits for its step to finish on the device. With the skip on the device that wait
-            # comes only where a step's outcome is needed (its log line, an evaluation, a checkpoint, a stop) or
-            # max_bad_steps records have piled up, so a run that goes bad stops within max_bad_steps steps of
-            # where it would with a read every step, naming the same steps; the skipped steps changed nothing.
-            if not self.skips_on_device or logs or evaluates or saves or signum or len(pending) >= t.max_bad_steps:
-                records = torch.stack([r for _, r in pending]).tolist()
-                for (step, _), (loss, grad_norm, finite) in zip(pending, records):
-                    if finite:
-                        bad_steps = 0
-                        continue
-                    first_bad = step if bad_steps == 0 else first_bad
-                    bad_steps += 1
-                    self._say(f"step {step}: non-finite loss/gradient ({loss}, grad norm {grad_norm}); "
-                              f"step skipped ({bad_steps}/{t.max_bad_steps} in a row)")
-                    if bad_steps >= t.max_bad_steps:
-                        raise NonFiniteLossError(self._bad_message(first_bad, step))
-                pending.clear()
-            elapsed = time.perf_counter() - started  # with the wait for the device above, when there was one
-            window_time += elapsed
-            if first_step and self.ctx.device.type == "cpu":
-                first_step = False
-                warning = run.cpu_estimate(elapsed, t.max_steps - self.step, self.cfg.model.name,
-                                           self.model.num_params())
-                if warning:
-                    self._say("warning: " + warning, logging.WARNING)
-            if logs:
-                metrics = self._train_metrics(loss, grad_norm, lr, window_steps, window_time)
-                self.logger.log("train", self.step, metrics)
-                bar.set_postfix_str(self._postfix(metrics), refresh=False)
-                window_time, window_steps = 0.0, 0
-            bar.update(1)
-            evaluated = None
-            if evaluates:
-                val = evaluated = self._evaluate_and_log("val", t.eval_batches)
-                self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-            # never during a run of bad steps: the newest checkpoint stays one from before the trouble
-            saved = bad_steps == 0 and saves
-            if saved:
-                self._save(evaluated)
-            if signum:
-                if not saved and bad_steps == 0:  # in a run of bad steps the last checkpoint stays the good one
-                    self._save(None)
-                where = f"saved {self.last_ckpt}" if bad_steps == 0 else (
-                    f"not saved (non-finite steps since {first_bad}); the last checkpoint is {self.last_ckpt}")
-                raise run.Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {self.step}, "
-                                              f"{where}; resume with: {run.resume_command(self.run_dir)}")
+            # the starting weights are a candidate too: a checkpoint worse than them is not the best
+            self.best_val = min(self.best_val, start["val/loss"])
+        # after the evaluation at start: the bar's time estimate, like the CPU warning's, is from training steps
+        bar = _progress(t, self.step, self.ctx.is_main)
+        try:
+            while self.step < t.max_steps:
+                lr = lr_at(self.step, self.cfg.optim, t.max_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                started = time.perf_counter()
+                pending.append((self.step + 1, self._train_step()))
+                self.step += 1
+                window_steps += 1
+                logs = self.step % t.log_interval == 0 or self.step == t.max_steps or self.step == 1
+                last = self.step == t.max_steps
+                evaluates = bool(t.eval_interval and self.step % t.eval_interval == 0) or last
+                saves = bool(t.ckpt_interval and self.step % t.ckpt_interval == 0) or last
+                signum = self._stop_requested()
+                # Reading a record waits for its step to finish on the device. With the skip on the device that wait
+                # comes only where a step's outcome is needed (its log line, an evaluation, a checkpoint, a stop) or
+                # max_bad_steps records have piled up, so a run that goes bad stops within max_bad_steps steps of
+                # where it would with a read every step, naming the same steps; the skipped steps changed nothing.
+                if not self.skips_on_device or logs or evaluates or saves or signum or len(pending) >= t.max_bad_steps:
+                    records = torch.stack([r for _, r in pending]).tolist()
+                    for (step, _), (loss, grad_norm, finite) in zip(pending, records):
+                        if finite:
+                            bad_steps = 0
+                            continue
+                        first_bad = step if bad_steps == 0 else first_bad
+                        bad_steps += 1
+                        self._say(f"step {step}: non-finite loss/gradient ({loss}, grad norm {grad_norm}); "
+                                  f"step skipped ({bad_steps}/{t.max_bad_steps} in a row)")
+                        if bad_steps >= t.max_bad_steps:
+                            raise NonFiniteLossError(self._bad_message(first_bad, step))
+                    pending.clear()
+                elapsed = time.perf_counter() - started  # with the wait for the device above, when there was one
+                window_time += elapsed
+                if first_step and self.ctx.device.type == "cpu":
+                    first_step = False
+                    warning = run.cpu_estimate(elapsed, t.max_steps - self.step, self.cfg.model.name,
+                                               self.model.num_params())
+                    if warning:
+                        self._say("warning: " + warning, logging.WARNING)
+                if logs:
+                    metrics = self._train_metrics(loss, grad_norm, lr, window_steps, window_time)
+                    self.logger.log("train", self.step, metrics)
+                    bar.set_postfix_str(self._postfix(metrics), refresh=False)
+                    window_time, window_steps = 0.0, 0
+                bar.update(1)
+                evaluated = None
+                if evaluates:
+                    val = evaluated = self._evaluate_and_log("val", t.eval_batches)
+                    self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                # never during a run of bad steps: the newest checkpoint stays one from before the trouble
+                saved = bad_steps == 0 and saves
+                if saved:
+                    self._save(evaluated)
+                if signum:
+                    if not saved and bad_steps == 0:  # in a run of bad steps the last checkpoint stays the good one
+                        self._save(None)
+                    where = f"saved {self.last_ckpt}" if bad_steps == 0 else (
+                        f"not saved (non-finite steps since {first_bad}); the last checkpoint is {self.last_ckpt}")
+                    raise run.Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {self.step}, "
+                                                  f"{where}; resume with: {run.resume_command(self.run_dir)}")
+        finally:
+            bar.close()
         return val
 
     @contextlib.contextmanager
@@ -688,6 +701,9 @@ class Trainer:
         lines = [f"finished: {summary.get('steps')} steps", f"  run directory:   {self.run_dir}"]
         if best.is_file():
             lines.append(f"  best checkpoint: {best} (val/loss {self.best_val:.4f})")
+        elif "initial_val/loss" in summary and self.last_ckpt:
+            lines.append(f"  best checkpoint: none; no evaluation beat the starting weights (val/loss "
+                         f"{summary['initial_val/loss']:.4f} before training): train longer or with another optim.lr")
         if self.last_ckpt:
             lines.append(f"  last checkpoint: {self.last_ckpt}")
         if finals:
@@ -695,6 +711,8 @@ class Trainer:
         target = best if best.is_file() else self.last_ckpt
         if target:
             lines.append(f"  evaluate it:     {run.eval_command(target)}")
+            if self.task.sample_prompt is not None:
+                lines.append(f"  sample from it:  {run.sample_command(target, self.task.sample_prompt)}")
         self._say("\n".join(lines))
 
     def close(self) -> None:

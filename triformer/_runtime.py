@@ -11,6 +11,7 @@ device the chosen mode cannot run on is an error.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -34,6 +35,28 @@ def _decide_interpret() -> bool:
     return not torch.cuda.is_available()
 
 
+def _import_order_message(triton_interprets: bool) -> str:
+    """Why ``import triformer`` failed after triton was imported in the other mode, and what works. Something
+    else imported triton first (building a transformers or timm model, torch.compile); triton cannot switch modes
+    afterwards. Without CUDA only the interpreter can run the kernels, so keeping triton's compiler mode
+    (``TRIFORMER_INTERPRET=0``) would only move the error to the first kernel call: it is not offered there."""
+    setting = os.environ.get("TRITON_INTERPRET", "unset")
+    first = ("put `import triformer` before the import that loaded triton (transformers, timm, or anything "
+             "that builds a model or compiles)")
+    if INTERPRET and not torch.cuda.is_available():
+        return (f"triton was imported before triformer in its compiler mode (TRITON_INTERPRET={setting!r}), but this "
+                f"machine has no CUDA device, so triformer's kernels can run only through Triton's interpreter, which "
+                f"triton fixes when it is first imported. Either {first}, or start Python with the interpreter on: "
+                f"TRITON_INTERPRET=1 python your_script.py")
+    if INTERPRET:
+        return (f"triton was imported before triformer in its compiler mode (TRITON_INTERPRET={setting!r}), but "
+                f"TRIFORMER_INTERPRET asks for the interpreter. Either {first}, or unset TRIFORMER_INTERPRET to "
+                f"compile the kernels for CUDA")
+    return (f"triton was imported before triformer with its interpreter on (TRITON_INTERPRET={setting!r}), but "
+            f"triformer would compile its kernels for CUDA. Either {first}, or set "
+            f"TRIFORMER_INTERPRET=1 to run the kernels through the interpreter")
+
+
 INTERPRET: bool = _decide_interpret()
 # What TRIFORMER_INTERPRET said when the mode was decided: a later change has no effect, which errors point out.
 _FORCED_AT_IMPORT = os.environ.get("TRIFORMER_INTERPRET")
@@ -43,12 +66,7 @@ _FORCED_AT_IMPORT = os.environ.get("TRIFORMER_INTERPRET")
 if "triton" in sys.modules:
     _already = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
     if _already != INTERPRET:
-        raise ImportError(
-            "triton was imported before triformer with TRITON_INTERPRET="
-            f"{os.environ.get('TRITON_INTERPRET', 'unset')!r}, but triformer needs the "
-            f"{'interpreter' if INTERPRET else 'compiler'}; import triformer first, or set "
-            f"TRIFORMER_INTERPRET={int(_already)} to keep triton's mode"
-        )
+        raise ImportError(_import_order_message(_already))
 os.environ["TRITON_INTERPRET"] = "1" if INTERPRET else "0"
 
 import triton  # noqa: E402  (after TRITON_INTERPRET is set: see above)
@@ -107,11 +125,89 @@ def _dot_bf16_as_fp32() -> None:
         return dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
     builder.create_dot = create_dot
+def _single_threaded_numpy_blas():
+    """A context manager factory: numpy's BLAS on one thread while an interpreted kernel runs.
+
+    The interpreter does each ``tl.dot`` as a numpy matmul of a tile (e.g. 64 x 128 by 128 x 64). OpenBLAS splits
+    even such small products over its threads, whose hand-offs and spinning cost more than the product: on two
+    cores shared with other processes, attention's forward+backward took 1.24 s of CPU time with numpy's
+    default threads and 0.26 s with one. Limited only during launches (threadpoolctl, ~60 us a launch), so the
+    rest of the process keeps its BLAS threads; without threadpoolctl (it comes with scikit-learn, in the
+    ``train`` extra) nothing changes."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return contextlib.nullcontext
+    controller = None
+
+    def limit():
+        nonlocal controller
+        if controller is None:  # at the first launch: the scan of loaded libraries takes ~30 ms
+            controller = ThreadpoolController().select(user_api="blas")
+        return controller.limit(limits=1) if controller.lib_controllers else contextlib.nullcontext()
+
+    return limit
+
+
+def _patch_language_once_per_launch() -> None:
+    """Stop the interpreter from re-patching ``triton.language`` at every ``@triton.jit`` helper call inside a
+    kernel.
+
+    Triton 3.9's interpreter patches the language modules (``tl``, ``tl.core``, ``tl.tensor``, ``tl.math``) for
+    the launched kernel and restores them when it returns (``GridExecutor.__call__``); a helper called from the
+    kernel (``InterpretedFunction.__call__``) patches them again, each time walking every module member with
+    ``inspect.getmembers``: about 0.15 ms a call, 30% of an attention forward+backward on the interpreter, whose
+    kernels call helpers, and ``tl.sum``/``tl.max`` (themselves helpers), inside their key loops. Nothing is
+    restored before the launch returns, so once the launch, or a helper called in it, has patched the language
+    modules a helper sees, a later helper call that sees no others runs its rewritten function directly; any
+    other call (or a Triton without these internals) keeps the original path.
+    """
+    from triton.runtime import interpreter
+
+    executor = getattr(interpreter, "GridExecutor", None)
+    helper = getattr(interpreter, "InterpretedFunction", None)
+    if executor is None or helper is None or not hasattr(helper, "rewrite") or not hasattr(interpreter, "_patch_lang"):
+        return
+    lang_modules = (triton.language, triton.language.core)
+    patched: list[set] = []  # per running launch (innermost last): the language modules patched so far
+
+    @functools.lru_cache(maxsize=None)
+    def langs_of(fn) -> frozenset:
+        return frozenset(id(v) for v in fn.__globals__.values() if any(v is m for m in lang_modules))
+
+    run_kernel = executor.__call__
+    single_threaded_blas = _single_threaded_numpy_blas()
+
+    def run_kernel_tracked(self, *args, **kwargs):
+        patched.append(set(langs_of(self.fn)))
+        try:
+            with single_threaded_blas():
+                return run_kernel(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
+    call_helper = helper.__call__
+
+    def call_helper_patched_once(self, *args, **kwargs):
+        langs = langs_of(self.fn)
+        if not patched or not langs <= patched[-1]:
+            if patched:
+                patched[-1] |= langs  # the original path patches them now, for the rest of the launch
+            return call_helper(self, *args, **kwargs)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    executor.__call__ = run_kernel_tracked
+    helper.__call__ = call_helper_patched_once
 
 
 if INTERPRET:
     _round_bf16_to_nearest_even()
     _dot_bf16_as_fp32()
+    _patch_language_once_per_launch()
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

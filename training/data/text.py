@@ -66,7 +66,7 @@ class TextConfig:
     val_fraction: float = 0.05            # carved from train's tail when the source has no val split
     test_fraction: float = 0.05
     separator: str | None = None          # None: end-of-text token after each document; else this text
-    tokenizer: str = "bytes"              # bytes | gpt2 | tiktoken_file
+    tokenizer: str = "bytes"              # bytes | gpt2 | tiktoken_file | hf (tokenizer_file: a HF directory)
     tokenizer_file: str | None = None
     seq_len: int = 128                    # window length T; must not exceed the model's block_size
     cache_dir: str | None = None          # default $TRIFORMER_DATA_CACHE or ~/.cache/triformer/data

@@ -1,4 +1,6 @@
-"""Tokenizers for the LM data: a byte-level tiktoken encoding that needs nothing, and GPT-2's BPE.
+"""Tokenizers for the LM data: a byte-level tiktoken encoding that needs nothing, GPT-2's BPE, and a Hugging Face
+``tokenizer.json`` (``tokenizer=hf``: a checkpoint's own tokenizer, e.g. Llama's, read with the ``tokenizers``
+library).
 
 GPT-2's table is looked for locally first (a ``.tiktoken`` file named in the config, then tiktoken's own
 cache), and only then downloaded, after a short reachability probe: without a network, loading fails in
@@ -187,9 +189,74 @@ def _sha256_file(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def load_tokenizer(name: str, tokenizer_file: str | None = None) -> Tokenizer:
-    """``name``: "bytes" (offline byte level), "gpt2", or "tiktoken_file" (any table in ``tokenizer_file``,
-    GPT-2's pre-tokenizer, end-of-text appended as the last id)."""
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (as a ``save_pretrained`` directory holds it) with ``Tokenizer``'s
+    interface. Text is encoded without the tokenizer's special tokens (no BOS); documents are separated by its
+    end-of-sequence token, named by the directory's ``tokenizer_config.json`` (``eos_token``) or
+    ``config.json`` (``eos_token_id``)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import json
+        from pathlib import Path
+
+        from tokenizers import Tokenizer as _HF
+
+        path = Path(path)
+        directory = path if path.is_dir() else path.parent
+        file = directory / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer=hf needs a tokenizer.json; {file} does not exist")
+        self.tokenizer = _HF.from_file(str(file))
+        self.name = f"hf-{directory.name}"
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        eos = None
+        for name, key in (("tokenizer_config.json", "eos_token"), ("config.json", "eos_token_id")):
+            if (directory / name).is_file():
+                value = json.loads((directory / name).read_text()).get(key)
+                value = value.get("content") if isinstance(value, dict) else value
+                value = value[0] if isinstance(value, list) and value else value
+                eos = self.tokenizer.token_to_id(value) if isinstance(value, str) else value
+                if isinstance(eos, int):
+                    break
+        if not isinstance(eos, int):
+            raise ValueError(f"{directory}: no end-of-sequence token (eos_token in tokenizer_config.json or "
+                             "eos_token_id in config.json) to separate documents with")
+        self.eot_token_id = eos
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of each id decoded alone (special tokens 0). A token holding part of a multi-byte
+        character decodes to U+FFFD, so bits per byte are approximate on such text."""
+        special = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            token = self.tokenizer.id_to_token(i)
+            lengths[i] = 0 if token is None or token in special else len(self.tokenizer.decode([i]).encode())
+        return lengths
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return np.dtype(np.uint16 if self.vocab_size <= 2**16 else np.uint32)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(name: str, tokenizer_file: str | None = None) -> Tokenizer | HFTokenizer:
+    """``name``: "bytes" (offline byte level), "gpt2", "tiktoken_file" (any table in ``tokenizer_file``,
+    GPT-2's pre-tokenizer, end-of-text appended as the last id), or "hf" (``tokenizer_file``: a Hugging Face
+    ``save_pretrained`` directory or its ``tokenizer.json``)."""
     if name in ("bytes", "byte"):
         if tokenizer_file is not None:
             raise ValueError("tokenizer_file is only used with tokenizer=gpt2 or tokenizer=tiktoken_file")
@@ -200,4 +267,8 @@ def load_tokenizer(name: str, tokenizer_file: str | None = None) -> Tokenizer:
         if tokenizer_file is None:
             raise ValueError("tokenizer=tiktoken_file needs tokenizer_file=/path/to/table.tiktoken")
         return _file_tokenizer(tokenizer_file, f"tiktoken-{_sha256_file(tokenizer_file)[:12]}")
-    raise ValueError(f"tokenizer must be 'bytes', 'gpt2' or 'tiktoken_file', got {name!r}")
+    if name == "hf":
+        if tokenizer_file is None:
+            raise ValueError("tokenizer=hf needs tokenizer_file=/path/to/save_pretrained_dir (or its tokenizer.json)")
+        return HFTokenizer(tokenizer_file)
+    raise ValueError(f"tokenizer must be 'bytes', 'gpt2', 'tiktoken_file' or 'hf', got {name!r}")
