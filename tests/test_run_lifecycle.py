@@ -439,7 +439,8 @@ def test_train_and_eval_command_lines_log_to_their_directories(tmp_path):
 
 
 def _start(script, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    # offline: init_from=gpt2 must not download anything where the Hub happens to be reachable
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -454,7 +455,7 @@ def test_command_lines_refuse_in_one_line_and_stop_on_signals_with_a_checkpoint(
     refused = {
         "error: trainer.compile must be true or false, got 'no'":
             _start("train.py", *smoke, f"runs_root={tmp_path}/runs", "trainer.compile=no"),
-        "error: init_from='gpt2': no such checkpoint file or run directory. init_from takes a local Hugging Face":
+        "error: init_from=gpt2: not a local directory or checkpoint, and the Hugging Face Hub is not reachable":
             _start("train.py", *smoke, f"runs_root={tmp_path}/runs", "init_from=gpt2"),
         "error: checkpoint= is required: python eval.py checkpoint=runs/":
             _start("eval.py", f"hydra.run.dir={tmp_path}/eval/x"),
