@@ -21,6 +21,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
+def _multi_block_interpreter_tiles(monkeypatch):
+    """64-row interpreter blocks, so that the sequences here (up to 150) cross block boundaries on the CPU too."""
+    monkeypatch.setattr(attention_module, "INTERPRET_BLOCK", 64)
+
+
+@pytest.fixture(autouse=True)
 def _poisoned_outputs():
     """Every buffer the op allocates (through its own ``_empty``, not torch.empty) starts as NaN (255 for
     bytes), so an element a kernel skips shows."""

@@ -545,10 +545,12 @@ _DQ_CONFIGS = ([(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3
                (128, 32, 8, 3))
 # The interpreter pays per program and per operation, hardly per element: few programs with big tiles.
 # Sequences up to _INTERPRET_TILE long go in whole, as many (batch, head) pairs side by side as fit (a ViT
-# on 8x8 digits, 5 tokens, would launch one program per image otherwise); longer ones stream 64 x 64
-# blocks. 32 rows keep every packed dot (at most 32 x 32 x 128) under the size where numpy's OpenBLAS
-# splits a matmul over threads, which on two busy cores made 64-row tiles 2-3x slower than 32-row ones.
+# on 8x8 digits, 5 tokens, would launch one program per image otherwise); longer ones stream
+# INTERPRET_BLOCK x INTERPRET_BLOCK blocks, 128 so that a CPU GPT's 128-token blocks take one program per head
+# (numpy's BLAS runs on one thread inside interpreted kernels, triformer._runtime, so a larger dot costs no
+# thread hand-offs). tests/test_attention.py lowers it to 64 so that its sequences of 67-150 cross blocks.
 _INTERPRET_TILE = 32
+INTERPRET_BLOCK = 128
 _TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "MASK_KIND", "HAS_KPM", "HAS_DROPOUT", "TQ_BUCKET", "TK_BUCKET"]
 
 
@@ -605,13 +607,13 @@ def _tune_key(kernel, tensors: tuple, consts: dict) -> tuple:
 def _tiles(Tq: int, Tk: int, n_pairs: int) -> dict:
     """The kernels' tile arguments: none on a GPU (autotuning picks BLOCK_M/BLOCK_N, SEQ 0 = one pair per
     program); on the interpreter, packed whole sequences (SEQ_M/SEQ_N rows per pair, see _tile_rows) when
-    they fit, else 64 x 64 blocks."""
+    they fit, else INTERPRET_BLOCK-square blocks."""
     if not INTERPRET:
         return dict(SEQ_M=0, SEQ_N=0)
     Tq, Tk, n_pairs = _runtime.plan_sizes(Tq, Tk, n_pairs)
     seq_m, seq_n = _pow2(Tq), _pow2(Tk)
     if max(seq_m, seq_n) > _INTERPRET_TILE:
-        return dict(BLOCK_M=64, BLOCK_N=64, SEQ_M=0, SEQ_N=0)
+        return dict(BLOCK_M=INTERPRET_BLOCK, BLOCK_N=INTERPRET_BLOCK, SEQ_M=0, SEQ_N=0)
     pairs = min(_INTERPRET_TILE // max(seq_m, seq_n), _pow2(n_pairs))
     return dict(BLOCK_M=pairs * seq_m, BLOCK_N=pairs * seq_n, SEQ_M=seq_m, SEQ_N=seq_n)
 
