@@ -64,9 +64,10 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid (row groups, column blocks). A program walks its group's ROWS_PER_GROUP rows one BLOCK_M tile at
     # a time, so the bias gradient leaves it as a single fp32 partial row (one per group, summed by
-    # column_sums_kernel) rather than one per tile. The next tile's x and dy are loaded before this one's GELU
-    # and stores (a warp issues in order): with few programs per SM, one tile in flight each does not cover
-    # the memory latency.
+    # column_sums_kernel) rather than one per tile. With a bias (several tiles a program, few programs an SM) the
+    # next tile's x and dy are loaded before this one's GELU and stores (a warp issues in order): one tile in
+    # flight per program does not cover the memory latency. Without one a program has a single tile, and the
+    # registers of a second would only lower how many programs an SM holds.
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_mask = cols < N
     first_row = tl.program_id(0) * ROWS_PER_GROUP
@@ -78,7 +79,8 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0
     x, dy = _bwd_tile(dy_ptr, x_ptr, rows, mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols)
     for start in range(0, ROWS_PER_GROUP, BLOCK_M):
         next_rows, next_mask = _tile_rows(first_row + start + BLOCK_M, group_end, M, col_mask, BLOCK_M)
-        nxt = _bwd_tile(dy_ptr, x_ptr, next_rows, next_mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols)
+        if HAS_BIAS:
+            nxt = _bwd_tile(dy_ptr, x_ptr, next_rows, next_mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols)
         x = x.to(tl.float32)
         if HAS_BIAS:
             x += bias
@@ -87,6 +89,8 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0
         tl.store(dx_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             dbias += tl.sum(dx, axis=0)
+        else:
+            nxt = _bwd_tile(dy_ptr, x_ptr, next_rows, next_mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols)
         rows, mask = next_rows, next_mask
         x, dy = nxt
     if HAS_BIAS:
