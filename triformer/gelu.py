@@ -25,17 +25,20 @@ _APPROXIMATIONS = ("tanh", "none")
 
 
 @triton.jit
-def _gelu_fwd_kernel(x_ptr, b_ptr, y_ptr, M, N, M1, sx0, sx1, sxn, sb,
+def _gelu_fwd_kernel(x_ptr,  # [M, N] rows of the input, any row layout (read)
+                     b_ptr,  # [N] bias, or a placeholder without one (read)
+                     y_ptr,  # [M, N] contiguous output (written)
+                     M, N, rows_inner, sx_o, sx_i, sx_n, sb_n,
                      HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One BLOCK_M x BLOCK_N tile per program; the output is contiguous [M, N].
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    x_offs = row_offsets(rows, M1, sx0, sx1)[:, None] + cols[None, :] * sxn
+    x_offs = row_offsets(rows, rows_inner, sx_o, sx_i)[:, None] + cols[None, :] * sx_n
     x = tl.load(x_ptr + x_offs, mask=mask).to(tl.float32)
     if HAS_BIAS:
-        x += tl.load(b_ptr + cols * sb, mask=cols < N).to(tl.float32)[None, :]
+        x += tl.load(b_ptr + cols * sb_n, mask=cols < N).to(tl.float32)[None, :]
     y, _ = gelu_and_grad(x, APPROX_TANH)
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -50,15 +53,21 @@ def _tile_rows(first, group_end, M, col_mask, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _bwd_tile(dy_ptr, x_ptr, rows, mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols):
+def _bwd_tile(dy_ptr, x_ptr, rows, mask, rows_inner, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, cols):
     """(x, dy) of the backward's tile at ``rows``."""
-    x = tl.load(x_ptr + row_offsets(rows, M1, sx0, sx1)[:, None] + cols[None, :] * sxn, mask=mask)
-    dy = tl.load(dy_ptr + row_offsets(rows, M1, sd0, sd1)[:, None] + cols[None, :] * sdn, mask=mask)
+    x = tl.load(x_ptr + row_offsets(rows, rows_inner, sx_o, sx_i)[:, None] + cols[None, :] * sx_n, mask=mask)
+    dy = tl.load(dy_ptr + row_offsets(rows, rows_inner, sdy_o, sdy_i)[:, None] + cols[None, :] * sdy_n,
+                 mask=mask)
     return x, dy
 
 
 @triton.jit
-def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0, sd1, sdn, sx0, sx1, sxn, sb,
+def _gelu_bwd_kernel(dy_ptr,  # [M, N] incoming gradient, any row layout (read)
+                     x_ptr,  # [M, N] the forward's input, any row layout (read)
+                     b_ptr,  # [N] bias, or a placeholder without one (read)
+                     dx_ptr,  # [M, N] contiguous gradient of x (written)
+                     dbias_part_ptr,  # [row groups, N] fp32 partial bias gradients (written with a bias)
+                     M, N, rows_inner, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, sb_n,
                      ROWS_PER_GROUP,
                      HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -72,15 +81,16 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0
     col_mask = cols < N
     first_row = tl.program_id(0) * ROWS_PER_GROUP
     if HAS_BIAS:
-        bias = tl.load(b_ptr + cols * sb, mask=col_mask).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + cols * sb_n, mask=col_mask).to(tl.float32)[None, :]
         dbias = tl.zeros([BLOCK_N], dtype=tl.float32)
     group_end = first_row + ROWS_PER_GROUP
     rows, mask = _tile_rows(first_row, group_end, M, col_mask, BLOCK_M)
-    x, dy = _bwd_tile(dy_ptr, x_ptr, rows, mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols)
+    x, dy = _bwd_tile(dy_ptr, x_ptr, rows, mask, rows_inner, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, cols)
     for start in range(0, ROWS_PER_GROUP, BLOCK_M):
         next_rows, next_mask = _tile_rows(first_row + start + BLOCK_M, group_end, M, col_mask, BLOCK_M)
         if HAS_BIAS:
-            nxt = _bwd_tile(dy_ptr, x_ptr, next_rows, next_mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols)
+            nxt = _bwd_tile(dy_ptr, x_ptr, next_rows, next_mask, rows_inner, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n,
+                            cols)
         x = x.to(tl.float32)
         if HAS_BIAS:
             x += bias
@@ -90,7 +100,8 @@ def _gelu_bwd_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, dbias_part_ptr, M, N, M1, sd0
         if HAS_BIAS:
             dbias += tl.sum(dx, axis=0)
         else:
-            nxt = _bwd_tile(dy_ptr, x_ptr, next_rows, next_mask, M1, sd0, sd1, sdn, sx0, sx1, sxn, cols)
+            nxt = _bwd_tile(dy_ptr, x_ptr, next_rows, next_mask, rows_inner, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n,
+                            cols)
         rows, mask = next_rows, next_mask
         x, dy = nxt
     if HAS_BIAS:
@@ -141,11 +152,11 @@ def gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) ->
     y = torch.empty(size=x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return y
-    (x2,), M, M1, N, ((sx0, sx1, sxn),) = row_layout(x)
+    (x2,), M, rows_inner, N, ((sx_o, sx_i, sx_n),) = row_layout(x)
     grid, meta = _fwd_launch(M, N)
-    _runtime.launch(_gelu_fwd_kernel, grid)(x2, bias if bias is not None else x2, y, M, N, M1, sx0, sx1, sxn,
-                           bias.stride(0) if bias is not None else 0,
-                           HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **meta)
+    _runtime.launch(_gelu_fwd_kernel, grid)(x2, bias if bias is not None else x2, y, M, N, rows_inner, sx_o, sx_i,
+                                            sx_n, bias.stride(0) if bias is not None else 0,
+                                            HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **meta)
     return y
 
 
@@ -160,12 +171,12 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
         dbias = torch.empty(size=bias.shape, dtype=bias.dtype, device=bias.device)
     if x.numel() == 0:
         return dx, dbias.zero_()
-    (dy2, x2), M, M1, N, ((sd0, sd1, sdn), (sx0, sx1, sxn)) = row_layout(dy, x)
+    (dy2, x2), M, rows_inner, N, ((sdy_o, sdy_i, sdy_n), (sx_o, sx_i, sx_n)) = row_layout(dy, x)
     grid, rows_per_group, meta, sum_grid, sum_meta = _bwd_launch(M, N, bias is not None, x.get_device())
     partials = torch.empty(grid[0], N, dtype=torch.float32, device=x.device) if bias is not None else dx
     _runtime.launch(_gelu_bwd_kernel, grid)(
-        dy2, x2, bias if bias is not None else x2, dx, partials, M, N, M1, sd0, sd1, sdn, sx0, sx1, sxn,
-        bias.stride(0) if bias is not None else 0, rows_per_group,
+        dy2, x2, bias if bias is not None else x2, dx, partials, M, N, rows_inner, sdy_o, sdy_i, sdy_n, sx_o, sx_i,
+        sx_n, bias.stride(0) if bias is not None else 0, rows_per_group,
         HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **meta)
     if bias is not None:
         _runtime.launch(column_sums_kernel, sum_grid)(partials, dbias, dbias, grid[0], N, **sum_meta)
