@@ -41,11 +41,11 @@ def source(block_v: int) -> ASTSource:
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("smoothing", "z_loss"):
             signature[name] = "fp32"
-        elif name in ("stride_xc", "stride_gc", "inner"):  # contiguous columns, one row group
+        elif name in ("sx_n", "sg_n", "rows_inner"):  # contiguous columns, one row group
             signature[name], constants[name] = "constexpr", 1
         else:
             signature[name] = "i32"
-            if name in ("stride_xo", "stride_go"):
+            if name in ("sx_o", "sg_o"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(fn, signature, constexprs=constants, attrs=attrs)
 

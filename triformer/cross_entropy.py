@@ -94,8 +94,8 @@ def _log1p(z):
 
 # A program walks rows in [BLOCK_R, BLOCK_V] tiles. Pass 1 (_row_stats) folds every tile of a column range into
 # a running max / scaled exp-sum (online log-sum-exp, fp32) so registers never hold a whole row; pass 2
-# (_store_grad) re-reads the range to write the gradient. Rows are addressed through two strides (outer,
-# inner; triformer._shared.row_offsets) so [B, T, V] views with permuted batch dims need no copy. grad_ptr may
+# (_store_grad) re-reads the range, last tile first, to write the gradient. Rows are addressed through two strides
+# (sx_o, sx_i; triformer._shared.row_offsets) so [B, T, V] views with permuted batch dims need no copy. grad_ptr may
 # equal logits_ptr: every element is read before the program that reads it overwrites it.
 #
 # Two launch shapes (see _plan):
@@ -120,9 +120,9 @@ def _block_rows(first_row, row_end, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(targets_ptr, logits_ptr, rows, n_cols, inner, stride_xo, stride_xi, stride_t, ignore_index):
-    x_base = logits_ptr + row_offsets(rows, inner, stride_xo, stride_xi)
-    target = tl.load(targets_ptr + rows * stride_t).to(tl.int64)
+def _load_rows(targets_ptr, logits_ptr, rows, n_cols, rows_inner, sx_o, sx_i, st_m, ignore_index):
+    x_base = logits_ptr + row_offsets(rows, rows_inner, sx_o, sx_i)
+    target = tl.load(targets_ptr + rows * st_m).to(tl.int64)
     active = target != ignore_index
     in_range = (target >= 0) & (target < n_cols)
     return x_base, target, active, in_range
@@ -136,17 +136,17 @@ def _with_reference(x_target):
 
 
 @triton.jit
-def _target_logit(x_base, stride_xc, target, active, in_range):
-    return _with_reference(tl.load(x_base + target * stride_xc, mask=active & in_range, other=0.0).to(tl.float32))
+def _target_logit(x_base, sx_n, target, active, in_range):
+    return _with_reference(tl.load(x_base + target * sx_n, mask=active & in_range, other=0.0).to(tl.float32))
 
 
 @triton.jit
-def _fold_tile(x_base, stride_xc, x_ref, start, n_before, col_end, m, s, x_sum, t,
+def _fold_tile(x_base, sx_n, x_ref, start, n_before, col_end, m, s, x_sum, t,
                MASKED: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr):
     """The online update for columns [start, start + BLOCK_V), those below col_end when MASKED."""
     cols = start + tl.arange(0, BLOCK_V)
     col_ok = cols < col_end
-    ptrs = x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc
+    ptrs = x_base[:, None] + cols[None, :].to(tl.int64) * sx_n
     if MASKED:
         x = tl.load(ptrs, mask=col_ok[None, :], other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
     else:
@@ -181,7 +181,7 @@ def _masked_start(col_start, col_end, UNMASKED: tl.constexpr, BLOCK_V: tl.conste
 
 
 @triton.jit
-def _row_stats(x_base, stride_xc, x_ref, col_start, col_end,
+def _row_stats(x_base, sx_n, x_ref, col_start, col_end,
                HAS_SMOOTHING: tl.constexpr, UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     # a finite floor instead of -inf keeps exp(m - m_new) defined when a first tile holds only -inf logits
     m = tl.full([BLOCK_R], -3.0e38, tl.float32)
@@ -193,10 +193,10 @@ def _row_stats(x_base, stride_xc, x_ref, col_start, col_end,
     masked_start = _masked_start(col_start, col_end, UNMASKED, BLOCK_V)
     if UNMASKED:
         for start in range(col_start, masked_start, BLOCK_V):
-            m, s, x_sum, t = _fold_tile(x_base, stride_xc, x_ref, start, start - col_start, col_end, m, s, x_sum,
+            m, s, x_sum, t = _fold_tile(x_base, sx_n, x_ref, start, start - col_start, col_end, m, s, x_sum,
                                         t, False, HAS_SMOOTHING, BLOCK_V)
     for start in range(masked_start, col_end, BLOCK_V):
-        m, s, x_sum, t = _fold_tile(x_base, stride_xc, x_ref, start, start - col_start, col_end, m, s, x_sum, t,
+        m, s, x_sum, t = _fold_tile(x_base, sx_n, x_ref, start, start - col_start, col_end, m, s, x_sum, t,
                                     True, HAS_SMOOTHING, BLOCK_V)
     return m, s, x_sum, t
 
@@ -225,16 +225,16 @@ def _row_loss(m, s, x_sum, t, x_target, x_ref, active, in_range, n_cols, smoothi
 
 
 @triton.jit
-def _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, target, active, m, log_s, log_mean,
+def _grad_tile(x_base, sx_n, g_base, sg_n, start, col_end, row_ok, target, active, m, log_s, log_mean,
                hit, smooth, z_coef, n_cols, MASKED: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
                BLOCK_V: tl.constexpr):
     cols = start + tl.arange(0, BLOCK_V)
     col_ok = cols < col_end
     if MASKED:
-        x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc, mask=col_ok[None, :],
+        x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * sx_n, mask=col_ok[None, :],
                     other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
     else:
-        x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * stride_xc,
+        x = tl.load(x_base[:, None] + cols[None, :].to(tl.int64) * sx_n,
                     eviction_policy="evict_first").to(tl.float32)
     p = tl.exp((x - m[:, None]) - log_s[:, None])
     g = (p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)) * hit[:, None]
@@ -244,20 +244,20 @@ def _grad_tile(x_base, stride_xc, g_base, stride_gc, start, col_end, row_ok, tar
         g += p * z_coef[:, None]
     g = tl.where(active[:, None], g, 0.0)
     if MASKED:
-        tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * stride_gc, g.to(g_base.dtype.element_ty),
+        tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * sg_n, g.to(g_base.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :], eviction_policy="evict_first")
     else:
-        tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * stride_gc, g.to(g_base.dtype.element_ty),
+        tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * sg_n, g.to(g_base.dtype.element_ty),
                  mask=row_ok[:, None], eviction_policy="evict_first")
 
 
 @triton.jit
-def _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, stride_gc, scale_ptr, stride_s,
+def _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scale_ptr, ss_m,
                 row_ok, target, active, m, log_s, log_mean, col_start, col_end, n_cols, smoothing, z_loss,
                 HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, UNMASKED: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     if HAS_SCALE:
-        scale = tl.load(scale_ptr + rows * stride_s).to(tl.float32)
+        scale = tl.load(scale_ptr + rows * ss_m).to(tl.float32)
     else:
         scale = tl.full([BLOCK_R], 1.0, tl.float32)
     # d loss / d x_j = (1 - eps) (p_j - [j == t]) + eps (p_j - 1 / V) + 2 z lse p_j, times the row's scale:
@@ -267,17 +267,17 @@ def _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, 
     hit = (1.0 - smoothing) * scale
     smooth = smoothing * scale
     z_coef = scale * 2.0 * z_loss * (m + log_s)
-    g_base = grad_ptr + row_offsets(rows, inner, stride_go, stride_gi)
+    g_base = grad_ptr + row_offsets(rows, rows_inner, sg_o, sg_i)
     # Last tile first: pass 1 read the range front to back, so its last tiles are the likeliest still in L1/L2.
     masked_start = _masked_start(col_start, col_end, UNMASKED, BLOCK_V)
     n_masked = tl.cdiv(col_end - masked_start, BLOCK_V)
     for i in range(0, n_masked):
-        _grad_tile(x_base, stride_xc, g_base, stride_gc, masked_start + (n_masked - 1 - i) * BLOCK_V, col_end,
+        _grad_tile(x_base, sx_n, g_base, sg_n, masked_start + (n_masked - 1 - i) * BLOCK_V, col_end,
                    row_ok, target, active, m, log_s, log_mean, hit, smooth, z_coef, n_cols, True, HAS_SMOOTHING,
                    HAS_Z, BLOCK_V)
     if UNMASKED:
         for i in range(0, (masked_start - col_start) // BLOCK_V):
-            _grad_tile(x_base, stride_xc, g_base, stride_gc, masked_start - (i + 1) * BLOCK_V, col_end, row_ok,
+            _grad_tile(x_base, sx_n, g_base, sg_n, masked_start - (i + 1) * BLOCK_V, col_end, row_ok,
                        target, active, m, log_s, log_mean, hit, smooth, z_coef, n_cols, False, HAS_SMOOTHING,
                        HAS_Z, BLOCK_V)
 
@@ -285,8 +285,8 @@ def _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, 
 @triton.jit
 def _cross_entropy_fwd_kernel(
     logits_ptr, grad_ptr, targets_ptr, loss_ptr, scale_ptr,
-    row_start, row_end, n_cols, inner,
-    stride_xo, stride_xi, stride_xc, stride_go, stride_gi, stride_gc, stride_t, stride_s,
+    row_start, row_end, n_cols, rows_inner,
+    sx_o, sx_i, sx_n, sg_o, sg_i, sg_n, st_m, ss_m,
     ignore_index, smoothing, z_loss,
     HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
     UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -296,16 +296,16 @@ def _cross_entropy_fwd_kernel(
     n_blocks = tl.cdiv(row_end - row_start, BLOCK_R)
     for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
         rows, row_ok = _block_rows(row_start + block * BLOCK_R, row_end, BLOCK_R)
-        x_base, target, active, in_range = _load_rows(targets_ptr, logits_ptr, rows, n_cols, inner, stride_xo,
-                                                      stride_xi, stride_t, ignore_index)
-        x_target, x_ref = _target_logit(x_base, stride_xc, target, active, in_range)
-        m, s, x_sum, t = _row_stats(x_base, stride_xc, x_ref, 0, n_cols, HAS_SMOOTHING, UNMASKED, BLOCK_R, BLOCK_V)
+        x_base, target, active, in_range = _load_rows(targets_ptr, logits_ptr, rows, n_cols, rows_inner, sx_o,
+                                                      sx_i, st_m, ignore_index)
+        x_target, x_ref = _target_logit(x_base, sx_n, target, active, in_range)
+        m, s, x_sum, t = _row_stats(x_base, sx_n, x_ref, 0, n_cols, HAS_SMOOTHING, UNMASKED, BLOCK_R, BLOCK_V)
         loss, log_s, log_mean = _row_loss(m, s, x_sum, t, x_target, x_ref, active, in_range, n_cols, smoothing,
                                           z_loss, HAS_SMOOTHING, HAS_Z)
         tl.store(loss_ptr + rows, loss, mask=row_ok)
         if HAS_GRAD:
-            _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, stride_gc, scale_ptr,
-                        stride_s, row_ok, target, active, m, log_s, log_mean, 0, n_cols, n_cols, smoothing, z_loss,
+            _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scale_ptr,
+                        ss_m, row_ok, target, active, m, log_s, log_mean, 0, n_cols, n_cols, smoothing, z_loss,
                         HAS_SCALE, HAS_SMOOTHING, HAS_Z, UNMASKED, BLOCK_R, BLOCK_V)
 
 
@@ -314,18 +314,18 @@ def _cross_entropy_fwd_kernel(
 # it from the logits, which other ranges' programs may already have overwritten with their gradient.
 @triton.jit
 def _cross_entropy_partial_kernel(
-    logits_ptr, targets_ptr, part_ptr, row_start, row_end, n_cols, inner, n_splits, span, part_rows,
-    stride_xo, stride_xi, stride_xc, stride_t, ignore_index,
+    logits_ptr, targets_ptr, part_ptr, row_start, row_end, n_cols, rows_inner, n_splits, span, part_rows,
+    sx_o, sx_i, sx_n, st_m, ignore_index,
     HAS_SMOOTHING: tl.constexpr, UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     block = tl.program_id(0) // n_splits
     split = tl.program_id(0) % n_splits
     rows, row_ok = _block_rows(row_start + block * BLOCK_R, row_end, BLOCK_R)
-    x_base, target, active, in_range = _load_rows(targets_ptr, logits_ptr, rows, n_cols, inner, stride_xo, stride_xi,
-                                                  stride_t, ignore_index)
-    x_target, x_ref = _target_logit(x_base, stride_xc, target, active, in_range)
+    x_base, target, active, in_range = _load_rows(targets_ptr, logits_ptr, rows, n_cols, rows_inner, sx_o, sx_i,
+                                                  st_m, ignore_index)
+    x_target, x_ref = _target_logit(x_base, sx_n, target, active, in_range)
     col_start = split * span
-    m, s, x_sum, t = _row_stats(x_base, stride_xc, x_ref, col_start, tl.minimum(col_start + span, n_cols),
+    m, s, x_sum, t = _row_stats(x_base, sx_n, x_ref, col_start, tl.minimum(col_start + span, n_cols),
                                 HAS_SMOOTHING, UNMASKED, BLOCK_R, BLOCK_V)
     plane = n_splits * part_rows
     out = part_ptr + split * part_rows + (rows - row_start)
@@ -344,8 +344,8 @@ def _cross_entropy_partial_kernel(
 @triton.jit
 def _cross_entropy_combine_kernel(
     logits_ptr, grad_ptr, targets_ptr, loss_ptr, scale_ptr, part_ptr,
-    row_start, row_end, n_cols, inner, n_splits, grid_splits, span, part_rows,
-    stride_xo, stride_xi, stride_xc, stride_go, stride_gi, stride_gc, stride_t, stride_s,
+    row_start, row_end, n_cols, rows_inner, n_splits, grid_splits, span, part_rows,
+    sx_o, sx_i, sx_n, sg_o, sg_i, sg_n, st_m, ss_m,
     ignore_index, smoothing, z_loss,
     HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
     UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -355,8 +355,8 @@ def _cross_entropy_combine_kernel(
     block = tl.program_id(0) // grid_splits
     split = tl.program_id(0) % grid_splits
     rows, row_ok = _block_rows(row_start + block * BLOCK_R, row_end, BLOCK_R)
-    x_base, target, active, in_range = _load_rows(targets_ptr, logits_ptr, rows, n_cols, inner, stride_xo, stride_xi,
-                                                  stride_t, ignore_index)
+    x_base, target, active, in_range = _load_rows(targets_ptr, logits_ptr, rows, n_cols, rows_inner, sx_o, sx_i,
+                                                  st_m, ignore_index)
     plane = n_splits * part_rows
     part = part_ptr + (rows - row_start)
     x_target, x_ref = _with_reference(tl.load(part + (4 if HAS_SMOOTHING else 2) * plane))
@@ -382,33 +382,33 @@ def _cross_entropy_combine_kernel(
         tl.store(loss_ptr + rows, loss, mask=row_ok)
     if HAS_GRAD:
         col_start = split * span
-        _store_grad(x_base, stride_xc, grad_ptr, rows, inner, stride_go, stride_gi, stride_gc, scale_ptr, stride_s,
+        _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scale_ptr, ss_m,
                     row_ok, target, active, m, log_s, log_mean, col_start, tl.minimum(col_start + span, n_cols),
                     n_cols, smoothing, z_loss, HAS_SCALE, HAS_SMOOTHING, HAS_Z, UNMASKED, BLOCK_R, BLOCK_V)
 
 
 # Backward of the fused forward: multiply the stored gradient by grad_output in place, row by row (one factor
-# per row, or one for all with stride_s = 0). A row whose factor is exactly 1 -- every row after
+# per row, or one for all with ss_m = 0). A row whose factor is exactly 1 -- every row after
 # loss.backward() on a scalar loss -- is skipped without reading or writing it, with no host sync.
 @triton.jit
-def _scale_rows_kernel(x_ptr, scale_ptr, n_rows, n_cols, inner, stride_o, stride_i, stride_c, stride_s,
+def _scale_rows_kernel(x_ptr, scale_ptr, n_rows, n_cols, rows_inner, sx_o, sx_i, sx_n, ss_m,
                        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     rows = tl.minimum(rows, n_rows - 1).to(tl.int64)
-    scale = tl.load(scale_ptr + rows * stride_s).to(tl.float32)
+    scale = tl.load(scale_ptr + rows * ss_m).to(tl.float32)
     todo = row_ok & (scale != 1.0)
     if tl.sum(todo.to(tl.int32), 0) > 0:
-        base = x_ptr + row_offsets(rows, inner, stride_o, stride_i)
+        base = x_ptr + row_offsets(rows, rows_inner, sx_o, sx_i)
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            ptrs = base[:, None] + cols[None, :].to(tl.int64) * stride_c
+            ptrs = base[:, None] + cols[None, :].to(tl.int64) * sx_n
             mask = todo[:, None] & (cols < n_cols)[None, :]
             x = tl.load(ptrs, mask=mask).to(tl.float32)
             tl.store(ptrs, (x * scale[:, None]).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-# GPU launch, from `benchmarks/cross_entropy.py --sweep` (its results: benchmarks/results/<card>/cross_entropy_sweep.md):
+# GPU launch, from `benchmarks/cross_entropy.py --sweep` (results: benchmarks/results/<card>/cross_entropy_sweep.md):
 # a row tile of TILE_BYTES per loop step (64 bytes per thread at 16 warps). Fused launches that write the
 # gradient over the logits keep two resident programs per SM while the rows they stream fit in 1.5 x
 # L2_ROW_BUDGET (about the L2), so pass 2 still finds them there; a separate gradient buffer doubles the bytes in
@@ -480,8 +480,8 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
     ``grad3`` is given (``logits3`` itself, or a tensor of its [outer, inner, V] shape with any strides), the
     gradient times ``scale`` (one value, or one per row) into ``grad3``. Rows go in ``n_chunks`` successive
     launches."""
-    outer, inner, n_cols = logits3.shape
-    n_rows = outer * inner
+    outer, rows_inner, n_cols = logits3.shape
+    n_rows = outer * rows_inner
     if n_rows == 0 or _runtime.shapes_only():  # (a shape rule: it writes no output's shape)
         return
     g = grad3 if grad3 is not None else logits3  # never written when HAS_GRAD is off
@@ -499,7 +499,7 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
         row_blocks = triton.cdiv(last - first, plan.block_r)
         if not plan.n_splits:
             _runtime.launch(_cross_entropy_fwd_kernel, (min(plan.programs, row_blocks),))(
-                logits3, g, targets, loss_rows, scale_arg, first, last, n_cols, inner, *strides,
+                logits3, g, targets, loss_rows, scale_arg, first, last, n_cols, rows_inner, *strides,
                 ignore_index, float(label_smoothing), float(z_loss), **flags, **tiles)
             continue
         # ranges of whole tiles; row r of this launch has its statistics at part[plane, split, r - first]
@@ -509,19 +509,19 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
         part = torch.empty(planes * n_splits * (last - first) + (last - first), dtype=torch.float32,
                            device=logits3.device)
         _runtime.launch(_cross_entropy_partial_kernel, (row_blocks * n_splits,))(
-            logits3, targets, part, first, last, n_cols, inner, n_splits, span, last - first,
+            logits3, targets, part, first, last, n_cols, rows_inner, n_splits, span, last - first,
             *logits3.stride(), targets.stride(0), ignore_index, **common, **tiles)
         grid_splits = n_splits if grad3 is not None else 1
         _runtime.launch(_cross_entropy_combine_kernel, (row_blocks * grid_splits,))(
-            logits3, g, targets, loss_rows, scale_arg, part, first, last, n_cols, inner, n_splits, grid_splits,
+            logits3, g, targets, loss_rows, scale_arg, part, first, last, n_cols, rows_inner, n_splits, grid_splits,
             span, last - first, *strides, ignore_index, float(label_smoothing), float(z_loss), **flags, **tiles)
 
 
 def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
     """``x[..., C] *= scale`` in place, with ``scale`` one value (0-dim / [1]) or one per row of ``x``."""
     x3 = rows_view(x, "gradient", copy_ok=False)
-    outer, inner, n_cols = x3.shape
-    n_rows = outer * inner
+    outer, rows_inner, n_cols = x3.shape
+    n_rows = outer * rows_inner
     flat = scale.reshape(-1)
     if n_rows == 0 or _runtime.shapes_only():  # (a shape rule: it writes no output's shape)
         return
@@ -531,7 +531,7 @@ def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
     else:  # one row per program: a skipped row costs one scalar load
         block_v, block_r = min(triton.next_power_of_2(n_cols), 4096), 1
     _runtime.launch(_scale_rows_kernel, (triton.cdiv(n_rows, block_r),))(
-        x3, flat, n_rows, n_cols, inner, *x3.stride(), flat.stride(0) if flat.numel() > 1 else 0,
+        x3, flat, n_rows, n_cols, rows_inner, *x3.stride(), flat.stride(0) if flat.numel() > 1 else 0,
         BLOCK_R=block_r, BLOCK_V=block_v, num_warps=4 if block_v <= 1024 else 8,
     )
 
