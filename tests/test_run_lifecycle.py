@@ -438,14 +438,27 @@ def test_train_and_eval_command_lines_log_to_their_directories(tmp_path):
     assert "evaluating" in (tmp_path / "eval" / "eval.log").read_text()
 
 
-def _start(script, *args):
-    # offline: init_from=gpt2 must not download anything where the Hub happens to be reachable
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+@pytest.fixture
+def start():
+    """``start(script, *args)`` runs it in a subprocess; whatever is still running at the test's end is killed
+    (a failed assertion must not leave a 100000-step training run behind)."""
+    started = []
+
+    def run(script, *args):
+        # offline: init_from=gpt2 must not download anything where the Hub happens to be reachable
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0",
+               "HF_HUB_OFFLINE": "1"}
+        started.append(subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True))
+        return started[-1]
+    yield run
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
-def test_command_lines_refuse_in_one_line_and_stop_on_signals_with_a_checkpoint(tmp_path, data_cache):
+def test_command_lines_refuse_in_one_line_and_stop_on_signals_with_a_checkpoint(tmp_path, data_cache, start):
     """train.py/eval.py in subprocesses, started together (each pays Python's and torch's start-up, in parallel):
     a refused setting is one line and leaves no folder; SIGINT and SIGTERM stop training after a step with a
     checkpoint and one line saying how to resume."""
@@ -454,15 +467,15 @@ def test_command_lines_refuse_in_one_line_and_stop_on_signals_with_a_checkpoint(
     smoke = ["experiment=smoke", "model.kernels=torch", f"data.cache_dir={data_cache}", "data.num_proc=1"]
     refused = {
         "error: trainer.compile must be true or false, got 'no'":
-            _start("train.py", *smoke, f"runs_root={tmp_path}/runs", "trainer.compile=no"),
+            start("train.py", *smoke, f"runs_root={tmp_path}/runs", "trainer.compile=no"),
         "error: init_from=gpt2: not a local directory or checkpoint, and the Hugging Face Hub is not reachable":
-            _start("train.py", *smoke, f"runs_root={tmp_path}/runs", "init_from=gpt2"),
+            start("train.py", *smoke, f"runs_root={tmp_path}/runs", "init_from=gpt2"),
         "error: checkpoint= is required: python eval.py checkpoint=runs/":
-            _start("eval.py", f"hydra.run.dir={tmp_path}/eval/x"),
+            start("eval.py", f"hydra.run.dir={tmp_path}/eval/x"),
     }
-    stopped = {sig: (tmp_path / sig.name, _start("train.py", *smoke, f"run_dir={tmp_path / sig.name}",
-                                                 "trainer.max_steps=100000", "trainer.ckpt_interval=0",
-                                                 "trainer.eval_interval=0"))
+    stopped = {sig: (tmp_path / sig.name, start("train.py", *smoke, f"run_dir={tmp_path / sig.name}",
+                                                "trainer.max_steps=100000", "trainer.ckpt_interval=0",
+                                                "trainer.eval_interval=0"))
                for sig in (signal.SIGINT, signal.SIGTERM)}
     for expected, process in refused.items():
         out = process.communicate(timeout=240)[0]
