@@ -2,8 +2,8 @@
 
 A GPT-2 small step launches several hundred kernels, and in eager mode the host spends longer issuing
 them (Python, autograd, launches) than the GPU spends running them. A replay issues the whole captured
-sequence at once: on an H200 the step of benchmarks/train_step.py went from 56 to 40 ms
-(benchmarks/results/h200/train_step_gpt.md). Gradient clipping, the optimizer step and the trainer's
+sequence at once, which is faster wherever the eager step is bound by the host (benchmarks/train_step.py
+--graph measures it). Gradient clipping, the optimizer step and the trainer's
 non-finite checks stay outside the graph, eager and unchanged.
 
 What a graph fixes at capture: tensor addresses (the batch is copied into static buffers, the gradients

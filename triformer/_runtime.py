@@ -129,9 +129,9 @@ def _single_threaded_numpy_blas():
     """A context manager factory: numpy's BLAS on one thread while an interpreted kernel runs.
 
     The interpreter does each ``tl.dot`` as a numpy matmul of a tile (e.g. 64 x 128 by 128 x 64). OpenBLAS splits
-    even such small products over its threads, whose hand-offs and spinning cost more than the product: on two
-    cores shared with other processes, attention's forward+backward took 1.24 s of CPU time with numpy's
-    default threads and 0.26 s with one. Limited only during launches (threadpoolctl, ~60 us a launch), so the
+    even such small products over its threads, whose hand-offs and spinning cost more than the product, most of
+    all on cores shared with other processes (benchmarks/results/cpu/default_run.md). Limited only during
+    launches (threadpoolctl, tens of microseconds a launch), so the
     rest of the process keeps its BLAS threads; without threadpoolctl (it comes with scikit-learn, in the
     ``train`` extra) nothing changes."""
     try:
@@ -156,8 +156,8 @@ def _patch_language_once_per_launch() -> None:
     Triton 3.9's interpreter patches the language modules (``tl``, ``tl.core``, ``tl.tensor``, ``tl.math``) for
     the launched kernel and restores them when it returns (``GridExecutor.__call__``); a helper called from the
     kernel (``InterpretedFunction.__call__``) patches them again, each time walking every module member with
-    ``inspect.getmembers``: about 0.15 ms a call, 30% of an attention forward+backward on the interpreter, whose
-    kernels call helpers, and ``tl.sum``/``tl.max`` (themselves helpers), inside their key loops. Nothing is
+    ``inspect.getmembers``: a large share of an attention forward+backward on the interpreter, whose kernels call
+    helpers, and ``tl.sum``/``tl.max`` (themselves helpers), inside their key loops. Nothing is
     restored before the launch returns, so once the launch, or a helper called in it, has patched the language
     modules a helper sees, a later helper call that sees no others runs its rewritten function directly; any
     other call (or a Triton without these internals) keeps the original path.
@@ -229,8 +229,7 @@ def kernel_op(name: str, mutates_args: tuple[str, ...], opaque: bool = False):
     would turn each in-place buffer into a copy).
 
     Outside tracing, the dispatcher's Python layers cost far more host time than many of the kernels behind
-    them take on the GPU (on an H200 with torch 2.11: ~25 us for a forward without autograd and ~330 us per
-    call under autograd; docs/performance_history.md, host-time table), so eager calls run ``fn``
+    them take on the GPU (docs/performance_history.md, host-time table), so eager calls run ``fn``
     directly and only bump the version counters of the arguments it writes, as the registered op would, so
     autograd still catches a mutated tensor that an earlier op saved for its backward.
     """
