@@ -7,6 +7,8 @@ Sources (``source`` in the config):
 * ``folder``: an ImageFolder tree (``root/<class>/*.png``, or ``root/{train,val,test}/<class>/...``) read
   with PIL.
 hf and folder sources are decoded once into a uint8 cache (``training.data.cache``); digits needs none.
+``stream=true`` (folder only) instead reads each image from disk when a batch needs it, in ``DataLoader``
+workers (``StreamImageData``): for folders larger than RAM, with the same order, augmentation and resume.
 
 Splits: the source's own; a missing ``test`` is carved from train (``test_fraction``), then a missing
 ``val`` from the rest (``val_fraction``), both stratified by label with ``split_seed``, so they are the
@@ -65,6 +67,9 @@ class ImageConfig:
     cache_dir: str | None = None
     verify: str = "full"
     repair_cache: bool = False
+    stream: bool = False                  # folder: read images from disk per sample in DataLoader workers
+    num_workers: int = 2                  # stream: DataLoader worker processes (0: in the training process)
+    prefetch_factor: int = 2              # stream: batches each worker loads ahead
 
     def __post_init__(self):
         if self.task != "image":
@@ -83,6 +88,13 @@ class ImageConfig:
             raise ValueError("source=folder needs root: the ImageFolder directory")
         if self.source == "hf" and not self.hf_path:
             raise ValueError("source=hf needs hf_path (a hub dataset id, or a builder such as 'imagefolder')")
+        if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
+        check_positive_int("prefetch_factor", self.prefetch_factor)
+        if self.stream and self.source != "folder":
+            raise ValueError(f"stream=true is for source=folder, got source={self.source!r}")
+        if self.stream and self.image_size is None:
+            raise ValueError("stream=true needs image_size: every image is resized to image_size x image_size")
         if self.splits is None:
             self.splits = {"train": "train", "test": "test"}
         if "train" not in self.splits or not set(self.splits) <= set(SPLITS):
@@ -397,10 +409,196 @@ def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), std.float()
 
 
-def build_image_data(cfg_dict: dict, seed: int, rank: int = 0, world_size: int = 1) -> ImageData:
+def build_image_data(cfg_dict: dict, seed: int, rank: int = 0,
+                     world_size: int = 1) -> ImageData | StreamImageData:
     cfg = parse_config(ImageConfig, cfg_dict)
+    if cfg.stream:
+        items, names = _folder_splits(cfg)
+        splits = {s: (np.array([str(p) for p, _ in its], dtype=object), np.array([c for _, c in its], dtype=np.int64))
+                  for s, its in items.items()}
+        return StreamImageData(cfg, _carve(splits, cfg), names, seed, rank, world_size)
     if cfg.source == "digits":
         splits, names = _digits()
     else:
         splits, names = _cached(cfg)
     return ImageData(cfg, _carve(splits, cfg), names, seed, rank, world_size)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+class _FolderImages(torch.utils.data.Dataset):
+    """Item ``(i, aug_seed)`` of a split: image ``i`` read from disk, resized, augmented with draws from a
+    generator seeded by ``aug_seed`` (none when it is -1), normalized; and its label. The draws depend on the
+    seed only, never on which worker loads the image, so batches are the same for any ``num_workers``."""
+
+    def __init__(self, paths, labels, mode: str, size: int, padding: int, hflip: bool, mean, std):
+        self.paths, self.labels = list(paths), torch.as_tensor(labels)
+        self.mode, self.size, self.padding, self.hflip = mode, size, padding, hflip
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, i: int) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(self.paths[i]) as img:
+                return torch.from_numpy(_to_array(img, self.mode, self.size).copy())
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"data.root: cannot read image {self.paths[i]!r}: {e}") from e
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i, aug_seed = key
+        image = self.read(i)[None]
+        offsets = flips = None
+        if aug_seed >= 0:
+            g = torch.Generator().manual_seed(aug_seed)
+            if self.padding:
+                offsets = torch.randint(0, 2 * self.padding + 1, (1, 2), generator=g)
+            if self.hflip:
+                flips = torch.rand(1, generator=g) < 0.5
+        x = augment_batch(image, offsets, flips, self.padding, self.mean, self.std)
+        return x[0], self.labels[i]
+
+
+class _Keys:
+    """The DataLoader's batch sampler: this rank's ``(index, aug_seed)`` lists, batch after batch, from the data
+    state (epoch, position, batch count) as it was when the loader was (re)started."""
+
+    def __init__(self, data: "StreamImageData"):
+        self.data = data
+        self.start: tuple[int, int, int] | None = None
+        self.batch_size = 1
+
+    def __iter__(self):
+        epoch, position, batches = self.start
+        while True:
+            index, epoch, position = self.data._order(epoch, position, self.data._sampler.global_size(self.batch_size))
+            seeds = torch.randint(0, 2**62, (len(index),),
+                                  generator=stream_generator(self.data._sampler.seed, "augment", batches))
+            mine = self.data._sampler.mine(self.batch_size)
+            yield list(zip(index[mine].tolist(), seeds[mine].tolist()))
+            batches += 1
+
+
+class StreamImageData:
+    """``ImageData``'s interface over an image folder larger than RAM: images are read from disk per sample by a
+    ``torch.utils.data.DataLoader`` (``num_workers`` processes, ``prefetch_factor``, persistent workers, pinned
+    batches when CUDA is available), resized to ``image_size``, cropped/flipped as ``ImageData`` does and
+    normalized.
+
+    Order and resume: the same epoch permutations as ``ImageData`` (seeded by ``(seed, epoch)``), global batches
+    sliced per rank, and each sample's augmentation seeded from ``(seed, batch count)``, so batches do not depend
+    on ``num_workers`` or on which worker read them. ``state_dict`` counts the batches handed to the trainer (not
+    those prefetched); after ``load_state_dict`` the loader restarts at exactly that point, so resume is exact.
+    ``mean``/``std`` null: estimated from up to 256 train images spread evenly over the split."""
+
+    task = "image"
+
+    def __init__(self, cfg: ImageConfig, splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
+                 seed: int, rank: int = 0, world_size: int = 1):
+        from PIL import Image
+
+        self.cfg = cfg
+        self.name = cfg.name
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        for split, (_, lab) in splits.items():
+            if len(lab) == 0:
+                raise ValueError(f"data {cfg.name!r} split {split!r} is empty")
+        paths, _ = splits["train"]
+        if cfg.channels is None:
+            with Image.open(paths[0]) as img:
+                mode = _mode(cfg, [img.mode])
+        else:
+            mode = _mode(cfg, [])
+        C, S = (1 if mode == "L" else 3), cfg.image_size
+        self.image_shape = (C, S, S)
+        self.splits = {s: (list(p), torch.from_numpy(np.array(lab, dtype=np.int64))) for s, (p, lab) in splits.items()}
+        if cfg.mean is None or cfg.std is None:
+            probe = _FolderImages(paths, splits["train"][1], mode, S, 0, False, None, None)
+            picks = np.unique(np.linspace(0, len(paths) - 1, min(256, len(paths))).astype(int))
+            mean, std = _channel_stats(torch.stack([probe.read(int(i)) for i in picks]))
+        self.mean = torch.tensor(cfg.mean, dtype=torch.float32) if cfg.mean is not None else mean
+        self.std = torch.tensor(cfg.std, dtype=torch.float32) if cfg.std is not None else std
+        if self.mean.shape != (C,) or self.std.shape != (C,):
+            raise ValueError(f"mean/std need {C} values (one per channel), got {cfg.mean} / {cfg.std}")
+        self._datasets = {s: _FolderImages(p, lab, mode, S, cfg.crop_padding if s == "train" else 0,
+                                           cfg.hflip and s == "train", self.mean, self.std)
+                          for s, (p, lab) in splits.items()}
+        self._sampler = Sampler(seed, rank, world_size)
+        self._epoch = 0
+        self._position = 0
+        self._keys = _Keys(self)
+        self._perm = None
+        self._loader = None
+        self._batches = None                  # the running iterator, or None: (re)start at the state
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={len(lab):,}" for s, (_, lab) in self.splits.items())
+        return (f"StreamImageData({self.name!r}, {self.image_shape}, {self.num_classes} classes, images: {sizes}, "
+                f"num_workers={self.cfg.num_workers})")
+
+    def _order(self, epoch: int, position: int, n: int) -> tuple[torch.Tensor, int, int]:
+        size = len(self.splits["train"][1])
+        parts = []
+        while n:
+            k = min(n, size - position)
+            if self._perm is None or self._perm[0] != epoch:   # one permutation per epoch, not per batch
+                self._perm = (epoch, torch.randperm(size, generator=stream_generator(self._sampler.seed, "epoch",
+                                                                                     epoch)))
+            perm = self._perm[1]
+            parts.append(perm[position: position + k])
+            position, n = position + k, n - k
+            if position == size:
+                epoch, position = epoch + 1, 0
+        return torch.cat(parts), epoch, position
+
+    def _make_loader(self, dataset, batch_sampler, persistent: bool):
+        workers = self.cfg.num_workers
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=persistent and workers > 0, prefetch_factor=self.cfg.prefetch_factor if workers else None,
+            multiprocessing_context="forkserver" if workers else None)
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``batch_size`` training images (float32 ``[B, C, H, W]``) and labels (int64 ``[B]``)."""
+        n = self._sampler.global_size(batch_size)
+        if self._batches is None or self._keys.batch_size != batch_size:
+            if self._loader is None:
+                self._loader = self._make_loader(self._datasets["train"], self._keys, persistent=True)
+            self._keys.start = (self._epoch, self._position, self._sampler.batches)
+            self._keys.batch_size = batch_size
+            self._batches = iter(self._loader)    # persistent workers: reset, not restarted
+        batch = next(self._batches)
+        size = len(self.splits["train"][1])
+        self._epoch, self._position = self._epoch + (self._position + n) // size, (self._position + n) % size
+        self._sampler.batches += 1
+        return batch
+
+    def eval_batches(self, split: str, batch_size: int,
+                     max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The split in order, normalized, unaugmented (the whole split unless ``max_batches``); the same on
+        every rank."""
+        if split not in self.splits:
+            raise ValueError(f"data {self.name!r} has no {split!r} split (has {sorted(self.splits)})")
+        check_positive_int("batch_size", batch_size)
+        if max_batches is not None:
+            check_positive_int("max_batches", max_batches)
+        total = len(self.splits[split][1])
+        n = total if max_batches is None else min(total, batch_size * max_batches)
+        keys = [[(i, -1) for i in range(a, min(a + batch_size, n))] for a in range(0, n, batch_size)]
+        return iter(self._make_loader(self._datasets[split], keys, persistent=False))
+
+    def state_dict(self) -> dict:
+        return {"task": "image", "batches": self._sampler.batches, "epoch": self._epoch, "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("task") != "image" or not all(isinstance(state.get(k), int)
+                                                   for k in ("batches", "epoch", "position")):
+            raise ValueError(f"not an image data state: {state!r}")
+        if not 0 <= state["position"] < len(self.splits["train"][1]):
+            raise ValueError(f"image data state position {state['position']} is outside the train split")
+        self._sampler.batches, self._epoch, self._position = state["batches"], state["epoch"], state["position"]
+        self._batches = None
