@@ -259,3 +259,75 @@ def test_every_image_data_config_is_valid():
         parsed = parse_config(vision_mod.ImageConfig, cfg)  # unknown keys or bad values raise
         found.append(parsed.name)
     assert len(found) >= 6, found
+
+
+# ------------------------------------------------------------------------------------- streamed image folder
+
+def make_stream_folder(root, n=24, classes=("cat", "dog", "eel"), size=6):
+    """``n`` RGB PNGs, ``n / len(classes)`` per class, whose pixel (0, 0) holds the image's index in red."""
+    g = np.random.default_rng(2)
+    for i in range(n):
+        d = root / classes[i % len(classes)]
+        d.mkdir(parents=True, exist_ok=True)
+        a = g.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        a[0, 0, 0] = i
+        Image.fromarray(a).save(d / f"{i:03d}.png")
+    return root
+
+
+def stream_cfg(root, **over):
+    return dict(dict(task="image", name="streamed", source="folder", root=str(root), stream=True, image_size=6,
+                     val_fraction=0, test_fraction=0, num_workers=0), **over)
+
+
+def test_stream_batches_cover_each_epoch_once_per_rank_split(tmp_path):
+    root = make_stream_folder(tmp_path / "imgs")
+    plain = dict(crop_padding=0, hflip=False, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    ranks = [build_data(stream_cfg(root, **plain), seed=3, rank=r, world_size=2) for r in range(2)]
+    assert type(ranks[0]).__name__ == "StreamImageData" and ranks[0].image_shape == (3, 6, 6)
+    assert ranks[0].class_names == ["cat", "dog", "eel"]
+    for epoch in range(2):
+        seen = []
+        for _ in range(3):  # 3 global batches of 2 x 4 = the 24 images
+            for data in ranks:
+                x, y = data.next_batch(4)
+                assert x.shape == (4, 3, 6, 6) and x.dtype == torch.float32 and y.dtype == torch.int64
+                index = torch.round(x[:, 0, 0, 0] * 255).to(torch.int64)
+                assert torch.equal(y, index % 3)  # image i is in class i % 3
+                seen += index.tolist()
+        assert sorted(seen) == list(range(24)), epoch
+    # the ranks' batches are rows of the one-process global batch
+    single = build_data(stream_cfg(root, **plain), seed=3)
+    ranks = [build_data(stream_cfg(root, **plain), seed=3, rank=r, world_size=2) for r in range(2)]
+    assert torch.equal(single.next_batch(8)[0], torch.cat([d.next_batch(4)[0] for d in ranks]))
+
+
+def test_stream_is_deterministic_for_any_workers_and_resumes_exactly(tmp_path):
+    root = make_stream_folder(tmp_path / "imgs")
+    a = build_data(stream_cfg(root), seed=5)
+    b = build_data(stream_cfg(root, num_workers=2, prefetch_factor=1), seed=5)
+    first = [a.next_batch(5) for _ in range(3)]
+    state = a.state_dict()
+    rest = [a.next_batch(5) for _ in range(3)]
+    for (xa, ya), (xb, yb) in zip(first + rest, [b.next_batch(5) for _ in range(6)]):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)  # augmented, yet the same with 2 workers
+    assert not torch.equal(first[0][0], first[1][0])
+    b.load_state_dict(state)  # back, with batches already prefetched past it
+    for xa, ya in rest:
+        xb, yb = b.next_batch(5)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # evaluation reads the split in order, unaugmented
+    c = build_data(stream_cfg(root, test_fraction=0.25), seed=5)
+    batches = list(c.eval_batches("test", 4))
+    assert [len(y) for _, y in batches] == [4, 2] and batches[0][0].shape == (4, 3, 6, 6)
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(num_workers=-1), "num_workers must be an int >= 0, got -1"),
+    (dict(prefetch_factor=0), "prefetch_factor must be a positive int, got 0"),
+    (dict(image_size=None), "stream=true needs image_size"),
+    (dict(source="digits"), "stream=true is for source=folder"),
+])
+def test_stream_bad_settings_name_the_key(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        build_data(stream_cfg(tmp_path, **override), seed=0)
