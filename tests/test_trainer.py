@@ -339,3 +339,20 @@ def test_progress_bar_starts_after_the_evaluation_at_start(tmp_path, data_cache,
     monkeypatch.setattr(Trainer, "evaluate", lambda self, *a: order.append("eval") or evaluate(self, *a))
     train(_cfg(tmp_path, data_cache, "trainer.eval_at_start=true", "trainer.max_steps=1"))
     assert order[:2] == ["eval", "bar"]
+
+
+def test_vit_trains_on_a_streamed_image_folder(tmp_path, data_cache):
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for i in range(24):
+        d = tmp_path / "imgs" / f"c{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(g.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    run = tmp_path / "run"
+    summary = train(_cfg(run, data_cache, "data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.stream=true",
+                         "data.image_size=8", "data.num_workers=0", "data.val_fraction=0.25",
+                         "data.test_fraction=0", experiment="smoke-vit"))
+    losses = _records(run)
+    assert summary["steps"] == len(losses) == 6 and all(math.isfinite(v) for v in losses.values())
