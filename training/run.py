@@ -250,7 +250,10 @@ def remove_if_empty(run_dir: str | os.PathLike, remove_parent: bool = False) -> 
 # ------------------------------------------------------------------------------------------------ resume
 # Settings a resumed run must share with the checkpoint's to continue exactly: the global batch and the data.
 RESUME_KEYS = ("trainer.batch_size", "seed")
-DATA_KEYS_IGNORED = ("cache_dir", "hf_cache_dir", "num_proc", "verify", "repair_cache")
+# Where and how the data is read, not what is read: data.num_workers / prefetch_factor leave a streamed image
+# folder's batches unchanged (tests/test_data_vision.py), so a resume may change them.
+DATA_KEYS_IGNORED = ("cache_dir", "hf_cache_dir", "num_proc", "verify", "repair_cache", "num_workers",
+                     "prefetch_factor")
 
 
 def _get(config: dict, dotted: str):
