@@ -557,9 +557,11 @@ class StreamImageData:
 
     def _make_loader(self, dataset, batch_sampler, persistent: bool):
         workers = self.cfg.num_workers
+        # forkserver, not fork: the training process holds threads, and a fork that copies a held lock hangs
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-            persistent_workers=persistent and workers > 0, prefetch_factor=self.cfg.prefetch_factor if workers else None,
+            persistent_workers=persistent and workers > 0,
+            prefetch_factor=self.cfg.prefetch_factor if workers else None,
             multiprocessing_context="forkserver" if workers else None)
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
