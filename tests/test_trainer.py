@@ -341,7 +341,8 @@ def test_progress_bar_starts_after_the_evaluation_at_start(tmp_path, data_cache,
     assert order[:2] == ["eval", "bar"]
 
 
-def test_vit_trains_on_a_streamed_image_folder(tmp_path, data_cache):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_vit_trains_on_a_streamed_image_folder(tmp_path, data_cache, workers):
     import numpy as np
     from PIL import Image
 
@@ -352,7 +353,7 @@ def test_vit_trains_on_a_streamed_image_folder(tmp_path, data_cache):
         Image.fromarray(g.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(d / f"{i}.png")
     run = tmp_path / "run"
     summary = train(_cfg(run, data_cache, "data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.stream=true",
-                         "data.image_size=8", "data.num_workers=0", "data.val_fraction=0.25",
+                         "data.image_size=8", f"data.num_workers={workers}", "data.val_fraction=0.25",
                          "data.test_fraction=0", experiment="smoke-vit"))
     losses = _records(run)
     assert summary["steps"] == len(losses) == 6 and all(math.isfinite(v) for v in losses.values())
