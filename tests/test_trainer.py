@@ -341,19 +341,33 @@ def test_progress_bar_starts_after_the_evaluation_at_start(tmp_path, data_cache,
     assert order[:2] == ["eval", "bar"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_vit_trains_on_a_streamed_image_folder(tmp_path, data_cache, workers):
+def _streamed_folder(root):
     import numpy as np
     from PIL import Image
 
     g = np.random.default_rng(0)
     for i in range(24):
-        d = tmp_path / "imgs" / f"c{i % 3}"
+        d = root / f"c{i % 3}"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(g.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return ["data=image_folder", f"data.root={root}", "data.stream=true", "data.image_size=8",
+            "data.val_fraction=0.25", "data.test_fraction=0"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_vit_trains_on_a_streamed_image_folder(tmp_path, data_cache, workers):
     run = tmp_path / "run"
-    summary = train(_cfg(run, data_cache, "data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.stream=true",
-                         "data.image_size=8", f"data.num_workers={workers}", "data.val_fraction=0.25",
-                         "data.test_fraction=0", experiment="smoke-vit"))
+    summary = train(_cfg(run, data_cache, *_streamed_folder(tmp_path / "imgs"), f"data.num_workers={workers}",
+                         experiment="smoke-vit"))
     losses = _records(run)
     assert summary["steps"] == len(losses) == 6 and all(math.isfinite(v) for v in losses.values())
+
+
+def test_streamed_image_folder_resumes_exactly(tmp_path, data_cache):
+    data = _streamed_folder(tmp_path / "imgs")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(_cfg(full, data_cache, *data, "data.num_workers=2", "trainer.keep_last=5", experiment="smoke-vit"))
+    ckpt = full / "checkpoints" / "step_00000003.safetensors"
+    # another worker count: it leaves the batches unchanged, so the resume is still exact and allowed
+    train(_cfg(resumed, data_cache, *data, "data.num_workers=0", f"resume={ckpt}", experiment="smoke-vit"))
+    assert len(_records(full)) == 6 and _records(full) == _records(resumed)
