@@ -1,8 +1,9 @@
 """Datasets for the trainer: ``build_data(cfg.data, seed, rank, world_size)`` returns a ``TextData`` (task
-"lm") or an ``ImageData`` (task "image"); ``cfg.data`` is one of ``configs/data/*.yaml``, and its ``task`` picks
+"lm") or an ``ImageData`` (task "image"; a ``StreamImageData`` with the same interface for ``stream: true``,
+which reads an image folder from disk in ``DataLoader`` workers); ``cfg.data`` is one of ``configs/data/*.yaml``, and its ``task`` picks
 the builder (training/tasks.py).
 
-Both expose ``task``, ``next_batch(batch_size)`` (this rank's share of a global batch, see
+All expose ``task``, ``next_batch(batch_size)`` (this rank's share of a global batch, see
 ``training.data.common``), ``eval_batches(split, batch_size, max_batches)`` (deterministic, identical on every
 rank), ``state_dict()`` / ``load_state_dict()`` (plain JSON: batch counter and epoch position), plus
 ``vocab_size`` and ``tokenizer`` (lm) or ``num_classes``, ``image_shape`` and ``class_names`` (image).
