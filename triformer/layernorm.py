@@ -309,8 +309,8 @@ def _tile(n_rows: int, n_cols: int, max_block_n: int, gpu_tile: int, per_thread:
 
 # GPU tiles: elements per tile and per thread of each kernel, and how many backward warps an SM keeps resident
 # (the persistent backward grid is sized to that, so there is no second wave). At 8 elements per thread the
-# backward takes 80-88 registers (ptxas, sm_90), which is what lets 20 warps stay resident. benchmarks/norm_sweep.py
-# times the alternatives; docs/performance_history.md has its results.
+# backward stays under 100 registers (`python -m benchmarks.layernorm_sm90`), which is what lets 20 warps stay
+# resident. `python -m benchmarks.layernorm --sweep` times the alternatives.
 FWD_GPU_TILE, FWD_PER_THREAD = 4096, 16
 BWD_GPU_TILE, BWD_PER_THREAD, BWD_RESIDENT_WARPS, BWD_PREFETCH = 2048, 8, 20, True
 
