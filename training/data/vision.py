@@ -298,28 +298,28 @@ def augment_batch(images: torch.Tensor, offsets: torch.Tensor | None, flips: tor
     return (x - mean[:, None, None]) / std[:, None, None]
 
 
-class ImageData:
-    """Augmented, normalized image batches; see the module docstring and ``training.data.common``."""
+class _ImageBatches:
+    """What ``ImageData`` (splits in memory) and ``StreamImageData`` (splits on disk) share: the split and label
+    checks, the normalization constants, the arguments of ``eval_batches`` and the resume state. A subclass sets
+    ``splits`` ({split: (images or paths, int64 labels)}) before calling ``_setup``."""
 
     task = "image"
 
-    def __init__(self, cfg: ImageConfig, splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
-                 seed: int, rank: int = 0, world_size: int = 1):
+    def _setup(self, cfg: ImageConfig, class_names: list[str], image_shape: tuple[int, int, int], estimate,
+               seed: int, rank: int, world_size: int) -> None:
+        """``estimate()``: the train split's per-channel (mean, std), called only when the config leaves one null."""
         self.cfg = cfg
         self.name = cfg.name
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
-        self.splits = {s: (torch.from_numpy(np.array(im)), torch.from_numpy(np.array(lab, dtype=np.int64)))
-                       for s, (im, lab) in splits.items()}
-        for split, (im, lab) in self.splits.items():
+        for split, (_, lab) in self.splits.items():
             if len(lab) == 0:
                 raise ValueError(f"data {cfg.name!r} split {split!r} is empty")
             if lab.min() < 0 or lab.max() >= self.num_classes:
                 raise ValueError(f"data {cfg.name!r} split {split!r} has labels outside [0, {self.num_classes})")
-        images = self.splits["train"][0]
-        self.image_shape = tuple(images.shape[1:])
+        self.image_shape = tuple(image_shape)
         C = self.image_shape[0]
-        mean, std = _channel_stats(images) if cfg.mean is None or cfg.std is None else (None, None)
+        mean, std = estimate() if cfg.mean is None or cfg.std is None else (None, None)
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32) if cfg.mean is not None else mean
         self.std = torch.tensor(cfg.std, dtype=torch.float32) if cfg.std is not None else std
         if self.mean.shape != (C,) or self.std.shape != (C,):
@@ -327,6 +327,38 @@ class ImageData:
         self._sampler = Sampler(seed, rank, world_size)
         self._epoch = 0
         self._position = 0
+
+    def _eval_size(self, split: str, batch_size: int, max_batches: int | None) -> int:
+        """How many images of ``split`` ``eval_batches`` yields, once its arguments are checked."""
+        if split not in self.splits:
+            raise ValueError(f"data {self.name!r} has no {split!r} split (has {sorted(self.splits)})")
+        check_positive_int("batch_size", batch_size)
+        if max_batches is not None:
+            check_positive_int("max_batches", max_batches)
+        total = len(self.splits[split][1])
+        return total if max_batches is None else min(total, batch_size * max_batches)
+
+    def state_dict(self) -> dict:
+        return {"task": "image", "batches": self._sampler.batches, "epoch": self._epoch, "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("task") != "image" or not all(isinstance(state.get(k), int)
+                                                   for k in ("batches", "epoch", "position")):
+            raise ValueError(f"not an image data state: {state!r}")
+        if not 0 <= state["position"] < len(self.splits["train"][1]):
+            raise ValueError(f"image data state position {state['position']} is outside the train split")
+        self._sampler.batches, self._epoch, self._position = state["batches"], state["epoch"], state["position"]
+
+
+class ImageData(_ImageBatches):
+    """Augmented, normalized image batches; see the module docstring and ``training.data.common``."""
+
+    def __init__(self, cfg: ImageConfig, splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
+                 seed: int, rank: int = 0, world_size: int = 1):
+        self.splits = {s: (torch.from_numpy(np.array(im)), torch.from_numpy(np.array(lab, dtype=np.int64)))
+                       for s, (im, lab) in splits.items()}
+        images = self.splits["train"][0]
+        self._setup(cfg, class_names, images.shape[1:], lambda: _channel_stats(images), seed, rank, world_size)
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={len(lab):,}" for s, (_, lab) in self.splits.items())
@@ -368,30 +400,14 @@ class ImageData:
                      max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The split in order, normalized, unaugmented (the whole split unless ``max_batches``); the same on
         every rank."""
-        if split not in self.splits:
-            raise ValueError(f"data {self.name!r} has no {split!r} split (has {sorted(self.splits)})")
-        check_positive_int("batch_size", batch_size)
-        if max_batches is not None:
-            check_positive_int("max_batches", max_batches)
+        n = self._eval_size(split, batch_size, max_batches)
         images, labels = self.splits[split]
-        n = len(labels) if max_batches is None else min(len(labels), batch_size * max_batches)
 
         def batches():
             for i in range(0, n, batch_size):
                 j = min(i + batch_size, n)
                 yield augment_batch(images[i:j], None, None, 0, self.mean, self.std), labels[i:j]
         return batches()
-
-    def state_dict(self) -> dict:
-        return {"task": "image", "batches": self._sampler.batches, "epoch": self._epoch, "position": self._position}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("task") != "image" or not all(isinstance(state.get(k), int)
-                                                   for k in ("batches", "epoch", "position")):
-            raise ValueError(f"not an image data state: {state!r}")
-        if not 0 <= state["position"] < len(self.splits["train"][1]):
-            raise ValueError(f"image data state position {state['position']} is outside the train split")
-        self._sampler.batches, self._epoch, self._position = state["batches"], state["epoch"], state["position"]
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -482,7 +498,7 @@ class _Keys:
             batches += 1
 
 
-class StreamImageData:
+class StreamImageData(_ImageBatches):
     """``ImageData``'s interface over an image folder larger than RAM: images are read from disk per sample by a
     ``torch.utils.data.DataLoader`` (``num_workers`` processes, ``prefetch_factor``, persistent workers, pinned
     batches when CUDA is available), resized to ``image_size``, cropped/flipped as ``ImageData`` does and
@@ -494,19 +510,10 @@ class StreamImageData:
     those prefetched); after ``load_state_dict`` the loader restarts at exactly that point, so resume is exact.
     ``mean``/``std`` null: estimated from up to 256 train images spread evenly over the split."""
 
-    task = "image"
-
     def __init__(self, cfg: ImageConfig, splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str],
                  seed: int, rank: int = 0, world_size: int = 1):
         from PIL import Image
 
-        self.cfg = cfg
-        self.name = cfg.name
-        self.class_names = list(class_names)
-        self.num_classes = len(self.class_names)
-        for split, (_, lab) in splits.items():
-            if len(lab) == 0:
-                raise ValueError(f"data {cfg.name!r} split {split!r} is empty")
         paths, _ = splits["train"]
         if cfg.channels is None:
             with Image.open(paths[0]) as img:
@@ -514,22 +521,16 @@ class StreamImageData:
         else:
             mode = _mode(cfg, [])
         C, S = (1 if mode == "L" else 3), cfg.image_size
-        self.image_shape = (C, S, S)
         self.splits = {s: (list(p), torch.from_numpy(np.array(lab, dtype=np.int64))) for s, (p, lab) in splits.items()}
-        if cfg.mean is None or cfg.std is None:
+
+        def estimate():
             probe = _FolderImages(paths, splits["train"][1], mode, S, 0, False, None, None)
             picks = np.unique(np.linspace(0, len(paths) - 1, min(256, len(paths))).astype(int))
-            mean, std = _channel_stats(torch.stack([probe.read(int(i)) for i in picks]))
-        self.mean = torch.tensor(cfg.mean, dtype=torch.float32) if cfg.mean is not None else mean
-        self.std = torch.tensor(cfg.std, dtype=torch.float32) if cfg.std is not None else std
-        if self.mean.shape != (C,) or self.std.shape != (C,):
-            raise ValueError(f"mean/std need {C} values (one per channel), got {cfg.mean} / {cfg.std}")
+            return _channel_stats(torch.stack([probe.read(int(i)) for i in picks]))
+        self._setup(cfg, class_names, (C, S, S), estimate, seed, rank, world_size)
         self._datasets = {s: _FolderImages(p, lab, mode, S, cfg.crop_padding if s == "train" else 0,
                                            cfg.hflip and s == "train", self.mean, self.std)
                           for s, (p, lab) in splits.items()}
-        self._sampler = Sampler(seed, rank, world_size)
-        self._epoch = 0
-        self._position = 0
         self._keys = _Keys(self)
         self._perm = None
         self._loader = None
@@ -583,24 +584,10 @@ class StreamImageData:
                      max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The split in order, normalized, unaugmented (the whole split unless ``max_batches``); the same on
         every rank."""
-        if split not in self.splits:
-            raise ValueError(f"data {self.name!r} has no {split!r} split (has {sorted(self.splits)})")
-        check_positive_int("batch_size", batch_size)
-        if max_batches is not None:
-            check_positive_int("max_batches", max_batches)
-        total = len(self.splits[split][1])
-        n = total if max_batches is None else min(total, batch_size * max_batches)
+        n = self._eval_size(split, batch_size, max_batches)
         keys = [[(i, -1) for i in range(a, min(a + batch_size, n))] for a in range(0, n, batch_size)]
         return iter(self._make_loader(self._datasets[split], keys, persistent=False))
 
-    def state_dict(self) -> dict:
-        return {"task": "image", "batches": self._sampler.batches, "epoch": self._epoch, "position": self._position}
-
     def load_state_dict(self, state: dict) -> None:
-        if state.get("task") != "image" or not all(isinstance(state.get(k), int)
-                                                   for k in ("batches", "epoch", "position")):
-            raise ValueError(f"not an image data state: {state!r}")
-        if not 0 <= state["position"] < len(self.splits["train"][1]):
-            raise ValueError(f"image data state position {state['position']} is outside the train split")
-        self._sampler.batches, self._epoch, self._position = state["batches"], state["epoch"], state["position"]
-        self._batches = None
+        super().load_state_dict(state)
+        self._batches = None  # the next batch restarts the loader at the loaded state
