@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.layers import Block, Norm, TransformerConfig, at_least_fp32, dropout, init_weights, to_stream_dtype
@@ -81,7 +82,8 @@ class ViT(nn.Module):
         return float(6 * (self.num_params() - head) * T + 6 * head + 12 * cfg.n_layer * cfg.n_embd * T * T)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
-        """``(logits [B, num_classes], loss)``; the loss (mean cross entropy, -100 = ignored) needs ``targets``."""
+        """``(logits [B, num_classes], loss)``; the loss (mean cross entropy, -100 = ignored) needs ``targets``: class
+        indices, or class probabilities ``[B, num_classes]`` (MixUp/CutMix soft targets)."""
         cfg = self.config
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             raise TypeError(f"images must be a float tensor, got {getattr(images, 'dtype', type(images).__name__)}")
@@ -94,10 +96,13 @@ class ViT(nn.Module):
             raise ValueError(f"images must be [B, {', '.join(map(str, expected))}], got {tuple(images.shape)}")
         if targets is not None and not isinstance(targets, torch.Tensor):
             raise TypeError(f"targets must be an int64/int32 tensor, got {type(targets).__name__}")
-        if targets is not None and (targets.dtype not in (torch.int64, torch.int32)
-                                    or targets.shape != images.shape[:1]):
-            raise ValueError(f"targets must be int64/int32 of shape [{images.shape[0]}], got {targets.dtype} "
-                             f"{tuple(targets.shape)}")
+        soft = targets is not None and targets.is_floating_point()
+        if targets is not None and not (
+                (targets.dtype in (torch.int64, torch.int32) and targets.shape == images.shape[:1])
+                or (soft and targets.shape == (images.shape[0], cfg.num_classes))):
+            raise ValueError(f"targets must be int64/int32 class indices of shape [{images.shape[0]}] or float class "
+                             f"probabilities of shape [{images.shape[0]}, {cfg.num_classes}] (MixUp/CutMix), got "
+                             f"{targets.dtype} {tuple(targets.shape)}")
         B, p, n = images.shape[0], cfg.patch_size, cfg.image_size // cfg.patch_size
         # [B, C, n*p, n*p] -> [B, n*n, C*p*p], each patch flattened in the conv weight's (C, p, p) order
         patches = images.reshape(B, cfg.in_channels, n, p, n, p).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, -1)
@@ -114,6 +119,8 @@ class ViT(nn.Module):
         logits = self.head(h)
         if targets is None:
             return logits, None
+        if soft:  # a [B, classes] loss is too small for a kernel of its own: PyTorch's takes probabilities
+            return logits, F.cross_entropy(logits.float(), targets.float(), label_smoothing=cfg.label_smoothing)
         return logits, at_least_fp32(self.ops.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing))
 
     # ----------------------------------------------------------------------------------------------------

@@ -331,3 +331,96 @@ def test_stream_is_deterministic_for_any_workers_and_resumes_exactly(tmp_path):
 def test_stream_bad_settings_name_the_key(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         build_data(stream_cfg(tmp_path, **override), seed=0)
+
+
+# ------------------------------------------------------------------------------------------ mixup / cutmix
+
+def mixed_kind(x, mx):
+    """What mixing made ``mx`` of ``x`` and its partner ``x.flip(0)``, and the weight of ``x``: ("none", 1),
+    ("mixup", w) for the blend ``w x + (1 - w) partner``, or ("cutmix", 1 - box area) for a box of partner pixels."""
+    partner = x.flip(0)
+    if torch.equal(mx, x):
+        return "none", 1.0
+    box = (mx != x).any(dim=(0, 1))
+    if ((mx == x) | (mx == partner)).all() and box.sum() < box.numel():
+        rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+        area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert box[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1].all()  # one rectangle
+        return "cutmix", 1 - float(area) / box.numel()
+    w = float(((mx - partner) * (x - partner)).sum() / (x - partner).square().sum())
+    torch.testing.assert_close(mx, w * x + (1 - w) * partner, atol=1e-5, rtol=1e-5)
+    return "mixup", w
+
+
+@pytest.mark.parametrize("mix, kinds", [(dict(mixup_alpha=0.4), {"mixup"}), (dict(cutmix_alpha=1.0), {"cutmix"}),
+                                        (dict(mixup_alpha=0.8, cutmix_alpha=1.0), {"mixup", "cutmix"})])
+def test_mixed_batches_are_image_pairs_with_matching_soft_targets(mix, kinds):
+    plain = synthetic(crop_padding=0, hflip=False)
+    mixed = synthetic(crop_padding=0, hflip=False, **mix)
+    seen = set()
+    for _ in range(16):
+        (x, y), (mx, my) = plain.next_batch(8), mixed.next_batch(8)
+        assert my.shape == (8, 4) and my.dtype == torch.float32
+        kind, w = mixed_kind(x, mx)
+        seen.add(kind)
+        onehot = F.one_hot(y, 4).float()
+        torch.testing.assert_close(my, w * onehot + (1 - w) * onehot.flip(0), atol=1e-5, rtol=1e-5)
+    assert seen - {"none"} == kinds
+
+
+def test_mix_prob_zero_gives_one_hot_targets_and_eval_is_never_mixed():
+    data = synthetic(crop_padding=0, hflip=False, mixup_alpha=1.0, mix_prob=0.0)
+    plain = synthetic(crop_padding=0, hflip=False)
+    (x, y), (mx, my) = plain.next_batch(8), data.next_batch(8)
+    assert torch.equal(mx, x) and torch.equal(my, F.one_hot(y, 4).float())
+    for (ex, ey), (px, py) in zip(data.eval_batches("train", 16), plain.eval_batches("train", 16)):
+        assert torch.equal(ex, px) and torch.equal(ey, py) and ey.dtype == torch.int64
+
+
+def test_mixed_batches_resume_and_ddp_slices_exactly():
+    def fresh(rank=0, world=1):
+        d = synthetic(crop_padding=0, hflip=True, mixup_alpha=0.5, cutmix_alpha=1.0)
+        return ImageData(d.cfg, {"train": tuple(t.numpy() for t in d.splits["train"])}, d.class_names,
+                         seed=3, rank=rank, world_size=world)
+    a = fresh()
+    for _ in range(3):
+        a.next_batch(6)
+    state = a.state_dict()
+    expected = [a.next_batch(6) for _ in range(4)]
+    b = fresh()
+    b.load_state_dict(state)
+    for (x, y), (bx, by) in zip(expected, [b.next_batch(6) for _ in range(4)]):
+        assert torch.equal(x, bx) and torch.equal(y, by)
+    # each rank mixes its slice of the global batch with that slice reversed, with the draws of the global batch
+    def unmixed(rank):
+        d = synthetic(crop_padding=0, hflip=True)
+        return ImageData(d.cfg, {"train": tuple(t.numpy() for t in d.splits["train"])}, d.class_names,
+                         seed=3, rank=rank, world_size=2)
+    pairs = [(unmixed(rank), fresh(rank, 2)) for rank in range(2)]
+    seen = set()
+    for _ in range(20):
+        kinds = [mixed_kind(plain.next_batch(3)[0], mixed.next_batch(3)[0]) for plain, mixed in pairs]
+        assert kinds[0][0] == kinds[1][0] and kinds[0][1] == pytest.approx(kinds[1][1], abs=1e-5)
+        seen.add(kinds[0][0])
+    assert {"mixup", "cutmix"} <= seen
+
+
+def test_stream_mixes_as_in_memory(tmp_path):
+    root = make_stream_folder(tmp_path / "imgs")
+    mix = dict(mixup_alpha=0.5, cutmix_alpha=1.0)
+    a = build_data(stream_cfg(root, **mix), seed=5)
+    b = build_data(stream_cfg(root, num_workers=2, prefetch_factor=1, **mix), seed=5)
+    for _ in range(4):
+        (xa, ya), (xb, yb) = a.next_batch(5), b.next_batch(5)
+        assert ya.shape == (5, 3) and torch.equal(xa, xb) and torch.equal(ya, yb)
+        torch.testing.assert_close(ya.sum(-1), torch.ones(5))
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(mixup_alpha=-0.1), "mixup_alpha must be a number >= 0"),
+    (dict(cutmix_alpha="big"), "cutmix_alpha must be a number >= 0"),
+    (dict(mix_prob=1.5), "mix_prob"),
+])
+def test_mix_bad_settings_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        synthetic(**override)

@@ -75,6 +75,28 @@ def test_property_matches_float64(B, pool, scale, smoothing, seed):
     assert_close("loss", loss, loss_ref)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_soft_targets_match_float64_and_one_hot_equals_class_indices(smoothing):
+    """MixUp/CutMix batches carry class probabilities: the loss is sum(-t * log_softmax) against float64, and
+    one-hot probabilities give exactly the class-index loss."""
+    cfg = tiny(n_layer=1, label_smoothing=smoothing)
+    ours, ref = pair(cfg)
+    x, y = images(cfg, 4)
+    onehot = torch.nn.functional.one_hot(y, cfg.num_classes).float()
+    soft = 0.7 * onehot + 0.3 * onehot.flip(0)
+    logits, loss = ours(x, soft)
+    logits_ref, _ = ref(x.double(), y)
+    t = soft.double() * (1 - smoothing) + smoothing / cfg.num_classes
+    loss_ref = -(t * torch.log_softmax(logits_ref, -1)).sum(-1).mean()
+    assert_close("loss", loss, loss_ref)
+    loss.backward()
+    loss_ref.backward()
+    named_ref = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_close(f"grad {name}", p.grad, named_ref[name].grad)
+    torch.testing.assert_close(ours(x, onehot)[1], ours(x, y)[1], rtol=1e-5, atol=1e-6)
+
+
 def test_dropout_applies_in_training_only():
     cfg = tiny(dropout=0.3)
     model = ViT(cfg).to(DEV)
@@ -153,8 +175,10 @@ def test_bad_inputs():
         model(x[:, :2])
     with pytest.raises(TypeError, match="images must be a float tensor"):
         model(x.long())
-    with pytest.raises(ValueError, match="targets must be int64/int32 of shape"):
+    with pytest.raises(ValueError, match="targets must be int64/int32 class indices of shape"):
         model(x, y[:1])
+    with pytest.raises(ValueError, match=r"or float class probabilities of shape \[2, 7\]"):
+        model(x, torch.ones(2, 6, device=x.device) / 6)
 
 
 def test_huggingface_config_that_disagrees_with_its_weights_is_refused():

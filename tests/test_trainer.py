@@ -371,3 +371,14 @@ def test_streamed_image_folder_resumes_exactly(tmp_path, data_cache):
     # another worker count: it leaves the batches unchanged, so the resume is still exact and allowed
     train(_cfg(resumed, data_cache, *data, "data.num_workers=0", f"resume={ckpt}", experiment="smoke-vit"))
     assert len(_records(full)) == 6 and _records(full) == _records(resumed)
+
+
+def test_vit_trains_with_mixup_and_cutmix_and_resumes_exactly(tmp_path, data_cache):
+    mix = ["data.mixup_alpha=0.4", "data.cutmix_alpha=1.0", "trainer.keep_last=5", "model.kernels=triton"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    summary = train(_cfg(full, data_cache, *mix, experiment="smoke-vit"))
+    losses = _records(full)
+    assert summary["steps"] == len(losses) == 6 and all(math.isfinite(v) for v in losses.values())
+    ckpt = full / "checkpoints" / "step_00000003.safetensors"
+    train(_cfg(resumed, data_cache, *mix, f"resume={ckpt}", experiment="smoke-vit"))
+    assert _records(full) == _records(resumed)

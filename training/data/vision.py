@@ -20,10 +20,17 @@ that runs past an epoch's end continues into the next), then random crop (zero p
 then per-channel normalization (``mean``/``std``, computed from the train split when null). Everything is
 vectorized over the batch; the permutation and augmentation draws are made for the global batch on every
 rank (see ``training.data.common``).
+
+MixUp (``mixup_alpha``) and CutMix (``cutmix_alpha``), off by default: each training batch is mixed with
+itself reversed, with probability ``mix_prob``; when both are on, each mixed batch takes one of the two with
+equal chance. The weight ``lam`` is drawn from Beta(alpha, alpha) (CutMix's then set to the share of pixels
+kept), and the labels become soft targets: float32 ``[B, num_classes]``, ``lam * onehot(y) + (1 - lam) *
+onehot(y reversed)``, which the models' losses take as class probabilities. Evaluation batches are never mixed.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -70,6 +77,9 @@ class ImageConfig:
     stream: bool = False                  # folder: read images from disk per sample in DataLoader workers
     num_workers: int = 2                  # stream: DataLoader worker processes (0: in the training process)
     prefetch_factor: int = 2              # stream: batches each worker loads ahead
+    mixup_alpha: float = 0.0              # MixUp's Beta(alpha, alpha); 0 disables
+    cutmix_alpha: float = 0.0             # CutMix's Beta(alpha, alpha); 0 disables
+    mix_prob: float = 1.0                 # chance that a training batch is mixed (when either alpha is on)
 
     def __post_init__(self):
         if self.task != "image":
@@ -91,6 +101,12 @@ class ImageConfig:
         if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
         check_positive_int("prefetch_factor", self.prefetch_factor)
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a number >= 0 (0 disables), got {value!r}")
+        if isinstance(self.mix_prob, bool) or not isinstance(self.mix_prob, (int, float)) or not 0 <= self.mix_prob <= 1:
+            raise ValueError(f"mix_prob must be a number in [0, 1], got {self.mix_prob!r}")
         if self.stream and self.source != "folder":
             raise ValueError(f"stream=true is for source=folder, got source={self.source!r}")
         if self.stream and self.image_size is None:
@@ -298,6 +314,32 @@ def augment_batch(images: torch.Tensor, offsets: torch.Tensor | None, flips: tor
     return (x - mean[:, None, None]) / std[:, None, None]
 
 
+def mix_batch(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
+              mix_prob: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp or CutMix of the normalized batch ``x`` [B, C, H, W] with itself reversed (see the module docstring);
+    every draw comes from ``g``. Returns the mixed images and float32 soft targets ``[B, num_classes]``."""
+    draws = torch.rand(4, generator=g, dtype=torch.float64).tolist()
+    beta = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g)))
+    targets = F.one_hot(labels, num_classes).to(torch.float32)
+    use_mixup = mixup_alpha > 0 and (cutmix_alpha == 0 or draws[1] < 0.5)
+    if draws[0] >= mix_prob or (mixup_alpha == 0 and cutmix_alpha == 0):
+        return x, targets
+    partner = x.flip(0)
+    if use_mixup:
+        lam = float(beta.beta(mixup_alpha, mixup_alpha))
+        x = x * lam + partner * (1 - lam)
+    else:  # a box of about (1 - lam) of the image, centred anywhere, clipped at the edges, takes the partner's pixels
+        H, W = x.shape[-2:]
+        cut = math.sqrt(1 - float(beta.beta(cutmix_alpha, cutmix_alpha)))
+        cy, cx = int(draws[2] * H), int(draws[3] * W)
+        y0, y1 = max(cy - int(H * cut) // 2, 0), min(cy + int(H * cut) // 2, H)
+        x0, x1 = max(cx - int(W * cut) // 2, 0), min(cx + int(W * cut) // 2, W)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+    return x, targets * lam + targets.flip(0) * (1 - lam)
+
+
 class _ImageBatches:
     """What ``ImageData`` (splits in memory) and ``StreamImageData`` (splits on disk) share: the split and label
     checks, the normalization constants, the arguments of ``eval_batches`` and the resume state. A subclass sets
@@ -327,6 +369,14 @@ class _ImageBatches:
         self._sampler = Sampler(seed, rank, world_size)
         self._epoch = 0
         self._position = 0
+
+    def _mixed(self, x: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch number ``batch`` after MixUp/CutMix (soft targets), or as it is when both are off."""
+        cfg = self.cfg
+        if cfg.mixup_alpha == 0 and cfg.cutmix_alpha == 0:
+            return x, labels
+        return mix_batch(x, labels, self.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob,
+                         stream_generator(self._sampler.seed, "mix", batch))
 
     def _eval_size(self, split: str, batch_size: int, max_batches: int | None) -> int:
         """How many images of ``split`` ``eval_batches`` yields, once its arguments are checked."""
@@ -381,7 +431,8 @@ class ImageData(_ImageBatches):
         return torch.cat(parts)
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``batch_size`` training images (float32 ``[B, C, H, W]``) and labels (int64 ``[B]``)."""
+        """This rank's ``batch_size`` training images (float32 ``[B, C, H, W]``) and labels (int64 ``[B]``; with
+        MixUp/CutMix on, float32 soft targets ``[B, num_classes]``)."""
         s = self._sampler
         n = s.global_size(batch_size)
         index = self._take(n)
@@ -394,7 +445,7 @@ class ImageData(_ImageBatches):
         images, labels = self.splits["train"]
         x = augment_batch(images[index[mine]], offsets[mine] if offsets is not None else None,
                           flips[mine] if flips is not None else None, pad, self.mean, self.std)
-        return x, labels[index[mine]]
+        return self._mixed(x, labels[index[mine]], s.batches - 1)
 
     def eval_batches(self, split: str, batch_size: int,
                      max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -566,7 +617,7 @@ class StreamImageData(_ImageBatches):
             multiprocessing_context="forkserver" if workers else None)
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``batch_size`` training images (float32 ``[B, C, H, W]``) and labels (int64 ``[B]``)."""
+        """This rank's ``batch_size`` training images and labels, as ``ImageData.next_batch``."""
         n = self._sampler.global_size(batch_size)
         if self._batches is None or self._keys.batch_size != batch_size:
             if self._loader is None:
@@ -578,7 +629,9 @@ class StreamImageData(_ImageBatches):
         size = len(self.splits["train"][1])
         self._epoch, self._position = self._epoch + (self._position + n) // size, (self._position + n) % size
         self._sampler.batches += 1
-        return batch
+        x, y = self._mixed(*batch, self._sampler.batches - 1)
+        pinned = batch[0].is_pinned()  # mixing made new tensors: pin them as the loader did
+        return (x.pin_memory(), y.pin_memory()) if pinned and not x.is_pinned() else (x, y)
 
     def eval_batches(self, split: str, batch_size: int,
                      max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
