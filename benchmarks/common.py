@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import gc
 import os
 import platform
 import re
@@ -265,6 +266,10 @@ def run_cases(name: str, cases: list[Case]) -> list[dict]:
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
             torch.cuda.empty_cache()
+        # a measured provider may hold a CUDA graph and its memory pool (cuda_graphed): let it go before the next
+        case.providers = {}
+        gc.collect()
+        torch.cuda.empty_cache()
         write_results(name, rows)  # after every case, so a run stopped at its time limit keeps its rows
     return rows
 

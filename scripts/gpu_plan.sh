@@ -2,7 +2,7 @@
 # The GPU plan of the open performance work (issues 22 and 24), in calls that each fit one device call
 # (10 minutes); run from the repository root on the GPU machine, with .whl carried (see scripts/gpu_run.sh):
 #   bash scripts/gpu_plan.sh 1   # correctness of the changed kernels on the GPU, then the launch-constant sweeps
-#   bash scripts/gpu_plan.sh 2   # the bandwidth table (bf16 and fp32) and the GPT-2 training step against compiled PyTorch
+#   bash scripts/gpu_plan.sh 2   # the GPT-2 training step against compiled PyTorch, then the bandwidth table (bf16, fp32)
 #   bash scripts/gpu_plan.sh 3   # patched models (tests and benchmark) and the compile tests, dynamic shapes included
 # Each call's results come back in $OUT/results.tar.gz (unpack into benchmarks/results/<card>/) and $OUT/log.txt.
 # Between 1 and 2: set the constants the sweeps chose (triformer/layernorm.py's FWD_/BWD_ tiles,
@@ -14,8 +14,8 @@ case "${1:-}" in
        py "-m pytest -q -x -n 8 -p no:cacheprovider tests/test_cross_entropy.py tests/test_layernorm.py tests/test_gelu.py tests/test_attention.py" \
        bench "cross_entropy --sweep" bench "layernorm --sweep" bench "gelu --sweep" ;;
   2) GPU_RUN_DEADLINE=560 BENCH_TIMEOUT=330 bash scripts/gpu_run.sh \
-       bench "bandwidth" \
-       bench "train_step gpt --variants =none --compile (fused,plain --compile-modes default,reduce-overhead --steps 10 --warmup 3" ;;
+       bench "train_step gpt --variants fused,plain --compile fused,plain --compile-modes default,reduce-overhead --steps 10 --warmup 3" \
+       bench "bandwidth" ;;
   3) GPU_RUN_DEADLINE=560 BENCH_TIMEOUT=240 PY_TIMEOUT=300 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
        py "-m pytest -q -n 8 -p no:cacheprovider tests/test_patch.py tests/test_compile.py -k gpu" \
        bench "patch_llama --quick" ;;

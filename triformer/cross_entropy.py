@@ -408,18 +408,17 @@ def _scale_rows_kernel(x_ptr, scale_ptr, n_rows, n_cols, rows_inner, sx_o, sx_i,
             tl.store(ptrs, (x * scale[:, None]).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-# GPU launch, from `benchmarks/cross_entropy.py --sweep` (results: benchmarks/results/<card>/cross_entropy_sweep.md):
-# a row tile of TILE_BYTES per loop step (64 bytes per thread at 16 warps). Fused launches that write the
-# gradient over the logits keep two resident programs per SM while the rows they stream fit in 1.5 x
-# L2_ROW_BUDGET (about the L2), so pass 2 still finds them there; a separate gradient buffer doubles the bytes in
-# flight, so it keeps one. Rows so long that one program per SM already streams more than L2_ROW_BUDGET lose
-# pass 2's L2 hits anyway and go split, as do fewer than FUSED_MIN_ROWS_PER_SM rows per SM, into enough column
-# ranges for SPLIT_PROGRAMS_PER_SM programs per SM.
-TILE_BYTES = 32768
-GPU_WARPS = 16
-L2_ROW_BUDGET = 32 << 20
-FUSED_MIN_ROWS_PER_SM = 8
-SPLIT_PROGRAMS_PER_SM = 8
+# GPU launch, from `benchmarks/cross_entropy.py --sweep` (benchmarks/results/h100/cross_entropy_sweep.md): rows
+# of 16 KiB tiles on four persistent programs per SM. Smaller tiles than the 32 KiB ones the sweep also tried cut
+# the registers a program needs, so four fit an SM and hide each other's loads; that beat one or two programs
+# of larger tiles at every vocabulary tried (32K, 50K, 128K) and at 640 rows, whether the gradient goes over
+# the logits or into its own buffer. 8 warps per tile where its loads vectorize (16-byte aligned rows, see
+# _unmasked_tiles, or a vocabulary that is a multiple of 16); 16 where they do not (the LM head's padded rows of
+# 50304 holding 50257 logits), whose narrower loads want more threads in flight. The split pair (column ranges of
+# one row on several programs) only pays when there are fewer rows than SMs.
+TILE_BYTES = 16384
+PROGRAMS_PER_SM = 4
+VECTOR_WARPS, SCALAR_WARPS = 8, 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,21 +433,20 @@ class Plan:
 
 
 @_runtime.plan_cache
-def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, in_place: bool) -> Plan:
-    """Interpreter: fused, few programs with 64k-element tiles of many rows. GPU: see the constants above."""
+def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, vectorized: bool) -> Plan:
+    """Interpreter: fused, few programs with 64k-element tiles of many rows. GPU: see the constants above;
+    ``vectorized``: whether the tile loads are 16-byte vectors."""
     if _runtime.INTERPRET:
         block_v = min(triton.next_power_of_2(n_cols), max(1024, 65536 // min(triton.next_power_of_2(n_rows), 64)))
         block_r = _runtime.rows_per_program(n_rows, block_v)
         return Plan(block_r, block_v, 4, triton.cdiv(n_rows, block_r))
     block_v = min(triton.next_power_of_2(n_cols), TILE_BYTES // dtype.itemsize)
-    num_warps = min(GPU_WARPS, max(4, block_v * dtype.itemsize // 1024))
+    num_warps = min(VECTOR_WARPS if vectorized else SCALAR_WARPS, max(4, block_v * dtype.itemsize // 512))
     sms = _runtime.multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    streamed = sms * n_cols * dtype.itemsize  # bytes of rows in flight at one fused program per SM
-    if n_cols > block_v and (n_rows < FUSED_MIN_ROWS_PER_SM * sms or streamed > L2_ROW_BUDGET):
-        n_splits = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, n_rows), triton.cdiv(n_cols, block_v))
+    if n_cols > block_v and n_rows < sms:
+        n_splits = min(triton.cdiv(PROGRAMS_PER_SM * sms, n_rows), triton.cdiv(n_cols, block_v))
         return Plan(1, block_v, num_warps, 0, n_splits)
-    per_sm = 2 if in_place and 2 * streamed <= 1.5 * L2_ROW_BUDGET else 1
-    return Plan(1, block_v, num_warps, min(n_rows, per_sm * sms))
+    return Plan(1, block_v, num_warps, min(n_rows, PROGRAMS_PER_SM * sms))
 
 
 def check_targets(targets: torch.Tensor, n_cols: int, ignore_index: int) -> None:
@@ -494,7 +492,8 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
     chunk = triton.cdiv(n_rows, n_chunks)
     for first in range(0, n_rows, chunk):
         last = min(first + chunk, n_rows)
-        plan = _plan(last - first, n_cols, logits3.dtype, logits3.device, grad3 is logits3)
+        plan = _plan(last - first, n_cols, logits3.dtype, logits3.device,
+                     common["UNMASKED"] or n_cols % 16 == 0)
         tiles = dict(BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
         row_blocks = triton.cdiv(last - first, plan.block_r)
         if not plan.n_splits:

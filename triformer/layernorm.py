@@ -308,11 +308,12 @@ def _tile(n_rows: int, n_cols: int, max_block_n: int, gpu_tile: int, per_thread:
 
 
 # GPU tiles: elements per tile and per thread of each kernel, and how many backward warps an SM keeps resident
-# (the persistent backward grid is sized to that, so there is no second wave). At 8 elements per thread the
-# backward stays under 100 registers (`python -m benchmarks.layernorm_sm90`), which is what lets 20 warps stay
-# resident. `python -m benchmarks.layernorm --sweep` times the alternatives.
-FWD_GPU_TILE, FWD_PER_THREAD = 4096, 16
-BWD_GPU_TILE, BWD_PER_THREAD, BWD_RESIDENT_WARPS, BWD_PREFETCH = 2048, 8, 20, True
+# (the persistent backward grid is sized to that, so there is no second wave). Chosen by
+# `python -m benchmarks.layernorm --sweep` (benchmarks/results/h100/layernorm_sweep.md): 16 elements per thread
+# with 16 resident warps and the next row block loaded ahead (BWD_PREFETCH) was fastest at 768, 2048 and 4096
+# columns; 2048-element forward tiles (several rows of a narrow layer per program) likewise.
+FWD_GPU_TILE, FWD_PER_THREAD = 2048, 16
+BWD_GPU_TILE, BWD_PER_THREAD, BWD_RESIDENT_WARPS, BWD_PREFETCH = 2048, 16, 16, True
 
 
 @_runtime.plan_cache
