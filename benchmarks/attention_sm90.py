@@ -2,7 +2,8 @@
 ``python -m benchmarks.attention_sm90 [--first]`` prints, per kernel, head dim, config and dropout, the
 registers per thread, the stack bytes (register spills), the shared memory, and how many asynchronous
 global-to-shared copies (cp.async, issued by software pipelining) and warpgroup matmuls (wgmma) the PTX holds.
-``--first`` compiles only the first variant (a smoke check for the test suite).
+``--first`` compiles only the first variant (a smoke check for the test suite); ``--softcap`` compiles the
+soft-capped variants (HAS_SOFTCAP), ``--gqa`` the grouped-query ones.
 
 The arguments are specialised as Triton specialises a launch on contiguous bf16 [B, H, T, D] tensors at
 T=1024: head-dim strides equal to 1 become constants, pointers, the other strides and T are 16-divisible.
@@ -27,8 +28,9 @@ attention_module = sys.modules["triformer.attention"]
 
 KERNELS = {"fwd": ("_attn_fwd_kernel", "_FWD_CONFIGS"), "dq": ("_attn_bwd_dq_kernel", "_DQ_CONFIGS"),
            "dkdv": ("_attn_bwd_dkdv_kernel", "_DKDV_CONFIGS")}
-POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8"}  # every other tensor argument is bf16
-FLOATS = {"qk_scale", "scale", "dropout_p", "drop_scale"}
+# every other tensor argument is bf16; SEED is dropout's seed, read on the device
+POINTER_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "KPM": "*u8", "SEED": "*i64"}
+FLOATS = {"qk_scale", "softcap", "scale", "dropout_p", "drop_scale"}
 T = 1024
 
 
@@ -89,13 +91,14 @@ def variants():
 
 
 def main() -> None:
-    print(f"triton {triton.__version__}, sm_90, bf16, causal, T={T}\n")
+    softcap = "--softcap" in sys.argv[1:]
+    print(f"triton {triton.__version__}, sm_90, bf16, causal, T={T}{', soft-capped' if softcap else ''}\n")
     print("| kernel | D | BLOCK_M, BLOCK_N, warps, stages | dropout | regs | stack | smem | cp.async | wgmma |")
     print("|---|---|---|---|---|---|---|---|---|")
     for kernel, fn, head_dim, (block_m, block_n, warps, stages), dropout in variants():
-        constants = dict(IS_CAUSAL=True, MASK_KIND=0, HAS_KPM=False, HAS_DROPOUT=dropout, QUADS=True,
-                         DOT_PREC="tf32", HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                         SEQ_M=0, SEQ_N=0)
+        constants = dict(IS_CAUSAL=True, MASK_KIND=0, HAS_KPM=False, HAS_DROPOUT=dropout, HAS_SOFTCAP=softcap,
+                         QUADS=True, DOT_PREC="tf32", HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m,
+                         BLOCK_N=block_n, SEQ_M=0, SEQ_N=0)
         compiled = triton.compile(specialise(fn, constants), target=GPUTarget("cuda", 90, 128),
                                   options=dict(num_warps=warps, num_stages=stages))
         r = resources(compiled)

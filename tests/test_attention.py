@@ -12,6 +12,7 @@ from triformer.attention import (Attention, AttentionFunction, attention, attent
 from triformer.dropout import dropout, dropout_keep_reference
 from triformer.testing import (FP32_RTOL, LOW_PRECISION_FLOOR, LOW_PRECISION_SLACK, assert_close, kernel_device,
                                poisoned_empty, random_tensor, rel_error)
+from tests.helpers.ops import NoLaunch
 
 import triton  # noqa: E402  (after triformer, which picks compile vs interpreter)
 
@@ -299,18 +300,19 @@ def test_tuned_config_launch(monkeypatch):
     monkeypatch.setattr(attention_module, "_tiles", lambda Tq, Tk, n_pairs: dict(SEQ_M=0, SEQ_N=0))
     monkeypatch.setattr(attention_module, "_TUNED", {})
 
-    def forward(B=1, H=2, Tq=100, Tk=100, D=64, dtype=torch.float16, is_causal=False, dropout_p=0.0, mask=None):
+    def forward(B=1, H=2, Tq=100, Tk=100, D=64, dtype=torch.float16, is_causal=False, dropout_p=0.0, mask=None,
+                softcap=0.0):
         """(autotuner runs, (grid, keywords) of the launch) of one forward; ``mask``: an additive mask's dtype."""
         q, k, v = (torch.empty(B, H, T, D, dtype=dtype) for T in (Tq, Tk, Tk))
         attn_mask = None if mask is None else torch.zeros(Tq, Tk, dtype=mask)
         runs = len(tuner_runs)
         attention_module._attention_fwd(q, k, v, attn_mask, None, torch.tensor(7) if dropout_p else None,
-                                        is_causal, dropout_p, 0.125)
+                                        is_causal, dropout_p, 0.125, softcap)
         return len(tuner_runs) - runs, recorder.launches[-1]
 
     for variant in [{}, dict(dtype=torch.bfloat16), dict(dtype=torch.float32), dict(D=40), dict(is_causal=True),
                     dict(dropout_p=0.1), dict(Tq=200), dict(Tk=300), dict(mask=torch.float16),
-                    dict(mask=torch.float32)]:
+                    dict(mask=torch.float32), dict(softcap=30.0)]:
         runs, tuned = forward(**variant)
         assert runs == 1, variant
         assert tuned[1]["BLOCK_M"] == 64 and tuned[1]["num_warps"] == 4
@@ -323,7 +325,7 @@ def test_tuned_config_launch(monkeypatch):
         attention_module._launch(tuner, 300, "BLOCK_N", 6, dict(SEQ_M=0, SEQ_N=0), (torch.empty(1),),
                                  **{name: 1 for name in attention_module._TUNE_KEY})
         assert recorder.launches[-1][0] == (triton.cdiv(300, 32) * 6,)
-    assert len(tuner_runs) == 11
+    assert len(tuner_runs) == 12
 
 
 @pytest.mark.skipif(kernel_device().type != "cuda", reason="autotuned kernels run on a GPU only")
@@ -440,14 +442,22 @@ def test_module_and_function():
     assert not torch.equal(layer.train()(q, k, v), expected)
     direct = AttentionFunction.apply(q, k, v, True, 0.0, 0.25, None, None, None)  # pre-validated arguments
     assert torch.equal(direct, expected)
+    capped = Attention(is_causal=True, softcap=3.0)
+    assert "softcap=3.0" in repr(capped) and "softcap" not in repr(layer)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    direct = AttentionFunction.apply(*leaves, True, 0.0, 0.25, None, None, None, 3.0)
+    assert direct.grad_fn.name() == "AttentionFunctionBackward"
+    assert torch.equal(direct, capped(q, k, v))
+    torch.autograd.grad(direct.sum(), leaves)  # ten gradients for ten arguments
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("softcap", [0.0, 2.5])
+def test_torch_compile_fullgraph_matches_eager(softcap):
     q, k, v = qkv(1, 2, 70, 70, 16, torch.float32)
     mask = torch.randn(70, 70, device=q.device)
 
     def loss(q, k, v):  # the default seed is drawn inside the graph, from torch's generator
-        out = attention(q, k, v, is_causal=True, dropout_p=0.2, attn_mask=mask)
+        out = attention(q, k, v, is_causal=True, dropout_p=0.2, attn_mask=mask, softcap=softcap)
         return (out * out).sum()
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
@@ -475,6 +485,12 @@ def test_bad_arguments_raise_before_launch():
         (dict(dropout_p=1.0), ValueError, "dropout_p must be in"),
         (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
         (dict(scale=float("nan")), ValueError, "scale must be"),
+        (dict(softcap=-1.0), ValueError, "softcap must be a finite number >= 0"),
+        (dict(softcap=float("inf")), ValueError, "softcap must be a finite number >= 0"),
+        (dict(softcap=float("nan")), ValueError, "softcap must be a finite number >= 0"),
+        (dict(softcap="30"), TypeError, "softcap must be a float"),
+        (dict(softcap=True), TypeError, "softcap must be a float"),
+        (dict(softcap=None), TypeError, "softcap must be a float"),
         (dict(seed=-1, dropout_p=0.1), ValueError, "seed must be"),
         (dict(attn_mask=torch.zeros(3, 8, 8)), ValueError, "attn_mask must broadcast"),
         (dict(attn_mask=torch.zeros(8, 8, dtype=torch.int32)), TypeError, "attn_mask must be float32"),
@@ -508,20 +524,21 @@ def test_attention_long_sequences(dtype):
     mask=st.sampled_from([None, "additive", "bool", "padding"]),
     dropout_p=st.sampled_from([0.0, 0.0, 0.6]),
     seed=st.integers(0, 2**31 - 1),
+    softcap=st.sampled_from([0.0, 0.0, 0.5, 20.0]),
 )
 # the long profile's failure, reproduced with a seed: dominant keys dropped, fp32 out 4.8e-5 (PyTorch's 1.4e-5)
 @example(shape=(1, 2, 2, 25, 40), dtype=torch.float32, contiguous=False, is_causal=False, magnitude=8.0,
-         mask="additive", dropout_p=0.6, seed=337)
+         mask="additive", dropout_p=0.6, seed=337, softcap=0.0)
 # fp16 results in the subnormal range (see subnormal_sizes): dq 0.26 against PyTorch's 0.09
 @example(shape=(2, 2, 2, 89, 64), dtype=torch.float16, contiguous=True, is_causal=False, magnitude=8.0,
-         mask="additive", dropout_p=0.6, seed=172)
-def test_attention_property(shape, dtype, contiguous, is_causal, magnitude, mask, dropout_p, seed):
+         mask="additive", dropout_p=0.6, seed=172, softcap=0.0)
+def test_attention_property(shape, dtype, contiguous, is_causal, magnitude, mask, dropout_p, seed, softcap):
     B, H, Tq, Tk, D = shape
     gen = torch.Generator().manual_seed(seed)  # inputs, masks, dropout and grad_out: one example, one draw
     masks = random_masks(B, H, Tq, Tk, mask, gen) if mask else {}
     q, k, v = qkv(B, H, Tq, Tk, D, dtype, contiguous, magnitude, gen)
     check_attention(q, k, v, random_tensor(q.shape, dtype, generator=gen), is_causal=is_causal,
-                    dropout_p=dropout_p, seed=seed if dropout_p else None, **masks)
+                    dropout_p=dropout_p, seed=seed if dropout_p else None, softcap=softcap, **masks)
 
 
 def test_sm90_codegen_pipelines_loads_without_spills():
@@ -599,3 +616,115 @@ def test_gqa_bad_group():
     q, k, v = qkv(1, 4, 8, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="H_kv dividing"):
         attention(q, k[:, :3], v[:, :3])
+
+
+# --- logit soft-capping (Gemma-2): scores s = softcap * tanh(q k^T scale / softcap), before the masks ---
+# Inputs of magnitude 3 give scaled scores of about 9 (up to ~40), so a cap of 4.5 saturates many of them: the tanh
+# and its derivative 1 - tanh^2 are exercised over their whole range, not only where tanh(x) ~ x.
+
+@pytest.mark.parametrize("Tq,Tk", [(67, 150), (130, 77), (9, 13)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_softcap_matches_reference(Tq, Tk, is_causal):
+    q, k, v = qkv(2, 2, Tq, Tk, 32, torch.float32, scale=3.0)
+    out = check_attention(q, k, v, is_causal=is_causal, softcap=4.5)
+    # the cap changes the result (a test whose scores never reach the cap would pass without it)
+    assert rel_error(out, attention_reference(q.double(), k.double(), v.double(), is_causal)) > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_softcap_low_precision(dtype):
+    check_attention(*qkv(1, 2, 70, 75, 64, dtype, scale=3.0), is_causal=True, softcap=4.5)
+
+
+@pytest.mark.parametrize("kind", ["additive", "bool", "padding"])
+def test_softcap_with_masks_and_dropout(kind):
+    """Masks apply after the cap (an additive mask is added to the capped scores), and dropout's mask is the same."""
+    B, H, Tq, Tk = 2, 2, 37, 70
+    check_attention(*qkv(B, H, Tq, Tk, 16, torch.float32, scale=3.0), is_causal=kind == "bool", softcap=3.0,
+                    **random_masks(B, H, Tq, Tk, kind))
+    check_attention(*qkv(B, H, Tq, Tk, 16, torch.float32, scale=3.0), dropout_p=0.3, seed=5, softcap=3.0,
+                    **random_masks(B, H, Tq, Tk, kind))
+
+
+def test_softcap_order_matches_transformers_gemma2():
+    """The same order as transformers' eager Gemma-2 attention: scale, cap, then the additive mask."""
+    q, k, v = (t.double() for t in qkv(1, 2, 6, 9, 8, torch.float32, scale=3.0))
+    mask = torch.randn(6, 9, dtype=torch.float64, device=q.device)
+    cap, scale = 2.0, 0.3
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / cap) * cap + mask
+    expected = torch.softmax(scores, -1) @ v
+    torch.testing.assert_close(attention_reference(q, k, v, scale=scale, attn_mask=mask, softcap=cap), expected)
+    assert_close("out", attention(q.float(), k.float(), v.float(), scale=scale, attn_mask=mask.float(), softcap=cap),
+                 expected)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_softcap_gqa(is_causal):
+    B, H, H_kv, T = 2, 4, 2, 21
+    mask = torch.rand(B, H, T, T, device=kernel_device()) > 0.3
+    check_gqa(B, H, H_kv, T, T, 16, is_causal=is_causal, softcap=2.0, attn_mask=mask)
+    check_gqa(1, 4, 1, 70, 45, 24, is_causal=is_causal, softcap=7.0)  # blocks on the interpreter too
+
+
+def test_softcap_extreme_scores_stay_finite():
+    """Scores of ~150 with a cap of 1: tanh saturates to exactly +-1 (its derivative to 0) without overflow."""
+    check_attention(*qkv(1, 2, 80, 70, 32, torch.float32, scale=12.0), is_causal=True, softcap=1.0)
+
+
+def test_softcap_zero_is_off():
+    q, k, v = qkv(1, 2, 33, 40, 16, torch.float32)
+    assert torch.equal(attention(q, k, v, softcap=0.0), attention(q, k, v))
+    assert torch.equal(attention(q, k, v, softcap=0), attention(q, k, v))
+
+
+@pytest.mark.parametrize("n_head,n_kv_head,is_causal,dropout_p", [(3, 3, True, 0.0), (4, 2, False, 0.2)])
+def test_softcap_packed(n_head, n_kv_head, is_causal, dropout_p):
+    B, T, D = 2, 29, 16
+    qkv_ = (random_tensor((B, T, (n_head + 2 * n_kv_head) * D), torch.float32) * 3).requires_grad_()
+    kwargs = dict(is_causal=is_causal, dropout_p=dropout_p, seed=3 if dropout_p else None, softcap=2.5)
+    out = attention_packed(qkv_, n_head, n_kv_head, **kwargs)
+    grad_out = random_tensor(out.shape, out.dtype)
+    (dqkv,) = torch.autograd.grad(out, qkv_, grad_out)
+    q64 = qkv_.detach().double().requires_grad_()
+    ref = attention_packed_reference(q64, n_head, n_kv_head, **kwargs)
+    (ref_grad,) = torch.autograd.grad(ref, q64, grad_out.double())
+    assert_close("out", out, ref)
+    assert_close("dqkv", dqkv, ref_grad)
+    views = [t.detach().requires_grad_() for t in split_qkv(qkv_.detach(), n_head, n_kv_head)]
+    torch.testing.assert_close(out, attention(*views, **kwargs), rtol=0, atol=0)
+
+
+def test_softcap_double_backward():
+    """create_graph=True goes through attention_reference with the same cap: gradients of gradients exact."""
+    q, k, v = (random_tensor((1, 2, n, 8), torch.float32) * 3 for n in (5, 7, 7))
+    qkv_ = (random_tensor((1, 9, 3 * 2 * 8), torch.float32) * 3)
+
+    def penalty(fn, inputs, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        grads = torch.autograd.grad(fn(*leaves).square().sum(), leaves, create_graph=True)
+        assert all(g.requires_grad for g in grads)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+
+    for fn, ref, inputs in [
+        (lambda q, k, v: attention(q, k, v, True, softcap=2.0),
+         lambda q, k, v: attention_reference(q, k, v, True, softcap=2.0), (q, k, v)),
+        (lambda x: attention_packed(x, 2, is_causal=True, softcap=2.0),
+         lambda x: attention_packed_reference(x, 2, is_causal=True, softcap=2.0), (qkv_,)),
+    ]:
+        for i, (ours, exact) in enumerate(zip(penalty(fn, inputs, torch.float32), penalty(ref, inputs, torch.float64))):
+            assert_close(f"penalty gradient of input {i}", ours, exact, rtol=1e-4)
+
+
+def test_softcap_bad_values_raise_before_launch(monkeypatch):
+    for name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+        monkeypatch.setattr(attention_module, name, NoLaunch())
+    q, k, v = qkv(1, 2, 8, 8, 16, torch.float32)
+    packed = random_tensor((1, 8, 3 * 2 * 16), torch.float32)
+    for value, error in [(-0.5, ValueError), (float("inf"), ValueError), (float("-inf"), ValueError),
+                         (float("nan"), ValueError), ("50", TypeError), (False, TypeError), (None, TypeError)]:
+        for call in (lambda: attention(q, k, v, softcap=value), lambda: attention_packed(packed, 2, softcap=value),
+                     lambda: attention_reference(q, k, v, softcap=value),
+                     lambda: attention_packed_reference(packed, 2, softcap=value),
+                     lambda: Attention(softcap=value)):
+            with pytest.raises(error, match="softcap must be"):
+                call()

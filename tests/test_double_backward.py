@@ -121,6 +121,11 @@ def _cases():
             lambda q, k, v: attention_reference(q, k, v, scale=0.3, attn_mask=float_mask, key_padding_mask=kpm),
             lambda: [random_tensor(s, F32, generator=_gen(i))
                      for i, s in enumerate(((1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)))]),
+        # logit soft-capping (Gemma-2) with grouped-query k/v: the reference caps the scores the same way
+        "attention-softcap-gqa": (lambda q, k, v: attention(q, k, v, True, softcap=2.0),
+                                  lambda q, k, v: attention_reference(q, k, v, True, softcap=2.0),
+                                  lambda: [random_tensor(s, F32, generator=_gen(i)) * 3 for i, s in
+                                           enumerate(((1, 4, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)))]),
         # one tensor as q, k and v: each argument's partial gradient, summed once by autograd
         "attention-self": (lambda x: attention(x, x, x, True), lambda x: attention_reference(x, x, x, True),
                            lambda: [random_tensor((2, 1, 6, 8), F32, generator=_gen())]),
@@ -152,7 +157,7 @@ def test_gradient_penalty_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "add_rms_norm", "softmax-causal", "dropout", "gelu-erf-bias",
-                                  "swiglu-packed", "apply_rope", "attention-causal-dropout",
+                                  "swiglu-packed", "apply_rope", "attention-causal-dropout", "attention-softcap-gqa",
                                   "linear_cross_entropy-none"])
 def test_gradgradcheck(name):
     """torch's own check of the second derivative against finite differences of the first. The kernels take

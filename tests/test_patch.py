@@ -82,8 +82,8 @@ EXPECT = {
     "phi3": (DECODER, ()), "olmo2": (DECODER, ()), "granite": (DECODER, ()), "smollm3": (DECODER, ()),
     "mixtral": (DECODER, ()), "qwen3_moe": (DECODER, ()),  # SwiGLU in every expert
     "gemma": (GEMMA, ()), "gemma3": (GEMMA, ()),
-    # soft-capped attention and logits: norms, RoPE (eager attention calls it too) and the GeGLU MLP only
-    "gemma2": (("apply_rope", "rms_norm", "geglu"), ("attention", "loss")),
+    # soft-capped attention (the kernel's softcap) and soft-capped logits (no fused loss): all but the loss
+    "gemma2": (("_attention", "apply_rope", "rms_norm", "geglu"), ("loss",)),
     # partial, interleaved RoPE: the rest
     "glm4": (("_attention", "rms_norm", "swiglu", "linear_cross_entropy"), ("rope",)),
     # RoPE through complex frequencies (no apply_rotary_pos_emb); the weightless q/k RMSNorms are swapped
@@ -407,10 +407,66 @@ def test_wrappers_are_unwrapped():
         assert type(model.lm_head) is patch_module._LMHead
 
 
-def test_attention_function_refuses_softcap():
+def test_attention_function_refuses_sinks_and_position_bias():
     q = torch.randn(1, 2, 4, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="softcap"):
-        patch_module.triformer_attention_forward(torch.nn.Module(), q, q, q, None, softcap=30.0)
+    for name in ("s_aux", "position_bias"):
+        with pytest.raises(ValueError, match=name):
+            patch_module.triformer_attention_forward(torch.nn.Module(), q, q, q, None, **{name: q})
+
+
+@pytest.mark.parametrize("softcap", [None, 50.0, 0.7])
+def test_attention_function_softcap_matches_gemma2_eager(softcap):
+    """``softcap`` and ``scaling`` as Gemma-2's attention module passes them, with a padded causal mask and
+    grouped-query k/v: output and gradients equal transformers' eager Gemma-2 attention."""
+    gemma2 = importlib.import_module("transformers.models.gemma2.modeling_gemma2")
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.head_dim, module.is_causal = 2, 8, True
+    module.eval()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 7, 8, generator=g).to(DEVICE) * 3 for h in (4, 2, 2))
+    allowed = torch.ones(7, 7, dtype=torch.bool).tril().expand(2, 1, 7, 7).clone()
+    allowed[1, ..., :2] = False  # left padding
+    allowed[1, :, :2, 0] = True  # (each padded query row still sees one key, as HF's masks have it)
+    allowed = allowed.to(DEVICE)
+    additive = torch.zeros(allowed.shape, device=DEVICE).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    results = []
+    for fn, mask in ((gemma2.eager_attention_forward, additive), (patch_module.triformer_attention_forward, allowed)):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, _ = fn(module, *leaves, mask, dropout=0.0, scaling=0.3, softcap=softcap, sliding_window=None)
+        results.append((out, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
+    for name, want, got in zip(("out", "dq", "dk", "dv"), *results):
+        assert rel_error(got, want) <= FP32_RTOL, name
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_soft_capped_attention_parity(calls, family):
+    """A cap the scores actually reach: at initialization they are ~1e-3 and tanh(s / 50) is s / 50 to 1e-10, so
+    the family test above cannot tell a cap from none. Larger q/k projections (Gemma-3: larger q/k norm weights,
+    its q and k being RMS-normalized per head) and a cap of 1 make it bite. Gemma-3's config has
+    ``attn_logit_softcapping`` too, and patch no longer refuses it; its attention module (transformers 5.25) passes
+    no ``softcap`` to the attention function, so there the cap changes nothing, patched or not."""
+    ref = pair(family, attn_logit_softcapping=1.0, final_logit_softcapping=None)[0]
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            attn = layer.self_attn
+            for proj, norm in ((attn.q_proj, getattr(attn, "q_norm", None)),
+                               (attn.k_proj, getattr(attn, "k_norm", None))):
+                proj.weight.mul_(60.0)
+                if norm is not None:  # Gemma's RMSNorm multiplies by 1 + weight
+                    norm.weight.add_(7.0)
+    uncapped = copy.deepcopy(ref)
+    uncapped.config.attn_logit_softcapping = None
+    for layer in uncapped.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    patched = copy.deepcopy(ref)
+    report = triformer.patch(patched)
+    assert report.left_alone == [] and report.parts()["attention"] == 2, str(report)
+    ids, mask, labels = lm_batch(padding="right")
+    if family == "gemma2":
+        with torch.no_grad():  # the cap changes the model's output
+            want, free = (m.eval()(input_ids=ids, attention_mask=mask).logits for m in (ref, uncapped))
+        assert rel_error(free, want) > 1e-2
+    check_lm_parity(ref, patched, ids, mask, labels, calls, GEMMA)
 
 
 def test_bad_arguments():

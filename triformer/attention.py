@@ -1,4 +1,5 @@
-"""Flash attention: ``softmax(q @ k^T * scale + mask) @ v`` without ever storing the [Tq, Tk] scores.
+"""Flash attention: ``softmax(q @ k^T * scale + mask) @ v`` without ever storing the [Tq, Tk] scores (optionally
+soft-capped: ``softmax(c * tanh(q @ k^T * scale / c) + mask) @ v``).
 
 Layout is that of ``torch.nn.functional.scaled_dot_product_attention``: q [B, H, Tq, D], k and v
 [B, H_kv, Tk, D], any strides (views of a fused qkv projection are read in place, without copies).
@@ -18,8 +19,14 @@ block accumulates dK/dV over the query blocks. Neither needs atomics, so every l
 Semantics:
 * ``is_causal`` is aligned bottom-right when Tq != Tk: query i sees keys j <= i + Tk - Tq (the KV-cache
   convention); with Tq > Tk the first Tq - Tk query rows see nothing.
-* ``attn_mask`` broadcastable to [B, H, Tq, Tk]: float is added to the scaled scores, bool means True =
-  attend (as in SDPA). ``key_padding_mask`` [B, Tk] bool: True = padding, ignored. Masks get no gradient.
+* ``softcap`` > 0 (logit soft-capping, Gemma-2's ``attn_logit_softcapping``): the scaled scores become
+  ``softcap * tanh(scores / softcap)`` before any mask is applied, in transformers' eager Gemma-2 order. A
+  compile-time switch (HAS_SOFTCAP) of every kernel: the kernels keep scores in log2 units (exp2), so with it
+  they scale by scale / softcap, take the tanh of the natural-scale score and multiply by softcap * log2(e);
+  the backward kernels recompute tanh and multiply dS by its derivative 1 - tanh^2. Without it (0, the
+  default) the code is the plain path's.
+* ``attn_mask`` broadcastable to [B, H, Tq, Tk]: float is added to the scaled (and soft-capped) scores, bool
+  means True = attend (as in SDPA). ``key_padding_mask`` [B, Tk] bool: True = padding, ignored. Masks get no gradient.
 * A query row with no key left to attend to outputs 0 and gets zero gradients (SDPA gives NaN there).
 * Dropout on the probabilities: element (b, h, i, j) is kept exactly when ``triformer.dropout`` with the
   same seed keeps element ``((b*H + h)*Tq + i)*Tk + j`` of a flat tensor (its counter-based Philox stream,
@@ -230,12 +237,40 @@ def _store_rows(base, rows, stride, n_rows, d_ok, tile):
 
 
 @triton.jit
-def _log2_scores(qk, i, j, Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
+def _tanh(x):
+    """tanh in fp32 to within a few units in the last place, from exp2 alone (the interpreter runs no libdevice
+    function): Cephes' tanhf, an odd polynomial where |x| <= 0.625 (there (1 - e) / (1 + e), e = exp(-2|x|),
+    would lose the small values' relative accuracy to cancellation), that formula above (e underflows to 0
+    for large |x|, giving 1; exp(+2|x|) would overflow instead)."""
+    a = tl.abs(x)
+    e = tl.math.exp2(a * -2.8853900817779268)  # exp(-2|x|): -2 * log2(e)
+    big = (1.0 - e) / (1.0 + e)
+    z = tl.minimum(a, 0.625)  # the polynomial only where it is used: no overflow in the discarded lane
+    z2 = z * z
+    small = ((((-5.70498872745e-3 * z2 + 2.06390887954e-2) * z2 - 5.37397155531e-2) * z2 + 1.33314422036e-1) * z2
+             - 3.33332819422e-1) * z2 * z + z
+    t = tl.where(a > 0.625, big, small)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _log2_scores(qk, i, j, Tq, Tk, qk_scale, softcap, mask_base, smm, smn, kpm_base, spn,
                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                 HAS_KPM: tl.constexpr):
+                 HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """Scaled, masked scores in log2 units for query rows i and key columns j (broadcastable index tiles,
-    so the dK/dV kernel can work on the transposed tile). Masked entries become -inf."""
-    s = qk * qk_scale
+    so the dK/dV kernel can work on the transposed tile). Masked entries become -inf.
+
+    HAS_SOFTCAP: the natural-scale scores are soft-capped before any mask, cap * tanh(qk * scale / cap) (Gemma-2's
+    order); the launchers then pass qk_scale = scale / cap and softcap = cap * log2(e), so the log2 units come in
+    after the tanh. Also returns d(capped score) / d(qk * scale) = 1 - tanh^2, which the backward kernels multiply
+    dS by (1 without soft-capping; the forward drops it)."""
+    if HAS_SOFTCAP:
+        t = _tanh(qk * qk_scale)
+        s = t * softcap
+        dcap = 1.0 - t * t
+    else:
+        s = qk * qk_scale
+        dcap = 1.0
     if MASK_KIND != 0:
         m = tl.load(mask_base + i.to(tl.int64) * smm + j.to(tl.int64) * smn, mask=(i < Tq) & (j < Tk), other=0)
         if MASK_KIND == 1:
@@ -250,7 +285,7 @@ def _log2_scores(qk, i, j, Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
         if IS_CAUSAL:
             ok = ok & (j <= i + (Tk - Tq))
         s = tl.where(ok, s, float("-inf"))
-    return s
+    return s, dcap
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
@@ -258,13 +293,14 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
+    H, n_pairs, Tq, Tk, qk_scale, softcap, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
     # fp32 math: Inductor passes Python floats as fp64
-    qk_scale = tl.cast(qk_scale, tl.float32)
+    qk_scale, softcap = tl.cast(qk_scale, tl.float32), tl.cast(softcap, tl.float32)
     dropout_p, drop_scale = tl.cast(dropout_p, tl.float32), tl.cast(drop_scale, tl.float32)
     # A [BLOCK_M, BLOCK_D] query tile stays in registers while [BLOCK_N, BLOCK_D] key/value tiles stream
     # past it: first the blocks every row sees whole (no mask work), then the masked ones.
@@ -297,10 +333,10 @@ def _attn_fwd_kernel(
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + _block_rows(Tk, n_pairs, BLOCK_N, SEQ_N)
             k = _load_rows(k_base, offs_n, skn, Tk, d_ok, phase == 1, EVEN_D)
-            s = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None],
-                             _own_pair(offs_n[None, :], bh, bh_n, Tk, PACKED),
-                             Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
-                             phase == 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
+            s, _ = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None],
+                                _own_pair(offs_n[None, :], bh, bh_n, Tk, PACKED),
+                                Tq, Tk, qk_scale, softcap, mask_base, smm, smn, kpm_base, spn,
+                                phase == 1, IS_CAUSAL, MASK_KIND, HAS_KPM, HAS_SOFTCAP)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row with every key so far masked keeps max -inf; shifting by 0 avoids -inf - -inf = NaN
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -326,13 +362,15 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sgb, sgh, sgn, sgd, smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
+    H, n_pairs, Tq, Tk, qk_scale, softcap, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
     # fp32 math: Inductor passes Python floats as fp64
     qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     dropout_p, drop_scale = tl.cast(dropout_p, tl.float32), tl.cast(drop_scale, tl.float32)
     # A [BLOCK_N, BLOCK_D] key/value tile and its dK/dV accumulators stay in registers while the query
     # blocks that see it stream past. Everything is computed transposed ([keys, queries]) so that
@@ -380,10 +418,10 @@ def _attn_bwd_dkdv_kernel(
                 do = _load_rows(do_base, offs_m, sdm, Tq, d_ok, phase != 1, EVEN_D)
                 lse = tl.load(lse_base + offs_m, mask=offs_m < Tq, other=float("inf"))
                 delta = tl.load(delta_base + offs_m, mask=offs_m < Tq, other=0.0)
-                s_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :],
-                                   _own_pair(offs_n[:, None], bh, bh_m, Tk, PACKED),
-                                   Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
-                                   phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
+                s_t, dcap_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :],
+                                           _own_pair(offs_n[:, None], bh, bh_m, Tk, PACKED),
+                                           Tq, Tk, qk_scale, softcap, mask_base, smm, smn, kpm_base, spn,
+                                           phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM, HAS_SOFTCAP)
                 p_t = tl.math.exp2(s_t - lse[None, :])
                 dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
                 if HAS_DROPOUT:
@@ -395,6 +433,8 @@ def _attn_bwd_dkdv_kernel(
                 else:
                     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
                 ds_t = p_t * (dp_t - delta[None, :])
+                if HAS_SOFTCAP:
+                    ds_t = ds_t * dcap_t
                 dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
     else:
         # grouped: one flat loop per phase over (group member g, query block), the same loop nest as above, so
@@ -423,10 +463,11 @@ def _attn_bwd_dkdv_kernel(
                                 phase != 1, EVEN_D)
                 lse = tl.load(LSE + bhq_m.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
                 delta = tl.load(DELTA + bhq_m.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
-                s_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :],
-                                   _own_pair(offs_n[:, None], bh, bh_m, Tk, PACKED),
-                                   Tq, Tk, qk_scale, MASK + b * smb + (h * kv_group + g) * smh, smm, smn,
-                                   kpm_base, spn, phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
+                s_t, dcap_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :],
+                                           _own_pair(offs_n[:, None], bh, bh_m, Tk, PACKED),
+                                           Tq, Tk, qk_scale, softcap, MASK + b * smb + (h * kv_group + g) * smh,
+                                           smm, smn, kpm_base, spn, phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM,
+                                           HAS_SOFTCAP)
                 p_t = tl.math.exp2(s_t - lse[None, :])
                 dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
                 if HAS_DROPOUT:
@@ -438,6 +479,8 @@ def _attn_bwd_dkdv_kernel(
                 else:
                     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
                 ds_t = p_t * (dp_t - delta[None, :])
+                if HAS_SOFTCAP:
+                    ds_t = ds_t * dcap_t
                 dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
 
     _store_rows(DK + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_n, sgn, Tk, d_ok, dk * scale)
@@ -449,13 +492,15 @@ def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, sdb, sdh, sdm, sdd,
     sgb, sgh, sgm, sgd, smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
+    H, n_pairs, Tq, Tk, qk_scale, softcap, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
     # fp32 math: Inductor passes Python floats as fp64
     qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     dropout_p, drop_scale = tl.cast(dropout_p, tl.float32), tl.cast(drop_scale, tl.float32)
     # The forward's blocking: Q, dO and the dQ accumulator stay in registers, key/value tiles stream.
     # Launched before dK/dV: it also writes delta_i = rowsum(dO * O) = sum_j P_ij dP_ij (with dropout too),
@@ -493,16 +538,18 @@ def _attn_bwd_dq_kernel(
             offs_n = start_n + _block_rows(Tk, n_pairs, BLOCK_N, SEQ_N)
             k = _load_rows(k_base, offs_n, skn, Tk, d_ok, phase == 1, EVEN_D)
             v = _load_rows(v_base, offs_n, svn, Tk, d_ok, phase == 1, EVEN_D)
-            s = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None],
-                             _own_pair(offs_n[None, :], bh, bh_n, Tk, PACKED),
-                             Tq, Tk, qk_scale, mask_base, smm, smn, kpm_base, spn,
-                             phase == 1, IS_CAUSAL, MASK_KIND, HAS_KPM)
+            s, dcap = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None],
+                                   _own_pair(offs_n[None, :], bh, bh_n, Tk, PACKED),
+                                   Tq, Tk, qk_scale, softcap, mask_base, smm, smn, kpm_base, spn,
+                                   phase == 1, IS_CAUSAL, MASK_KIND, HAS_KPM, HAS_SOFTCAP)
             p = tl.math.exp2(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             if HAS_DROPOUT:
                 keep = _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N, QUADS, SEQ_N)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
+            if HAS_SOFTCAP:  # through the cap: d(qk * scale) = dS * (1 - tanh^2)
+                ds = ds * dcap
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
 
     _store_rows(DQ + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_m, sgm, Tq, d_ok, dq * scale)
@@ -533,7 +580,9 @@ def _dropout_mask_kernel(OUT, SEED, Tq, Tk, dropout_p, QUADS: tl.constexpr, BLOC
 # dK/dV holds BLOCK_N keys plus two fp32 accumulators and streams BLOCK_M queries, so it wants BLOCK_N large
 # and BLOCK_M small. Compiled for sm_90 (bf16, causal; `python benchmarks/attention_sm90.py`, no GPU needed),
 # every config listed spills nothing without dropout; with dropout's RNG 7 of 22 spill 8-232 bytes a thread
-# and the autotuner's timings decide whether that costs.
+# and the autotuner's timings decide whether that costs. Soft-capping (HAS_SOFTCAP, `--softcap`) adds the tanh
+# to every kernel: one dK/dV config spills without dropout (D 128, 64 x 64: 40 bytes), 8 of 22 with it
+# (benchmarks/results/sm90/attention_sm90_softcap.md).
 _FWD_CONFIGS = ([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
                 [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3)],
                 (64, 64, 4, 3))
@@ -551,7 +600,8 @@ _DQ_CONFIGS = ([(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3
 # thread hand-offs). tests/test_attention.py lowers it to 64 so that its sequences of 67-150 cross blocks.
 _INTERPRET_TILE = 32
 INTERPRET_BLOCK = 128
-_TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "MASK_KIND", "HAS_KPM", "HAS_DROPOUT", "TQ_BUCKET", "TK_BUCKET"]
+_TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "MASK_KIND", "HAS_KPM", "HAS_DROPOUT", "HAS_SOFTCAP", "TQ_BUCKET",
+             "TK_BUCKET"]
 
 
 def _autotuned(table):
@@ -669,7 +719,15 @@ def _mask_operand(attn_mask: Optional[torch.Tensor], B: int, H: int, Tq: int, Tk
     return 1, m, m.stride()
 
 
-def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_causal):
+def _score_scales(scale: float, softcap: float) -> tuple[float, float]:
+    """The kernels' (qk_scale, softcap) scalars: scale * log2(e) and an unused 0 without soft-capping; with it
+    scale / cap and cap * log2(e), so that tanh sees the natural-scale scores (see _log2_scores)."""
+    if softcap > 0:
+        return scale / softcap, softcap * LOG2E.value
+    return scale * LOG2E.value, 0.0
+
+
+def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_causal, softcap):
     """Mask operands and their strides, RNG scalars, and the keyword arguments shared by the kernels: their
     compile-time switches and the sequence-length buckets, so that all of _TUNE_KEY is among them."""
     B, H, Tq, D = q.shape
@@ -681,7 +739,7 @@ def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_caus
     Tq, Tk, D = _runtime.plan_sizes(Tq, Tk, D)  # the constexprs below
     dot_prec = "ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
     consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
-                  HAS_DROPOUT=dropout_p > 0, QUADS=Tk % 4 == 0, DOT_PREC=dot_prec, HEAD_DIM=D,
+                  HAS_DROPOUT=dropout_p > 0, HAS_SOFTCAP=softcap > 0, QUADS=Tk % 4 == 0, DOT_PREC=dot_prec, HEAD_DIM=D,
                   BLOCK_D=max(16, _pow2(D)), TQ_BUCKET=_pow2(Tq), TK_BUCKET=_pow2(Tk), kv_group=H // k.shape[1])
     return mask, kpm, (*mask_strides, *kpm_strides), rng, consts
 
@@ -693,30 +751,30 @@ def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_caus
 @_runtime.kernel_op("triformer::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                    key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], is_causal: bool,
-                   dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   dropout_p: float, scale: float, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     out = _bthd_empty(B, H, Tq, D, q)
     lse = _empty((B, H, Tq), q, torch.float32)
     mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p,
-                                                            is_causal)
+                                                            is_causal, softcap)
     _launch(_attn_fwd, Tq, "BLOCK_M", B * H, _tiles(Tq, Tk, B * H), (q, k, v, out, lse, mask, kpm),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
-            H, B * H, Tq, Tk, scale * LOG2E.value, *rng, **consts)
+            H, B * H, Tq, Tk, *_score_scales(scale, softcap), *rng, **consts)
     return out, lse
 
 
 def _launch_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale,
-                dq, dk, dv) -> None:
+                softcap, dq, dk, dv) -> None:
     """The backward's two kernels, writing dq, dk and dv (any [B, H, T, D] strides)."""
     Tq, Tk = q.shape[2], k.shape[2]
     B, H, H_kv = q.shape[0], q.shape[1], k.shape[1]
     delta = _empty(lse.shape, lse)
     mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p,
-                                                            is_causal)
+                                                            is_causal, softcap)
     tiles = _tiles(Tq, Tk, B * H)
     shared = (*q.stride(), *k.stride(), *v.stride())
-    scalars = (H, B * H, Tq, Tk, scale * LOG2E.value, scale, *rng)
+    scalars = (H, B * H, Tq, Tk, *_score_scales(scale, softcap), scale, *rng)
     _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H, tiles, (q, k, v, out, grad_out, lse, delta, dq, mask, kpm),
             *shared, *out.stride(), *grad_out.stride(), *dq.stride(), *mask_strides, *scalars, **consts)
     _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H_kv, tiles, (q, k, v, grad_out, lse, delta, dk, dv, mask, kpm),
@@ -726,13 +784,13 @@ def _launch_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, 
 @_runtime.kernel_op("triformer::attention_bwd", mutates_args=())
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-                   seed: Optional[torch.Tensor], is_causal: bool, dropout_p: float,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   seed: Optional[torch.Tensor], is_causal: bool, dropout_p: float, scale: float,
+                   softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
     dq, dk, dv = _bthd_empty(B, H, Tq, D, q), _bthd_empty(B, H_kv, Tk, D, k), _bthd_empty(B, H_kv, Tk, D, v)
     _launch_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale,
-                dq, dk, dv)
+                softcap, dq, dk, dv)
     return dq, dk, dv
 
 
@@ -751,10 +809,10 @@ def split_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int) -> tuple[torch.Ten
 @_runtime.kernel_op("triformer::attention_bwd_packed", mutates_args=())
 def _attention_bwd_packed(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           seed: Optional[torch.Tensor], n_head: int, n_kv_head: int, is_causal: bool,
-                          dropout_p: float, scale: float) -> torch.Tensor:
+                          dropout_p: float, scale: float, softcap: float = 0.0) -> torch.Tensor:
     dqkv = _empty(qkv.shape, qkv)
     _launch_bwd(grad_out, *split_qkv(qkv, n_head, n_kv_head), out, lse, None, None, seed, is_causal, dropout_p,
-                scale, *split_qkv(dqkv, n_head, n_kv_head))
+                scale, softcap, *split_qkv(dqkv, n_head, n_kv_head))
     return dqkv
 
 
@@ -764,13 +822,14 @@ def _attention_bwd_packed(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.
 
 class AttentionFunction(torch.autograd.Function):
     """Autograd over the custom ops. Takes already-validated arguments: ``scale`` a float, ``seed`` a 0-dim
-    int64 CPU tensor (or None when ``dropout_p`` is 0); use ``attention`` instead."""
+    int64 CPU tensor (or None when ``dropout_p`` is 0), ``softcap`` a float >= 0 (0 = off, the default, so the
+    nine-argument calls of earlier versions still work); use ``attention`` instead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, seed):
-        out, lse = _attention_fwd(q, k, v, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale)
+    def forward(ctx, q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, seed, softcap=0.0):
+        out, lse = _attention_fwd(q, k, v, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale, softcap)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, seed)
-        ctx.is_causal, ctx.dropout_p, ctx.scale = is_causal, dropout_p, scale
+        ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.softcap = is_causal, dropout_p, scale, softcap
         return out
 
     @staticmethod
@@ -781,12 +840,13 @@ class AttentionFunction(torch.autograd.Function):
             # kernel's dropout mask); it builds the [B, H, Tq, Tk] scores. See triformer._double_backward.
             dq, dk, dv = reference_grads(
                 lambda q_, k_, v_: attention_reference(q_, k_, v_, ctx.is_causal, ctx.dropout_p, ctx.scale, attn_mask,
-                                                       key_padding_mask, seed),
+                                                       key_padding_mask, seed, ctx.softcap),
                 (q, k, v), (grad_out,), ctx.needs_input_grad[:3])
-            return dq, dk, dv, None, None, None, None, None, None
+            return dq, dk, dv, None, None, None, None, None, None, None
         dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed,
-                                    ctx.is_causal, ctx.dropout_p, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None
+                                    ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.softcap)
+        # (a trailing None past the arguments given, when softcap was left out, is dropped by autograd)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 class PackedAttentionFunction(torch.autograd.Function):
@@ -794,11 +854,12 @@ class PackedAttentionFunction(torch.autograd.Function):
     Takes already-validated arguments; use ``attention_packed`` instead."""
 
     @staticmethod
-    def forward(ctx, qkv, n_head, n_kv_head, is_causal, dropout_p, scale, seed):
+    def forward(ctx, qkv, n_head, n_kv_head, is_causal, dropout_p, scale, seed, softcap=0.0):
         q, k, v = split_qkv(qkv, n_head, n_kv_head)
-        out, lse = _attention_fwd(q, k, v, None, None, seed, is_causal, dropout_p, scale)
+        out, lse = _attention_fwd(q, k, v, None, None, seed, is_causal, dropout_p, scale, softcap)
         ctx.save_for_backward(qkv, out, lse, seed)
         ctx.heads, ctx.is_causal, ctx.dropout_p, ctx.scale = (n_head, n_kv_head), is_causal, dropout_p, scale
+        ctx.softcap = softcap
         return out
 
     @staticmethod
@@ -807,12 +868,12 @@ class PackedAttentionFunction(torch.autograd.Function):
         if needs_graph(grad_out, qkv):  # create_graph=True: through the reference (triformer._double_backward)
             (dqkv,) = reference_grads(
                 lambda qkv_: attention_packed_reference(qkv_, *ctx.heads, ctx.is_causal, ctx.dropout_p, ctx.scale,
-                                                        seed),
+                                                        seed, ctx.softcap),
                 (qkv,), (grad_out,), ctx.needs_input_grad[:1])
         else:
             dqkv = _attention_bwd_packed(grad_out, qkv, out, lse, seed, *ctx.heads, ctx.is_causal, ctx.dropout_p,
-                                         ctx.scale)
-        return dqkv, None, None, None, None, None, None
+                                         ctx.scale, ctx.softcap)
+        return dqkv, None, None, None, None, None, None, None
 
 
 def _check_heads(qkv, n_head, n_kv_head) -> int:
@@ -833,7 +894,15 @@ def _check_heads(qkv, n_head, n_kv_head) -> int:
     return n_kv_head
 
 
-def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask) -> None:
+def _check_softcap(softcap) -> None:
+    """softcap: a finite number >= 0 (0 = off)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0 = off), got {type(softcap).__name__}")
+    if not (_runtime.is_finite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
+
+
+def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, softcap=0.0) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
         if t.dim() != 4:
@@ -859,6 +928,7 @@ def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_paddin
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not _runtime.is_finite(scale)):
         raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    _check_softcap(softcap)
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
@@ -881,20 +951,24 @@ def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_paddin
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, dropout_p: float = 0.0,
               scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
-              key_padding_mask: Optional[torch.Tensor] = None, seed=None) -> torch.Tensor:
+              key_padding_mask: Optional[torch.Tensor] = None, seed=None, softcap: float = 0.0) -> torch.Tensor:
     """Flash attention on q [B, H, Tq, D], k/v [B, H_kv, Tk, D] (H_kv divides H: grouped-query attention);
     returns [B, H, Tq, D] (see the module
     docstring for masks, causal alignment, rows with nothing to attend to, and dropout). ``scale``
     defaults to 1/sqrt(D). ``seed`` (used only when dropout_p > 0): an int in [0, 2**63) or a 0-dim
-    integer tensor; None draws one from the generator of q's device, exactly as ``triformer.dropout`` does."""
-    _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask)
+    integer tensor; None draws one from the generator of q's device, exactly as ``triformer.dropout`` does.
+    ``softcap`` > 0 soft-caps the scaled scores, ``softcap * tanh(q @ k^T * scale / softcap)``, before the
+    masks (Gemma-2's attention logit soft-capping); 0, the default, leaves them as they are."""
+    _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed_t = seed_tensor(seed, q.device) if dropout_p > 0 else None
-    return AttentionFunction.apply(q, k, v, is_causal, float(dropout_p), scale, attn_mask, key_padding_mask, seed_t)
+    return AttentionFunction.apply(q, k, v, is_causal, float(dropout_p), scale, attn_mask, key_padding_mask, seed_t,
+                                   float(softcap))
 
 
 def attention_packed(qkv: torch.Tensor, n_head: int, n_kv_head: Optional[int] = None, is_causal: bool = False,
-                     dropout_p: float = 0.0, scale: Optional[float] = None, seed=None) -> torch.Tensor:
+                     dropout_p: float = 0.0, scale: Optional[float] = None, seed=None,
+                     softcap: float = 0.0) -> torch.Tensor:
     """``attention`` on the output of a fused q/k/v projection, ``qkv`` [B, T, (n_head + 2 * n_kv_head) * D]
     (per token the query heads, then the key heads, then the value heads: ``split_qkv``). Returns [B, n_head,
     T, D] as ``attention`` does, and its backward returns d(qkv) as one tensor written by the kernels, where
@@ -902,18 +976,20 @@ def attention_packed(qkv: torch.Tensor, n_head: int, n_kv_head: Optional[int] = 
     ``n_head``; the other arguments are ``attention``'s."""
     n_kv_head = _check_heads(qkv, n_head, n_kv_head)
     q, k, v = split_qkv(qkv, n_head, n_kv_head)
-    _check_arguments(q, k, v, is_causal, dropout_p, scale, None, None)
+    _check_arguments(q, k, v, is_causal, dropout_p, scale, None, None, softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed_t = seed_tensor(seed, qkv.device) if dropout_p > 0 else None
-    return PackedAttentionFunction.apply(qkv, n_head, n_kv_head, is_causal, float(dropout_p), scale, seed_t)
+    return PackedAttentionFunction.apply(qkv, n_head, n_kv_head, is_causal, float(dropout_p), scale, seed_t,
+                                         float(softcap))
 
 
 def attention_packed_reference(qkv: torch.Tensor, n_head: int, n_kv_head: Optional[int] = None,
                                is_causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None,
-                               seed=None) -> torch.Tensor:
+                               seed=None, softcap: float = 0.0) -> torch.Tensor:
     """``attention_reference`` on ``split_qkv``'s views: plain PyTorch, ``attention_packed``'s semantics."""
     n_kv_head = _check_heads(qkv, n_head, n_kv_head)
-    return attention_reference(*split_qkv(qkv, n_head, n_kv_head), is_causal, dropout_p, scale, seed=seed)
+    return attention_reference(*split_qkv(qkv, n_head, n_kv_head), is_causal, dropout_p, scale, seed=seed,
+                               softcap=softcap)
 
 
 def attention_dropout_mask(shape, dropout_p: float, seed, device=None) -> torch.Tensor:
@@ -934,20 +1010,26 @@ def attention_dropout_mask(shape, dropout_p: float, seed, device=None) -> torch.
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
                         dropout_p: float = 0.0, scale: Optional[float] = None,
                         attn_mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
-                        seed=None, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        seed=None, softcap: float = 0.0, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Plain PyTorch attention with ``attention``'s semantics, in the inputs' dtype (float64-friendly).
+
+    ``softcap`` > 0: the scaled scores become ``softcap * tanh(scores / softcap)`` before any mask, as in
+    transformers' eager Gemma-2 attention.
 
     Dropout keeps where ``dropout_mask`` (bool, broadcastable to [B, H, Tq, Tk]) is True. Without it, a
     given ``seed`` regenerates the kernel's mask bit for bit (triformer.dropout's plain-PyTorch Philox on the
     flat [B, H, Tq, Tk] index; memory-hungry, for tests), and ``seed=None`` draws a ``torch.rand`` mask:
     the same distribution, other bits, at the cost of ordinary unfused attention.
     """
+    _check_softcap(softcap)
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if k.dim() == 4 and k.shape[1] != q.shape[1]:  # grouped-query attention: query head h reads kv head h // group
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     s = (q @ k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
     if is_causal:
         allowed = allowed.tril(diagonal=Tk - Tq)
@@ -974,13 +1056,16 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_ca
 class Attention(torch.nn.Module):
     """``attention`` as a module: dropout applies in training mode only."""
 
-    def __init__(self, is_causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None):
+    def __init__(self, is_causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None,
+                 softcap: float = 0.0):
         super().__init__()
-        self.is_causal, self.dropout_p, self.scale = is_causal, dropout_p, scale
+        _check_softcap(softcap)
+        self.is_causal, self.dropout_p, self.scale, self.softcap = is_causal, dropout_p, scale, softcap
 
     def forward(self, q, k, v, attn_mask=None, key_padding_mask=None):
         return attention(q, k, v, self.is_causal, self.dropout_p if self.training else 0.0, self.scale,
-                         attn_mask, key_padding_mask)
+                         attn_mask, key_padding_mask, softcap=self.softcap)
 
     def extra_repr(self) -> str:
-        return f"is_causal={self.is_causal}, dropout_p={self.dropout_p}, scale={self.scale}"
+        return (f"is_causal={self.is_causal}, dropout_p={self.dropout_p}, scale={self.scale}"
+                + (f", softcap={self.softcap}" if self.softcap else ""))

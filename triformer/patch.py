@@ -25,9 +25,11 @@ What is recognised is decided by structure, each candidate checked numerically o
 * ``attention``: transformers models that dispatch through ``AttentionInterface`` get
   ``config._attn_implementation = "triformer"`` (registered when transformers loads, see
   ``register_attention``; the mask, padding and sliding windows reach the kernel as SDPA's boolean mask).
-  Grouped-query attention goes to the kernel as is. Soft-capped attention (Gemma-2), attention sinks
-  (gpt-oss) and head dims above 128 are refused when patching (left alone, listed). timm's ``Attention``
-  calls ``triformer.attention``.
+  Grouped-query attention goes to the kernel as is, and so does attention logit soft-capping: the ``softcap``
+  an attention module passes (Gemma-2's ``attn_logit_softcapping``) becomes the kernel's (Gemma-3's module, in
+  transformers 5.25, passes none even when its config sets one, and neither applies it, patched or not).
+  Attention sinks (gpt-oss) and head dims above 128 are refused when patching (left alone, listed). timm's
+  ``Attention`` calls ``triformer.attention``.
 * ``mlp``: GELU activations (exact or tanh) call ``triformer.gelu``; gated MLPs
   ``down(act(gate(x)) * up(x))`` (separate or packed ``gate_up_proj``) with a SiLU or GELU gate call
   ``triformer.swiglu`` / ``triformer.geglu`` (the projections stay the module's own, LoRA-wrapped or not);
@@ -485,8 +487,11 @@ def triformer_attention_forward(module, query, key, value, attention_mask, dropo
                                 scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """The ``"triformer"`` entry of transformers' ``AttentionInterface``, with SDPA's semantics:
     query [B, H, Tq, D], key/value [B, H_kv, Tk, D] (H_kv divides H), ``attention_mask`` None or SDPA's mask
-    (bool True = attend, or additive float) broadcastable to [B, H, Tq, Tk]. Returns ([B, Tq, H, D], None)."""
-    for unsupported in ("softcap", "s_aux", "position_bias"):
+    (bool True = attend, or additive float) broadcastable to [B, H, Tq, Tk]. Returns ([B, Tq, H, D], None).
+    ``softcap`` (Gemma-2's ``attn_logit_softcapping``; None or 0 = off) soft-caps the scaled scores before the
+    mask, as transformers' eager attention does; ``scaling`` (Gemma's ``query_pre_attn_scalar ** -0.5``) is the
+    kernel's ``scale``."""
+    for unsupported in ("s_aux", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"triformer attention does not support {unsupported!r}; patch this model with "
                              f"attention=False (triformer.patch leaves such models' attention alone)")
@@ -503,9 +508,10 @@ def triformer_attention_forward(module, query, key, value, attention_mask, dropo
         attention_mask = attention_mask[..., : key.shape[2]]
         if attention_mask.requires_grad:
             attention_mask = attention_mask.detach()
+    softcap = kwargs.get("softcap")
     query, key, value = _same_dtype(query, key, value)
     out = _attention(query, key, value, is_causal=is_causal, dropout_p=float(dropout), scale=scaling,
-                    attn_mask=attention_mask)
+                    attn_mask=attention_mask, softcap=0.0 if softcap is None else softcap)
     return out.transpose(1, 2), None
 
 
@@ -561,8 +567,6 @@ def _hf_attention_problem(model, config) -> Optional[str]:
     if not getattr(type(model), "_supports_attention_backend", False):
         return f"{type(model).__name__} does not dispatch through transformers' AttentionInterface"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "attn_logit_softcapping", None):
-        return f"attn_logit_softcapping={text.attn_logit_softcapping} (soft-capped attention is not supported)"
     if any("sinks" in m._parameters for m in model.modules()):
         return "attention sinks (a 'sinks' parameter) are not supported"
     heads = getattr(text, "num_attention_heads", None)
