@@ -15,7 +15,7 @@ case "${1:-}" in
        bench "cross_entropy --sweep" bench "layernorm --sweep" bench "gelu --sweep" ;;
   2) GPU_RUN_DEADLINE=560 BENCH_TIMEOUT=330 bash scripts/gpu_run.sh \
        bench "train_step gpt --variants fused,plain --compile fused,plain --compile-modes default,reduce-overhead --steps 10 --warmup 3" \
-       bench "bandwidth" ;;
+       bench "bandwidth" bench "bandwidth --fp32" ;;
   3) GPU_RUN_DEADLINE=560 BENCH_TIMEOUT=240 PY_TIMEOUT=300 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
        py "-m pytest -q -n 8 -p no:cacheprovider tests/test_patch.py tests/test_compile.py -k gpu" \
        bench "patch_llama --quick" ;;

@@ -23,9 +23,11 @@ run_steps() {
       tests) shift  # one file at a time, each under its own time limit, so one hang costs one file
         for f in $1; do echo "== $f"; timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -x -n 8 -p no:cacheprovider $f 2>&1 | tail -12; done
         shift ;;
-      bench) shift; echo "== bench $1"; read -r op args <<< "$1"  # "layernorm --quick": script and its flags
-        timeout ${BENCH_TIMEOUT:-300} python3 -m benchmarks.$op $args 2>&1 | tail -60; shift ;;
-      # the whole output also goes to results (py-N.txt): a step killed at its time limit loses pytest's summary,
+      bench) shift; echo "== bench $1"; read -r op args <<< "$1"; n=$((n + 1))  # "layernorm --quick": script, flags
+        timeout ${BENCH_TIMEOUT:-300} python3 -m benchmarks.$op $args 2>&1 | tee $TRIFORMER_BENCH_OUT/bench-$n-$op.txt | tail -60
+        shift ;;
+      # the whole output of a py or bench step also goes to results (py-N.txt, bench-N-OP.txt): a step killed at
+      # its time limit loses pytest's summary,
       # but `-v` lines name every test that finished, and failures are in there
       py) shift; echo "== $1"; n=$((n + 1))
         timeout ${PY_TIMEOUT:-500} python3 $1 2>&1 | tee $TRIFORMER_BENCH_OUT/py-$n.txt | tail -80; shift ;;
