@@ -424,3 +424,99 @@ def test_stream_mixes_as_in_memory(tmp_path):
 def test_mix_bad_settings_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         synthetic(**override)
+
+
+# ------------------------------------------------------------------------------------------------ RandAugment
+
+class FakeRandAugment:
+    """Stands in for torchvision.transforms.v2.RandAugment where no torchvision for this torch imports: scales
+    each image by a draw from torch's global generator, as the real one draws its ops from it."""
+
+    def __init__(self, num_ops, magnitude):
+        self.num_ops, self.magnitude = num_ops, magnitude
+
+    def __call__(self, image):
+        return image * torch.rand(())
+
+
+@pytest.fixture
+def fake_torchvision(monkeypatch):
+    import sys
+    import types
+
+    v2 = types.ModuleType("torchvision.transforms.v2")
+    v2.RandAugment = FakeRandAugment
+    transforms = types.ModuleType("torchvision.transforms")
+    transforms.v2 = v2
+    root = types.ModuleType("torchvision")
+    root.transforms = transforms
+    for name, module in (("torchvision", root), ("torchvision.transforms", transforms),
+                         ("torchvision.transforms.v2", v2)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_randaugment_applies_per_image_with_seeded_draws_and_resumes(fake_torchvision):
+    data = synthetic(crop_padding=0, hflip=False, randaugment_ops=2, randaugment_magnitude=7)
+    plain = synthetic(crop_padding=0, hflip=False)
+    assert isinstance(data.rand_augment, FakeRandAugment) and data.rand_augment.num_ops == 2
+    assert data.rand_augment.magnitude == 7
+    x, y = data.next_batch(6)
+    px, py = plain.next_batch(6)
+    assert torch.equal(y, py)
+    # each image is its plain self (on the [0, 1] scale) times its own draw
+    unnorm = x * data.std[:, None, None] + data.mean[:, None, None]
+    punnorm = px * plain.std[:, None, None] + plain.mean[:, None, None]
+    ratios = (unnorm.flatten(1).sum(1) / punnorm.flatten(1).sum(1))
+    assert len(set(torch.round(ratios, decimals=4).tolist())) == 6 and (ratios < 1).all()
+    state = data.state_dict()
+    expected = [data.next_batch(6) for _ in range(3)]
+    again = synthetic(crop_padding=0, hflip=False, randaugment_ops=2, randaugment_magnitude=7)
+    again.load_state_dict(state)
+    for (ex, ey), (ax, ay) in zip(expected, [again.next_batch(6) for _ in range(3)]):
+        assert torch.equal(ex, ax) and torch.equal(ey, ay)
+    # evaluation stays unaugmented
+    for (ex, _), (px, _) in zip(data.eval_batches("train", 8), plain.eval_batches("train", 8)):
+        assert torch.equal(ex, px)
+
+
+def test_randaugment_leaves_the_global_generator_alone(fake_torchvision):
+    data = synthetic(crop_padding=0, hflip=False, randaugment_ops=1)
+    torch.manual_seed(123)
+    data.next_batch(4)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
+
+
+def test_stream_randaugment_matches_in_process_reads(tmp_path, fake_torchvision):
+    root = make_stream_folder(tmp_path / "imgs")
+    a = build_data(stream_cfg(root, randaugment_ops=2), seed=5)
+    b = build_data(stream_cfg(root, randaugment_ops=2), seed=5)
+    c = build_data(stream_cfg(root), seed=5)
+    for _ in range(2):
+        (xa, ya), (xb, yb), (xc, yc) = a.next_batch(4), b.next_batch(4), c.next_batch(4)
+        assert torch.equal(xa, xb) and torch.equal(ya, yc) and not torch.equal(xa, xc)
+
+
+def test_randaugment_without_a_working_torchvision_names_the_setting(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails as where none is installed
+    with pytest.raises(RuntimeError, match=r"data.randaugment_ops=2 needs torchvision built for this torch"):
+        synthetic(randaugment_ops=2)
+
+
+def test_randaugment_with_real_torchvision():
+    pytest.importorskip("torchvision.transforms.v2", exc_type=ImportError)
+    data = synthetic(n=8, C=3, H=16, W=16, crop_padding=0, hflip=False, randaugment_ops=2, randaugment_magnitude=9)
+    x, _ = data.next_batch(4)
+    assert x.shape == (4, 3, 16, 16) and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(randaugment_ops=-1), "randaugment_ops must be an int >= 0"),
+    (dict(randaugment_magnitude=31), r"randaugment_magnitude must be an int in \[0, 30\]"),
+])
+def test_randaugment_bad_settings_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        synthetic(**override)

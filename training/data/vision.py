@@ -26,13 +26,18 @@ itself reversed, with probability ``mix_prob``; when both are on, each mixed bat
 equal chance. The weight ``lam`` is drawn from Beta(alpha, alpha) (CutMix's then set to the share of pixels
 kept), and the labels become soft targets: float32 ``[B, num_classes]``, ``lam * onehot(y) + (1 - lam) *
 onehot(y reversed)``, which the models' losses take as class probabilities. Evaluation batches are never mixed.
+
+RandAugment (``randaugment_ops`` ops of ``randaugment_magnitude`` per training image, off by default) is
+torchvision's ``transforms.v2.RandAugment``, applied after crop and flip, each image with torch's generator
+seeded from the batch's draws, so batches stay the same for any worker count and resume exactly. It needs a
+torchvision built for the installed torch.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -80,6 +85,8 @@ class ImageConfig:
     mixup_alpha: float = 0.0              # MixUp's Beta(alpha, alpha); 0 disables
     cutmix_alpha: float = 0.0             # CutMix's Beta(alpha, alpha); 0 disables
     mix_prob: float = 1.0                 # chance that a training batch is mixed (when either alpha is on)
+    randaugment_ops: int = 0              # RandAugment (torchvision.transforms.v2): ops per image; 0 disables
+    randaugment_magnitude: int = 9        # RandAugment's magnitude, 0-30
 
     def __post_init__(self):
         if self.task != "image":
@@ -105,6 +112,11 @@ class ImageConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a number >= 0 (0 disables), got {value!r}")
+        if not isinstance(self.randaugment_ops, int) or isinstance(self.randaugment_ops, bool) or self.randaugment_ops < 0:
+            raise ValueError(f"randaugment_ops must be an int >= 0 (0 disables), got {self.randaugment_ops!r}")
+        if (not isinstance(self.randaugment_magnitude, int) or isinstance(self.randaugment_magnitude, bool)
+                or not 0 <= self.randaugment_magnitude <= 30):
+            raise ValueError(f"randaugment_magnitude must be an int in [0, 30], got {self.randaugment_magnitude!r}")
         if isinstance(self.mix_prob, bool) or not isinstance(self.mix_prob, (int, float)) or not 0 <= self.mix_prob <= 1:
             raise ValueError(f"mix_prob must be a number in [0, 1], got {self.mix_prob!r}")
         if self.stream and self.source != "folder":
@@ -299,9 +311,12 @@ def _carve(splits: dict, cfg: ImageConfig) -> dict:
 # ------------------------------------------------------------------------------------------------- data
 
 def augment_batch(images: torch.Tensor, offsets: torch.Tensor | None, flips: torch.Tensor | None,
-                  padding: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+                  padding: int, mean: torch.Tensor, std: torch.Tensor,
+                  rand_augment: tuple[Callable, torch.Tensor] | None = None) -> torch.Tensor:
     """uint8 ``[B, C, H, W]`` -> normalized float32: crop ``[oy : oy+H, ox : ox+W]`` of the zero-padded image
-    (``offsets`` int ``[B, 2]`` in ``[0, 2*padding]``), mirror rows where ``flips``, then normalize."""
+    (``offsets`` int ``[B, 2]`` in ``[0, 2*padding]``), mirror rows where ``flips``, then ``rand_augment``'s
+    ``(transform, seeds)``: image ``i`` (float in [0, 1]) through ``transform`` with torch's global generator
+    seeded by ``seeds[i]`` (restored afterwards), then normalize."""
     x = images.to(torch.float32).div_(255.0)
     B, C, H, W = x.shape
     if offsets is not None and padding > 0:
@@ -311,7 +326,29 @@ def augment_batch(images: torch.Tensor, offsets: torch.Tensor | None, flips: tor
         x = x[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
     if flips is not None:
         x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    if rand_augment is not None:
+        transform, seeds = rand_augment
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global generator
+            out = []
+            for image, seed in zip(x, seeds.tolist()):
+                torch.manual_seed(seed)
+                out.append(transform(image))
+        x = torch.stack(out)
     return (x - mean[:, None, None]) / std[:, None, None]
+
+
+def rand_augment_transform(cfg: ImageConfig) -> Callable | None:
+    """torchvision's RandAugment with the config's ops and magnitude, or None when ``randaugment_ops`` is 0. A
+    missing or broken torchvision fails here, before any work, with the install line."""
+    if not cfg.randaugment_ops:
+        return None
+    try:
+        from torchvision.transforms import v2
+    except Exception as e:  # ImportError, or a torchvision built for another torch (its operators fail to load)
+        raise RuntimeError(f"data.randaugment_ops={cfg.randaugment_ops} needs torchvision built for this torch "
+                           f"{torch.__version__} (pip install torchvision; see pytorch.org for the matching "
+                           f"build): {type(e).__name__}: {e}") from e
+    return v2.RandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
 
 
 def mix_batch(x: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
@@ -369,6 +406,7 @@ class _ImageBatches:
         self._sampler = Sampler(seed, rank, world_size)
         self._epoch = 0
         self._position = 0
+        self.rand_augment = rand_augment_transform(cfg)
 
     def _mixed(self, x: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training batch number ``batch`` after MixUp/CutMix (soft targets), or as it is when both are off."""
@@ -440,11 +478,13 @@ class ImageData(_ImageBatches):
         pad = self.cfg.crop_padding
         offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g) if pad else None
         flips = torch.rand(n, generator=g) < 0.5 if self.cfg.hflip else None
+        seeds = torch.randint(0, 2**62, (n,), generator=g) if self.rand_augment else None
         s.batches += 1
         mine = s.mine(batch_size)
         images, labels = self.splits["train"]
         x = augment_batch(images[index[mine]], offsets[mine] if offsets is not None else None,
-                          flips[mine] if flips is not None else None, pad, self.mean, self.std)
+                          flips[mine] if flips is not None else None, pad, self.mean, self.std,
+                          (self.rand_augment, seeds[mine]) if seeds is not None else None)
         return self._mixed(x, labels[index[mine]], s.batches - 1)
 
     def eval_batches(self, split: str, batch_size: int,
@@ -498,10 +538,11 @@ class _FolderImages(torch.utils.data.Dataset):
     generator seeded by ``aug_seed`` (none when it is -1), normalized; and its label. The draws depend on the
     seed only, never on which worker loads the image, so batches are the same for any ``num_workers``."""
 
-    def __init__(self, paths, labels, mode: str, size: int, padding: int, hflip: bool, mean, std):
+    def __init__(self, paths, labels, mode: str, size: int, padding: int, hflip: bool, mean, std,
+                 rand_augment: Callable | None = None):
         self.paths, self.labels = list(paths), torch.as_tensor(labels)
         self.mode, self.size, self.padding, self.hflip = mode, size, padding, hflip
-        self.mean, self.std = mean, std
+        self.mean, self.std, self.rand_augment = mean, std, rand_augment
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -518,14 +559,16 @@ class _FolderImages(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         i, aug_seed = key
         image = self.read(i)[None]
-        offsets = flips = None
+        offsets = flips = rand_augment = None
         if aug_seed >= 0:
             g = torch.Generator().manual_seed(aug_seed)
             if self.padding:
                 offsets = torch.randint(0, 2 * self.padding + 1, (1, 2), generator=g)
             if self.hflip:
                 flips = torch.rand(1, generator=g) < 0.5
-        x = augment_batch(image, offsets, flips, self.padding, self.mean, self.std)
+            if self.rand_augment:
+                rand_augment = (self.rand_augment, torch.randint(0, 2**62, (1,), generator=g))
+        x = augment_batch(image, offsets, flips, self.padding, self.mean, self.std, rand_augment)
         return x[0], self.labels[i]
 
 
@@ -580,7 +623,8 @@ class StreamImageData(_ImageBatches):
             return _channel_stats(torch.stack([probe.read(int(i)) for i in picks]))
         self._setup(cfg, class_names, (C, S, S), estimate, seed, rank, world_size)
         self._datasets = {s: _FolderImages(p, lab, mode, S, cfg.crop_padding if s == "train" else 0,
-                                           cfg.hflip and s == "train", self.mean, self.std)
+                                           cfg.hflip and s == "train", self.mean, self.std,
+                                           self.rand_augment if s == "train" else None)
                           for s, (p, lab) in splits.items()}
         self._keys = _Keys(self)
         self._perm = None
