@@ -38,7 +38,7 @@ def penalty_gradients(fn, inputs, dtype=None, create_graph=True):
     gen = _gen(1)
     loss = 0
     for o in outs:
-        c1, c2 = (torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype) for _ in range(2))
+        c1, c2 = (torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype) for _ in range(2))
         loss = loss + (c1 * o + c2 * o * o).sum()
     grads = torch.autograd.grad(loss, leaves, create_graph=create_graph)
     if not create_graph:
