@@ -124,11 +124,14 @@ class GPT(nn.Module):
             loss = self.ops.linear_cross_entropy(h.reshape(-1, cfg.n_embd), self.head_weight[:V], targets.reshape(-1),
                                                  label_smoothing=cfg.label_smoothing)
             return (self._logits(h) if return_logits else None), at_least_fp32(loss)
-        logits = self._logits(h)
-        # without returned logits nothing else reads them, so their backward may overwrite them in place
-        loss = self.ops.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), label_smoothing=cfg.label_smoothing,
-                                      n_chunks=cfg.ce_chunks, inplace_backward=not return_logits)
-        return (logits if return_logits else None), at_least_fp32(loss)
+        padded = F.linear(h, self.head_weight)  # [B, T, padded vocabulary]
+        # The whole padded rows go in, the padding marked by num_classes: the gradient then comes back in the LM
+        # head's layout, with no copy out of a [..., :V] slice. Without returned logits nothing else reads them,
+        # so their backward may overwrite them in place.
+        loss = self.ops.cross_entropy(padded.reshape(-1, padded.shape[-1]), targets.reshape(-1),
+                                      label_smoothing=cfg.label_smoothing, n_chunks=cfg.ce_chunks,
+                                      inplace_backward=not return_logits, num_classes=V)
+        return (padded[..., :V] if return_logits else None), at_least_fp32(loss)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

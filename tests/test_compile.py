@@ -90,8 +90,9 @@ def test_activation_checkpointing_traces_in_one_graph_like_eager():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("inplace_backward", [False, True])
 def test_cross_entropy_traced_backward_matches_eager(reduction, inplace_backward):
-    """Traced, the backward scales the stored gradient out of place (an in-place scale of a backward-graph input
-    keeps Inductor from capturing that graph in a CUDA graph); the result must equal eager's in-place scale."""
+    """Traced, the forward stores row statistics and the backward computes the gradient times the upstream factor
+    (nothing in place: an in-place write of a backward-graph input keeps Inductor from capturing that graph in a
+    CUDA graph); the result must equal eager's in-place scale of the gradient stored in the forward."""
     device = kernel_device()
     g = torch.Generator().manual_seed(3)
     base = torch.randn(3, 5, 37, generator=g).to(device)

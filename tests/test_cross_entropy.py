@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 import triformer
 from triformer.cross_entropy import (CrossEntropyLoss, TritonCrossEntropyLoss, cross_entropy,
                                      cross_entropy_reference, launch_cross_entropy, mean_scale, scale_rows_)
-from triformer.testing import LOW_PRECISION_FLOOR, assert_close, kernel_device, poison_, random_tensor
+from triformer.testing import (LOW_PRECISION_FLOOR, assert_close, kernel_device, poison_, poisoned_empty,
+                               random_tensor)
 
 DEV = kernel_device()
 ce_module = sys.modules["triformer.cross_entropy"]  # the package attribute of that name is the function
@@ -482,3 +483,93 @@ def test_gpu_inplace_peak_memory():
     torch.cuda.synchronize()
     grad_buffer = logits.numel() * logits.element_size()
     assert torch.cuda.max_memory_allocated() - before < weight.numel() * 4 + grad_buffer // 4
+
+
+# ------------------------------------------------------------------------------ padded logits, compiled path
+
+def grad_in_backward_loss(logits, targets, reduction="mean", label_smoothing=0.0, num_classes=None, n_chunks=1):
+    """The compiled path's loss (what cross_entropy runs inside torch.compile): the forward stores row statistics
+    and the backward computes the gradient from them, here called eagerly."""
+    num_classes = logits.shape[-1] if num_classes is None else num_classes
+    return ce_module.CrossEntropyFunction.apply(logits, targets, -100, reduction, float(label_smoothing), n_chunks,
+                                                False, True, num_classes, True)
+
+
+@pytest.mark.parametrize("n_splits", [0, 3])  # the fused kernel and the split pair store the statistics
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_in_backward_matches_reference(monkeypatch, n_splits, reduction, label_smoothing, padded, dtype):
+    """Loss and gradient (upstream factors per row or one, ignored rows) against float64, with the gradient
+    buffer poisoned, on logits laid out as given or as the LM head's padded rows with num_classes."""
+    force_plan(monkeypatch, n_splits)
+    n_cols = SHAPE[-1]
+    width = 1536 if padded else n_cols
+    base = random_tensor(SHAPE[:-1] + (width,), dtype, contiguous=padded).requires_grad_()
+    targets = make_targets(SHAPE[:-1], n_cols)
+    with poisoned_empty():
+        loss = grad_in_backward_loss(base, targets, reduction, label_smoothing, n_cols)
+        g = upstream(loss)
+        loss.backward(g)
+    x64 = base.detach()[..., :n_cols].double().requires_grad_()
+    ref = cross_entropy_reference(x64, targets, reduction=reduction, label_smoothing=label_smoothing)
+    ref.backward(g.double())
+    assert_close("loss", loss, ref)
+    assert_close("grad logits", base.grad[..., :n_cols], x64.grad)
+    assert torch.all(base.grad[..., n_cols:] == 0)
+
+
+def test_gradient_in_backward_keeps_precision_at_large_offsets():
+    """The statistics keep the row max and log-sum apart: at logits of 6e4 +- 1, lse alone would lose the digits
+    of x - lse."""
+    logits = (random_tensor((8, 300), torch.float32) + 6e4).requires_grad_()
+    targets = make_targets((8,), 300, ignore_frac=0.0)
+    grad_in_backward_loss(logits, targets).backward()
+    x64 = logits.detach().double().requires_grad_()
+    cross_entropy_reference(x64, targets).backward()
+    assert_close("grad logits", logits.grad, x64.grad)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_num_classes_treats_columns_after_them_as_padding(inplace, label_smoothing):
+    """The padded LM head's logits passed whole: the loss is the first num_classes columns' (PyTorch's on the
+    slice), the padding's gradient is 0 and its values never matter."""
+    n_cols, width = 1531, 1536
+    padded = random_tensor((2, 37, width), torch.float32)
+    padded[..., n_cols:] = 1e4  # would dominate every softmax if read
+    base = padded.clone().requires_grad_()
+    logits = base * 1.0  # an intermediate: in place needs one
+    targets = make_targets((2, 37), n_cols)
+    loss = cross_entropy(logits, targets, label_smoothing=label_smoothing, inplace_backward=inplace,
+                         num_classes=n_cols)
+    loss.backward()
+    x64 = padded[..., :n_cols].double().requires_grad_()
+    ref = cross_entropy_reference(x64, targets, label_smoothing=label_smoothing)
+    ref.backward()
+    assert_close("loss", loss, ref)
+    assert_close("grad logits", base.grad[..., :n_cols], x64.grad)
+    assert torch.all(base.grad[..., n_cols:] == 0)
+    ref_padded = cross_entropy_reference(padded, targets, label_smoothing=label_smoothing, num_classes=n_cols)
+    assert_close("reference", ref_padded, ref)
+
+
+def test_num_classes_is_checked():
+    logits = random_tensor((4, 10), torch.float32)
+    targets = make_targets((4,), 10)
+    for bad in (0, 11, 2.5, True):
+        with pytest.raises(ValueError, match=r"num_classes must be an int in \[1, 10\]"):
+            cross_entropy(logits, targets, num_classes=bad)
+    with pytest.raises(ValueError, match="num_classes must be a positive int or None"):
+        CrossEntropyLoss(num_classes=0)
+    if triformer.INTERPRET:  # on CUDA a bad target is a device-side assert (async)
+        with pytest.raises(ValueError, match=r"targets must be in \[0, 6\)"):
+            cross_entropy(logits, torch.full((4,), 7, device=DEV), num_classes=6)
+
+
+def test_gradient_in_backward_refuses_double_backward():
+    logits = random_tensor((3, 20), torch.float32).requires_grad_()
+    loss = grad_in_backward_loss(logits, make_targets((3,), 20))
+    with pytest.raises(RuntimeError, match="records no graph"):
+        torch.autograd.grad(loss, logits, create_graph=True)

@@ -1,4 +1,4 @@
-"""Cross-entropy over the last dimension, with the gradient computed in the forward pass.
+"""Cross-entropy over the last dimension, with the gradient computed in the forward pass (eager).
 
 ``logits[..., V]`` (fp32/fp16/bf16) and integer ``targets[...]`` give the loss; the same kernel launch writes
 d(loss)/d(logits) for an upstream gradient of 1, so the backward pass only multiplies that stored gradient
@@ -33,13 +33,18 @@ Where the gradient goes (``inplace_backward``):
   usual "modified by an inplace operation" error at backward instead of producing wrong gradients.
 
 Inside ``torch.compile`` nothing is written in place (the rules above are still checked, so a call that
-traces also runs eagerly): the forward writes the gradient into a fresh buffer and the backward scales it out
-of place (``grad * grad_output``, one pointwise kernel that Inductor fuses with what follows). Traced, an
-in-place write becomes a mutation that functionalization must preserve: of the logits (usually a view of the LM
-head's output sliced to the vocabulary) it makes Inductor copy the logits' storage out and back, two
-logits-sized passes for no memory saved; of the saved gradient, an input of the backward graph, it keeps
+traces also runs eagerly), and the gradient moves to the backward: the forward reads the logits once for the
+loss and each row's statistics (max and log-sum-exp), and the backward reads them once more to write the
+gradient with ``grad_output`` already applied. Storing the gradient in the forward instead would need a further
+logits-sized pass to scale it out of place. Traced, an in-place write becomes a mutation that
+functionalization must preserve: of the logits it makes Inductor copy their storage out and back, two
+logits-sized passes for no memory saved; of a saved gradient, an input of the backward graph, it keeps
 Inductor from capturing that graph in a CUDA graph (``mode="reduce-overhead"``). The compiled training step's
-time and memory either way: ``docs/performance_history.md``.
+time and memory: ``docs/performance_history.md``.
+
+``num_classes`` lets an LM head padded to a multiple of 64 columns pass its whole output: only the first
+``num_classes`` columns are classes, and the gradient comes back in the padded layout (zeros in the padding),
+where a ``[..., :V]`` slice would make autograd copy it into a fresh padded buffer.
 
 Because the stored gradient is scaled in place, one forward supports one backward: a second backward
 through the same graph (``retain_graph=True``) raises autograd's "modified by an inplace operation" error
@@ -283,13 +288,23 @@ def _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scal
 
 
 @triton.jit
+def _store_stats(stats_ptr, stats_plane, rows, row_ok, m, log_s, log_mean, HAS_SMOOTHING: tl.constexpr):
+    # what _store_grad needs of a row, for a gradient computed later (_cross_entropy_grad_kernel): m and log s
+    # apart, since lse = m + log s would round away the digits of x - lse when the logits share a large offset
+    tl.store(stats_ptr + rows, m, mask=row_ok)
+    tl.store(stats_ptr + stats_plane + rows, log_s, mask=row_ok)
+    if HAS_SMOOTHING:
+        tl.store(stats_ptr + 2 * stats_plane + rows, log_mean, mask=row_ok)
+
+
+@triton.jit
 def _cross_entropy_fwd_kernel(
-    logits_ptr, grad_ptr, targets_ptr, loss_ptr, scale_ptr,
-    row_start, row_end, n_cols, rows_inner,
+    logits_ptr, grad_ptr, targets_ptr, loss_ptr, scale_ptr, stats_ptr,
+    row_start, row_end, n_cols, rows_inner, stats_plane,
     sx_o, sx_i, sx_n, sg_o, sg_i, sg_n, st_m, ss_m,
     ignore_index, smoothing, z_loss,
     HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
-    UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    STORE_STATS: tl.constexpr, UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # fp32 math: Inductor passes Python floats as fp64
     smoothing, z_loss = tl.cast(smoothing, tl.float32), tl.cast(z_loss, tl.float32)
@@ -303,10 +318,41 @@ def _cross_entropy_fwd_kernel(
         loss, log_s, log_mean = _row_loss(m, s, x_sum, t, x_target, x_ref, active, in_range, n_cols, smoothing,
                                           z_loss, HAS_SMOOTHING, HAS_Z)
         tl.store(loss_ptr + rows, loss, mask=row_ok)
+        if STORE_STATS:
+            _store_stats(stats_ptr, stats_plane, rows, row_ok, m, log_s, log_mean, HAS_SMOOTHING)
         if HAS_GRAD:
             _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scale_ptr,
                         ss_m, row_ok, target, active, m, log_s, log_mean, 0, n_cols, n_cols, smoothing, z_loss,
                         HAS_SCALE, HAS_SMOOTHING, HAS_Z, UNMASKED, BLOCK_R, BLOCK_V)
+
+
+# The gradient alone, from the row statistics a forward launch stored (STORE_STATS): one read of the logits and
+# one write, with the whole upstream factor (grad_output times the mean's 1 / n) in the per-row scale. This is
+# the compiled path's backward (see CrossEntropyFunction): there the forward only reads the logits once, and no
+# separate pass scales a stored gradient.
+@triton.jit
+def _cross_entropy_grad_kernel(
+    logits_ptr, grad_ptr, targets_ptr, stats_ptr, scale_ptr,
+    row_start, row_end, n_cols, rows_inner, stats_plane,
+    sx_o, sx_i, sx_n, sg_o, sg_i, sg_n, st_m, ss_m,
+    ignore_index, smoothing, z_loss,
+    HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    smoothing, z_loss = tl.cast(smoothing, tl.float32), tl.cast(z_loss, tl.float32)
+    n_blocks = tl.cdiv(row_end - row_start, BLOCK_R)
+    for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        rows, row_ok = _block_rows(row_start + block * BLOCK_R, row_end, BLOCK_R)
+        x_base, target, active, in_range = _load_rows(targets_ptr, logits_ptr, rows, n_cols, rows_inner, sx_o,
+                                                      sx_i, st_m, ignore_index)
+        m = tl.load(stats_ptr + rows)
+        log_s = tl.load(stats_ptr + stats_plane + rows)
+        log_mean = log_s
+        if HAS_SMOOTHING:
+            log_mean = tl.load(stats_ptr + 2 * stats_plane + rows)
+        _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scale_ptr, ss_m, row_ok, target,
+                    active, m, log_s, log_mean, 0, n_cols, n_cols, smoothing, z_loss, True, HAS_SMOOTHING, HAS_Z,
+                    UNMASKED, BLOCK_R, BLOCK_V)
 
 
 # Split launch, pass 1: statistics of one column range of a row block into part_ptr[plane, split, row] (fp32;
@@ -343,12 +389,12 @@ def _cross_entropy_partial_kernel(
 # one program per row block (grid_splits = 1) only merges.
 @triton.jit
 def _cross_entropy_combine_kernel(
-    logits_ptr, grad_ptr, targets_ptr, loss_ptr, scale_ptr, part_ptr,
-    row_start, row_end, n_cols, rows_inner, n_splits, grid_splits, span, part_rows,
+    logits_ptr, grad_ptr, targets_ptr, loss_ptr, scale_ptr, stats_ptr, part_ptr,
+    row_start, row_end, n_cols, rows_inner, stats_plane, n_splits, grid_splits, span, part_rows,
     sx_o, sx_i, sx_n, sg_o, sg_i, sg_n, st_m, ss_m,
     ignore_index, smoothing, z_loss,
     HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
-    UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    STORE_STATS: tl.constexpr, UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # fp32 math: Inductor passes Python floats as fp64
     smoothing, z_loss = tl.cast(smoothing, tl.float32), tl.cast(z_loss, tl.float32)
@@ -380,6 +426,8 @@ def _cross_entropy_combine_kernel(
                                       HAS_SMOOTHING, HAS_Z)
     if split == 0:
         tl.store(loss_ptr + rows, loss, mask=row_ok)
+        if STORE_STATS:
+            _store_stats(stats_ptr, stats_plane, rows, row_ok, m, log_s, log_mean, HAS_SMOOTHING)
     if HAS_GRAD:
         col_start = split * span
         _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scale_ptr, ss_m,
@@ -473,11 +521,13 @@ def _unmasked_tiles(t3: torch.Tensor) -> bool:
 
 def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
                          grad3: torch.Tensor | None, scale: torch.Tensor | None, ignore_index: int,
-                         label_smoothing: float, z_loss: float, n_chunks: int = 1) -> None:
+                         label_smoothing: float, z_loss: float, n_chunks: int = 1,
+                         stats: torch.Tensor | None = None) -> None:
     """Run the kernels on ``logits3[outer, inner, V]``: per-row fp32 loss into ``loss_rows[N]`` and, when
     ``grad3`` is given (``logits3`` itself, or a tensor of its [outer, inner, V] shape with any strides), the
-    gradient times ``scale`` (one value, or one per row) into ``grad3``. Rows go in ``n_chunks`` successive
-    launches."""
+    gradient times ``scale`` (one value, or one per row) into ``grad3``; when ``stats`` is given (contiguous fp32
+    [stat_planes(label_smoothing), N]), the row statistics ``launch_cross_entropy_grad`` needs. Rows go in
+    ``n_chunks`` successive launches."""
     outer, rows_inner, n_cols = logits3.shape
     n_rows = outer * rows_inner
     if n_rows == 0 or _runtime.shapes_only():  # (a shape rule: it writes no output's shape)
@@ -486,9 +536,11 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
     per_row_scale = scale is not None and scale.numel() > 1
     # the logits' layout decides: they are read twice, the gradient written once
     common = dict(HAS_SMOOTHING=label_smoothing > 0, UNMASKED=_unmasked_tiles(logits3))
-    flags = dict(HAS_GRAD=grad3 is not None, HAS_SCALE=scale is not None, HAS_Z=z_loss > 0, **common)
+    flags = dict(HAS_GRAD=grad3 is not None, HAS_SCALE=scale is not None, HAS_Z=z_loss > 0,
+                 STORE_STATS=stats is not None, **common)
     strides = (*logits3.stride(), *g.stride(), targets.stride(0), scale.stride(0) if per_row_scale else 0)
     scale_arg = scale if scale is not None else loss_rows
+    stats_arg = stats if stats is not None else loss_rows  # never written when STORE_STATS is off
     chunk = triton.cdiv(n_rows, n_chunks)
     for first in range(0, n_rows, chunk):
         last = min(first + chunk, n_rows)
@@ -498,8 +550,8 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
         row_blocks = triton.cdiv(last - first, plan.block_r)
         if not plan.n_splits:
             _runtime.launch(_cross_entropy_fwd_kernel, (min(plan.programs, row_blocks),))(
-                logits3, g, targets, loss_rows, scale_arg, first, last, n_cols, rows_inner, *strides,
-                ignore_index, float(label_smoothing), float(z_loss), **flags, **tiles)
+                logits3, g, targets, loss_rows, scale_arg, stats_arg, first, last, n_cols, rows_inner, n_rows,
+                *strides, ignore_index, float(label_smoothing), float(z_loss), **flags, **tiles)
             continue
         # ranges of whole tiles; row r of this launch has its statistics at part[plane, split, r - first]
         span = triton.cdiv(triton.cdiv(n_cols, plan.n_splits), plan.block_v) * plan.block_v
@@ -512,8 +564,33 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
             *logits3.stride(), targets.stride(0), ignore_index, **common, **tiles)
         grid_splits = n_splits if grad3 is not None else 1
         _runtime.launch(_cross_entropy_combine_kernel, (row_blocks * grid_splits,))(
-            logits3, g, targets, loss_rows, scale_arg, part, first, last, n_cols, rows_inner, n_splits, grid_splits,
-            span, last - first, *strides, ignore_index, float(label_smoothing), float(z_loss), **flags, **tiles)
+            logits3, g, targets, loss_rows, scale_arg, stats_arg, part, first, last, n_cols, rows_inner, n_rows,
+            n_splits, grid_splits, span, last - first, *strides, ignore_index, float(label_smoothing),
+            float(z_loss), **flags, **tiles)
+
+
+def stat_planes(label_smoothing: float) -> int:
+    """Rows of the statistics buffer: m and log s, and log(s / V) with label smoothing."""
+    return 3 if label_smoothing > 0 else 2
+
+
+def launch_cross_entropy_grad(logits3: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
+                              grad3: torch.Tensor, scale: torch.Tensor, ignore_index: int, label_smoothing: float,
+                              z_loss: float) -> None:
+    """The gradient of ``logits3[outer, inner, V]`` times ``scale`` (one value, or one per row) into ``grad3`` (its
+    shape, any strides), from the row statistics a ``launch_cross_entropy(..., stats=stats)`` stored."""
+    outer, rows_inner, n_cols = logits3.shape
+    n_rows = outer * rows_inner
+    if n_rows == 0 or _runtime.shapes_only():
+        return
+    plan = _plan(n_rows, n_cols, logits3.dtype, logits3.device, _unmasked_tiles(logits3) or n_cols % 16 == 0)
+    row_blocks = triton.cdiv(n_rows, plan.block_r)
+    programs = min(plan.programs, row_blocks) if not plan.n_splits else row_blocks
+    _runtime.launch(_cross_entropy_grad_kernel, (programs,))(
+        logits3, grad3, targets, stats, scale, 0, n_rows, n_cols, rows_inner, n_rows, *logits3.stride(),
+        *grad3.stride(), targets.stride(0), scale.stride(0) if scale.numel() > 1 else 0, ignore_index,
+        float(label_smoothing), float(z_loss), HAS_SMOOTHING=label_smoothing > 0, HAS_Z=z_loss > 0,
+        UNMASKED=_unmasked_tiles(logits3), BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
 
 
 def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
@@ -546,19 +623,38 @@ def mean_scale(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (targets != ignore_index).sum().clamp_(min=1).to(torch.float32).reciprocal_().reshape(1)
 
 
+def _rows3(t: torch.Tensor, num_classes: int, what: str, copy_ok: bool) -> torch.Tensor:
+    """``t[..., :num_classes]`` as ``[outer, inner, num_classes]`` rows (``rows_view``): the columns the kernels
+    read; those after them are padding."""
+    return rows_view(t if num_classes == t.shape[-1] else t[..., :num_classes], what, copy_ok=copy_ok)
+
+
+def _zero_padding(grad: torch.Tensor, num_classes: int) -> None:
+    """The gradient of padding columns (after ``num_classes``) is 0: they are not classes."""
+    if num_classes < grad.shape[-1]:
+        grad[..., num_classes:].zero_()
+
+
 def _forward(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor | None, ignore_index: int,
-             label_smoothing: float, reduction: str, n_chunks: int) -> torch.Tensor:
-    """Shared body of both forward ops: launch, then reduce the fp32 row losses to the requested loss. ``grad``:
-    None, the logits themselves, or a contiguous buffer of their shape."""
-    logits3 = rows_view(logits, "logits", copy_ok=grad is not logits)
-    # the kernels index both through one [outer, inner, V] grid: the logits' (a contiguous buffer takes any)
-    grad3 = logits3 if grad is logits else None if grad is None else grad.view(logits3.shape)
+             label_smoothing: float, reduction: str, n_chunks: int, num_classes: int,
+             stats: torch.Tensor | None = None) -> torch.Tensor:
+    """Shared body of the forward ops: launch, then reduce the fp32 row losses to the requested loss. ``grad``:
+    None, the logits themselves, or a contiguous buffer of their shape; ``stats``: see launch_cross_entropy."""
+    logits3 = _rows3(logits, num_classes, "logits", copy_ok=grad is not logits)
+    outer, rows_inner, _ = logits3.shape
+    # the kernels index both through one [outer, inner, classes] grid: the logits' (a contiguous buffer takes any)
+    if grad is None or grad is logits:
+        grad3 = None if grad is None else logits3
+    else:
+        grad3 = grad.view(outer, rows_inner, grad.shape[-1])[..., :num_classes]
     flat_targets = targets.reshape(-1)
-    check_targets(flat_targets, logits.shape[-1], ignore_index)
+    check_targets(flat_targets, num_classes, ignore_index)
     loss_rows = torch.empty(flat_targets.numel(), dtype=torch.float32, device=logits.device)
     scale = mean_scale(flat_targets, ignore_index) if reduction == "mean" else None
     launch_cross_entropy(logits3, flat_targets, loss_rows, grad3, scale if grad3 is not None else None,
-                         ignore_index, label_smoothing, 0.0, n_chunks)
+                         ignore_index, label_smoothing, 0.0, n_chunks, stats)
+    if grad is not None:
+        _zero_padding(grad, num_classes)
     if reduction == "none":
         return loss_rows.to(logits.dtype).view(targets.shape)
     total = loss_rows.sum()
@@ -567,36 +663,78 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor | N
 
 @_runtime.kernel_op("triformer::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
-                       reduction: str, n_chunks: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       reduction: str, n_chunks: int, compute_grad: bool,
+                       num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, gradient for an upstream gradient of 1 shaped like logits, or an empty tensor)."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else None
-    loss = _forward(logits, targets, grad, ignore_index, label_smoothing, reduction, n_chunks)
+    loss = _forward(logits, targets, grad, ignore_index, label_smoothing, reduction, n_chunks, num_classes)
     return loss, grad if grad is not None else logits.new_empty(0)
 
 
 @_runtime.kernel_op("triformer::cross_entropy_fwd_inplace", mutates_args=("logits",))
 def _cross_entropy_fwd_inplace(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                               label_smoothing: float, reduction: str, n_chunks: int) -> torch.Tensor:
+                               label_smoothing: float, reduction: str, n_chunks: int,
+                               num_classes: int) -> torch.Tensor:
     """The loss; ``logits`` is overwritten with the gradient for an upstream gradient of 1."""
-    return _forward(logits, targets, logits, ignore_index, label_smoothing, reduction, n_chunks)
+    return _forward(logits, targets, logits, ignore_index, label_smoothing, reduction, n_chunks, num_classes)
+
+
+@_runtime.kernel_op("triformer::cross_entropy_fwd_stats", mutates_args=())
+def _cross_entropy_fwd_stats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                             label_smoothing: float, reduction: str, n_chunks: int,
+                             num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, the row statistics _cross_entropy_grad computes the gradient from): the logits are read once."""
+    stats = torch.empty(stat_planes(label_smoothing), targets.numel(), dtype=torch.float32, device=logits.device)
+    loss = _forward(logits, targets, None, ignore_index, label_smoothing, reduction, n_chunks, num_classes, stats)
+    return loss, stats
+
+
+@_runtime.kernel_op("triformer::cross_entropy_grad", mutates_args=())
+def _cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
+                        grad_output: torch.Tensor, ignore_index: int, label_smoothing: float, reduction: str,
+                        num_classes: int) -> torch.Tensor:
+    """d(loss)/d(logits) times ``grad_output``, shaped like ``logits`` (padding columns 0), from ``stats``."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    logits3 = _rows3(logits, num_classes, "logits", copy_ok=True)
+    outer, rows_inner, _ = logits3.shape
+    flat_targets = targets.reshape(-1)
+    if reduction == "none":
+        scale = grad_output.float().reshape(-1)
+    else:
+        scale = grad_output.float().reshape(1)
+        if reduction == "mean":
+            scale = scale * mean_scale(flat_targets, ignore_index)
+    launch_cross_entropy_grad(logits3, flat_targets, stats,
+                              grad.view(outer, rows_inner, grad.shape[-1])[..., :num_classes], scale, ignore_index,
+                              label_smoothing, 0.0)
+    _zero_padding(grad, num_classes)
+    return grad
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Forward stores the gradient (fresh buffer or the logits themselves); backward scales it in place."""
+    """Eager: forward stores the gradient (fresh buffer or the logits themselves), backward scales it in place.
+    ``grad_in_backward`` (what ``cross_entropy`` asks for inside torch.compile): forward reads the logits once for
+    the loss and the row statistics, backward computes the gradient times grad_output in one pass."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, n_chunks, inplace_backward,
-                compute_grad):
+                compute_grad, num_classes, grad_in_backward):
+        ctx.inplace, ctx.grad_in_backward = inplace_backward, grad_in_backward
+        if grad_in_backward:
+            loss, stats = _cross_entropy_fwd_stats(logits, targets, ignore_index, label_smoothing, reduction,
+                                                   n_chunks, num_classes)
+            ctx.save_for_backward(logits, targets, stats)
+            ctx.args = (ignore_index, label_smoothing, reduction, num_classes)
+            return loss
         if inplace_backward:
-            loss = _cross_entropy_fwd_inplace(logits, targets, ignore_index, label_smoothing,
-                                                                 reduction, n_chunks)
+            loss = _cross_entropy_fwd_inplace(logits, targets, ignore_index, label_smoothing, reduction, n_chunks,
+                                              num_classes)
             grad = logits
         else:
-            loss, grad = _cross_entropy_fwd(logits, targets, ignore_index, label_smoothing,
-                                                               reduction, n_chunks, compute_grad)
+            loss, grad = _cross_entropy_fwd(logits, targets, ignore_index, label_smoothing, reduction, n_chunks,
+                                            compute_grad, num_classes)
         if compute_grad:
             ctx.save_for_backward(grad)
-        ctx.inplace = inplace_backward
         return loss
 
     @staticmethod
@@ -605,10 +743,15 @@ class CrossEntropyFunction(torch.autograd.Function):
             raise double_backward_unsupported(
                 "cross_entropy",
                 "with inplace_backward=True its forward wrote d(loss)/d(logits) over the logits" if ctx.inplace else
-                "it keeps only d(loss)/d(logits) from its forward, not the logits, whose curvature the second "
+                "its backward computes d(loss)/d(logits) in a kernel that records no graph" if ctx.grad_in_backward
+                else "it keeps only d(loss)/d(logits) from its forward, not the logits, whose curvature the second "
                 "order needs",
                 "compute this loss with triformer.cross_entropy_reference (same arguments, plain PyTorch) or "
                 "torch.nn.functional.cross_entropy")
+        nones = (None,) * 9
+        if ctx.grad_in_backward:
+            logits, targets, stats = ctx.saved_tensors
+            return (_cross_entropy_grad(logits, targets, stats, grad_loss, *ctx.args), *nones)
         # a second backward through this graph fails in this unpack: the in-place scale below bumped the
         # saved tensor's version, so autograd refuses to scale it twice
         (grad,) = ctx.saved_tensors
@@ -617,9 +760,9 @@ class CrossEntropyFunction(torch.autograd.Function):
             # to capture that graph in a CUDA graph (mode="reduce-overhead"). Out of place it is one pointwise
             # kernel that Inductor fuses, writing into the saved gradient's buffer once nothing else reads it.
             scale = grad_loss.float().unsqueeze(-1) if grad_loss.dim() else grad_loss.float()  # one per row, or one
-            return (grad.float() * scale).to(grad.dtype), None, None, None, None, None, None, None
+            return ((grad.float() * scale).to(grad.dtype), *nones)
         cross_entropy_bwd(grad, grad_loss)
-        return grad, None, None, None, None, None, None, None
+        return (grad, *nones)
 
 
 def check_loss_args(ignore_index, reduction, label_smoothing) -> None:
@@ -673,7 +816,8 @@ def _check_inplace(logits: torch.Tensor) -> None:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, n_chunks: int = 1, inplace_backward: bool = False) -> torch.Tensor:
+                  label_smoothing: float = 0.0, n_chunks: int = 1, inplace_backward: bool = False,
+                  num_classes: int | None = None) -> torch.Tensor:
     """Cross-entropy of ``logits[..., V]`` against class indices ``targets[...]`` (int64/int32).
 
     ``reduction``: "mean" (over rows whose target is not ``ignore_index``; 0 when there are none), "sum" or
@@ -683,6 +827,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     gradient buffer (none with ``inplace_backward=True``) whatever ``n_chunks`` is (measured on an H200:
     benchmarks/results/h200/cross_entropy_chunks.md). ``inplace_backward``:
     see the module docstring for exactly when the logits buffer is reused and what is refused.
+    ``num_classes`` (default V): only ``logits[..., :num_classes]`` are classes; the columns after them are
+    padding (an LM head padded to a multiple of 64), outside the softmax, with gradient 0. Passing the padded
+    logits this way, rather than a slice of them, spares the backward a copy of the gradient into the padded
+    layout.
     """
     _runtime.check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -692,13 +840,25 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     check_loss_args(ignore_index, reduction, label_smoothing)
     if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
         raise ValueError(f"n_chunks must be a positive int, got {n_chunks!r}")
+    num_classes = check_num_classes(num_classes, logits.shape[-1])
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     inplace = bool(inplace_backward) and compute_grad
     if inplace:
         _check_inplace(logits)
         inplace = not torch.compiler.is_compiling()  # traced: out of place (module docstring)
+    grad_in_backward = compute_grad and torch.compiler.is_compiling()
     return CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, float(label_smoothing), n_chunks,
-                                      inplace, compute_grad)
+                                      inplace, compute_grad, num_classes, grad_in_backward)
+
+
+def check_num_classes(num_classes, n_cols: int) -> int:
+    """``num_classes`` checked against the logits' last dimension ``n_cols``; None means all of it."""
+    if num_classes is None:
+        return n_cols
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= n_cols:
+        raise ValueError(f"num_classes must be an int in [1, {n_cols}] (the logits' last dimension), "
+                         f"got {num_classes!r}")
+    return num_classes
 
 
 def reference_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
@@ -724,32 +884,38 @@ def reference_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
 
 def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                             reduction: str = "mean", label_smoothing: float = 0.0, n_chunks: int = 1,
-                            inplace_backward: bool = False) -> torch.Tensor:
+                            inplace_backward: bool = False, num_classes: int | None = None) -> torch.Tensor:
     """Plain PyTorch, same semantics (``n_chunks``/``inplace_backward`` are memory knobs: no effect here)."""
     check_loss_args(ignore_index, reduction, label_smoothing)
-    return reference_loss(logits, targets, ignore_index, reduction, float(label_smoothing), 0.0)
+    num_classes = check_num_classes(num_classes, logits.shape[-1])
+    return reference_loss(logits[..., :num_classes], targets, ignore_index, reduction, float(label_smoothing), 0.0)
 
 
 class CrossEntropyLoss(torch.nn.Module):
     """``cross_entropy`` as a module: ``loss = CrossEntropyLoss()(logits[..., V], targets[...])``."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 n_chunks: int = 1, inplace_backward: bool = False):
+                 n_chunks: int = 1, inplace_backward: bool = False, num_classes: int | None = None):
         super().__init__()
         check_loss_args(ignore_index, reduction, label_smoothing)
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = float(label_smoothing)
         self.n_chunks = n_chunks
         self.inplace_backward = inplace_backward
+        self.num_classes = num_classes
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return cross_entropy(logits, targets, self.ignore_index, self.reduction, self.label_smoothing,
-                             self.n_chunks, self.inplace_backward)
+                             self.n_chunks, self.inplace_backward, self.num_classes)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing="
-                f"{self.label_smoothing}, n_chunks={self.n_chunks}, inplace_backward={self.inplace_backward}")
+                f"{self.label_smoothing}, n_chunks={self.n_chunks}, inplace_backward={self.inplace_backward}, "
+                f"num_classes={self.num_classes}")
 
 
 class TritonCrossEntropyLoss(CrossEntropyLoss):
