@@ -101,15 +101,16 @@ SWEEP_SHAPES = [(16384, 50257), (16384, 50257, 50304), (32768, 32000), (8192, 12
 
 
 def sweep_plans(rows: int, vocab: int, dtype: torch.dtype) -> dict:
-    """Launch plans to time at one shape: fused with 1, 2 or 4 persistent programs per SM at three tile sizes and
-    three warp counts (registers decide how many programs fit an SM: `python -m benchmarks.cross_entropy_sm90`),
-    and the split pair with 2-8 column ranges; plus "default", whatever ``_plan`` picks."""
+    """Launch plans to time at one shape: fused with 1-4 persistent programs per SM (3: the rows in flight of
+    GPT-2's vocabulary then fit the L2) at three tile sizes and two warp counts (registers decide how many
+    programs fit an SM: `python -m benchmarks.cross_entropy_sm90`; 32 warps never won on the H100), and the split
+    pair with 2-8 column ranges; plus "default", whatever ``_plan`` picks."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     plans = {"default": None}
     for tile in (8192, 16384, 32768):
         block_v = min(triton.next_power_of_2(vocab), tile // dtype.itemsize)
-        for warps in (8, 16, 32):
-            for per_sm in (1, 2, 4):
+        for warps in (8, 16):
+            for per_sm in (1, 2, 3, 4):
                 plans[f"fused_t{tile >> 10}k_w{warps}_p{per_sm}"] = ce_module.Plan(1, block_v, warps, per_sm * sms)
         if tile == 32768:
             for splits in (2, 4, 8):
