@@ -175,9 +175,12 @@ class MLP(nn.Module):
         if self.activation == "swiglu":
             gate, up = self.fc(x).chunk(2, dim=-1)
             return self.proj(self.ops.swiglu(gate, up))
-        # the bias add rides along in the GELU kernel rather than in the matmul's epilogue
+        # fc's bias add rides along in the GELU kernel rather than in the matmul's epilogue, and GELU and proj run
+        # as one op that keeps only GELU's input for backward (triformer.gelu_linear: one activation of the
+        # hidden width per block less at the step's peak, recomputed in the GELU backward kernel)
         approximate = "tanh" if self.activation == "gelu_tanh" else "none"
-        return self.proj(self.ops.gelu(F.linear(x, self.fc.weight), approximate=approximate, bias=self.fc.bias))
+        return self.ops.gelu_linear(F.linear(x, self.fc.weight), self.proj.weight, self.proj.bias,
+                                    approximate=approximate, gelu_bias=self.fc.bias)
 
 
 class Block(nn.Module):

@@ -100,6 +100,11 @@ OP_CASES = {
     "linear_cross_entropy_targets_device": (
         lambda: tf.linear_cross_entropy(rows(3, 4), rows(5, 4), torch.tensor([1, 2, 3], device="meta")), ValueError,
         "targets is on meta"),
+    "gelu_linear_weight_device": (lambda: tf.gelu_linear(rows(3, 8), torch.ones(4, 8, device="meta")), ValueError,
+                                  "weight is on meta"),
+    "gelu_linear_x_dtype": (lambda: tf.gelu_linear(rows(3, 8).double(), rows(4, 8)), TypeError, "x must be float32"),
+    "cross_entropy_num_classes": (lambda: tf.cross_entropy(rows(3, 5), tokens(1, 2, 3)[0], num_classes=6), ValueError,
+                                  r"num_classes must be an int in \[1, 5\]"),
     "attention_attn_mask_not_tensor": (
         lambda: tf.attention(rows(1, 2, 8, 16), rows(1, 2, 8, 16), rows(1, 2, 8, 16), attn_mask=[[0.0]]), TypeError,
         "attn_mask must be a torch.Tensor"),

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from triformer import (attention, attention_reference, cross_entropy, cross_entropy_reference, dropout,
-                       dropout_reference, gelu, gelu_reference, geglu, geglu_reference, layer_norm,
-                       layer_norm_reference, linear_cross_entropy, linear_cross_entropy_reference, rms_norm,
-                       rms_norm_reference, softmax, softmax_reference, swiglu, swiglu_reference)
+                       dropout_reference, gelu, gelu_linear, gelu_linear_reference, gelu_reference, geglu,
+                       geglu_reference, layer_norm, layer_norm_reference, linear_cross_entropy,
+                       linear_cross_entropy_reference, rms_norm, rms_norm_reference, softmax, softmax_reference,
+                       swiglu, swiglu_reference)
 from triformer.fused_add_norm import add_layer_norm, add_layer_norm_reference, add_rms_norm, add_rms_norm_reference
 from triformer.rope import apply_rope, apply_rope_reference, rope_cos_sin
 from triformer.testing import assert_close, random_tensor
@@ -93,6 +94,12 @@ def _cases():
         "gelu-tanh": (gelu, gelu_reference, lambda: [random_tensor((5, 37), F32, generator=_gen())]),
         "gelu-erf-bias": (lambda x, b: gelu(x, "none", b), lambda x, b: gelu_reference(x, "none", b),
                           lambda: _norm_inputs(bias=False)),
+        "gelu_linear": (lambda x, w, b, gb: gelu_linear(x, w, b, "tanh", gb),
+                        lambda x, w, b, gb: gelu_linear_reference(x, w, b, "tanh", gb),
+                        lambda: [random_tensor((5, 37), F32, generator=_gen(0)),
+                                 random_tensor((6, 37), F32, generator=_gen(1)),
+                                 random_tensor((6,), F32, generator=_gen(2)),
+                                 random_tensor((37,), F32, generator=_gen(3))]),
         "swiglu": (swiglu, swiglu_reference,
                    lambda: [random_tensor((5, 37), F32, generator=_gen(s)) for s in (0, 1)]),
         "swiglu-packed": (swiglu, swiglu_reference, lambda: [random_tensor((5, 38), F32, generator=_gen())]),
@@ -157,7 +164,7 @@ def test_gradient_penalty_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "add_rms_norm", "softmax-causal", "dropout", "gelu-erf-bias",
-                                  "swiglu-packed", "apply_rope", "attention-causal-dropout", "attention-softcap-gqa",
+                                  "gelu_linear", "swiglu-packed", "apply_rope", "attention-causal-dropout", "attention-softcap-gqa",
                                   "linear_cross_entropy-none"])
 def test_gradgradcheck(name):
     """torch's own check of the second derivative against finite differences of the first. The kernels take
@@ -223,8 +230,8 @@ def test_linear_cross_entropy_reduced_raises(reduction):
 
 
 OP_MODULES = tuple(importlib.import_module(f"triformer.{name}") for name in (
-    "attention", "dropout", "fused_add_norm", "gelu", "layernorm", "linear_cross_entropy", "rmsnorm", "rope", "softmax",
-    "swiglu"))
+    "attention", "dropout", "fused_add_norm", "gelu", "gelu_linear", "layernorm", "linear_cross_entropy", "rmsnorm",
+    "rope", "softmax", "swiglu"))
 
 
 @contextlib.contextmanager

@@ -11,8 +11,8 @@ import torch
 import triformer
 
 PACKAGE = Path(triformer.__file__).parent
-OP_MODULES = ("attention", "cross_entropy", "dropout", "fused_add_norm", "gelu", "layernorm", "linear_cross_entropy",
-              "rmsnorm", "rope", "softmax", "swiglu")
+OP_MODULES = ("attention", "cross_entropy", "dropout", "fused_add_norm", "gelu", "gelu_linear", "layernorm",
+              "linear_cross_entropy", "rmsnorm", "rope", "softmax", "swiglu")
 # op module -> (autograd Function, nn.Module, functional form) of each op it defines
 TRIPLES = {
     "attention": [("AttentionFunction", "Attention", "attention")],
@@ -21,6 +21,7 @@ TRIPLES = {
     "fused_add_norm": [("AddLayerNormFunction", "AddLayerNorm", "add_layer_norm"),
                        ("AddRMSNormFunction", "AddRMSNorm", "add_rms_norm")],
     "gelu": [("GELUFunction", "GELU", "gelu")],
+    "gelu_linear": [("GELULinearFunction", "GELULinear", "gelu_linear")],
     "layernorm": [("LayerNormFunction", "LayerNorm", "layer_norm")],
     "linear_cross_entropy": [("LinearCrossEntropyFunction", "LinearCrossEntropyLoss", "linear_cross_entropy")],
     "rmsnorm": [("RMSNormFunction", "RMSNorm", "rms_norm")],

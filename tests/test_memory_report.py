@@ -113,3 +113,5 @@ def test_line_says_where_savings_come_from():
     report = memory.MemoryReport(memory.StepMemory(3, None), memory.StepMemory(2, None), "m", sources=none)
     assert report.message().endswith(". " + none)
     assert "logits" not in memory.savings_sources(0.1, None, True, None)  # an image model has no fused loss
+    gelu = memory.savings_sources(0.0, "ce", False, (512, 257), gelu_mlp=True)
+    assert gelu.startswith("Savings from: GELU outputs recomputed in backward")

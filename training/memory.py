@@ -62,10 +62,13 @@ class MemoryReport:
 
 
 def savings_sources(dropout: float, loss: str | None, checkpointing: bool,
-                    logits_shape: tuple[int, int] | None) -> str:
+                    logits_shape: tuple[int, int] | None, gelu_mlp: bool = False) -> str:
     """Where triformer's activation memory savings come from, said for this run: which sources it has on, and
     what the others would save. The layers themselves save what plain PyTorch's save (attention keeps its
-    output and log-sum-exp as SDPA does), so a run with none of them on shows about the same memory:
+    output and log-sum-exp as SDPA does), except a GELU MLP's, so a run with none of them on shows about the
+    same memory:
+    * a GELU MLP (``gelu_mlp``, always on for such models): GELU's output is recomputed in the backward
+      (``triformer.gelu_linear``), one activation of the hidden width per block less;
     * dropout: plain PyTorch keeps each dropout's mask (a byte per element, and a [B, H, T, T] one inside
       attention); triformer regenerates its masks from a seed in backward;
     * the fused loss (``loss=fused``): the [tokens, vocabulary] logits, which the cross-entropy keeps in fp32,
@@ -73,6 +76,8 @@ def savings_sources(dropout: float, loss: str | None, checkpointing: bool,
     * activation checkpointing: each block keeps only its input and recomputes the rest in backward.
     README "Where the memory goes" has each one measured."""
     on, off = [], []
+    if gelu_mlp:
+        on.append("GELU outputs recomputed in backward (one hidden-width activation per block)")
     (on if dropout > 0 else off).append(f"dropout masks never stored (model.dropout={dropout:g}"
                                         + ("" if dropout > 0 else "; on with model.dropout > 0") + ")")
     if loss is not None and logits_shape is not None:

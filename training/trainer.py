@@ -382,7 +382,8 @@ class Trainer:
         vocab = getattr(self.model.config, "vocab_size", None)
         report.sources = memory.savings_sources(
             float(m.get("dropout", 0.0)), self.cfg.loss.name if "fused" in self.task.losses else None,
-            bool(self.cfg.trainer.activation_checkpointing), (y.numel(), vocab) if vocab else None)
+            bool(self.cfg.trainer.activation_checkpointing), (y.numel(), vocab) if vocab else None,
+            gelu_mlp=getattr(self.model.config, "activation", "") in ("gelu", "gelu_tanh"))
         del plain
         if self.ctx.device.type == "cuda":
             torch.cuda.empty_cache()

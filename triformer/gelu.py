@@ -20,6 +20,8 @@ from triformer._double_backward import needs_graph, reference_grads
 from triformer._shared import column_sums_kernel, elementwise_tiles, gelu_and_grad, row_layout, row_offsets
 
 __all__ = ["GELUFunction", "GELU", "gelu", "gelu_reference", "BiasGELU"]
+# triformer.gelu_linear runs these kernels through gelu_fwd and gelu_bwd_and_output (public names of this module,
+# not exported by the package).
 
 _APPROXIMATIONS = ("tanh", "none")
 
@@ -67,9 +69,10 @@ def _gelu_bwd_kernel(dy_ptr,  # [M, N] incoming gradient, any row layout (read)
                      b_ptr,  # [N] bias, or a placeholder without one (read)
                      dx_ptr,  # [M, N] contiguous gradient of x (written)
                      dbias_part_ptr,  # [row groups, N] fp32 partial bias gradients (written with a bias)
+                     y_ptr,  # [M, N] contiguous gelu(x + bias), recomputed (written with STORE_Y)
                      M, N, rows_inner, sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, sb_n,
                      ROWS_PER_GROUP,
-                     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr, STORE_Y: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid (row groups, column blocks). A program walks its group's ROWS_PER_GROUP rows one BLOCK_M tile at
     # a time, so the bias gradient leaves it as a single fp32 partial row (one per group, summed by
@@ -94,9 +97,12 @@ def _gelu_bwd_kernel(dy_ptr,  # [M, N] incoming gradient, any row layout (read)
         x = x.to(tl.float32)
         if HAS_BIAS:
             x += bias
-        _, grad = gelu_and_grad(x, APPROX_TANH)
+        y, grad = gelu_and_grad(x, APPROX_TANH)
         dx = tl.where(mask, dy.to(tl.float32) * grad, 0.0)
-        tl.store(dx_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        out = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if STORE_Y:
+            tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             dbias += tl.sum(dx, axis=0)
         else:
@@ -160,10 +166,10 @@ def gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) ->
     return y
 
 
-@_runtime.kernel_op("triformer::gelu_bwd", mutates_args=())
-def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
-             approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dbias); dbias is an empty tensor when there is no bias."""
+def _backward(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str,
+              y: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward: (dx, dbias; an empty tensor when there is no bias), and gelu(x + bias) into ``y``
+    (contiguous, x's shape) when given."""
     dx = torch.empty(size=x.shape, dtype=x.dtype, device=x.device)
     if bias is None:
         dbias = torch.empty(0, dtype=x.dtype, device=x.device)
@@ -175,12 +181,29 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
     grid, rows_per_group, meta, sum_grid, sum_meta = _bwd_launch(M, N, bias is not None, x.get_device())
     partials = torch.empty(grid[0], N, dtype=torch.float32, device=x.device) if bias is not None else dx
     _runtime.launch(_gelu_bwd_kernel, grid)(
-        dy2, x2, bias if bias is not None else x2, dx, partials, M, N, rows_inner, sdy_o, sdy_i, sdy_n, sx_o, sx_i,
-        sx_n, bias.stride(0) if bias is not None else 0, rows_per_group,
-        HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", **meta)
+        dy2, x2, bias if bias is not None else x2, dx, partials, y if y is not None else dx, M, N, rows_inner,
+        sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, bias.stride(0) if bias is not None else 0, rows_per_group,
+        HAS_BIAS=bias is not None, APPROX_TANH=approximate == "tanh", STORE_Y=y is not None, **meta)
     if bias is not None:
         _runtime.launch(column_sums_kernel, sum_grid)(partials, dbias, dbias, grid[0], N, **sum_meta)
     return dx, dbias
+
+
+@_runtime.kernel_op("triformer::gelu_bwd", mutates_args=())
+def gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
+             approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dbias); dbias is an empty tensor when there is no bias."""
+    return _backward(dy, x, bias, approximate, None)
+
+
+@_runtime.kernel_op("triformer::gelu_bwd_and_output", mutates_args=())
+def gelu_bwd_and_output(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
+                        approximate: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dbias, gelu(x + bias)): the backward, also writing the activation it recomputes anyway, for an op
+    that kept only GELU's input (``triformer.gelu_linear``)."""
+    y = torch.empty(size=x.shape, dtype=x.dtype, device=x.device)
+    dx, dbias = _backward(dy, x, bias, approximate, y)
+    return dx, dbias, y
 
 
 class GELUFunction(torch.autograd.Function):

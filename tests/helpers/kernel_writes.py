@@ -140,6 +140,8 @@ def cases():
         ("add_rms_norm_fwd", mod["fused_add_norm"].add_rms_norm_fwd, dict(x=x, residual=r, weight=w, eps=1e-6)),
         ("gelu_fwd", mod["gelu"].gelu_fwd, dict(x=x, bias=b, approximate="tanh")),
         ("gelu_bwd", mod["gelu"].gelu_bwd, dict(dy=t(B * T, C), x=x, bias=b, approximate="tanh")),
+        ("gelu_bwd_and_output", mod["gelu"].gelu_bwd_and_output, dict(dy=t(B * T, C), x=x, bias=b,
+                                                                     approximate="tanh")),
         ("layer_norm_fwd", mod["layernorm"].layer_norm_fwd, dict(x=x, weight=w, bias=b, eps=1e-5)),
         ("layer_norm_bwd", mod["layernorm"].layer_norm_bwd, dict(dy=t(B * T, C), x=x, weight=w, bias=b, mean=mean,
                                                                  rstd=rstd, dres=t(B * T, C))),
