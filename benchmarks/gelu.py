@@ -5,7 +5,8 @@ Memory-bound: bytes_moved counts one read of each input and one write of each ou
 x -> y; bwd: dy, x -> dx). Peers: PyTorch eager, torch.compile of it (Liger has no plain GELU).
 
 ``--sweep`` times the backward with a bias alone, as CUDA-graph replays, for each candidate of
-``triformer.gelu.BIAS_PROGRAMS_PER_SM`` and writes ``gelu_sweep``.
+``triformer.gelu.BIAS_PROGRAMS_PER_SM`` (and of ``STORE_Y_PROGRAMS_PER_SM`` for the backward that also writes the
+activation, ``gelu_linear``'s) and writes ``gelu_sweep``.
 """
 import sys
 
@@ -57,6 +58,15 @@ def sweep() -> None:
                                                                (gelu_module._bwd_launch,)))
                               for name, fn in case.providers.items()}
             cases.append(case)
+        # the backward that also writes the recomputed activation (triformer.gelu_linear): reads dy and x, writes
+        # dx and y
+        dy = torch.randn_like(x)
+        for per_sm in (1, 2, 4):
+            run = with_settings(lambda: gelu_module.gelu_bwd_and_output(dy, x.detach(), b.detach(), "tanh"),
+                                gelu_module, {"STORE_Y_PROGRAMS_PER_SM": per_sm}, (gelu_module._bwd_launch,))
+            cases.append(Case(op="gelu_tanh+bias, writing y", shape=f"16384x{cols}", dtype="bfloat16", mode="bwd",
+                              bytes_moved=4 * x.numel() * x.element_size(), flops=0,
+                              providers={f"programs_per_sm_{per_sm}": cuda_graphed(run)}))
     run_cases("gelu_sweep", cases)
 
 

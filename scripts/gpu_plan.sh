@@ -3,7 +3,7 @@
 # (10 minutes); run from the repository root on the GPU machine, with .whl carried (see scripts/gpu_run.sh):
 #   bash scripts/gpu_plan.sh 1   # correctness of the changed kernels on the GPU, then the cross-entropy sweep
 #   bash scripts/gpu_plan.sh 2   # the GPT-2 training step (ce, fused loss, plain PyTorch) and where its time goes
-#   bash scripts/gpu_plan.sh 3   # the bandwidth table, bf16 then float32 (one process each)
+#   bash scripts/gpu_plan.sh 3   # the bandwidth table (bf16), gelu_linear's time and memory and its sweep, float32 table
 #   bash scripts/gpu_plan.sh 4   # patched models (tests and benchmark) and the compile tests, dynamic shapes included
 # Each call's results come back in $OUT/results.tar.gz (unpack into benchmarks/results/<card>/) and $OUT/log.txt.
 # Between 1 and 2: set the constants the sweep chose (triformer/cross_entropy.py's TILE_BYTES, PROGRAMS_PER_SM,
@@ -17,8 +17,8 @@ case "${1:-}" in
   2) GPU_RUN_DEADLINE=560 BENCH_TIMEOUT=330 bash scripts/gpu_run.sh \
        bench "train_step gpt --variants (ce),fused,plain --compile (ce),fused,plain --compile-modes reduce-overhead --steps 10 --warmup 3" \
        bench "profile_step --variants (ce),plain --modes compile:reduce-overhead" ;;
-  3) GPU_RUN_DEADLINE=560 BENCH_TIMEOUT=270 bash scripts/gpu_run.sh \
-       bench "bandwidth" bench "bandwidth --fp32" ;;
+  3) GPU_RUN_DEADLINE=560 BENCH_TIMEOUT=200 bash scripts/gpu_run.sh \
+       bench "bandwidth" bench "gelu_linear" bench "gelu --sweep" bench "bandwidth --fp32" ;;
   4) GPU_RUN_DEADLINE=560 BENCH_TIMEOUT=240 PY_TIMEOUT=300 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
        py "-m pytest -q -n 8 -p no:cacheprovider tests/test_patch.py tests/test_compile.py -k gpu" \
        bench "patch_llama --quick" ;;

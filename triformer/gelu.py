@@ -124,12 +124,13 @@ def _fwd_launch(M: int, N: int):
 
 
 @_runtime.plan_cache
-def _bwd_launch(M: int, N: int, has_bias: bool, device_index: int):
+def _bwd_launch(M: int, N: int, has_bias: bool, device_index: int, store_y: bool = False):
     """(grid, rows per group, meta-parameters) of the backward, then (grid, meta-parameters) of the bias
     gradient's column_sums_kernel."""
     block_m, block_n = elementwise_tiles(M, N)
     row_blocks, col_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
-    groups = _row_groups(device_index, row_blocks, col_blocks) if has_bias else row_blocks
+    per_sm = STORE_Y_PROGRAMS_PER_SM if store_y else BIAS_PROGRAMS_PER_SM
+    groups = _row_groups(device_index, row_blocks, col_blocks, per_sm) if has_bias else row_blocks
     rows_per_group = triton.cdiv(row_blocks, groups) * block_m
     groups = triton.cdiv(M, rows_per_group)
     sum_n = min(triton.next_power_of_2(N), 1 << 14 if _runtime.INTERPRET else 128)
@@ -140,16 +141,18 @@ def _bwd_launch(M: int, N: int, has_bias: bool, device_index: int):
             (triton.cdiv(N, sum_n),), dict(TWO=False, BLOCK_P=sum_g, BLOCK_N=sum_n, num_warps=4))
 
 
-BIAS_PROGRAMS_PER_SM = 4  # benchmarks/gelu.py --sweep times the alternatives
+# Resident programs per multiprocessor of the backward with a bias: enough loads in flight, few partial rows to
+# sum. benchmarks/gelu.py --sweep times the alternatives. Writing the recomputed activation too (STORE_Y, for
+# triformer.gelu_linear) takes the kernel from 156 to 249 registers at 4 warps on sm_90, so two programs fit an SM.
+BIAS_PROGRAMS_PER_SM = 4
+STORE_Y_PROGRAMS_PER_SM = 2
 
 
-def _row_groups(device_index: int, row_blocks: int, col_blocks: int) -> int:
+def _row_groups(device_index: int, row_blocks: int, col_blocks: int, per_sm: int) -> int:
     """How many row groups the bias-gradient backward splits the rows into (= fp32 partial rows)."""
     if _runtime.INTERPRET:
         return triton.cdiv(row_blocks, 2)  # two tiles per program, so the loop is exercised on the CPU too
-    # BIAS_PROGRAMS_PER_SM resident programs per multiprocessor: enough loads in flight, few partial rows to sum
-    return max(1, min(row_blocks, triton.cdiv(BIAS_PROGRAMS_PER_SM * _runtime.multiprocessors(device_index),
-                                              col_blocks)))
+    return max(1, min(row_blocks, triton.cdiv(per_sm * _runtime.multiprocessors(device_index), col_blocks)))
 
 
 @_runtime.kernel_op("triformer::gelu_fwd", mutates_args=())
@@ -178,7 +181,8 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], a
     if x.numel() == 0:
         return dx, dbias.zero_()
     (dy2, x2), M, rows_inner, N, ((sdy_o, sdy_i, sdy_n), (sx_o, sx_i, sx_n)) = row_layout(dy, x)
-    grid, rows_per_group, meta, sum_grid, sum_meta = _bwd_launch(M, N, bias is not None, x.get_device())
+    grid, rows_per_group, meta, sum_grid, sum_meta = _bwd_launch(M, N, bias is not None, x.get_device(),
+                                                                 y is not None)
     partials = torch.empty(grid[0], N, dtype=torch.float32, device=x.device) if bias is not None else dx
     _runtime.launch(_gelu_bwd_kernel, grid)(
         dy2, x2, bias if bias is not None else x2, dx, partials, y if y is not None else dx, M, N, rows_inner,
