@@ -8,18 +8,11 @@ from hypothesis import strategies as st
 
 from models import GPT, GPTConfig, TrainableModel, create_model, list_models, model_config
 from tests.helpers.gpt import V, batch, tiny
-from tests.helpers.models import pair
+from tests.helpers.models import assert_grads_close, pair
 from training.tasks import TASKS
 from triformer.testing import assert_close, kernel_device
 
 DEV = kernel_device()
-
-
-def assert_grads_close(ours, ref):
-    named_ref = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        assert p.grad is not None, f"{name} got no gradient"
-        assert_close(f"grad {name}", p.grad, named_ref[name].grad)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from models import TrainableModel, ViT, create_model, model_config
-from tests.helpers.models import pair
+from tests.helpers.models import assert_grads_close, pair
 from tests.helpers.vit import images, tiny
 from training.tasks import TASKS
 from triformer.testing import assert_close, kernel_device
@@ -57,9 +57,7 @@ def test_triton_matches_torch_float64(cfg):
     assert_close("loss", loss, loss_ref)
     loss.backward()
     loss_ref.backward()
-    named_ref = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        assert_close(f"grad {name}", p.grad, named_ref[name].grad)
+    assert_grads_close(ours, ref)
 
 
 @given(B=st.integers(1, 4), pool=st.sampled_from(["cls", "mean"]), scale=st.sampled_from([1.0, 100.0]),
@@ -91,9 +89,7 @@ def test_soft_targets_match_float64_and_one_hot_equals_class_indices(smoothing):
     assert_close("loss", loss, loss_ref)
     loss.backward()
     loss_ref.backward()
-    named_ref = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        assert_close(f"grad {name}", p.grad, named_ref[name].grad)
+    assert_grads_close(ours, ref)
     torch.testing.assert_close(ours(x, onehot)[1], ours(x, y)[1], rtol=1e-5, atol=1e-6)
 
 

@@ -4,7 +4,7 @@ import dataclasses
 import torch
 
 from models import GPT, GPTConfig, ViT, ViTConfig
-from triformer.testing import kernel_device
+from triformer.testing import assert_close, kernel_device
 
 _MODEL_OF = {GPTConfig: GPT, ViTConfig: ViT}
 
@@ -18,3 +18,11 @@ def pair(config):
     ref = model_cls(dataclasses.replace(config, kernels="torch"))
     ref.load_state_dict(ours.state_dict())
     return ours, ref.to(kernel_device(), torch.float64)
+
+
+def assert_grads_close(ours, ref):
+    """Every parameter of ``ours`` has a gradient, within tolerance of its namesake's in the float64 ``ref``."""
+    named_ref = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert_close(f"grad {name}", p.grad, named_ref[name].grad)
