@@ -30,9 +30,10 @@ ln = sys.modules["triformer.layernorm"]
 M = 16384  # rows: only the launch's tile choice reads it (the kernel takes M at run time)
 # (N, widest column block): one tile up to BWD_MAX_BLOCK_N (8192), two passes beyond; 4096 also in 1024-wide blocks
 WIDTHS = ((768, None), (4096, None), (4096, 1024), (8192, None), (12288, None), (16384, None))
-# (name, RMS, HAS_WEIGHT, HAS_BIAS, HAS_DRES)
-VARIANTS = (("layer_norm", False, True, True, False), ("rms_norm", True, True, False, False),
-            ("add_layer_norm", False, True, True, True))
+# (name, RMS, HAS_WEIGHT, HAS_BIAS, HAS_DRES, HAS_DROPOUT)
+VARIANTS = (("layer_norm", False, True, True, False, False), ("rms_norm", True, True, False, False, False),
+            ("add_layer_norm", False, True, True, True, False),
+            ("add_layer_norm+dropout", False, True, True, True, True))
 
 
 def specialise(fn, constants: dict, present: dict) -> ASTSource:
@@ -45,8 +46,14 @@ def specialise(fn, constants: dict, present: dict) -> ASTSource:
             if not present.get(name, True):
                 signature[name], constants[name] = "constexpr", None
             else:
-                signature[name] = "*bf16" if name in ("DY", "X", "W", "DRES", "DX") else "*fp32"
+                signature[name] = ("*bf16" if name in ("DY", "X", "W", "DRES", "DX", "DXB") else
+                                   "*i64" if name == "SEED" else "*fp32")
                 attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("dropout_p", "drop_scale"):  # None (a constexpr) without dropout, as the launcher passes them
+            if present["SEED"]:
+                signature[name] = "fp32"
+            else:
+                signature[name], constants[name] = "constexpr", None
         elif name.endswith("_n") or name == "rows_inner":  # column strides, and one row per group
             signature[name], constants[name] = "constexpr", 1
         else:  # M, N, n_row_blocks, row strides
@@ -76,14 +83,15 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90, bf16 x/dy/weight, fp32 partial sums, M={M}\n")
     print("| variant | N | BLOCK_M, BLOCK_N, warps | one tile | regs | stack | PTX instructions | SASS instructions |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, rms, has_w, has_b, has_dres in VARIANTS:
+    for name, rms, has_w, has_b, has_dres, has_dropout in VARIANTS:
         for n, max_block_n in WIDTHS:
             block_m, block_n, warps = ln._tile(M, n, max_block_n or ln.BWD_MAX_BLOCK_N, gpu_tile=ln.BWD_GPU_TILE,
                                                per_thread=ln.BWD_PER_THREAD, max_warps=32)
             one_tile = block_n >= n
-            constants = dict(RMS=rms, HAS_WEIGHT=has_w, HAS_BIAS=has_b, HAS_DRES=has_dres, BLOCK_M=block_m,
-                             BLOCK_N=block_n, ONE_TILE=one_tile, PREFETCH=ln.BWD_PREFETCH)
-            present = dict(W=has_w, Mean=not rms, DRES=has_dres, DW=has_w, DB=has_b, RowSums=not one_tile)
+            constants = dict(RMS=rms, HAS_WEIGHT=has_w, HAS_BIAS=has_b, HAS_DRES=has_dres, HAS_DROPOUT=has_dropout,
+                             BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, PREFETCH=ln.BWD_PREFETCH)
+            present = dict(W=has_w, Mean=not rms, DRES=has_dres, DW=has_w, DB=has_b, RowSums=not one_tile,
+                           SEED=has_dropout, DXB=has_dropout)
             compiled = triton.compile(specialise(ln._norm_bwd_kernel, constants, present),
                                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
             usage, sass = sass_of(compiled.asm["cubin"])

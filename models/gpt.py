@@ -205,7 +205,7 @@ class GPT(nn.Module):
         pending = None
         for i, block in enumerate(self.blocks):
             x, pending = block(x, pending, rope, caches[i] if caches else None)
-        return self.ln_f(x, pending)[1]
+        return self.ln_f(x, pending, cfg.dropout if self.training else 0.0)[1]  # the last block's MLP dropout
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -3,9 +3,12 @@
 Each module keeps its parameters as plain ``nn.Parameter``s / ``nn.Linear`` weights and does its math through
 ``ops`` (``models.ops.get_ops``), so the Triton and the PyTorch variants of a model share one state dict.
 
-The residual stream is carried as ``(x, pending)``: ``pending`` is the output of the last sublayer, not yet
-added to ``x``. The next norm adds it (``add_layer_norm`` / ``add_rms_norm``), which fuses the residual add
-into the norm kernel instead of spending a separate pass over the activations on it.
+The residual stream is carried as ``(x, pending)``: ``pending`` is the output of the last sublayer, neither
+dropped out nor added to ``x`` yet. The next norm drops it and adds it (``add_layer_norm`` / ``add_rms_norm``
+with ``dropout_p``), which fuses the residual dropout and add into the norm kernel instead of spending separate
+passes over the activations on them. So every consumer of a block's ``pending`` applies the residual dropout
+exactly once: the next block's ``ln_1``, the model's final norm (GPT's ``ln_f``, ViT's ``norm`` on the class
+token), or an explicit ``dropout`` where it is added without a norm (ViT's mean pooling).
 """
 from __future__ import annotations
 
@@ -89,7 +92,8 @@ def dropout(ops, x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm; ``forward(x, pending)`` returns ``(x + pending, norm(x + pending))``."""
+    """LayerNorm or RMSNorm; ``forward(x, pending, dropout_p)`` returns ``(s, norm(s))`` with
+    ``s = x + dropout(pending, dropout_p)``. The caller passes ``dropout_p`` 0 outside training."""
 
     def __init__(self, dim: int, kind: str, eps: float, bias: bool, ops):
         super().__init__()
@@ -97,15 +101,15 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == "layernorm" else None
 
-    def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None, dropout_p: float = 0.0):
         ops = self.ops
         if self.kind == "layernorm":
             if pending is None:
                 return x, ops.layer_norm(x, self.weight, self.bias, self.eps)
-            return ops.add_layer_norm(pending, x, self.weight, self.bias, self.eps)
+            return ops.add_layer_norm(pending, x, self.weight, self.bias, self.eps, dropout_p)
         if pending is None:
             return x, ops.rms_norm(x, self.weight, self.eps)
-        return ops.add_rms_norm(pending, x, self.weight, self.eps)
+        return ops.add_rms_norm(pending, x, self.weight, self.eps, dropout_p)
 
 
 class KVCache:
@@ -203,11 +207,14 @@ class Block(nn.Module):
         return self._forward(x, pending, rope, cache)
 
     def _forward(self, x, pending=None, rope=None, cache: KVCache | None = None):
-        x, h = self.ln_1(x, pending)
-        pending = dropout(self.ops, self.attn(h, rope, cache), self.dropout, self.training)
-        x, h = self.ln_2(x, pending)
-        pending = dropout(self.ops, self.mlp(h), self.dropout, self.training)
-        return x, pending
+        # Each branch's dropout runs inside the add-norm that consumes it: the attention branch's in ln_2, the MLP
+        # branch's (returned undropped) in whatever takes this block's pending next (see the module docstring).
+        # Seeds are drawn in the same order as with separate dropouts: attention's, its branch's, the MLP branch's
+        # (at the next consumer, before anything else there draws one).
+        p = self.dropout if self.training else 0.0
+        x, h = self.ln_1(x, pending, p)
+        x, h = self.ln_2(x, self.attn(h, rope, cache), p)
+        return x, self.mlp(h)
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool) -> int:

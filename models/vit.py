@@ -112,10 +112,13 @@ class ViT(nn.Module):
         pending = None
         for block in self.blocks:
             x, pending = block(x, pending)
+        # the last block's pending is its MLP output, not yet dropped (models.layers): the final norm drops it, fused
+        # (only the class token's row: its mask is drawn over [B, C], not over the whole pending), or before pooling
+        p = cfg.dropout if self.training else 0.0
         if cfg.pool == "cls":  # only the class token's row needs the final norm
-            h = self.norm(x[:, 0], pending[:, 0])[1]
+            h = self.norm(x[:, 0], pending[:, 0], p)[1]
         else:
-            h = self.norm((x + pending)[:, 1:].mean(dim=1))[1]
+            h = self.norm((x + dropout(self.ops, pending, cfg.dropout, self.training))[:, 1:].mean(dim=1))[1]
         logits = self.head(h)
         if targets is None:
             return logits, None

@@ -84,6 +84,13 @@ def _cases():
         "add_layer_norm-normed-only": (lambda *a: add_layer_norm(*a)[1], lambda *a: add_layer_norm_reference(*a)[1],
                                        lambda: _norm_inputs(residual=True)),
         "add_rms_norm": (add_rms_norm, add_rms_norm_reference, lambda: _norm_inputs(residual=True, bias=False)),
+        # dropout on x: the reference regenerates the mask from the same seed
+        "add_layer_norm-dropout": (lambda *a: add_layer_norm(*a, dropout_p=0.3, seed=11),
+                                   lambda *a: add_layer_norm_reference(*a, dropout_p=0.3, seed=11),
+                                   lambda: _norm_inputs(residual=True)),
+        "add_rms_norm-dropout": (lambda *a: add_rms_norm(*a, dropout_p=0.3, seed=11),
+                                 lambda *a: add_rms_norm_reference(*a, dropout_p=0.3, seed=11),
+                                 lambda: _norm_inputs(residual=True, contiguous=False, bias=False)),
         "softmax": (lambda x: softmax(x, False, 0.7), lambda x: softmax_reference(x, False, 0.7),
                     lambda: [random_tensor((4, 37), F32, generator=_gen())]),
         # Tq > Tk: the first rows see no key at all (output and gradient 0)
@@ -163,9 +170,9 @@ def test_gradient_penalty_matches_reference(name):
         assert_close(f"{name} penalty gradient of input {i}", s, s64, rtol=SECOND_ORDER_RTOL)
 
 
-@pytest.mark.parametrize("name", ["layer_norm", "add_rms_norm", "softmax-causal", "dropout", "gelu-erf-bias",
-                                  "gelu_linear", "swiglu-packed", "apply_rope", "attention-causal-dropout", "attention-softcap-gqa",
-                                  "linear_cross_entropy-none"])
+@pytest.mark.parametrize("name", ["layer_norm", "add_rms_norm", "add_layer_norm-dropout", "softmax-causal", "dropout",
+                                  "gelu-erf-bias", "gelu_linear", "swiglu-packed", "apply_rope",
+                                  "attention-causal-dropout", "attention-softcap-gqa", "linear_cross_entropy-none"])
 def test_gradgradcheck(name):
     """torch's own check of the second derivative against finite differences of the first. The kernels take
     no float64, so in fp32 with matching tolerances; small shapes keep the interpreter's launches few."""

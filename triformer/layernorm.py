@@ -2,9 +2,11 @@
 (``triformer.rmsnorm``) and the fused residual-add norms (``triformer.fused_add_norm``) share.
 
 One forward kernel serves all of them: ``RMS`` centres rows at zero instead of their mean, and
-``HAS_RESIDUAL`` normalizes ``x + residual``, writing that sum out for the next residual connection. One
-backward kernel serves all of them too: the fused ops add the gradient that reaches the sum directly
-(``HAS_DRES``).
+``HAS_RESIDUAL`` normalizes ``x + residual``, writing that sum out for the next residual connection, and
+``HAS_DROPOUT`` drops ``x`` first (``residual + dropout(x)``, the mask ``triformer.dropout`` applies with the same
+seed, regenerated from the seed and each element's logical index). One backward kernel serves all of them too:
+the fused ops add the gradient that reaches the sum directly (``HAS_DRES``), and with ``HAS_DROPOUT`` also write
+the dropped input's gradient (the sum's, masked and scaled) in the same pass.
 
 Forward: a program normalizes BLOCK_M rows. A row that fits one BLOCK_N tile is read once and kept in
 registers. A wider row is read twice in column blocks: pass 1 merges each block's mean and sum of squared
@@ -29,7 +31,7 @@ from torch import nn
 from triformer import _runtime
 from triformer._double_backward import needs_graph, reference_grads
 from triformer._runtime import INTERPRET
-from triformer._shared import column_sums_kernel, row_layout, row_offsets
+from triformer._shared import column_sums_kernel, dropout_keep, row_layout, row_offsets
 
 __all__ = ["LayerNormFunction", "LayerNorm", "layer_norm", "layer_norm_reference",
            "TritonLayerNorm"]  # the seed's name (see triformer/__init__.py)
@@ -62,8 +64,15 @@ def _load_vector(ptr, cols, col_ok, identity, PRESENT: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _load_input(X, R, S, x_starts, r_starts, out_starts, cols, sx_n, sr_n, mask, HAS_RESIDUAL: tl.constexpr):
+def _load_input(X, R, S, SEED, x_starts, r_starts, out_starts, cols, sx_n, sr_n, mask, dropout_p, drop_scale,
+                HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     x = _load_tile(X, x_starts, cols, sx_n, mask)
+    if HAS_DROPOUT:
+        dropout_p, drop_scale = tl.cast(dropout_p, tl.float32), tl.cast(drop_scale, tl.float32)  # fp64 under Inductor
+        # triformer.dropout's mask: element (row, col) of x is logical index row * N + col (out_starts = row * N).
+        # A kept value is rounded to x's dtype as dropout's output is, so the sum is exactly residual + dropout(x).
+        keep = dropout_keep(tl.load(SEED), out_starts[:, None] + cols[None, :], dropout_p)
+        x = tl.where(keep, (x * drop_scale).to(X.dtype.element_ty).to(tl.float32), 0.0)
     if HAS_RESIDUAL:
         s = (x + _load_tile(R, r_starts, cols, sr_n, mask)).to(S.dtype.element_ty)
         tl.store(S + out_starts[:, None] + cols[None, :], s, mask=mask)
@@ -102,13 +111,17 @@ def _store_normed(Y, W, B, x, mean, rstd, out_starts, cols, col_ok, mask,
 
 @triton.jit
 def _norm_fwd_kernel(
-    X, R, W, B, Y, S, Mean, Rstd,
-    M, N, rows_inner, eps,
+    X, R, W, B, Y, S, Mean, Rstd, SEED,
+    M, N, rows_inner, eps, dropout_p, drop_scale,
     sx_o, sx_i, sx_n, sr_o, sr_i, sr_n,
     RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
-    eps = tl.cast(eps, tl.float32)  # fp32 math: Inductor passes Python floats as fp64
+    # fp32 math: Inductor passes Python floats as fp64. With HAS_DROPOUT, SEED (0-d int64, read) is read from
+    # device memory rather than passed by value, so a compiled graph or CUDA graph draws a fresh seed every step,
+    # and drop_scale = 1 / (1 - dropout_p); without it the launcher passes None for all three, so the kernel
+    # compiles to the code it had before dropout was added (no extra parameters).
+    eps = tl.cast(eps, tl.float32)
     # One program per BLOCK_M rows. Outputs (Y, S) are contiguous [M, N], and statistics are fp32 [M].
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -119,7 +132,8 @@ def _norm_fwd_kernel(
         cols = tl.arange(0, BLOCK_N)
         col_ok = cols < N
         mask = row_ok[:, None] & col_ok[None, :]
-        x = _load_input(X, R, S, x_starts, r_starts, out_starts, cols, sx_n, sr_n, mask, HAS_RESIDUAL)
+        x = _load_input(X, R, S, SEED, x_starts, r_starts, out_starts, cols, sx_n, sr_n, mask, dropout_p,
+                        drop_scale, HAS_RESIDUAL, HAS_DROPOUT)
         mean, m2 = _tile_moments(x, mask, N, RMS, BLOCK_M)
         rstd = _rstd(m2, N, eps, row_ok)
         _store_normed(Y, W, B, x, mean, rstd, out_starts, cols, col_ok, mask, HAS_WEIGHT, HAS_BIAS, BLOCK_N)
@@ -130,7 +144,8 @@ def _norm_fwd_kernel(
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < N
             mask = row_ok[:, None] & col_ok[None, :]
-            x = _load_input(X, R, S, x_starts, r_starts, out_starts, cols, sx_n, sr_n, mask, HAS_RESIDUAL)
+            x = _load_input(X, R, S, SEED, x_starts, r_starts, out_starts, cols, sx_n, sr_n, mask, dropout_p,
+                            drop_scale, HAS_RESIDUAL, HAS_DROPOUT)
             count = tl.minimum(N - start, BLOCK_N).to(tl.float32)
             block_mean, block_m2 = _tile_moments(x, mask, count, RMS, BLOCK_M)
             total = start + count
@@ -166,8 +181,8 @@ def _load_row_stats(Mean, Rstd, rows, row_ok, RMS: tl.constexpr):
 
 
 @triton.jit
-def _store_dx(DX, DRES, g, xhat, c1, c2, rstd, out_starts, d_starts, cols, sd_n, mask,
-              RMS: tl.constexpr, HAS_DRES: tl.constexpr):
+def _store_dx(DX, DRES, DXB, SEED, g, xhat, c1, c2, rstd, out_starts, d_starts, cols, sd_n, mask, dropout_p,
+              drop_scale, RMS: tl.constexpr, HAS_DRES: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     # c1 = mean(g * xhat), c2 = mean(g) per row (the mean's gradient, absent for RMS norm)
     if RMS:
         dx = (g - xhat * c1[:, None]) * rstd[:, None]
@@ -175,7 +190,15 @@ def _store_dx(DX, DRES, g, xhat, c1, c2, rstd, out_starts, d_starts, cols, sd_n,
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
     if HAS_DRES:
         dx += _load_tile(DRES, d_starts, cols, sd_n, mask)
-    tl.store(DX + out_starts[:, None] + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    dx = dx.to(DX.dtype.element_ty)
+    tl.store(DX + out_starts[:, None] + cols[None, :], dx, mask=mask)
+    if HAS_DROPOUT:
+        dropout_p, drop_scale = tl.cast(dropout_p, tl.float32), tl.cast(drop_scale, tl.float32)  # fp64 under Inductor
+        # The dropped input's gradient: dropout's backward (the forward's mask, regenerated) on dx as stored, so
+        # it equals what triformer.dropout's backward gives for that gradient of the sum.
+        keep = dropout_keep(tl.load(SEED), out_starts[:, None] + cols[None, :], dropout_p)
+        dxb = tl.where(keep, dx.to(tl.float32) * drop_scale, 0.0)
+        tl.store(DXB + out_starts[:, None] + cols[None, :], dxb.to(DXB.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -211,12 +234,17 @@ def _normalized(x, mean, rstd):
 
 @triton.jit
 def _norm_bwd_kernel(
-    DY, X, W, Mean, Rstd, DRES, DX, DW, DB, RowSums,
-    M, N, rows_inner, n_row_blocks,
+    DY, X, W, Mean, Rstd, DRES, DX, DW, DB, RowSums, SEED, DXB,
+    M, N, rows_inner, n_row_blocks, dropout_p, drop_scale,
     sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, sd_o, sd_i, sd_n,
     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRES: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    # HAS_DROPOUT (the fused add-norms with dropout on x): DX is the gradient of the sum (the residual's), DXB
+    # (contiguous, x's shape, written) the dropped input's, with the forward's mask regenerated from SEED (0-d
+    # int64, read) at each element's logical index; _store_dx casts dropout_p and drop_scale to fp32 (Inductor
+    # passes Python floats as fp64). Without it all four are None: the kernel has no extra parameters.
     # Persistent: program p takes row blocks p, p + P, p + 2P, ... and writes its dweight/dbias column
     # sums to row p of DW/DB ([P, N] fp32). The accumulators are 2-D so that the cross-thread reduction
     # over rows happens once per column block, not once per row block.
@@ -276,8 +304,9 @@ def _norm_bwd_kernel(
             if ONE_TILE:  # the row sums of pass 1, from the tile itself
                 c1 = tl.sum(g * xhat, 1) / N
                 c2 = tl.sum(g, 1) / N
-            _store_dx(DX, DRES, g, xhat, c1, c2, rstd, rows * N, row_offsets(rows, rows_inner, sd_o, sd_i),
-                      cols, sd_n, mask, RMS, HAS_DRES)
+            _store_dx(DX, DRES, DXB, SEED, g, xhat, c1, c2, rstd, rows * N,
+                      row_offsets(rows, rows_inner, sd_o, sd_i), cols, sd_n, mask, dropout_p, drop_scale, RMS,
+                      HAS_DRES, HAS_DROPOUT)
             dw += dy * xhat
             db += dy
             if not PREFETCH:
@@ -345,9 +374,20 @@ def _bwd_launch(m: int, n: int, max_block_n: int, device_index: int):
             triton.cdiv(n, sum_n), dict(BLOCK_P=sum_p, BLOCK_N=sum_n, num_warps=4))
 
 
+def _dropout_args(seed: Optional[torch.Tensor], p: float) -> tuple:
+    """The kernels' (dropout_p, drop_scale): None without dropout (Triton then drops the parameters), else p and
+    1 / (1 - p) computed on the host in float64 as triformer.dropout does, so the kept elements are scaled by the
+    same fp32 number."""
+    return (None, None) if seed is None else (p, 1.0 / (1.0 - p))
+
+
 def norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                 bias: Optional[torch.Tensor], eps: float, rms: bool):
-    """Launch the forward. Returns (y, sum or None, mean or None (RMS), rstd), with mean and rstd fp32 per row."""
+                 bias: Optional[torch.Tensor], eps: float, rms: bool, seed: Optional[torch.Tensor] = None,
+                 dropout_p: float = 0.0):
+    """Launch the forward. Returns (y, sum or None, mean or None (RMS), rstd), with mean and rstd fp32 per row.
+    With ``seed`` (a 0-d int64 tensor on x's device; needs a residual) x is dropped with ``dropout_p`` before the
+    add, as ``triformer.dropout(x, dropout_p, seed=seed)`` drops it."""
+    assert seed is None or residual is not None, "dropout is fused into the residual add only"
     n, m = x.shape[-1], n_rows(x)
     y = torch.empty(size=x.shape, dtype=x.dtype, device=x.device)
     s = torch.empty(size=x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
@@ -358,22 +398,27 @@ def norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Opti
     (x3, r3), _, rows_inner, _, (sx, sr) = row_layout(x, residual)
     grid, meta = _fwd_launch(m, n, FWD_MAX_BLOCK_N)
     _runtime.launch(_norm_fwd_kernel, grid)(
-        x3, r3, weight, bias, y, s, mean, rstd, m, n, rows_inner, eps, *sx, *sr,
-        RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **meta,
+        x3, r3, weight, bias, y, s, mean, rstd, seed, m, n, rows_inner, eps, *_dropout_args(seed, dropout_p),
+        *sx, *sr, RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=seed is not None, **meta,
     )
     return y, s, mean, rstd
 
 
 def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                  mean: Optional[torch.Tensor], rstd: torch.Tensor, dres: Optional[torch.Tensor]):
+                  mean: Optional[torch.Tensor], rstd: torch.Tensor, dres: Optional[torch.Tensor],
+                  seed: Optional[torch.Tensor] = None, dropout_p: float = 0.0):
     """Launch the backward of y = norm(x) (RMS norm when ``mean`` is None), adding ``dres``, a gradient that
-    reaches x directly, to dx. Returns (dx, dweight or None, dbias or None), each in its input's dtype.
-    ``bias`` only says whether there is one, and its dtype."""
+    reaches x directly, to dx. Returns (dx, dweight or None, dbias or None, dxb or None), each in its input's
+    dtype. ``bias`` only says whether there is one, and its dtype. With ``seed`` (the fused forward's dropout
+    seed; x is then the saved sum) dxb is the dropped input's gradient, dx masked as the forward dropped it
+    and scaled by 1 / (1 - dropout_p)."""
     n, m = x.shape[-1], n_rows(x)
     dx = torch.empty(size=x.shape, dtype=x.dtype, device=x.device)
+    dxb = None if seed is None else torch.empty(size=x.shape, dtype=x.dtype, device=x.device)
     if m == 0:  # no rows: parameter gradients are empty sums
         return (dx, None if weight is None else torch.zeros_like(weight),
-                None if bias is None else torch.zeros_like(bias))
+                None if bias is None else torch.zeros_like(bias), dxb)
     programs, n_row_blocks, meta, sum_blocks, sum_meta = _bwd_launch(m, n, BWD_MAX_BLOCK_N, x.get_device())
     params = [p for p in (weight, bias) if p is not None]
     # Each program's partial dweight row, then its partial dbias row, in one fp32 buffer ([params, programs, N]).
@@ -382,9 +427,9 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
     (x3, dy3, d3), _, rows_inner, _, (sx, sdy, sd) = row_layout(x, dy, dres)
     _runtime.launch(_norm_bwd_kernel, (programs,))(
         dy3, x3, weight, mean, rstd, d3, dx, part if weight is not None else None,  # part[0]'s pointer, without a view
-        part[-1] if bias is not None else None, row_sums, m, n, rows_inner, n_row_blocks, *sdy, *sx, *sd,
-        RMS=mean is None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DRES=dres is not None,
-        **meta,
+        part[-1] if bias is not None else None, row_sums, seed, dxb, m, n, rows_inner, n_row_blocks,
+        *_dropout_args(seed, dropout_p), *sdy, *sx, *sd, RMS=mean is None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, HAS_DRES=dres is not None, HAS_DROPOUT=seed is not None, **meta,
     )
     grads = [torch.empty(n, dtype=p.dtype, device=x.device) for p in params]
     if grads:  # grads[i] = part[i].sum(0), each in its parameter's dtype; grid axis 1 picks the output
@@ -392,7 +437,7 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
                                                                       TWO=len(grads) == 2, **sum_meta)
     dw = grads[0] if weight is not None else None
     db = grads[-1] if bias is not None else None
-    return dx, dw, db
+    return dx, dw, db, dxb
 
 
 def n_rows(x: torch.Tensor):
@@ -460,7 +505,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
                    mean: torch.Tensor, rstd: torch.Tensor,
                    dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dres: a gradient reaching x directly (the fused ops' residual sum), added to dx."""
-    dx, dw, db = norm_backward(dy, x, weight, bias, mean, rstd, dres)
+    dx, dw, db, _ = norm_backward(dy, x, weight, bias, mean, rstd, dres)
     return dx, x.new_empty(0) if dw is None else dw, x.new_empty(0) if db is None else db
 
 

@@ -32,7 +32,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) ->
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor,
                  dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """dres: a gradient reaching x directly (the fused op's residual sum), added to dx."""
-    dx, dw, _ = norm_backward(dy, x, weight, None, None, rstd, dres)
+    dx, dw, _, _ = norm_backward(dy, x, weight, None, None, rstd, dres)
     return dx, x.new_empty(0) if dw is None else dw
 
 
