@@ -83,6 +83,14 @@ def width_cases(label, rows, hidden, head_dim, dtype, device, liger) -> list[Cas
     cases += graphed_cases("add_layer_norm", shape, dtype, peers(
         add_layer_norm, lambda x, r, w, b: ((x + r), F.layer_norm(x + r, (hidden,), w, b))),
         [x, r, w, b], {"fwd": 4, "bwd": 4}, unit)
+
+    def dropped_add_norm(x, r, w, b):
+        s = F.dropout(x, 0.1) + r
+        return s, F.layer_norm(s, (hidden,), w, b)
+    # dropout on the branch fused in: the same passes, plus the branch's own gradient written in the backward
+    cases += graphed_cases("add_layer_norm_dropout0.1", shape, dtype, peers(
+        lambda x, r, w, b: add_layer_norm(x, r, w, b, 1e-5, 0.1), dropped_add_norm),
+        [x, r, w, b], {"fwd": 4, "bwd": 5}, unit)
     if label.startswith("Llama"):
         cases += graphed_cases("rms_norm", shape, dtype, peers(
             rms_norm, lambda x, w: F.rms_norm(x, (hidden,), w, 1e-6), liger_module(liger.get("rms_norm"))),
