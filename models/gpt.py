@@ -121,8 +121,9 @@ class GPT(nn.Module):
             return self._logits(h[:, -1:] if last_only else h), None
         cfg, V = self.config, self.config.vocab_size
         if cfg.loss == "fused":
-            loss = self.ops.linear_cross_entropy(h.reshape(-1, cfg.n_embd), self.head_weight[:V], targets.reshape(-1),
-                                                 label_smoothing=cfg.label_smoothing)
+            # the padded head whole (aligned matmuls, no slice of its gradient), the padding marked by num_classes
+            loss = self.ops.linear_cross_entropy(h.reshape(-1, cfg.n_embd), self.head_weight, targets.reshape(-1),
+                                                 label_smoothing=cfg.label_smoothing, num_classes=V)
             return (self._logits(h) if return_logits else None), at_least_fp32(loss)
         padded = F.linear(h, self.head_weight)  # [B, T, padded vocabulary]
         # The whole padded rows go in, the padding marked by num_classes: the gradient then comes back in the LM

@@ -338,3 +338,45 @@ def test_gpu_peak_memory_within_chunk_budget():
     torch.cuda.synchronize()
     grads = (h.numel() + w.numel()) * 2
     assert torch.cuda.max_memory_allocated() - before - grads <= CHUNK_BYTES + (2 << 20)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # gradients in the forward, and the backward's re-sweep
+@pytest.mark.parametrize("bias", [False, True])
+def test_num_classes_treats_weight_rows_after_them_as_padding(reduction, bias):
+    """A padded LM head passed whole: the loss is the first num_classes rows' (the reference on the slice), the
+    padding rows' logits never enter it (huge ones would dominate the softmax) and their gradient is 0."""
+    vocab, padded = 1531, 1536
+    h, w, b = make_inputs(torch.float32, bias=bias, vocab=padded)
+    with torch.no_grad():
+        w[vocab:] = 3.0  # padding rows whose logits would dominate every row if they were read
+    targets = make_targets(BATCH, vocab)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (h, w, b)]
+    loss = linear_cross_entropy(leaves[0], leaves[1], targets, leaves[2], reduction=reduction, chunk_rows=37,
+                                num_classes=vocab)
+    refs = [h.detach().double().requires_grad_(), w[:vocab].detach().double().requires_grad_(),
+            b[:vocab].detach().double().requires_grad_() if bias else None]
+    ref = linear_cross_entropy_reference(refs[0], refs[1], targets, refs[2], reduction=reduction)
+    g = torch.rand(loss.shape, device=DEV) + 0.5
+    loss.backward(g)
+    ref.backward(g.double())
+    assert_close("loss", loss, ref)
+    assert_close("grad hidden", leaves[0].grad, refs[0].grad)
+    assert_close("grad weight", leaves[1].grad[:vocab], refs[1].grad)
+    assert torch.all(leaves[1].grad[vocab:] == 0)
+    if bias:
+        assert_close("grad bias", leaves[2].grad[:vocab], refs[2].grad)
+        assert torch.all(leaves[2].grad[vocab:] == 0)
+    # the reference takes num_classes too
+    assert_close("reference", linear_cross_entropy_reference(h.double(), w.double(), targets,
+                                                             b.double() if bias else None, reduction=reduction,
+                                                             num_classes=vocab), ref)
+
+
+def test_num_classes_is_checked():
+    h, w, _ = make_inputs(torch.float32, bias=False, vocab=10)
+    targets = make_targets(BATCH, 10)
+    for bad in (0, 11, True):
+        with pytest.raises(ValueError, match=r"num_classes must be an int in \[1, 10\]"):
+            linear_cross_entropy(h, w, targets, num_classes=bad)
+    with pytest.raises(ValueError, match="num_classes must be a positive int or None"):
+        LinearCrossEntropyLoss(num_classes=0)

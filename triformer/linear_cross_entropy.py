@@ -55,8 +55,8 @@ import triton
 from triformer import _runtime
 from triformer._double_backward import double_backward_unsupported, needs_graph, reference_grads
 # Built on cross_entropy's kernels: its launcher, its in-place backward op and its argument checks (public names).
-from triformer.cross_entropy import (check_loss_args, check_targets, check_targets_tensor, cross_entropy_bwd,
-                                     launch_cross_entropy, mean_scale, reference_loss)
+from triformer.cross_entropy import (check_loss_args, check_num_classes, check_targets, check_targets_tensor,
+                                     cross_entropy_bwd, launch_cross_entropy, mean_scale, reference_loss)
 
 __all__ = ["LinearCrossEntropyFunction", "LinearCrossEntropyLoss", "linear_cross_entropy",
            "linear_cross_entropy_reference"]
@@ -108,9 +108,11 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -
 
 def _sweep(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
            ignore_index: int, label_smoothing: float, z_loss: float, scale: torch.Tensor | None,
-           loss_rows: torch.Tensor, need_h: bool, need_w: bool, need_b: bool, chunk_rows: int):
+           loss_rows: torch.Tensor, need_h: bool, need_w: bool, need_b: bool, chunk_rows: int, num_classes: int):
     """One pass over token chunks of ``hidden[N, H]``: fp32 losses into ``loss_rows``, and the requested
-    gradients of sum(loss * scale) (``scale`` one value, one per token, or None for 1)."""
+    gradients of sum(loss * scale) (``scale`` one value, one per token, or None for 1). The first
+    ``num_classes`` rows of ``weight`` are classes, the rest padding: their logits are computed with the others
+    (whole aligned matmuls) but stay out of the loss, and their gradient is 0."""
     n_rows, n_hidden = hidden.shape
     n_cols = weight.shape[0]
     dtype = hidden.dtype
@@ -151,9 +153,11 @@ def _sweep(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bi
         if tail:
             logits[:, split:].copy_(tail_logits[start:stop])
         row_scale = scale if scale is None or scale.numel() == 1 else scale[start:stop]
-        logits3 = logits.unsqueeze(0)
-        launch_cross_entropy(logits3, targets[start:stop], loss_rows[start:stop], logits3 if any_grad else None,
+        classes3 = logits[:, :num_classes].unsqueeze(0)
+        launch_cross_entropy(classes3, targets[start:stop], loss_rows[start:stop], classes3 if any_grad else None,
                              row_scale, ignore_index, label_smoothing, z_loss)
+        if any_grad and num_classes < n_cols:
+            logits[:, num_classes:].zero_()  # the padding's gradient
         if split:
             if need_h:
                 _mm_into(grad_h[start:stop], bulk, w_bulk, first=True)
@@ -181,15 +185,15 @@ def _empty(t: torch.Tensor) -> torch.Tensor:
 @_runtime.kernel_op("triformer::linear_cross_entropy_fwd", mutates_args=(), opaque=True)
 def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                               bias: torch.Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
-                              reduction: str, need_h: bool, need_w: bool, need_b: bool,
-                              chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                              reduction: str, need_h: bool, need_w: bool, need_b: bool, chunk_rows: int,
+                              num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, grad_hidden, grad_weight, grad_bias) for an upstream gradient of 1; empty where not requested.
     ``hidden`` is [N, H], ``targets`` [N]; "none" gives the [N] losses."""
-    check_targets(targets, weight.shape[0], ignore_index)
+    check_targets(targets, num_classes, ignore_index)
     loss_rows = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     scale = mean_scale(targets, ignore_index) if reduction == "mean" else None
     grads = _sweep(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, scale, loss_rows,
-                   need_h, need_w, need_b, chunk_rows)
+                   need_h, need_w, need_b, chunk_rows, num_classes)
     if reduction == "none":
         loss = loss_rows
     else:
@@ -203,11 +207,11 @@ def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, target
 def _linear_cross_entropy_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                               targets: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
                               label_smoothing: float, z_loss: float, need_h: bool, need_w: bool, need_b: bool,
-                              chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              chunk_rows: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for reduction "none": sweep the chunks again, each token's gradient scaled by grad_loss[N]."""
     loss_rows = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     grads = _sweep(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, grad_loss, loss_rows,
-                   need_h, need_w, need_b, chunk_rows)
+                   need_h, need_w, need_b, chunk_rows, num_classes)
     return tuple(g if g is not None else _empty(hidden) for g in grads)
 
 
@@ -217,17 +221,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_rows,
-                need_h, need_w, need_b):
+                num_classes, need_h, need_w, need_b):
         hidden2 = hidden.reshape(-1, hidden.shape[-1])
         targets1 = targets.reshape(-1)
         deferred = reduction == "none"
         loss, grad_h, grad_w, grad_b = _linear_cross_entropy_fwd(
             hidden2, weight, targets1, bias, ignore_index, label_smoothing, z_loss, reduction,
-            need_h and not deferred, need_w and not deferred, need_b and not deferred, chunk_rows)
+            need_h and not deferred, need_w and not deferred, need_b and not deferred, chunk_rows, num_classes)
         ctx.deferred = deferred
         ctx.hidden_shape = hidden.shape
         ctx.needs = (need_h, need_w, need_b)
-        ctx.args = (ignore_index, label_smoothing, z_loss, chunk_rows)
+        ctx.args = (ignore_index, label_smoothing, z_loss, chunk_rows, num_classes)
         if deferred:
             # hidden too (the input; hidden2 is its reshape, a view when contiguous): double backward differentiates it
             ctx.save_for_backward(hidden2, weight, targets1, bias, hidden)
@@ -248,18 +252,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     "be differentiated again), or triformer.linear_cross_entropy_reference")
             hidden2, weight, targets1, bias, hidden = ctx.saved_tensors
             if needs_graph(grad_loss, hidden, weight, bias):
-                ignore_index, label_smoothing, z_loss, _ = ctx.args
+                ignore_index, label_smoothing, z_loss, _, num_classes = ctx.args
                 grad_h, grad_w, grad_b = reference_grads(
                     lambda h, w, b: linear_cross_entropy_reference(h.reshape(-1, h.shape[-1]), w, targets1, b,
-                                                                   ignore_index, "none", label_smoothing, z_loss),
+                                                                   ignore_index, "none", label_smoothing, z_loss,
+                                                                   num_classes=num_classes),
                     (hidden, weight, bias), (grad_loss.reshape(-1),), ctx.needs)
-                return grad_h, grad_w, None, grad_b, None, None, None, None, None, None, None, None
+                return grad_h, grad_w, None, grad_b, *(None,) * 9
         if ctx.deferred:
             hidden2, weight, targets1, bias, _ = ctx.saved_tensors
-            ignore_index, label_smoothing, z_loss, chunk_rows = ctx.args
+            ignore_index, label_smoothing, z_loss, chunk_rows, num_classes = ctx.args
             grads = _linear_cross_entropy_bwd(
                 grad_loss.reshape(-1), hidden2, weight, targets1, bias, ignore_index, label_smoothing, z_loss,
-                need_h, need_w, need_b, chunk_rows)
+                need_h, need_w, need_b, chunk_rows, num_classes)
         else:
             # a second backward through this graph fails in this unpack (the in-place scale below bumped the
             # saved tensors' versions) instead of scaling twice
@@ -270,7 +275,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_h, grad_w, grad_b = (g if needed else None for g, needed in zip(grads, ctx.needs))
         if grad_h is not None:
             grad_h = grad_h.view(ctx.hidden_shape)
-        return grad_h, grad_w, None, grad_b, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, grad_b, *(None,) * 9
 
 
 def _check_args(hidden, weight, targets, bias, z_loss, chunk_rows) -> None:
@@ -298,31 +303,37 @@ def _check_args(hidden, weight, targets, bias, z_loss, chunk_rows) -> None:
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, z_loss: float = 0.0, *,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, num_classes: int | None = None) -> torch.Tensor:
     """Cross-entropy of ``hidden[..., H] @ weight[V, H]^T (+ bias[V])`` against ``targets[...]`` (int64/int32).
 
     Same loss semantics as ``triformer.cross_entropy`` (plus ``z_loss``), in the hidden state's dtype. The
     [N, V] logits are never materialized: see the module docstring for the chunking, the memory bound and
     the precision of each gradient. ``chunk_rows`` overrides the tokens per chunk (default: as many as
     ``CHUNK_BYTES`` of logits hold): a size, where ``cross_entropy``'s ``n_chunks`` (the trainer's ``ce_chunks``)
-    is a count of launches.
+    is a count of launches. ``num_classes`` (default V): only the first ``num_classes`` rows of ``weight`` (and
+    ``bias``) are classes; the rest are padding (an LM head padded to a multiple of 64), outside the softmax,
+    with gradient 0. Passing the padded weight this way keeps every matmul aligned, where a ``weight[:V]`` slice
+    of an odd V needs the tail matmuls of the module docstring and a copy of its gradient into the padded one.
     """
     _check_args(hidden, weight, targets, bias, z_loss, chunk_rows)
     check_loss_args(ignore_index, reduction, label_smoothing)
+    num_classes = check_num_classes(num_classes, weight.shape[0])
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     return LinearCrossEntropyFunction.apply(hidden, weight, targets, bias, ignore_index, reduction,
-                                            float(label_smoothing), float(z_loss), chunk_rows or 0, *needs)
+                                            float(label_smoothing), float(z_loss), chunk_rows or 0, num_classes,
+                                            *needs)
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                    bias: torch.Tensor | None = None, ignore_index: int = -100,
                                    reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, *,
-                                   chunk_rows: int | None = None) -> torch.Tensor:
+                                   chunk_rows: int | None = None, num_classes: int | None = None) -> torch.Tensor:
     """Plain PyTorch with the full logits (``chunk_rows`` has no effect here)."""
     check_loss_args(ignore_index, reduction, label_smoothing)
-    logits = torch.nn.functional.linear(hidden, weight.to(hidden.dtype),
-                                        bias.to(hidden.dtype) if bias is not None else None)
+    num_classes = check_num_classes(num_classes, weight.shape[0])
+    logits = torch.nn.functional.linear(hidden, weight[:num_classes].to(hidden.dtype),
+                                        bias[:num_classes].to(hidden.dtype) if bias is not None else None)
     return reference_loss(logits, targets, ignore_index, reduction, float(label_smoothing), float(z_loss))
 
 
@@ -331,20 +342,26 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     LM head's (or the tied embedding's) weight."""
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, chunk_rows: int | None = None):
+                 z_loss: float = 0.0, chunk_rows: int | None = None, num_classes: int | None = None):
         super().__init__()
         check_loss_args(ignore_index, reduction, label_smoothing)
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = float(label_smoothing)
         self.z_loss = float(z_loss)
         self.chunk_rows = chunk_rows
+        self.num_classes = num_classes
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear_cross_entropy(hidden, weight, targets, bias, self.ignore_index, self.reduction,
-                                    self.label_smoothing, self.z_loss, chunk_rows=self.chunk_rows)
+                                    self.label_smoothing, self.z_loss, chunk_rows=self.chunk_rows,
+                                    num_classes=self.num_classes)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing="
-                f"{self.label_smoothing}, z_loss={self.z_loss}, chunk_rows={self.chunk_rows}")
+                f"{self.label_smoothing}, z_loss={self.z_loss}, chunk_rows={self.chunk_rows}, "
+                f"num_classes={self.num_classes}")
