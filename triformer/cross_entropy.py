@@ -851,11 +851,15 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                                       inplace, compute_grad, num_classes, grad_in_backward)
 
 
-def check_num_classes(num_classes, n_cols: int) -> int:
-    """``num_classes`` checked against the logits' last dimension ``n_cols``; None means all of it."""
+def check_num_classes(num_classes, n_cols: int | None):
+    """``num_classes`` checked against the logits' last dimension ``n_cols`` (None means all of it, which is
+    returned); with ``n_cols`` None (a module's constructor, before any logits) only that it is None or an int >= 1."""
     if num_classes is None:
         return n_cols
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= n_cols:
+    is_int = isinstance(num_classes, int) and not isinstance(num_classes, bool)
+    if n_cols is None and not (is_int and num_classes >= 1):
+        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+    if n_cols is not None and not (is_int and 1 <= num_classes <= n_cols):
         raise ValueError(f"num_classes must be an int in [1, {n_cols}] (the logits' last dimension), "
                          f"got {num_classes!r}")
     return num_classes
@@ -898,9 +902,7 @@ class CrossEntropyLoss(torch.nn.Module):
                  n_chunks: int = 1, inplace_backward: bool = False, num_classes: int | None = None):
         super().__init__()
         check_loss_args(ignore_index, reduction, label_smoothing)
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        check_num_classes(num_classes, None)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = float(label_smoothing)

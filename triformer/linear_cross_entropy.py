@@ -345,9 +345,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  z_loss: float = 0.0, chunk_rows: int | None = None, num_classes: int | None = None):
         super().__init__()
         check_loss_args(ignore_index, reduction, label_smoothing)
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        check_num_classes(num_classes, None)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = float(label_smoothing)
