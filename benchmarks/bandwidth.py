@@ -120,7 +120,7 @@ def width_cases(label, rows, hidden, head_dim, dtype, device, liger) -> list[Cas
         cos, sin = rope_cos_sin(t, head_dim, device=device)
         cases += graphed_cases("rope", f"{label} {rows // t}x{heads}x{t}x{head_dim}", dtype, peers(
             lambda q, k: apply_rope(q, k, cos, sin), lambda q, k: apply_rope_reference(q, k, cos, sin)),
-            [q, k], {"fwd": 2, "bwd": 2}, unit)  # q and k read, both rotations written
+            [q, k], {"fwd": 4, "bwd": 4}, unit)  # q and k (each a unit) read, both rotations written
     return cases
 
 
