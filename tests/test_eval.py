@@ -280,6 +280,14 @@ def test_run_image_checkpoint_with_data_override(tmp_path, monkeypatch):
     assert results["test/accuracy"] == pytest.approx(direct["accuracy"]) and results["test/examples"] == 360
     assert Path(results["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
     assert "data" not in compose([f"checkpoint={ckpt}"])  # no override: the checkpoint's data config is used
+    # a checkpoint trained with RandAugment evaluates where no torchvision imports (evaluation never augments)
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    augmented = save_tiny_checkpoint(tmp_path / "aug.safetensors", PixelLinear(), "pix",
+                                     dict(in_features=64, classes=10),
+                                     {"task": "image", "name": "digits", "source": "digits", "test_fraction": 0.2,
+                                      "crop_padding": 1, "hflip": False, "randaugment_ops": 2})
+    assert ev.run(compose([f"checkpoint={augmented}", f"output_dir={tmp_path / 'aug'}", "batch_size=50",
+                           "device=cpu"]))["test/examples"] == 360
 
 
 CLI_WITH_TINY_MODEL = """

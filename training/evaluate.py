@@ -291,7 +291,8 @@ def run(cfg) -> dict[str, Any]:
 
 def evaluate_image(cfg: dict, model, data_cfg: dict, device, amp, out_dir: Path) -> dict[str, Any]:
     """eval.py on an image classifier (task "image"): top-1 accuracy and loss on ``split``, a confusion matrix."""
-    data = build_data(data_cfg, seed=0)
+    # evaluation batches are never augmented: a RandAugment run's checkpoint evaluates without torchvision
+    data = build_data({**data_cfg, "randaugment_ops": 0}, seed=0)
     log.info(f"split {cfg['split']}: top-1 accuracy over {data.name} images")
     r = classify(model, data, cfg["split"], cfg["batch_size"], cfg.get("max_batches"), device, amp, progress=True)
     png = plot_confusion(r.pop("confusion"), data.class_names, out_dir / f"confusion_{cfg['split']}.png",
