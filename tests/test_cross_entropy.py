@@ -573,3 +573,34 @@ def test_gradient_in_backward_refuses_double_backward():
     loss = grad_in_backward_loss(logits, make_targets((3,), 20))
     with pytest.raises(RuntimeError, match="records no graph"):
         torch.autograd.grad(loss, logits, create_graph=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_padded_logits_compile_like_eager(reduction):
+    """The GPT layout under torch.compile: the padded LM-head output passed whole with num_classes, split into
+    launches, through the compiled path (statistics forward, gradient backward) equals eager's."""
+    hidden = random_tensor((2, 37, 32), torch.float32)
+    weight = random_tensor((32, 1152), torch.float32).requires_grad_()
+    targets = make_targets((2, 37), 1100)
+    upstream_g = torch.rand(2, 37, device=DEV) + 0.5
+
+    def f(h, w, t):
+        loss = cross_entropy((h @ w).reshape(-1, w.shape[1]), t.reshape(-1), reduction=reduction,
+                             label_smoothing=0.1, n_chunks=3, inplace_backward=True, num_classes=1100)
+        return (loss * upstream_g.reshape(-1)).sum() if reduction == "none" else loss
+
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        loss = fn(hidden, weight, targets)
+        loss.backward()
+        results.append((loss.detach(), weight.grad))
+        weight.grad = None
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+    w64 = weight.detach().double().requires_grad_()
+    ref = cross_entropy_reference((hidden.double() @ w64)[..., :1100], targets, reduction=reduction,
+                                  label_smoothing=0.1)
+    if reduction == "none":
+        ref = (ref * upstream_g.double().reshape(ref.shape)).sum()
+    ref.backward()
+    assert_close("grad weight", results[0][1], w64.grad)
