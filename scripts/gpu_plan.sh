@@ -5,6 +5,7 @@
 #   bash scripts/gpu_plan.sh 2   # the GPT-2 training step (ce, fused loss, plain PyTorch) and where its time goes
 #   bash scripts/gpu_plan.sh 3   # the bandwidth table (bf16), gelu_linear's time and memory and its sweep, float32 table
 #   bash scripts/gpu_plan.sh 4   # patched models (tests and benchmark) and the compile tests, dynamic shapes included
+#   bash scripts/gpu_plan.sh 5   # the ViT-B/16 step against plain PyTorch (gelu_linear's memory)
 # Each call's results come back in $OUT/results.tar.gz (unpack into benchmarks/results/<card>/) and $OUT/log.txt.
 # Between 1 and 2: set the constants the sweep chose (triformer/cross_entropy.py's TILE_BYTES, PROGRAMS_PER_SM,
 # VECTOR_WARPS, SCALAR_WARPS); the layernorm and gelu sweeps (benchmarks/<op>.py --sweep) ran on 2026-12-07.
@@ -22,5 +23,7 @@ case "${1:-}" in
   4) GPU_RUN_DEADLINE=560 BENCH_TIMEOUT=240 PY_TIMEOUT=300 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
        py "-m pytest -q -n 8 -p no:cacheprovider tests/test_patch.py tests/test_compile.py -k gpu" \
        bench "patch_llama --quick" ;;
-  *) echo "usage: bash scripts/gpu_plan.sh 1|2|3|4" >&2; exit 2 ;;
+  5) GPU_RUN_DEADLINE=560 BENCH_TIMEOUT=400 bash scripts/gpu_run.sh \
+       bench "train_step vit --variants =triformer,plain --compile =triformer,plain --compile-modes reduce-overhead --steps 10 --warmup 3" ;;
+  *) echo "usage: bash scripts/gpu_plan.sh 1|2|3|4|5" >&2; exit 2 ;;
 esac
