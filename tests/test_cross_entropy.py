@@ -158,8 +158,8 @@ def force_plan(monkeypatch, n_splits, max_block_v=256):
     ``max_block_v`` columns, whatever the device's own choice; the kernels run for real."""
     chosen = ce_module._plan
 
-    def plan(n_rows, n_cols, dtype, device, vectorized):
-        p = chosen(n_rows, n_cols, dtype, device, vectorized)
+    def plan(n_rows, n_cols, dtype, device, unmasked):
+        p = chosen(n_rows, n_cols, dtype, device, unmasked)
         return dataclasses.replace(p, block_v=min(p.block_v, max_block_v), programs=p.programs or 4,
                                    n_splits=n_splits)
     monkeypatch.setattr(ce_module, "_plan", plan)

@@ -457,16 +457,17 @@ def _scale_rows_kernel(x_ptr, scale_ptr, n_rows, n_cols, rows_inner, sx_o, sx_i,
 
 
 # GPU launch, from `benchmarks/cross_entropy.py --sweep` (benchmarks/results/h100/cross_entropy_sweep.md): rows
-# of 16 KiB tiles on four persistent programs per SM. Smaller tiles than the 32 KiB ones the sweep also tried cut
-# the registers a program needs, so four fit an SM and hide each other's loads; that beat one or two programs
-# of larger tiles at every vocabulary tried (32K, 50K, 128K) and at 640 rows, whether the gradient goes over
-# the logits or into its own buffer. 8 warps per tile where its loads vectorize (16-byte aligned rows, see
-# _unmasked_tiles, or a vocabulary that is a multiple of 16); 16 where they do not (the LM head's padded rows of
-# 50304 holding 50257 logits), whose narrower loads want more threads in flight. The split pair (column ranges of
-# one row on several programs) only pays when there are fewer rows than SMs.
+# of 16 KiB tiles (8192 bf16 logits) on a persistent grid of four programs per SM, which beat 8 and 32 KiB tiles
+# and one or two programs per SM at every vocabulary tried (32K, 50K, 128K), whether the gradient goes over the
+# logits or into its own buffer. Registers allow one such program per SM at either warp count
+# (benchmarks/results/sm90/cross_entropy_sm90.md: 209 at 8 warps, 104 at 16), so the grid's programs take turns;
+# what the warp count changes is how many logits each thread loads at once. 16 warps where whole tiles load
+# unmasked (_unmasked_tiles: the LM head's padded rows, 16-byte vectors), 8 where every tile is masked (a
+# contiguous odd vocabulary, or one that is a multiple of 16): each was the faster of the two there. The split
+# pair (column ranges of one row on several programs) only pays when there are fewer rows than SMs.
 TILE_BYTES = 16384
 PROGRAMS_PER_SM = 4
-VECTOR_WARPS, SCALAR_WARPS = 8, 16
+UNMASKED_WARPS, MASKED_WARPS = 16, 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,15 +482,15 @@ class Plan:
 
 
 @_runtime.plan_cache
-def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, vectorized: bool) -> Plan:
+def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device, unmasked: bool) -> Plan:
     """Interpreter: fused, few programs with 64k-element tiles of many rows. GPU: see the constants above;
-    ``vectorized``: whether the tile loads are 16-byte vectors."""
+    ``unmasked``: whole tiles load without a column mask (``_unmasked_tiles``)."""
     if _runtime.INTERPRET:
         block_v = min(triton.next_power_of_2(n_cols), max(1024, 65536 // min(triton.next_power_of_2(n_rows), 64)))
         block_r = _runtime.rows_per_program(n_rows, block_v)
         return Plan(block_r, block_v, 4, triton.cdiv(n_rows, block_r))
     block_v = min(triton.next_power_of_2(n_cols), TILE_BYTES // dtype.itemsize)
-    num_warps = min(VECTOR_WARPS if vectorized else SCALAR_WARPS, max(4, block_v * dtype.itemsize // 512))
+    num_warps = min(UNMASKED_WARPS if unmasked else MASKED_WARPS, max(4, block_v * dtype.itemsize // 512))
     sms = _runtime.multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     if n_cols > block_v and n_rows < sms:
         n_splits = min(triton.cdiv(PROGRAMS_PER_SM * sms, n_rows), triton.cdiv(n_cols, block_v))
@@ -544,8 +545,7 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
     chunk = triton.cdiv(n_rows, n_chunks)
     for first in range(0, n_rows, chunk):
         last = min(first + chunk, n_rows)
-        plan = _plan(last - first, n_cols, logits3.dtype, logits3.device,
-                     common["UNMASKED"] or n_cols % 16 == 0)
+        plan = _plan(last - first, n_cols, logits3.dtype, logits3.device, common["UNMASKED"])
         tiles = dict(BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
         row_blocks = triton.cdiv(last - first, plan.block_r)
         if not plan.n_splits:
@@ -583,14 +583,15 @@ def launch_cross_entropy_grad(logits3: torch.Tensor, targets: torch.Tensor, stat
     n_rows = outer * rows_inner
     if n_rows == 0 or _runtime.shapes_only():
         return
-    plan = _plan(n_rows, n_cols, logits3.dtype, logits3.device, _unmasked_tiles(logits3) or n_cols % 16 == 0)
+    unmasked = _unmasked_tiles(logits3)
+    plan = _plan(n_rows, n_cols, logits3.dtype, logits3.device, unmasked)
     row_blocks = triton.cdiv(n_rows, plan.block_r)
     programs = min(plan.programs, row_blocks) if not plan.n_splits else row_blocks
     _runtime.launch(_cross_entropy_grad_kernel, (programs,))(
         logits3, grad3, targets, stats, scale, 0, n_rows, n_cols, rows_inner, n_rows, *logits3.stride(),
         *grad3.stride(), targets.stride(0), scale.stride(0) if scale.numel() > 1 else 0, ignore_index,
         float(label_smoothing), float(z_loss), HAS_SMOOTHING=label_smoothing > 0, HAS_Z=z_loss > 0,
-        UNMASKED=_unmasked_tiles(logits3), BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
+        UNMASKED=unmasked, BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
 
 
 def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> None:
