@@ -109,9 +109,8 @@ def _log1p(z):
 #   them from there, not from DRAM. Used when there are enough rows to fill the GPU.
 # * split: each row's columns are cut into `n_splits` ranges, one program per (row block, range), in two
 #   launches: _cross_entropy_partial_kernel writes each range's statistics, _cross_entropy_combine_kernel merges
-#   a row's ranges and writes its loss and the gradient of its own range. Few long rows (the 640-row chunks of
-#   the fused linear-CE, or 4k rows of a 256k vocabulary) would otherwise leave SMs idle or each streaming one
-#   row at a time.
+#   a row's ranges and writes its loss and the gradient of its own range. Fewer rows than SMs (a few sequences'
+#   last tokens over a large vocabulary) would otherwise leave SMs idle.
 # (rows, row_ok) of the row block at first_row; padded rows re-read the last real row (never stored), so no tile
 # row is all -inf and no NaN appears. No pointer goes in, on purpose: torch.compile's analysis of which tensors a
 # kernel writes (wrap_triton) follows a called function's result back to every argument of the call, and the loss
