@@ -3,7 +3,8 @@
 registers per thread, the stack bytes (register spills), the shared memory, and how many asynchronous
 global-to-shared copies (cp.async, issued by software pipelining) and warpgroup matmuls (wgmma) the PTX holds.
 ``--first`` compiles only the first variant (a smoke check for the test suite); ``--softcap`` compiles the
-soft-capped variants (HAS_SOFTCAP), ``--gqa`` the grouped-query ones.
+soft-capped variants (HAS_SOFTCAP), ``--window`` the sliding-window ones (HAS_WINDOW), ``--gqa`` the grouped-query
+ones.
 
 The arguments are specialised as Triton specialises a launch on contiguous bf16 [B, H, T, D] tensors at
 T=1024: head-dim strides equal to 1 become constants, pointers, the other strides and T are 16-divisible.
@@ -92,12 +93,14 @@ def variants():
 
 def main() -> None:
     softcap = "--softcap" in sys.argv[1:]
-    print(f"triton {triton.__version__}, sm_90, bf16, causal, T={T}{', soft-capped' if softcap else ''}\n")
+    window = "--window" in sys.argv[1:]
+    print(f"triton {triton.__version__}, sm_90, bf16, causal, T={T}{', soft-capped' if softcap else ''}"
+          f"{', sliding window' if window else ''}\n")
     print("| kernel | D | BLOCK_M, BLOCK_N, warps, stages | dropout | regs | stack | smem | cp.async | wgmma |")
     print("|---|---|---|---|---|---|---|---|---|")
     for kernel, fn, head_dim, (block_m, block_n, warps, stages), dropout in variants():
         constants = dict(IS_CAUSAL=True, MASK_KIND=0, HAS_KPM=False, HAS_DROPOUT=dropout, HAS_SOFTCAP=softcap,
-                         QUADS=True, DOT_PREC="tf32", HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m,
+                         HAS_WINDOW=window, QUADS=True, DOT_PREC="tf32", HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m,
                          BLOCK_N=block_n, SEQ_M=0, SEQ_N=0)
         compiled = triton.compile(specialise(fn, constants), target=GPUTarget("cuda", 90, 128),
                                   options=dict(num_warps=warps, num_stages=stages))

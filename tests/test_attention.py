@@ -281,8 +281,8 @@ class _RecordingKernel(triton.runtime.KernelInterface):
 def test_tuned_config_launch(monkeypatch):
     """The GPU launch path, with the kernel replaced by a recorder: a launch whose tuning key was seen skips
     Triton's autotuner and launches the config it chose, with the grid it would have used; a new dtype (of q
-    or of the mask), head dim, causal flag, mask, dropout flag or sequence bucket goes through the autotuner
-    once more."""
+    or of the mask), head dim, causal flag, mask, dropout, soft-capping or window flag or sequence bucket goes
+    through the autotuner once more."""
     recorder = _RecordingKernel(attention_module._attn_fwd_kernel)
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 32}, num_warps=w) for m, w in ((128, 8), (64, 4))]
 
@@ -301,18 +301,18 @@ def test_tuned_config_launch(monkeypatch):
     monkeypatch.setattr(attention_module, "_TUNED", {})
 
     def forward(B=1, H=2, Tq=100, Tk=100, D=64, dtype=torch.float16, is_causal=False, dropout_p=0.0, mask=None,
-                softcap=0.0):
+                softcap=0.0, window=None):
         """(autotuner runs, (grid, keywords) of the launch) of one forward; ``mask``: an additive mask's dtype."""
         q, k, v = (torch.empty(B, H, T, D, dtype=dtype) for T in (Tq, Tk, Tk))
         attn_mask = None if mask is None else torch.zeros(Tq, Tk, dtype=mask)
         runs = len(tuner_runs)
         attention_module._attention_fwd(q, k, v, attn_mask, None, torch.tensor(7) if dropout_p else None,
-                                        is_causal, dropout_p, 0.125, softcap)
+                                        is_causal, dropout_p, 0.125, softcap, window)
         return len(tuner_runs) - runs, recorder.launches[-1]
 
     for variant in [{}, dict(dtype=torch.bfloat16), dict(dtype=torch.float32), dict(D=40), dict(is_causal=True),
                     dict(dropout_p=0.1), dict(Tq=200), dict(Tk=300), dict(mask=torch.float16),
-                    dict(mask=torch.float32), dict(softcap=30.0)]:
+                    dict(mask=torch.float32), dict(softcap=30.0), dict(is_causal=True, window=64)]:
         runs, tuned = forward(**variant)
         assert runs == 1, variant
         assert tuned[1]["BLOCK_M"] == 64 and tuned[1]["num_warps"] == 4
@@ -325,7 +325,7 @@ def test_tuned_config_launch(monkeypatch):
         attention_module._launch(tuner, 300, "BLOCK_N", 6, dict(SEQ_M=0, SEQ_N=0), (torch.empty(1),),
                                  **{name: 1 for name in attention_module._TUNE_KEY})
         assert recorder.launches[-1][0] == (triton.cdiv(300, 32) * 6,)
-    assert len(tuner_runs) == 12
+    assert len(tuner_runs) == 13
 
 
 @pytest.mark.skipif(kernel_device().type != "cuda", reason="autotuned kernels run on a GPU only")
@@ -451,13 +451,13 @@ def test_module_and_function():
     torch.autograd.grad(direct.sum(), leaves)  # ten gradients for ten arguments
 
 
-@pytest.mark.parametrize("softcap", [0.0, 2.5])
-def test_torch_compile_fullgraph_matches_eager(softcap):
+@pytest.mark.parametrize("softcap,window", [(0.0, None), (2.5, None), (0.0, 9)])
+def test_torch_compile_fullgraph_matches_eager(softcap, window):
     q, k, v = qkv(1, 2, 70, 70, 16, torch.float32)
     mask = torch.randn(70, 70, device=q.device)
 
     def loss(q, k, v):  # the default seed is drawn inside the graph, from torch's generator
-        out = attention(q, k, v, is_causal=True, dropout_p=0.2, attn_mask=mask, softcap=softcap)
+        out = attention(q, k, v, is_causal=True, dropout_p=0.2, attn_mask=mask, softcap=softcap, window=window)
         return (out * out).sum()
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
@@ -525,20 +525,22 @@ def test_attention_long_sequences(dtype):
     dropout_p=st.sampled_from([0.0, 0.0, 0.6]),
     seed=st.integers(0, 2**31 - 1),
     softcap=st.sampled_from([0.0, 0.0, 0.5, 20.0]),
+    window=st.sampled_from([None, None, 1, 4, 40]),
 )
 # the long profile's failure, reproduced with a seed: dominant keys dropped, fp32 out 4.8e-5 (PyTorch's 1.4e-5)
 @example(shape=(1, 2, 2, 25, 40), dtype=torch.float32, contiguous=False, is_causal=False, magnitude=8.0,
-         mask="additive", dropout_p=0.6, seed=337, softcap=0.0)
+         mask="additive", dropout_p=0.6, seed=337, softcap=0.0, window=None)
 # fp16 results in the subnormal range (see subnormal_sizes): dq 0.26 against PyTorch's 0.09
 @example(shape=(2, 2, 2, 89, 64), dtype=torch.float16, contiguous=True, is_causal=False, magnitude=8.0,
-         mask="additive", dropout_p=0.6, seed=172, softcap=0.0)
-def test_attention_property(shape, dtype, contiguous, is_causal, magnitude, mask, dropout_p, seed, softcap):
+         mask="additive", dropout_p=0.6, seed=172, softcap=0.0, window=None)
+def test_attention_property(shape, dtype, contiguous, is_causal, magnitude, mask, dropout_p, seed, softcap, window):
     B, H, Tq, Tk, D = shape
     gen = torch.Generator().manual_seed(seed)  # inputs, masks, dropout and grad_out: one example, one draw
     masks = random_masks(B, H, Tq, Tk, mask, gen) if mask else {}
     q, k, v = qkv(B, H, Tq, Tk, D, dtype, contiguous, magnitude, gen)
     check_attention(q, k, v, random_tensor(q.shape, dtype, generator=gen), is_causal=is_causal,
-                    dropout_p=dropout_p, seed=seed if dropout_p else None, softcap=softcap, **masks)
+                    dropout_p=dropout_p, seed=seed if dropout_p else None, softcap=softcap,
+                    window=window if is_causal else None, **masks)
 
 
 def test_sm90_codegen_pipelines_loads_without_spills():
@@ -727,4 +729,178 @@ def test_softcap_bad_values_raise_before_launch(monkeypatch):
                      lambda: attention_packed_reference(packed, 2, softcap=value),
                      lambda: Attention(softcap=value)):
             with pytest.raises(error, match="softcap must be"):
+                call()
+
+
+# --- sliding window (Mistral's sliding_window): the query at aligned position a = i + Tk - Tq sees keys
+# a - window < j <= a ---
+# Interpreter blocks are 64 keys/queries (the fixture above): windows below, at and above the block size and the
+# sequence, Tq != Tk both ways (Tq > Tk leaves rows empty), and packed short sequences (9, 13).
+
+@pytest.mark.parametrize("Tq,Tk,window", [(100, 100, 7), (150, 150, 64), (100, 100, 100), (100, 100, 300),
+                                          (67, 150, 20), (130, 77, 20), (9, 13, 3), (9, 13, 1)])
+def test_window_matches_reference(Tq, Tk, window):
+    check_attention(*qkv(2, 2, Tq, Tk, 24, torch.float32), is_causal=True, window=window)
+
+
+def test_window_equals_dense_band_mask():
+    """The window is the causal mask's band: the reference's window and a dense boolean band (True = attend) agree
+    exactly, and the kernel with the window agrees with the kernel given that band as attn_mask."""
+    Tq, Tk, window = 90, 140, 23
+    q, k, v = qkv(1, 2, Tq, Tk, 16, torch.float32)
+    a = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)
+    j = torch.arange(Tk, device=q.device)[None, :]
+    band = (j <= a) & (j > a - window)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    expected = attention_reference(q64, k64, v64, attn_mask=band)
+    assert torch.equal(attention_reference(q64, k64, v64, is_causal=True, window=window), expected)
+    assert_close("out", attention(q, k, v, is_causal=True, window=window), expected, attention(q, k, v, attn_mask=band))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    windowed = torch.autograd.grad(attention(*leaves, is_causal=True, window=window).sum(), leaves)
+    banded = torch.autograd.grad(attention(*leaves, attn_mask=band).sum(), leaves)
+    for name, ours, theirs in zip(("dq", "dk", "dv"), windowed, banded):
+        assert_close(name, ours, theirs.double(), theirs, rtol=2 * FP32_RTOL)
+
+
+def test_window_one_is_the_diagonal():
+    """window=1: each query sees its own aligned key only, so the output is that key's value (and Tq > Tk rows
+    before the first key see nothing: 0)."""
+    q, k, v = qkv(1, 2, 80, 70, 16, torch.float32)
+    out = attention(q, k, v, is_causal=True, window=1)
+    torch.testing.assert_close(out[:, :, 10:], v, rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[:, :, :10], torch.zeros_like(out[:, :, :10]))
+    check_attention(q, k, v, is_causal=True, window=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_window_low_precision(dtype):
+    check_attention(*qkv(1, 2, 130, 100, 64, dtype), is_causal=True, window=33)
+
+
+@pytest.mark.parametrize("B,H,H_kv,Tq,Tk,window", [(1, 4, 1, 70, 45, 9), (2, 6, 3, 9, 13, 4), (1, 4, 2, 150, 150, 30)])
+def test_window_gqa(B, H, H_kv, Tq, Tk, window):
+    check_gqa(B, H, H_kv, Tq, Tk, 16, is_causal=True, window=window)
+
+
+@pytest.mark.parametrize("kind", ["additive", "bool", "padding"])
+def test_window_with_masks(kind):
+    B, H, Tq, Tk = 2, 2, 75, 101
+    check_attention(*qkv(B, H, Tq, Tk, 16, torch.float32), is_causal=True, window=30,
+                    **random_masks(B, H, Tq, Tk, kind))
+
+
+@pytest.mark.parametrize("B,H,Tq,Tk", [(1, 2, 70, 100), (3, 3, 6, 7)])
+def test_window_with_dropout_and_softcap(B, H, Tq, Tk):
+    """Dropout's keep bits stay those of the full [Tq, Tk] index (the skipped blocks draw none), and the cap comes
+    before the window's mask."""
+    kpm = torch.rand(B, Tk, device=kernel_device()) > 0.8
+    check_attention(*qkv(B, H, Tq, Tk, 16, torch.float32), is_causal=True, window=17, dropout_p=0.3, seed=99,
+                    key_padding_mask=kpm)
+    check_attention(*qkv(B, H, Tq, Tk, 16, torch.float32, scale=3.0), is_causal=True, window=17, softcap=4.5)
+    check_attention(*qkv(B, H, Tq, Tk, 16, torch.float32, scale=3.0), is_causal=True, window=5, softcap=2.0,
+                    dropout_p=0.2, seed=4)
+
+
+@pytest.mark.parametrize("n_head,n_kv_head,T,window,dropout_p", [(3, 3, 37, 6, 0.0), (4, 2, 90, 20, 0.2)])
+def test_window_packed(n_head, n_kv_head, T, window, dropout_p):
+    B, D = 2, 16
+    qkv_ = random_tensor((B, T, (n_head + 2 * n_kv_head) * D), torch.float32).requires_grad_()
+    kwargs = dict(is_causal=True, window=window, dropout_p=dropout_p, seed=3 if dropout_p else None)
+    out = attention_packed(qkv_, n_head, n_kv_head, **kwargs)
+    grad_out = random_tensor(out.shape, out.dtype)
+    (dqkv,) = torch.autograd.grad(out, qkv_, grad_out)
+    q64 = qkv_.detach().double().requires_grad_()
+    ref = attention_packed_reference(q64, n_head, n_kv_head, **kwargs)
+    (ref_grad,) = torch.autograd.grad(ref, q64, grad_out.double())
+    assert_close("out", out, ref)
+    assert_close("dqkv", dqkv, ref_grad)
+    views = [t.detach().requires_grad_() for t in split_qkv(qkv_.detach(), n_head, n_kv_head)]
+    torch.testing.assert_close(out, attention(*views, **kwargs), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(kernel_device().type == "cuda", reason="interpreter tiles (64 rows and keys here)")
+@pytest.mark.parametrize("H_kv", [2, 1])
+def test_window_skips_blocks_outside_it(H_kv):
+    """The kernels never load a block that lies wholly outside every window of the blocks it meets: NaN there
+    would reach the results through P @ V (0 * NaN) if it were loaded, even masked. T = 200 in 64-row blocks,
+    window 5. Keys 0-59 are seen by queries 0-63 only, so the forward and dQ of query blocks 2 and 3 (rows
+    128-199) skip key block 0; queries 128-199 see keys from 124 on, so dK/dV of key block 0 (keys 0-63, last
+    seen by query 67) skips query blocks 2 and 3."""
+    T, window = 200, 5
+    q, k, v = (random_tensor((1, h, T, 16), torch.float32) for h in (2, H_kv, H_kv))
+    grad_out = random_tensor((1, 2, T, 16), torch.float32)
+    ins = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*ins, is_causal=True, window=window)
+    ref_grads = torch.autograd.grad(ref, ins, grad_out.double())
+
+    def run(q, k, v):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, is_causal=True, window=window)
+        return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+    poisoned = [k.clone(), v.clone()]
+    for t in poisoned:
+        t[:, :, :60] = float("nan")
+    out, dq, _, _ = run(q, *poisoned)
+    assert out[:, :, :64].isnan().any()  # the poison is there to be found
+    assert_close("out", out[:, :, 128:], ref[:, :, 128:])
+    assert_close("dq", dq[:, :, 128:], ref_grads[0][:, :, 128:])
+    poisoned_q = q.clone()
+    poisoned_q[:, :, 128:] = float("nan")
+    _, _, dk, dv = run(poisoned_q, k, v)
+    assert dk[:, :, 64:].isnan().any()
+    assert_close("dk", dk[:, :, :64], ref_grads[1][:, :, :64])
+    assert_close("dv", dv[:, :, :64], ref_grads[2][:, :, :64])
+
+
+def test_window_module_and_function():
+    q, k, v = qkv(1, 2, 70, 70, 16, torch.float32)
+    layer = Attention(is_causal=True, window=9)
+    assert "window=9" in repr(layer) and "window" not in repr(Attention(is_causal=True))
+    expected = attention(q, k, v, is_causal=True, window=9)
+    assert torch.equal(layer(q, k, v), expected)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    direct = AttentionFunction.apply(*leaves, True, 0.0, 0.25, None, None, None, 0.0, 9)  # pre-validated arguments
+    assert direct.grad_fn.name() == "AttentionFunctionBackward"
+    assert torch.equal(direct, expected)
+    torch.autograd.grad(direct.sum(), leaves)  # eleven gradients for eleven arguments
+
+
+def test_window_double_backward():
+    """create_graph=True goes through attention_reference with the same window."""
+    q, k, v = (random_tensor((1, 2, n, 8), torch.float32) for n in (6, 9, 9))
+    qkv_ = random_tensor((1, 9, 3 * 2 * 8), torch.float32)
+
+    def penalty(fn, inputs, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        grads = torch.autograd.grad(fn(*leaves).square().sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+
+    for fn, ref, inputs in [
+        (lambda q, k, v: attention(q, k, v, True, window=3),
+         lambda q, k, v: attention_reference(q, k, v, True, window=3), (q, k, v)),
+        (lambda x: attention_packed(x, 2, is_causal=True, window=2),
+         lambda x: attention_packed_reference(x, 2, is_causal=True, window=2), (qkv_,)),
+    ]:
+        for i, (ours, exact) in enumerate(zip(penalty(fn, inputs, torch.float32), penalty(ref, inputs, torch.float64))):
+            assert_close(f"penalty gradient of input {i}", ours, exact, rtol=1e-4)
+
+
+def test_window_bad_values_raise_before_launch(monkeypatch):
+    for name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+        monkeypatch.setattr(attention_module, name, NoLaunch())
+    q, k, v = qkv(1, 2, 8, 8, 16, torch.float32)
+    packed = random_tensor((1, 8, 3 * 2 * 16), torch.float32)
+    for value, is_causal, error, message in [
+            (0, True, ValueError, "window must be None or an int >= 1"),
+            (-3, True, ValueError, "window must be None or an int >= 1"),
+            (2.0, True, TypeError, "window must be None or an int"), ("4", True, TypeError, "window must be"),
+            (True, True, TypeError, "window must be None or an int"),
+            (4, False, ValueError, "window=4 needs is_causal=True")]:
+        for call in (lambda: attention(q, k, v, is_causal, window=value),
+                     lambda: attention_packed(packed, 2, is_causal=is_causal, window=value),
+                     lambda: attention_reference(q, k, v, is_causal, window=value),
+                     lambda: attention_packed_reference(packed, 2, is_causal=is_causal, window=value),
+                     lambda: Attention(is_causal=is_causal, window=value)):
+            with pytest.raises(error, match=message):
                 call()

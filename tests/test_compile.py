@@ -360,6 +360,8 @@ def _op_cases(T: int = 256):
         ("attention_packed", lambda qkv: triformer.attention_packed(qkv, H, is_causal=True), [(B, T, 3 * H * D)]),
         ("attention_softcap", lambda q, k, v: triformer.attention(q, k, v, is_causal=True, softcap=5.0),
          [(B, H, T, D)] * 3),
+        ("attention_window", lambda q, k, v: triformer.attention(q, k, v, is_causal=True, window=T // 4),
+         [(B, H, T, D)] * 3),
         ("cross_entropy", lambda x: triformer.cross_entropy(x, torch.arange(x.shape[0], device=dev) % 1000),
          [(B * T, 1000)]),
         ("linear_cross_entropy", lambda h, w: triformer.linear_cross_entropy(

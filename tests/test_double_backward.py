@@ -140,6 +140,11 @@ def _cases():
                                   lambda q, k, v: attention_reference(q, k, v, True, softcap=2.0),
                                   lambda: [random_tensor(s, F32, generator=_gen(i)) * 3 for i, s in
                                            enumerate(((1, 4, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)))]),
+        # a sliding window (Mistral) with grouped-query k/v and Tq != Tk: the reference masks the same band
+        "attention-window-gqa": (lambda q, k, v: attention(q, k, v, True, window=3),
+                                 lambda q, k, v: attention_reference(q, k, v, True, window=3),
+                                 lambda: [random_tensor(s, F32, generator=_gen(i)) for i, s in
+                                          enumerate(((1, 4, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)))]),
         # one tensor as q, k and v: each argument's partial gradient, summed once by autograd
         "attention-self": (lambda x: attention(x, x, x, True), lambda x: attention_reference(x, x, x, True),
                            lambda: [random_tensor((2, 1, 6, 8), F32, generator=_gen())]),
@@ -172,7 +177,8 @@ def test_gradient_penalty_matches_reference(name):
 
 @pytest.mark.parametrize("name", ["layer_norm", "add_rms_norm", "add_layer_norm-dropout", "softmax-causal", "dropout",
                                   "gelu-erf-bias", "gelu_linear", "swiglu-packed", "apply_rope",
-                                  "attention-causal-dropout", "attention-softcap-gqa", "linear_cross_entropy-none"])
+                                  "attention-causal-dropout", "attention-softcap-gqa", "attention-window-gqa",
+                                  "linear_cross_entropy-none"])
 def test_gradgradcheck(name):
     """torch's own check of the second derivative against finite differences of the first. The kernels take
     no float64, so in fp32 with matching tolerances; small shapes keep the interpreter's launches few."""

@@ -438,6 +438,51 @@ def test_attention_function_softcap_matches_gemma2_eager(softcap):
         assert rel_error(got, want) <= FP32_RTOL, name
 
 
+def test_attention_function_sliding_window_matches_mistral_eager():
+    """Without a mask on the causal path, ``sliding_window`` reaches the kernel as ``window``: the band of
+    transformers' ``sliding_window_causal_mask_function`` (``kv_idx > q_idx - sliding_window`` and causal), checked
+    against Mistral's eager attention given that mask, output and gradients, with grouped-query k/v."""
+    mistral = importlib.import_module("transformers.models.mistral.modeling_mistral")
+    masking = importlib.import_module("transformers.masking_utils")
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    module.eval()
+    T, window = 11, 4
+    idx = torch.arange(T)
+    allowed = masking.sliding_window_causal_mask_function(window)(0, 0, idx[:, None], idx[None, :]).to(DEVICE)
+    assert int(allowed.sum()) < T * (T + 1) // 2  # the window drops keys the causal mask keeps
+    additive = torch.zeros(T, T, device=DEVICE).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, T, 8, generator=g).to(DEVICE) for h in (4, 2, 2))
+    results = []
+    for fn, mask in ((mistral.eager_attention_forward, additive[None, None]),
+                     (patch_module.triformer_attention_forward, None)):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, _ = fn(module, *leaves, mask, dropout=0.0, scaling=8 ** -0.5, sliding_window=window)
+        results.append((out, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
+    for name, want, got in zip(("out", "dq", "dk", "dv"), *results):
+        assert rel_error(got, want) <= FP32_RTOL, name
+
+
+@pytest.mark.parametrize("T", [9, 3])
+def test_mistral_sliding_window_unpadded(calls, monkeypatch, T):
+    """An unpadded batch through Mistral (sliding_window=4). transformers (5.25) builds the sliding-window mask for
+    the triformer backend (registered with SDPA's mask function) whenever the window reaches back past the first
+    key (kv_length >= sliding_window: ``_ignore_causal_mask_sdpa`` refuses to skip it), so at T=9 the kernel gets
+    the band as a boolean mask; at T=3 the mask is skipped and the window, passed as ``window``, drops nothing.
+    Parity with the unpatched model either way."""
+    seen = []
+    attention = patch_module._attention
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs.get("attn_mask") is not None, kwargs.get("window")))
+        return attention(*args, **kwargs)
+    monkeypatch.setattr(patch_module, "_attention", recording)
+    ref, patched, report = patched_pair("mistral")
+    check_lm_parity(ref, patched, *lm_batch(T=T, padding="none"), calls, DECODER)
+    assert seen and set(seen) == ({(True, None)} if T >= 4 else {(False, 4)}), seen
+
+
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_gemma_soft_capped_attention_parity(calls, family):
     """A cap the scores actually reach: at initialization they are ~1e-3 and tanh(s / 50) is s / 50 to 1e-10, so

@@ -25,6 +25,11 @@ Semantics:
   they scale by scale / softcap, take the tanh of the natural-scale score and multiply by softcap * log2(e);
   the backward kernels recompute tanh and multiply dS by its derivative 1 - tanh^2. Without it (0, the
   default) the code is the plain path's.
+* ``window`` (with ``is_causal`` only): a sliding window, query i attends keys ``a - window < j <= a`` with
+  ``a = i + Tk - Tq`` its causally aligned position (transformers' ``sliding_window``: ``kv_idx > q_idx -
+  sliding_window``). A compile-time switch (HAS_WINDOW) with the size a runtime int: the forward and dQ kernels
+  start their key loop at the first block the window reaches (blocks crossing its far edge masked, the rest of
+  the loop as without it), the dK/dV kernel ends its query loop at the last block that still sees its keys.
 * ``attn_mask`` broadcastable to [B, H, Tq, Tk]: float is added to the scaled (and soft-capped) scores, bool
   means True = attend (as in SDPA). ``key_padding_mask`` [B, Tk] bool: True = padding, ignored. Masks get no gradient.
 * A query row with no key left to attend to outputs 0 and gets zero gradients (SDPA gives NaN there).
@@ -176,11 +181,15 @@ def _own_pair(j, row_pair, col_pair, Tk, PACKED: tl.constexpr):
 
 
 @triton.jit
-def _key_range(m0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               PACKED: tl.constexpr):
-    """Key range of query rows [m0, m0 + BLOCK_M): blocks in [0, n_full) need no mask at all, those in
-    [n_full, n_end) cross the causal diagonal or the ragged end of the keys. A packed tile holds all the
-    keys of its pairs in one block, masked, which is also what keeps the pairs apart."""
+def _key_range(m0, Tq, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, PACKED: tl.constexpr):
+    """Key range of query rows [m0, m0 + BLOCK_M): blocks in [n_mid, n_full) need no mask at all, those in
+    [n_full, n_end) cross the causal diagonal or the ragged end of the keys, and with a sliding window those in
+    [n_lo, n_mid) cross its far edge (masked too); blocks before n_lo lie wholly outside every row's window and
+    are never loaded. Without a window n_lo = n_mid = 0. A packed tile holds all the keys of its pairs in one
+    block, masked, which is also what keeps the pairs apart."""
+    n_lo = 0
+    n_mid = 0
     if PACKED:
         n_end = Tk
         n_full = 0
@@ -188,17 +197,26 @@ def _key_range(m0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUS
         off = Tk - Tq
         n_end = tl.minimum(Tk, m0 + BLOCK_M + off)
         n_full = tl.minimum(tl.maximum(m0 + off + 1, 0), Tk) // BLOCK_N * BLOCK_N
+        if HAS_WINDOW:
+            # row i (aligned to i + off) sees keys j > i + off - window: the first row reaches furthest back,
+            # the last row's edge bounds the blocks every row sees whole
+            n_lo = tl.maximum(m0 + off - window + 1, 0) // BLOCK_N * BLOCK_N
+            n_mid = tl.cdiv(tl.maximum(m0 + BLOCK_M + off - window, 0), BLOCK_N) * BLOCK_N
+            n_mid = tl.minimum(tl.maximum(n_mid, n_lo), n_full)
     else:
         n_end = Tk
         n_full = Tk // BLOCK_N * BLOCK_N
-    return n_full, n_end
+    return n_lo, n_mid, n_full, n_end
 
 
 @triton.jit
-def _query_range(n0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                 PACKED: tl.constexpr):
+def _query_range(n0, Tq, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, PACKED: tl.constexpr):
     """Query range that sees keys [n0, n0 + BLOCK_N): blocks in [m_lo, m_full) cross the causal diagonal,
-    [m_full, m_mid) need no mask, [m_mid, Tq) is the ragged last query block (a packed tile's only one)."""
+    [m_full, m_mid) need no mask, [m_mid, m_end) is the ragged last query block (a packed tile's only one) and,
+    with a sliding window, the blocks crossing its far edge; queries from m_end on see none of these keys
+    (m_end = Tq without a window)."""
+    m_end = Tq
     if PACKED:
         m_lo = 0
         m_full = 0
@@ -213,7 +231,13 @@ def _query_range(n0, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CA
             m_lo = 0
             m_full = 0
         m_mid = tl.maximum(m_full, Tq // BLOCK_M * BLOCK_M)
-    return m_lo, m_full, m_mid
+        if HAS_WINDOW:
+            # query i (aligned to i + off) sees key j while i + off - window < j: every key of the block while
+            # i <= n0 + window - 1 - off, the block's last key until i = n0 + BLOCK_N + window - 2 - off
+            m_win = tl.maximum(n0 + window - off, 0) // BLOCK_M * BLOCK_M
+            m_mid = tl.maximum(m_full, tl.minimum(m_mid, m_win))
+            m_end = tl.minimum(Tq, tl.maximum(n0 + BLOCK_N + window - 1 - off, 0))
+    return m_lo, m_full, m_mid, m_end
 
 
 @triton.jit
@@ -254,16 +278,19 @@ def _tanh(x):
 
 
 @triton.jit
-def _log2_scores(qk, i, j, Tq, Tk, qk_scale, softcap, mask_base, smm, smn, kpm_base, spn,
+def _log2_scores(qk, i, j, Tq, Tk, qk_scale, softcap, window, mask_base, smm, smn, kpm_base, spn,
                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                 HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                 HAS_KPM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Scaled, masked scores in log2 units for query rows i and key columns j (broadcastable index tiles,
     so the dK/dV kernel can work on the transposed tile). Masked entries become -inf.
 
     HAS_SOFTCAP: the natural-scale scores are soft-capped before any mask, cap * tanh(qk * scale / cap) (Gemma-2's
     order); the launchers then pass qk_scale = scale / cap and softcap = cap * log2(e), so the log2 units come in
     after the tanh. Also returns d(capped score) / d(qk * scale) = 1 - tanh^2, which the backward kernels multiply
-    dS by (1 without soft-capping; the forward drops it)."""
+    dS by (1 without soft-capping; the forward drops it).
+
+    HAS_WINDOW (always with IS_CAUSAL): the masked blocks also drop keys at or beyond ``window`` before the row's
+    aligned position, j <= i + (Tk - Tq) - window."""
     if HAS_SOFTCAP:
         t = _tanh(qk * qk_scale)
         s = t * softcap
@@ -284,6 +311,8 @@ def _log2_scores(qk, i, j, Tq, Tk, qk_scale, softcap, mask_base, smm, smn, kpm_b
         ok = j < Tk
         if IS_CAUSAL:
             ok = ok & (j <= i + (Tk - Tq))
+        if HAS_WINDOW:
+            ok = ok & (j > i + (Tk - Tq) - window)
         s = tl.where(ok, s, float("-inf"))
     return s, dcap
 
@@ -293,9 +322,9 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, softcap, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
+    H, n_pairs, Tq, Tk, qk_scale, softcap, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group, window,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
@@ -306,6 +335,7 @@ def _attn_fwd_kernel(
     # past it: first the blocks every row sees whole (no mask work), then the masked ones.
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     PACKED: tl.constexpr = SEQ_M != 0
+    N_PHASES: tl.constexpr = 3 if HAS_WINDOW else 2
     m0, offs_m, bh, b, h = _tile_rows(Tq, n_pairs, H, BLOCK_M, SEQ_M, True)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -322,21 +352,24 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    n_full, n_end = _key_range(m0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL, PACKED)
-    for phase in tl.static_range(2):
+    n_lo, n_mid, n_full, n_end = _key_range(m0, Tq, Tk, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW, PACKED)
+    for phase in tl.static_range(N_PHASES):  # a third phase only with a window: its far edge, masked
         if phase == 0:
-            lo = 0
+            lo = n_mid
             hi = n_full
-        else:
+        elif phase == 1:
             lo = n_full
             hi = n_end
+        else:
+            lo = n_lo
+            hi = n_mid
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + _block_rows(Tk, n_pairs, BLOCK_N, SEQ_N)
-            k = _load_rows(k_base, offs_n, skn, Tk, d_ok, phase == 1, EVEN_D)
+            k = _load_rows(k_base, offs_n, skn, Tk, d_ok, phase != 0, EVEN_D)
             s, _ = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None],
                                 _own_pair(offs_n[None, :], bh, bh_n, Tk, PACKED),
-                                Tq, Tk, qk_scale, softcap, mask_base, smm, smn, kpm_base, spn,
-                                phase == 1, IS_CAUSAL, MASK_KIND, HAS_KPM, HAS_SOFTCAP)
+                                Tq, Tk, qk_scale, softcap, window, mask_base, smm, smn, kpm_base, spn,
+                                phase != 0, IS_CAUSAL, MASK_KIND, HAS_KPM, HAS_SOFTCAP, HAS_WINDOW)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row with every key so far masked keeps max -inf; shifting by 0 avoids -inf - -inf = NaN
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -346,7 +379,7 @@ def _attn_fwd_kernel(
             if HAS_DROPOUT:  # the normaliser sums the undropped probabilities; only P @ V sees dropout
                 keep = _dropout_tile(seed, dropout_p, rng_base, Tk, offs_m, start_n, BLOCK_N, QUADS, SEQ_N)
                 p = tl.where(keep, p * drop_scale, 0.0)
-            v = _load_rows(v_base, offs_n, svn, Tk, d_ok, phase == 1, EVEN_D)
+            v = _load_rows(v_base, offs_n, svn, Tk, d_ok, phase != 0, EVEN_D)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
             m_i = m_new
 
@@ -362,9 +395,9 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
     sgb, sgh, sgn, sgd, smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, softcap, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
+    H, n_pairs, Tq, Tk, qk_scale, softcap, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group, window,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
@@ -394,7 +427,7 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    m_lo, m_full, m_mid = _query_range(n0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL, PACKED)
+    m_lo, m_full, m_mid, m_end = _query_range(n0, Tq, Tk, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW, PACKED)
     if kv_group == 1:  # a constant on the GPU (Triton specialises arguments equal to 1): no group loop at all
         q_base = Q + b_m * sqb + h_m * sqh + offs_d[None, :] * sqd
         do_base = DO + b_m * sdb + h_m * sdh + offs_d[None, :] * sdd
@@ -411,7 +444,7 @@ def _attn_bwd_dkdv_kernel(
                 hi = m_mid
             else:
                 lo = m_mid
-                hi = Tq
+                hi = m_end
             for start_m in range(lo, hi, BLOCK_M):
                 offs_m = start_m + _block_rows(Tq, n_pairs, BLOCK_M, SEQ_M)
                 q = _load_rows(q_base, offs_m, sqm, Tq, d_ok, phase != 1, EVEN_D)
@@ -420,8 +453,8 @@ def _attn_bwd_dkdv_kernel(
                 delta = tl.load(delta_base + offs_m, mask=offs_m < Tq, other=0.0)
                 s_t, dcap_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :],
                                            _own_pair(offs_n[:, None], bh, bh_m, Tk, PACKED),
-                                           Tq, Tk, qk_scale, softcap, mask_base, smm, smn, kpm_base, spn,
-                                           phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM, HAS_SOFTCAP)
+                                           Tq, Tk, qk_scale, softcap, window, mask_base, smm, smn, kpm_base, spn,
+                                           phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM, HAS_SOFTCAP, HAS_WINDOW)
                 p_t = tl.math.exp2(s_t - lse[None, :])
                 dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
                 if HAS_DROPOUT:
@@ -449,7 +482,7 @@ def _attn_bwd_dkdv_kernel(
                 hi = m_mid
             else:
                 lo = m_mid
-                hi = Tq
+                hi = m_end
             n_blocks = tl.cdiv(hi - lo, BLOCK_M)
             for it in range(0, n_blocks * kv_group):
                 g = it // n_blocks
@@ -465,9 +498,9 @@ def _attn_bwd_dkdv_kernel(
                 delta = tl.load(DELTA + bhq_m.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)
                 s_t, dcap_t = _log2_scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :],
                                            _own_pair(offs_n[:, None], bh, bh_m, Tk, PACKED),
-                                           Tq, Tk, qk_scale, softcap, MASK + b * smb + (h * kv_group + g) * smh,
+                                           Tq, Tk, qk_scale, softcap, window, MASK + b * smb + (h * kv_group + g) * smh,
                                            smm, smn, kpm_base, spn, phase != 1, IS_CAUSAL, MASK_KIND, HAS_KPM,
-                                           HAS_SOFTCAP)
+                                           HAS_SOFTCAP, HAS_WINDOW)
                 p_t = tl.math.exp2(s_t - lse[None, :])
                 dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
                 if HAS_DROPOUT:
@@ -492,9 +525,9 @@ def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, sdb, sdh, sdm, sdd,
     sgb, sgh, sgm, sgd, smb, smh, smm, smn, spb, spn,
-    H, n_pairs, Tq, Tk, qk_scale, softcap, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group,
+    H, n_pairs, Tq, Tk, qk_scale, softcap, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group, window,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
     QUADS: tl.constexpr, DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEQ_M: tl.constexpr, SEQ_N: tl.constexpr,
 ):
@@ -507,6 +540,7 @@ def _attn_bwd_dq_kernel(
     # the softmax-backward shift term both kernels need, from the dO rows it holds anyway.
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     PACKED: tl.constexpr = SEQ_M != 0
+    N_PHASES: tl.constexpr = 3 if HAS_WINDOW else 2
     m0, offs_m, bh, b, h = _tile_rows(Tq, n_pairs, H, BLOCK_M, SEQ_M, True)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -526,22 +560,25 @@ def _attn_bwd_dq_kernel(
     seed = tl.load(SEED) if HAS_DROPOUT else 0  # read on the device: a compiled graph draws it each step
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_full, n_end = _key_range(m0, Tq, Tk, BLOCK_M, BLOCK_N, IS_CAUSAL, PACKED)
-    for phase in tl.static_range(2):
+    n_lo, n_mid, n_full, n_end = _key_range(m0, Tq, Tk, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW, PACKED)
+    for phase in tl.static_range(N_PHASES):  # a third phase only with a window: its far edge, masked
         if phase == 0:
-            lo = 0
+            lo = n_mid
             hi = n_full
-        else:
+        elif phase == 1:
             lo = n_full
             hi = n_end
+        else:
+            lo = n_lo
+            hi = n_mid
         for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + _block_rows(Tk, n_pairs, BLOCK_N, SEQ_N)
-            k = _load_rows(k_base, offs_n, skn, Tk, d_ok, phase == 1, EVEN_D)
-            v = _load_rows(v_base, offs_n, svn, Tk, d_ok, phase == 1, EVEN_D)
+            k = _load_rows(k_base, offs_n, skn, Tk, d_ok, phase != 0, EVEN_D)
+            v = _load_rows(v_base, offs_n, svn, Tk, d_ok, phase != 0, EVEN_D)
             s, dcap = _log2_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None],
                                    _own_pair(offs_n[None, :], bh, bh_n, Tk, PACKED),
-                                   Tq, Tk, qk_scale, softcap, mask_base, smm, smn, kpm_base, spn,
-                                   phase == 1, IS_CAUSAL, MASK_KIND, HAS_KPM, HAS_SOFTCAP)
+                                   Tq, Tk, qk_scale, softcap, window, mask_base, smm, smn, kpm_base, spn,
+                                   phase != 0, IS_CAUSAL, MASK_KIND, HAS_KPM, HAS_SOFTCAP, HAS_WINDOW)
             p = tl.math.exp2(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             if HAS_DROPOUT:
@@ -582,7 +619,9 @@ def _dropout_mask_kernel(OUT, SEED, Tq, Tk, dropout_p, QUADS: tl.constexpr, BLOC
 # every config listed spills nothing without dropout; with dropout's RNG 7 of 22 spill 8-232 bytes a thread
 # and the autotuner's timings decide whether that costs. Soft-capping (HAS_SOFTCAP, `--softcap`) adds the tanh
 # to every kernel: one dK/dV config spills without dropout (D 128, 64 x 64: 40 bytes), 8 of 22 with it
-# (benchmarks/results/sm90/attention_sm90_softcap.md).
+# (benchmarks/results/sm90/attention_sm90_softcap.md). A sliding window (HAS_WINDOW, `--window`) adds a third key loop
+# to fwd and dQ: without dropout two fwd configs (D 128) spill 8 bytes and one dK/dV config (D 128, 64 x 64) 56
+# (benchmarks/results/sm90/attention_sm90_window.md).
 _FWD_CONFIGS = ([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
                 [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3)],
                 (64, 64, 4, 3))
@@ -600,8 +639,8 @@ _DQ_CONFIGS = ([(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3
 # thread hand-offs). tests/test_attention.py lowers it to 64 so that its sequences of 67-150 cross blocks.
 _INTERPRET_TILE = 32
 INTERPRET_BLOCK = 128
-_TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "MASK_KIND", "HAS_KPM", "HAS_DROPOUT", "HAS_SOFTCAP", "TQ_BUCKET",
-             "TK_BUCKET"]
+_TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "MASK_KIND", "HAS_KPM", "HAS_DROPOUT", "HAS_SOFTCAP", "HAS_WINDOW",
+             "TQ_BUCKET", "TK_BUCKET"]
 
 
 def _autotuned(table):
@@ -727,9 +766,10 @@ def _score_scales(scale: float, softcap: float) -> tuple[float, float]:
     return scale * LOG2E.value, 0.0
 
 
-def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_causal, softcap):
+def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_causal, softcap, window):
     """Mask operands and their strides, RNG scalars, and the keyword arguments shared by the kernels: their
-    compile-time switches and the sequence-length buckets, so that all of _TUNE_KEY is among them."""
+    compile-time switches and the sequence-length buckets, so that all of _TUNE_KEY is among them. ``window``
+    None passes 0, which the kernels compiled without HAS_WINDOW never read."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     mask_kind, mask, mask_strides = _mask_operand(attn_mask, B, H, Tq, Tk, q)
@@ -739,8 +779,9 @@ def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_caus
     Tq, Tk, D = _runtime.plan_sizes(Tq, Tk, D)  # the constexprs below
     dot_prec = "ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
     consts = dict(IS_CAUSAL=is_causal, MASK_KIND=mask_kind, HAS_KPM=key_padding_mask is not None,
-                  HAS_DROPOUT=dropout_p > 0, HAS_SOFTCAP=softcap > 0, QUADS=Tk % 4 == 0, DOT_PREC=dot_prec, HEAD_DIM=D,
-                  BLOCK_D=max(16, _pow2(D)), TQ_BUCKET=_pow2(Tq), TK_BUCKET=_pow2(Tk), kv_group=H // k.shape[1])
+                  HAS_DROPOUT=dropout_p > 0, HAS_SOFTCAP=softcap > 0, HAS_WINDOW=window is not None, QUADS=Tk % 4 == 0,
+                  DOT_PREC=dot_prec, HEAD_DIM=D, BLOCK_D=max(16, _pow2(D)), TQ_BUCKET=_pow2(Tq), TK_BUCKET=_pow2(Tk),
+                  kv_group=H // k.shape[1], window=0 if window is None else window)
     return mask, kpm, (*mask_strides, *kpm_strides), rng, consts
 
 
@@ -751,13 +792,14 @@ def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_caus
 @_runtime.kernel_op("triformer::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                    key_padding_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor], is_causal: bool,
-                   dropout_p: float, scale: float, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   dropout_p: float, scale: float, softcap: float = 0.0,
+                   window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     out = _bthd_empty(B, H, Tq, D, q)
     lse = _empty((B, H, Tq), q, torch.float32)
     mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p,
-                                                            is_causal, softcap)
+                                                            is_causal, softcap, window)
     _launch(_attn_fwd, Tq, "BLOCK_M", B * H, _tiles(Tq, Tk, B * H), (q, k, v, out, lse, mask, kpm),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_strides,
             H, B * H, Tq, Tk, *_score_scales(scale, softcap), *rng, **consts)
@@ -765,13 +807,13 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
 
 
 def _launch_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale,
-                softcap, dq, dk, dv) -> None:
+                softcap, window, dq, dk, dv) -> None:
     """The backward's two kernels, writing dq, dk and dv (any [B, H, T, D] strides)."""
     Tq, Tk = q.shape[2], k.shape[2]
     B, H, H_kv = q.shape[0], q.shape[1], k.shape[1]
     delta = _empty(lse.shape, lse)
     mask, kpm, mask_strides, rng, consts = _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p,
-                                                            is_causal, softcap)
+                                                            is_causal, softcap, window)
     tiles = _tiles(Tq, Tk, B * H)
     shared = (*q.stride(), *k.stride(), *v.stride())
     scalars = (H, B * H, Tq, Tk, *_score_scales(scale, softcap), scale, *rng)
@@ -785,12 +827,13 @@ def _launch_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, 
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                    seed: Optional[torch.Tensor], is_causal: bool, dropout_p: float, scale: float,
-                   softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   softcap: float = 0.0,
+                   window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
     dq, dk, dv = _bthd_empty(B, H, Tq, D, q), _bthd_empty(B, H_kv, Tk, D, k), _bthd_empty(B, H_kv, Tk, D, v)
     _launch_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale,
-                softcap, dq, dk, dv)
+                softcap, window, dq, dk, dv)
     return dq, dk, dv
 
 
@@ -809,10 +852,11 @@ def split_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int) -> tuple[torch.Ten
 @_runtime.kernel_op("triformer::attention_bwd_packed", mutates_args=())
 def _attention_bwd_packed(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           seed: Optional[torch.Tensor], n_head: int, n_kv_head: int, is_causal: bool,
-                          dropout_p: float, scale: float, softcap: float = 0.0) -> torch.Tensor:
+                          dropout_p: float, scale: float, softcap: float = 0.0,
+                          window: Optional[int] = None) -> torch.Tensor:
     dqkv = _empty(qkv.shape, qkv)
     _launch_bwd(grad_out, *split_qkv(qkv, n_head, n_kv_head), out, lse, None, None, seed, is_causal, dropout_p,
-                scale, softcap, *split_qkv(dqkv, n_head, n_kv_head))
+                scale, softcap, window, *split_qkv(dqkv, n_head, n_kv_head))
     return dqkv
 
 
@@ -823,13 +867,16 @@ def _attention_bwd_packed(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.
 class AttentionFunction(torch.autograd.Function):
     """Autograd over the custom ops. Takes already-validated arguments: ``scale`` a float, ``seed`` a 0-dim
     int64 CPU tensor (or None when ``dropout_p`` is 0), ``softcap`` a float >= 0 (0 = off, the default, so the
-    nine-argument calls of earlier versions still work); use ``attention`` instead."""
+    nine-argument calls of earlier versions still work), ``window`` None or an int >= 1 with ``is_causal``; use
+    ``attention`` instead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, seed, softcap=0.0):
-        out, lse = _attention_fwd(q, k, v, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale, softcap)
+    def forward(ctx, q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, seed, softcap=0.0,
+                window=None):
+        out, lse = _attention_fwd(q, k, v, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale, softcap,
+                                  window)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask, seed)
-        ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.softcap = is_causal, dropout_p, scale, softcap
+        ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.softcap, ctx.window = is_causal, dropout_p, scale, softcap, window
         return out
 
     @staticmethod
@@ -840,13 +887,13 @@ class AttentionFunction(torch.autograd.Function):
             # kernel's dropout mask); it builds the [B, H, Tq, Tk] scores. See triformer._double_backward.
             dq, dk, dv = reference_grads(
                 lambda q_, k_, v_: attention_reference(q_, k_, v_, ctx.is_causal, ctx.dropout_p, ctx.scale, attn_mask,
-                                                       key_padding_mask, seed, ctx.softcap),
+                                                       key_padding_mask, seed, ctx.softcap, window=ctx.window),
                 (q, k, v), (grad_out,), ctx.needs_input_grad[:3])
-            return dq, dk, dv, None, None, None, None, None, None, None
+            return dq, dk, dv, None, None, None, None, None, None, None, None
         dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed,
-                                    ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.softcap)
-        # (a trailing None past the arguments given, when softcap was left out, is dropped by autograd)
-        return dq, dk, dv, None, None, None, None, None, None, None
+                                    ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.softcap, ctx.window)
+        # (trailing Nones past the arguments given, when softcap or window was left out, are dropped by autograd)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 class PackedAttentionFunction(torch.autograd.Function):
@@ -854,12 +901,12 @@ class PackedAttentionFunction(torch.autograd.Function):
     Takes already-validated arguments; use ``attention_packed`` instead."""
 
     @staticmethod
-    def forward(ctx, qkv, n_head, n_kv_head, is_causal, dropout_p, scale, seed, softcap=0.0):
+    def forward(ctx, qkv, n_head, n_kv_head, is_causal, dropout_p, scale, seed, softcap=0.0, window=None):
         q, k, v = split_qkv(qkv, n_head, n_kv_head)
-        out, lse = _attention_fwd(q, k, v, None, None, seed, is_causal, dropout_p, scale, softcap)
+        out, lse = _attention_fwd(q, k, v, None, None, seed, is_causal, dropout_p, scale, softcap, window)
         ctx.save_for_backward(qkv, out, lse, seed)
         ctx.heads, ctx.is_causal, ctx.dropout_p, ctx.scale = (n_head, n_kv_head), is_causal, dropout_p, scale
-        ctx.softcap = softcap
+        ctx.softcap, ctx.window = softcap, window
         return out
 
     @staticmethod
@@ -868,12 +915,12 @@ class PackedAttentionFunction(torch.autograd.Function):
         if needs_graph(grad_out, qkv):  # create_graph=True: through the reference (triformer._double_backward)
             (dqkv,) = reference_grads(
                 lambda qkv_: attention_packed_reference(qkv_, *ctx.heads, ctx.is_causal, ctx.dropout_p, ctx.scale,
-                                                        seed, ctx.softcap),
+                                                        seed, ctx.softcap, ctx.window),
                 (qkv,), (grad_out,), ctx.needs_input_grad[:1])
         else:
             dqkv = _attention_bwd_packed(grad_out, qkv, out, lse, seed, *ctx.heads, ctx.is_causal, ctx.dropout_p,
-                                         ctx.scale, ctx.softcap)
-        return dqkv, None, None, None, None, None, None, None
+                                         ctx.scale, ctx.softcap, ctx.window)
+        return dqkv, None, None, None, None, None, None, None, None
 
 
 def _check_heads(qkv, n_head, n_kv_head) -> int:
@@ -902,7 +949,22 @@ def _check_softcap(softcap) -> None:
         raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
 
 
-def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, softcap=0.0) -> None:
+def _check_window(window, is_causal) -> None:
+    """window: None (off) or an int >= 1, and only with is_causal=True (a window is causal here: keys from
+    ``window - 1`` positions back up to the query's own aligned position)."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, (int, torch.SymInt)):
+        raise TypeError(f"window must be None or an int, got {type(window).__name__}")
+    if window < 1:
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+    if is_causal is not True:
+        raise ValueError(f"window={window} needs is_causal=True (the sliding window is causal), got "
+                         f"is_causal={is_causal!r}")
+
+
+def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, softcap=0.0,
+                     window=None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
         if t.dim() != 4:
@@ -929,6 +991,7 @@ def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_paddin
                               or not _runtime.is_finite(scale)):
         raise ValueError(f"scale must be None or a finite float, got {scale!r}")
     _check_softcap(softcap)
+    _check_window(window, is_causal)
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
@@ -951,24 +1014,28 @@ def _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_paddin
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, dropout_p: float = 0.0,
               scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
-              key_padding_mask: Optional[torch.Tensor] = None, seed=None, softcap: float = 0.0) -> torch.Tensor:
+              key_padding_mask: Optional[torch.Tensor] = None, seed=None, softcap: float = 0.0,
+              window: Optional[int] = None) -> torch.Tensor:
     """Flash attention on q [B, H, Tq, D], k/v [B, H_kv, Tk, D] (H_kv divides H: grouped-query attention);
     returns [B, H, Tq, D] (see the module
     docstring for masks, causal alignment, rows with nothing to attend to, and dropout). ``scale``
     defaults to 1/sqrt(D). ``seed`` (used only when dropout_p > 0): an int in [0, 2**63) or a 0-dim
     integer tensor; None draws one from the generator of q's device, exactly as ``triformer.dropout`` does.
     ``softcap`` > 0 soft-caps the scaled scores, ``softcap * tanh(q @ k^T * scale / softcap)``, before the
-    masks (Gemma-2's attention logit soft-capping); 0, the default, leaves them as they are."""
-    _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, softcap)
+    masks (Gemma-2's attention logit soft-capping); 0, the default, leaves them as they are.
+    ``window`` (an int >= 1, with ``is_causal=True`` only) is a sliding window: the query at aligned position
+    ``a`` (see the causal alignment) attends keys ``a - window < j <= a``, the ``window`` latest (transformers'
+    ``sliding_window``, Mistral's); the kernels skip the key blocks outside it. None, the default: no window."""
+    _check_arguments(q, k, v, is_causal, dropout_p, scale, attn_mask, key_padding_mask, softcap, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed_t = seed_tensor(seed, q.device) if dropout_p > 0 else None
     return AttentionFunction.apply(q, k, v, is_causal, float(dropout_p), scale, attn_mask, key_padding_mask, seed_t,
-                                   float(softcap))
+                                   float(softcap), window)
 
 
 def attention_packed(qkv: torch.Tensor, n_head: int, n_kv_head: Optional[int] = None, is_causal: bool = False,
                      dropout_p: float = 0.0, scale: Optional[float] = None, seed=None,
-                     softcap: float = 0.0) -> torch.Tensor:
+                     softcap: float = 0.0, window: Optional[int] = None) -> torch.Tensor:
     """``attention`` on the output of a fused q/k/v projection, ``qkv`` [B, T, (n_head + 2 * n_kv_head) * D]
     (per token the query heads, then the key heads, then the value heads: ``split_qkv``). Returns [B, n_head,
     T, D] as ``attention`` does, and its backward returns d(qkv) as one tensor written by the kernels, where
@@ -976,20 +1043,20 @@ def attention_packed(qkv: torch.Tensor, n_head: int, n_kv_head: Optional[int] = 
     ``n_head``; the other arguments are ``attention``'s."""
     n_kv_head = _check_heads(qkv, n_head, n_kv_head)
     q, k, v = split_qkv(qkv, n_head, n_kv_head)
-    _check_arguments(q, k, v, is_causal, dropout_p, scale, None, None, softcap)
+    _check_arguments(q, k, v, is_causal, dropout_p, scale, None, None, softcap, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed_t = seed_tensor(seed, qkv.device) if dropout_p > 0 else None
     return PackedAttentionFunction.apply(qkv, n_head, n_kv_head, is_causal, float(dropout_p), scale, seed_t,
-                                         float(softcap))
+                                         float(softcap), window)
 
 
 def attention_packed_reference(qkv: torch.Tensor, n_head: int, n_kv_head: Optional[int] = None,
                                is_causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None,
-                               seed=None, softcap: float = 0.0) -> torch.Tensor:
+                               seed=None, softcap: float = 0.0, window: Optional[int] = None) -> torch.Tensor:
     """``attention_reference`` on ``split_qkv``'s views: plain PyTorch, ``attention_packed``'s semantics."""
     n_kv_head = _check_heads(qkv, n_head, n_kv_head)
     return attention_reference(*split_qkv(qkv, n_head, n_kv_head), is_causal, dropout_p, scale, seed=seed,
-                               softcap=softcap)
+                               softcap=softcap, window=window)
 
 
 def attention_dropout_mask(shape, dropout_p: float, seed, device=None) -> torch.Tensor:
@@ -1010,11 +1077,13 @@ def attention_dropout_mask(shape, dropout_p: float, seed, device=None) -> torch.
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
                         dropout_p: float = 0.0, scale: Optional[float] = None,
                         attn_mask: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
-                        seed=None, softcap: float = 0.0, dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        seed=None, softcap: float = 0.0, dropout_mask: Optional[torch.Tensor] = None,
+                        window: Optional[int] = None) -> torch.Tensor:
     """Plain PyTorch attention with ``attention``'s semantics, in the inputs' dtype (float64-friendly).
 
     ``softcap`` > 0: the scaled scores become ``softcap * tanh(scores / softcap)`` before any mask, as in
-    transformers' eager Gemma-2 attention.
+    transformers' eager Gemma-2 attention. ``window`` (with ``is_causal``): the causal mask's band, keys
+    ``i + Tk - Tq - window < j <= i + Tk - Tq`` for query row i, as a dense boolean mask.
 
     Dropout keeps where ``dropout_mask`` (bool, broadcastable to [B, H, Tq, Tk]) is True. Without it, a
     given ``seed`` regenerates the kernel's mask bit for bit (triformer.dropout's plain-PyTorch Philox on the
@@ -1022,6 +1091,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_ca
     the same distribution, other bits, at the cost of ordinary unfused attention.
     """
     _check_softcap(softcap)
+    _check_window(window, is_causal)
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if k.dim() == 4 and k.shape[1] != q.shape[1]:  # grouped-query attention: query head h reads kv head h // group
@@ -1033,6 +1103,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_ca
     allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
     if is_causal:
         allowed = allowed.tril(diagonal=Tk - Tq)
+    if window is not None:  # j - i >= Tk - Tq - window + 1
+        allowed = allowed.triu(diagonal=Tk - Tq - window + 1)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             allowed = allowed & attn_mask
@@ -1057,15 +1129,18 @@ class Attention(torch.nn.Module):
     """``attention`` as a module: dropout applies in training mode only."""
 
     def __init__(self, is_causal: bool = False, dropout_p: float = 0.0, scale: Optional[float] = None,
-                 softcap: float = 0.0):
+                 softcap: float = 0.0, window: Optional[int] = None):
         super().__init__()
         _check_softcap(softcap)
+        _check_window(window, is_causal)
         self.is_causal, self.dropout_p, self.scale, self.softcap = is_causal, dropout_p, scale, softcap
+        self.window = window
 
     def forward(self, q, k, v, attn_mask=None, key_padding_mask=None):
         return attention(q, k, v, self.is_causal, self.dropout_p if self.training else 0.0, self.scale,
-                         attn_mask, key_padding_mask, softcap=self.softcap)
+                         attn_mask, key_padding_mask, softcap=self.softcap, window=self.window)
 
     def extra_repr(self) -> str:
         return (f"is_causal={self.is_causal}, dropout_p={self.dropout_p}, scale={self.scale}"
-                + (f", softcap={self.softcap}" if self.softcap else ""))
+                + (f", softcap={self.softcap}" if self.softcap else "")
+                + (f", window={self.window}" if self.window is not None else ""))

@@ -490,7 +490,9 @@ def triformer_attention_forward(module, query, key, value, attention_mask, dropo
     (bool True = attend, or additive float) broadcastable to [B, H, Tq, Tk]. Returns ([B, Tq, H, D], None).
     ``softcap`` (Gemma-2's ``attn_logit_softcapping``; None or 0 = off) soft-caps the scaled scores before the
     mask, as transformers' eager attention does; ``scaling`` (Gemma's ``query_pre_attn_scalar ** -0.5``) is the
-    kernel's ``scale``."""
+    kernel's ``scale``. ``sliding_window`` (Mistral's, Qwen2's and Gemma's sliding layers) is in the mask
+    transformers builds; on the causal path without a mask it becomes the kernel's ``window``, the same band
+    (transformers' ``sliding_window_overlay``: key ``kv_idx > q_idx - sliding_window``)."""
     for unsupported in ("s_aux", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"triformer attention does not support {unsupported!r}; patch this model with "
@@ -509,9 +511,13 @@ def triformer_attention_forward(module, query, key, value, attention_mask, dropo
         if attention_mask.requires_grad:
             attention_mask = attention_mask.detach()
     softcap = kwargs.get("softcap")
+    # transformers (5.25) skips the mask only where kv_length < sliding_window, where the window drops nothing:
+    # passing it keeps a mask-less caller that relies on the window exact
+    sliding_window = kwargs.get("sliding_window")
+    window = sliding_window if is_causal and sliding_window else None
     query, key, value = _same_dtype(query, key, value)
     out = _attention(query, key, value, is_causal=is_causal, dropout_p=float(dropout), scale=scaling,
-                    attn_mask=attention_mask, softcap=0.0 if softcap is None else softcap)
+                    attn_mask=attention_mask, softcap=0.0 if softcap is None else softcap, window=window)
     return out.transpose(1, 2), None
 
 

@@ -112,6 +112,13 @@ def cases():
         ("attention_bwd", mod["attention"]._attention_bwd, dict(grad_out=t(B, H, T, D), q=q, k=k, v=v, out=out, lse=lse,
                                                               attn_mask=None, key_padding_mask=None, seed=seed,
                                                               is_causal=True, dropout_p=0.1, scale=D ** -0.5)),
+        # the sliding-window variants (HAS_WINDOW), whose loops start at the window's first block
+        ("attention_fwd_window", mod["attention"]._attention_fwd,
+         dict(q=q, k=k, v=v, attn_mask=None, key_padding_mask=None, seed=None, is_causal=True, dropout_p=0.0,
+              scale=D ** -0.5, window=16)),
+        ("attention_bwd_window", mod["attention"]._attention_bwd,
+         dict(grad_out=t(B, H, T, D), q=q, k=k, v=v, out=out, lse=lse, attn_mask=None, key_padding_mask=None,
+              seed=None, is_causal=True, dropout_p=0.0, scale=D ** -0.5, window=16)),
         ("cross_entropy_fwd", mod["cross_entropy"]._cross_entropy_fwd,
          dict(logits=logits, targets=targets, ignore_index=-100, label_smoothing=0.1, reduction="mean", n_chunks=1,
               compute_grad=True, num_classes=V)),
