@@ -8,7 +8,8 @@
 #   bash scripts/gpu_plan.sh 5   # the ViT-B/16 step against plain PyTorch (gelu_linear's memory)
 # Each call's results come back in $OUT/results.tar.gz (unpack into benchmarks/results/<card>/) and $OUT/log.txt.
 # Between 1 and 2: set the constants the sweep chose (triformer/cross_entropy.py's TILE_BYTES, PROGRAMS_PER_SM,
-# VECTOR_WARPS, SCALAR_WARPS); the layernorm and gelu sweeps (benchmarks/<op>.py --sweep) ran on 2026-12-07.
+# UNMASKED_WARPS, MASKED_WARPS); plan 3 runs the gelu sweep again for the backward that writes the activation
+# (STORE_Y_PROGRAMS_PER_SM in triformer/gelu.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
