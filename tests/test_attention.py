@@ -696,10 +696,12 @@ def test_softcap_packed(n_head, n_kv_head, is_causal, dropout_p):
     torch.testing.assert_close(out, attention(*views, **kwargs), rtol=0, atol=0)
 
 
-def test_softcap_double_backward():
-    """create_graph=True goes through attention_reference with the same cap: gradients of gradients exact."""
-    q, k, v = (random_tensor((1, 2, n, 8), torch.float32) * 3 for n in (5, 7, 7))
-    qkv_ = (random_tensor((1, 9, 3 * 2 * 8), torch.float32) * 3)
+@pytest.mark.parametrize("option", [dict(softcap=2.0), dict(window=3), dict(window=2)])
+def test_option_double_backward(option):
+    """create_graph=True goes through attention_reference with the same soft-cap or window: gradients of
+    gradients exact."""
+    q, k, v = (random_tensor((1, 2, n, 8), torch.float32) * 3 for n in (6, 9, 9))
+    qkv_ = random_tensor((1, 9, 3 * 2 * 8), torch.float32) * 3
 
     def penalty(fn, inputs, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
@@ -708,10 +710,10 @@ def test_softcap_double_backward():
         return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
 
     for fn, ref, inputs in [
-        (lambda q, k, v: attention(q, k, v, True, softcap=2.0),
-         lambda q, k, v: attention_reference(q, k, v, True, softcap=2.0), (q, k, v)),
-        (lambda x: attention_packed(x, 2, is_causal=True, softcap=2.0),
-         lambda x: attention_packed_reference(x, 2, is_causal=True, softcap=2.0), (qkv_,)),
+        (lambda q, k, v: attention(q, k, v, True, **option),
+         lambda q, k, v: attention_reference(q, k, v, True, **option), (q, k, v)),
+        (lambda x: attention_packed(x, 2, is_causal=True, **option),
+         lambda x: attention_packed_reference(x, 2, is_causal=True, **option), (qkv_,)),
     ]:
         for i, (ours, exact) in enumerate(zip(penalty(fn, inputs, torch.float32), penalty(ref, inputs, torch.float64))):
             assert_close(f"penalty gradient of input {i}", ours, exact, rtol=1e-4)
@@ -864,26 +866,6 @@ def test_window_module_and_function():
     assert direct.grad_fn.name() == "AttentionFunctionBackward"
     assert torch.equal(direct, expected)
     torch.autograd.grad(direct.sum(), leaves)  # eleven gradients for eleven arguments
-
-
-def test_window_double_backward():
-    """create_graph=True goes through attention_reference with the same window."""
-    q, k, v = (random_tensor((1, 2, n, 8), torch.float32) for n in (6, 9, 9))
-    qkv_ = random_tensor((1, 9, 3 * 2 * 8), torch.float32)
-
-    def penalty(fn, inputs, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
-        grads = torch.autograd.grad(fn(*leaves).square().sum(), leaves, create_graph=True)
-        return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
-
-    for fn, ref, inputs in [
-        (lambda q, k, v: attention(q, k, v, True, window=3),
-         lambda q, k, v: attention_reference(q, k, v, True, window=3), (q, k, v)),
-        (lambda x: attention_packed(x, 2, is_causal=True, window=2),
-         lambda x: attention_packed_reference(x, 2, is_causal=True, window=2), (qkv_,)),
-    ]:
-        for i, (ours, exact) in enumerate(zip(penalty(fn, inputs, torch.float32), penalty(ref, inputs, torch.float64))):
-            assert_close(f"penalty gradient of input {i}", ours, exact, rtol=1e-4)
 
 
 def test_window_bad_values_raise_before_launch(monkeypatch):

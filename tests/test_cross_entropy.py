@@ -392,6 +392,18 @@ def test_modules():
     assert torch.equal(module(logits.detach(), targets), cross_entropy(logits.detach(), targets, 0, "sum", 0.2))
 
 
+def eager_and_compiled(f, hidden, weight, targets):
+    """[(loss, weight's gradient)] of ``f(hidden, weight, targets)`` run eagerly, then compiled (aot_eager,
+    fullgraph)."""
+    results = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        loss = fn(hidden, weight, targets)
+        loss.backward()
+        results.append((loss.detach(), weight.grad))
+        weight.grad = None
+    return results
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_torch_compile_fullgraph(inplace):
     hidden = random_tensor((2, 37, 32), torch.float32)
@@ -401,12 +413,7 @@ def test_torch_compile_fullgraph(inplace):
     def f(h, w, t):
         return cross_entropy(h @ w, t, label_smoothing=0.1, inplace_backward=inplace) * 3.0
 
-    results = []
-    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
-        loss = fn(hidden, weight, targets)
-        loss.backward()
-        results.append((loss.detach(), weight.grad))
-        weight.grad = None
+    results = eager_and_compiled(f, hidden, weight, targets)
     assert torch.allclose(results[0][0], results[1][0], rtol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
 
@@ -589,12 +596,7 @@ def test_padded_logits_compile_like_eager(reduction):
                              label_smoothing=0.1, n_chunks=3, inplace_backward=True, num_classes=1100)
         return (loss * upstream_g.reshape(-1)).sum() if reduction == "none" else loss
 
-    results = []
-    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
-        loss = fn(hidden, weight, targets)
-        loss.backward()
-        results.append((loss.detach(), weight.grad))
-        weight.grad = None
+    results = eager_and_compiled(f, hidden, weight, targets)
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
     w64 = weight.detach().double().requires_grad_()
