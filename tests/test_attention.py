@@ -679,11 +679,15 @@ def test_softcap_zero_is_off():
     assert torch.equal(attention(q, k, v, softcap=0), attention(q, k, v))
 
 
-@pytest.mark.parametrize("n_head,n_kv_head,is_causal,dropout_p", [(3, 3, True, 0.0), (4, 2, False, 0.2)])
-def test_softcap_packed(n_head, n_kv_head, is_causal, dropout_p):
-    B, T, D = 2, 29, 16
-    qkv_ = (random_tensor((B, T, (n_head + 2 * n_kv_head) * D), torch.float32) * 3).requires_grad_()
-    kwargs = dict(is_causal=is_causal, dropout_p=dropout_p, seed=3 if dropout_p else None, softcap=2.5)
+@pytest.mark.parametrize("n_head,n_kv_head,T,scale,option", [
+    (3, 3, 29, 3.0, dict(is_causal=True, softcap=2.5)), (4, 2, 29, 3.0, dict(dropout_p=0.2, softcap=2.5)),
+    (3, 3, 37, 1.0, dict(is_causal=True, window=6)), (4, 2, 90, 1.0, dict(is_causal=True, window=20, dropout_p=0.2))])
+def test_packed_with_softcap_or_window(n_head, n_kv_head, T, scale, option):
+    """attention_packed with a soft-cap or a window: output and d(qkv) against float64, and equal to attention on
+    the split views."""
+    B, D = 2, 16
+    qkv_ = (random_tensor((B, T, (n_head + 2 * n_kv_head) * D), torch.float32) * scale).requires_grad_()
+    kwargs = dict(option, seed=3 if option.get("dropout_p") else None)
     out = attention_packed(qkv_, n_head, n_kv_head, **kwargs)
     grad_out = random_tensor(out.shape, out.dtype)
     (dqkv,) = torch.autograd.grad(out, qkv_, grad_out)
@@ -801,23 +805,6 @@ def test_window_with_dropout_and_softcap(B, H, Tq, Tk):
     check_attention(*qkv(B, H, Tq, Tk, 16, torch.float32, scale=3.0), is_causal=True, window=17, softcap=4.5)
     check_attention(*qkv(B, H, Tq, Tk, 16, torch.float32, scale=3.0), is_causal=True, window=5, softcap=2.0,
                     dropout_p=0.2, seed=4)
-
-
-@pytest.mark.parametrize("n_head,n_kv_head,T,window,dropout_p", [(3, 3, 37, 6, 0.0), (4, 2, 90, 20, 0.2)])
-def test_window_packed(n_head, n_kv_head, T, window, dropout_p):
-    B, D = 2, 16
-    qkv_ = random_tensor((B, T, (n_head + 2 * n_kv_head) * D), torch.float32).requires_grad_()
-    kwargs = dict(is_causal=True, window=window, dropout_p=dropout_p, seed=3 if dropout_p else None)
-    out = attention_packed(qkv_, n_head, n_kv_head, **kwargs)
-    grad_out = random_tensor(out.shape, out.dtype)
-    (dqkv,) = torch.autograd.grad(out, qkv_, grad_out)
-    q64 = qkv_.detach().double().requires_grad_()
-    ref = attention_packed_reference(q64, n_head, n_kv_head, **kwargs)
-    (ref_grad,) = torch.autograd.grad(ref, q64, grad_out.double())
-    assert_close("out", out, ref)
-    assert_close("dqkv", dqkv, ref_grad)
-    views = [t.detach().requires_grad_() for t in split_qkv(qkv_.detach(), n_head, n_kv_head)]
-    torch.testing.assert_close(out, attention(*views, **kwargs), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(kernel_device().type == "cuda", reason="interpreter tiles (64 rows and keys here)")

@@ -75,26 +75,29 @@ def test_add_norm_without_parameters(kind):
     check_add_norm(kind, add_norm_inputs(kind, SHAPE, F32, F32, False, params=False), False)
 
 
+@pytest.mark.parametrize("dropped", [False, True])
 @pytest.mark.parametrize("used", ["sum", "normed"])
 @pytest.mark.parametrize("kind", OPS)
-def test_add_norm_gradient_from_one_output(kind, used):
+def test_add_norm_gradient_from_one_output(kind, used, dropped):
     # The other output's gradient arrives as None; x and residual still each get their own gradient tensor.
     op, ref = OPS[kind][:2]
+    drop = DROP if dropped else {}
     inputs = add_norm_inputs(kind, (45, 300), F32, F32, contiguous=False)
     seed = random_tensor((45, 300), F32, contiguous=False)
     pick = 0 if used == "sum" else 1
     leaves = [t.detach().requires_grad_() for t in inputs]
     with poisoned_empty():
-        (op(*leaves)[pick] * seed).sum().backward()
+        (op(*leaves, **drop)[pick] * seed).sum().backward()
     leaves64 = [t.detach().double().requires_grad_() for t in inputs]
-    (ref(*leaves64)[pick] * seed.double()).sum().backward()
+    (ref(*leaves64, **drop)[pick] * seed.double()).sum().backward()
     for ours, expected in zip(leaves, leaves64):
         if expected.grad is None or not expected.grad.any():  # parameters get no gradient from the sum
             assert ours.grad is None or not ours.grad.any()
         else:
-            torch.testing.assert_close(ours.grad, expected.grad.float(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ours.grad, expected.grad.float(), rtol=1e-5, atol=1e-5 if dropped else 1e-6)
     x, r = leaves[:2]
-    assert torch.equal(x.grad, r.grad) and x.grad.data_ptr() != r.grad.data_ptr()
+    if not dropped:  # with dropout x's gradient is the residual's, masked
+        assert torch.equal(x.grad, r.grad) and x.grad.data_ptr() != r.grad.data_ptr()
 
 
 @pytest.mark.parametrize("kind", OPS)
@@ -245,25 +248,6 @@ def test_add_norm_dropout_seed_none_draws_like_dropout(kind):
     for got, expected in zip(op(x, r, *params, dropout_p=0.0), op(x, r, *params)):
         assert torch.equal(got, expected)
     assert torch.equal(torch.get_rng_state(), state)
-
-
-@pytest.mark.parametrize("used", ["sum", "normed"])
-@pytest.mark.parametrize("kind", OPS)
-def test_add_norm_dropout_gradient_from_one_output(kind, used):
-    op, ref = OPS[kind][:2]
-    inputs = add_norm_inputs(kind, (45, 130), F32, F32, contiguous=False)
-    weights = random_tensor((45, 130), F32, contiguous=False)
-    pick = 0 if used == "sum" else 1
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    with poisoned_empty():
-        (op(*leaves, **DROP)[pick] * weights).sum().backward()
-    leaves64 = [t.detach().double().requires_grad_() for t in inputs]
-    (ref(*leaves64, **DROP)[pick] * weights.double()).sum().backward()
-    for ours, expected in zip(leaves, leaves64):
-        if expected.grad is None or not expected.grad.any():
-            assert ours.grad is None or not ours.grad.any()
-        else:
-            torch.testing.assert_close(ours.grad, expected.grad.float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", OPS)
