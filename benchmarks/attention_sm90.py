@@ -84,8 +84,8 @@ def resources(compiled) -> dict:
 
 def variants():
     for kernel, (fn_name, table_name) in KERNELS.items():
-        small, large, _ = getattr(attention_module, table_name)
-        for head_dim, configs in ((64, small), (128, large)):
+        table = getattr(attention_module, table_name)
+        for head_dim, configs in ((width, table[width]) for width in (64, 128, 256)):
             for config in configs:
                 for dropout in (False, True):
                     yield kernel, getattr(attention_module, fn_name), head_dim, config, dropout

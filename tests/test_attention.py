@@ -148,7 +148,7 @@ def test_attention_matches_reference(Tq, Tk, is_causal):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D", [16, 64, 80, 128])
+@pytest.mark.parametrize("D", [16, 64, 80, 128, 200, 256])  # 200: a 256-wide tile, masked columns
 def test_attention_head_dims_and_dtypes(dtype, D):
     check_attention(*qkv(1, 2, 90, 75, D, dtype), is_causal=True)
 
@@ -480,7 +480,7 @@ def test_bad_arguments_raise_before_launch():
         (dict(v=v[:, :1]), ValueError, "k and v must be"),
         (dict(q=q[..., :8]), ValueError, "k and v must be"),
         (dict(q=torch.empty(1, 2, 0, 16)), ValueError, "non-empty"),
-        (dict(zip("qkv", qkv(1, 1, 8, 8, 136, torch.float32))), ValueError, "head_dim must be at most 128"),
+        (dict(zip("qkv", qkv(1, 1, 8, 8, 264, torch.float32))), ValueError, "head_dim must be at most 256"),
         (dict(is_causal=1), TypeError, "is_causal must be a bool"),
         (dict(dropout_p=1.0), ValueError, "dropout_p must be in"),
         (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),

@@ -59,7 +59,7 @@ __all__ = ["AttentionFunction", "Attention", "attention", "attention_reference",
            "PackedAttentionFunction", "attention_packed", "attention_packed_reference", "split_qkv"]
 
 LOG2E = tl.constexpr(1.4426950408889634)  # the kernels use exp2: scores are kept in log2 units
-MAX_HEAD_DIM = 128  # larger tiles overflow shared memory or spill in every H100 config
+MAX_HEAD_DIM = 256  # FlashAttention-2's limit too: a 512-wide tile leaves no config without spills
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -612,25 +612,33 @@ def _dropout_mask_kernel(OUT, SEED, Tq, Tk, dropout_p, QUADS: tl.constexpr, BLOC
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------
 
-# H100 configs (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel: autotuning candidates for head dims
-# up to 64 and for 128, then one fallback. Forward and dQ hold BLOCK_M query rows and stream BLOCK_N keys;
+# H100 configs (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel and per BLOCK_D (64 covers the head dims
+# up to 64): autotuning candidates for the hot path, then under "fallback" one config per BLOCK_D up to that
+# width for everything else. Forward and dQ hold BLOCK_M query rows and stream BLOCK_N keys;
 # dK/dV holds BLOCK_N keys plus two fp32 accumulators and streams BLOCK_M queries, so it wants BLOCK_N large
 # and BLOCK_M small. Compiled for sm_90 (bf16, causal; `python benchmarks/attention_sm90.py`, no GPU needed),
-# every config listed spills nothing without dropout; with dropout's RNG 7 of 22 spill 8-232 bytes a thread
-# and the autotuner's timings decide whether that costs. Soft-capping (HAS_SOFTCAP, `--softcap`) adds the tanh
-# to every kernel: one dK/dV config spills without dropout (D 128, 64 x 64: 40 bytes), 8 of 22 with it
-# (benchmarks/results/sm90/attention_sm90_softcap.md). A sliding window (HAS_WINDOW, `--window`) adds a third key loop
-# to fwd and dQ: without dropout two fwd configs (D 128) spill 8 bytes and one dK/dV config (D 128, 64 x 64) 56
-# (benchmarks/results/sm90/attention_sm90_window.md).
-_FWD_CONFIGS = ([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-                [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3)],
-                (64, 64, 4, 3))
-_DKDV_CONFIGS = ([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4)],
-                 [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4)],
-                 (32, 128, 8, 3))
-_DQ_CONFIGS = ([(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-               [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-               (128, 32, 8, 3))
+# every config listed up to D 128 spills nothing without dropout; with dropout's RNG 7 of 22 spill 8-232 bytes
+# a thread and the autotuner's timings decide whether that costs. Soft-capping (HAS_SOFTCAP, `--softcap`) adds
+# the tanh to every kernel: one dK/dV config spills without dropout (D 128, 64 x 64: 40 bytes), 8 of 22 with
+# it (benchmarks/results/sm90/attention_sm90_softcap.md). A sliding window (HAS_WINDOW, `--window`) adds a
+# third key loop to fwd and dQ: without dropout two fwd configs (D 128) spill 8 bytes and one dK/dV config
+# (D 128, 64 x 64) 56 (benchmarks/results/sm90/attention_sm90_window.md).
+# D 256 (Gemma): two [BLOCK_N, 256] fp32 accumulators fill dK/dV's registers, so its keys come 32 at a time
+# (64 spill 300+ bytes at any warp count); 32-row tiles are below wgmma's 64 rows a warpgroup and run on
+# mma.sync. The D 256 fallbacks are the largest tiles whose fp32 variant (masks, dropout, soft-cap) still fits
+# shared memory, one pipeline stage.
+_FWD_CONFIGS = {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+                128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3)],
+                256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+                "fallback": {128: (64, 64, 4, 3), 256: (32, 32, 4, 1)}}
+_DKDV_CONFIGS = {64: [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4)],
+                 128: [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4)],
+                 256: [(32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 8, 2)],
+                 "fallback": {128: (32, 128, 8, 3), 256: (16, 32, 8, 1)}}
+_DQ_CONFIGS = {64: [(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+               128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+               256: [(128, 32, 8, 2), (64, 32, 8, 2)],
+               "fallback": {128: (128, 32, 8, 3), 256: (32, 32, 8, 1)}}
 # The interpreter pays per program and per operation, hardly per element: few programs with big tiles.
 # Sequences up to _INTERPRET_TILE long go in whole, as many (batch, head) pairs side by side as fit (a ViT
 # on 8x8 digits, 5 tokens, would launch one program per image otherwise); longer ones stream
@@ -645,21 +653,25 @@ _TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "MASK_KIND", "HAS_KPM", "HAS_DROPOUT", "HA
 
 def _autotuned(table):
     """On a GPU, autotune the hot path (fp16/bf16, power-of-two head dim, no attention or padding mask,
-    dropout or not) over its candidates; every other variant takes the fallback config, so the many
-    variants a test suite compiles cost one compile each instead of one per candidate."""
-    small, large, fallback = table
+    dropout or not) over its candidates for its BLOCK_D; every other variant takes the fallback config of its
+    width, so the many variants a test suite compiles cost one compile each instead of one per candidate."""
+    hot_tables = {width: configs for width, configs in table.items() if width != "fallback"}
+    fallbacks = table["fallback"]
 
     def prune(configs, named_args, **kwargs):
-        hot = (named_args["Q"].dtype != torch.float32 and kwargs["HEAD_DIM"] == kwargs["BLOCK_D"]
+        block_d = kwargs["BLOCK_D"]
+        hot = (named_args["Q"].dtype != torch.float32 and kwargs["HEAD_DIM"] == block_d
                and kwargs["MASK_KIND"] == 0 and not kwargs["HAS_KPM"])
-        wanted = (large if kwargs["BLOCK_D"] > 64 else small) if hot else [fallback]
+        wanted = (hot_tables[max(64, block_d)] if hot
+                  else [fallbacks[min(width for width in fallbacks if width >= block_d)]])
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     def wrap(kernel):
         if INTERPRET:
             return kernel
+        every = [*(c for configs in hot_tables.values() for c in configs), *fallbacks.values()]
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                   for m, n, w, s in dict.fromkeys([*small, *large, fallback])]
+                   for m, n, w, s in dict.fromkeys(every)]
         return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})(kernel)
     return wrap
 
