@@ -265,6 +265,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads = _linear_cross_entropy_bwd(
                 grad_loss.reshape(-1), hidden2, weight, targets1, bias, ignore_index, label_smoothing, z_loss,
                 need_h, need_w, need_b, chunk_rows, num_classes)
+        elif torch.compiler.is_compiling():
+            # Traced, the scale is a new tensor: Inductor folds it into the kernel that consumes the gradient
+            # (the tied embedding's gradient sum), where an in-place scale of the forward's outputs would make
+            # the backward graph mutate its inputs and return one of them as a parameter's gradient
+            grads = tuple((g.float() * grad_loss.float()).to(g.dtype) if needed else g
+                          for g, needed in zip(ctx.saved_tensors, ctx.needs))
         else:
             # a second backward through this graph fails in this unpack (the in-place scale below bumped the
             # saved tensors' versions) instead of scaling twice
