@@ -10,19 +10,24 @@ the same model built from the PyTorch references (kernels=torch), and a plain-Py
 usual way (nanoGPT-style GPT-2 with SDPA flash attention and F.cross_entropy; a ViT with SDPA). Reports
 tokens/s (images/s), MFU against the card's dense bf16 peak (``benchmarks.common.BF16_DENSE_PEAK_FLOPS``),
 peak allocated memory, and (--max-batch) the largest batch that fits on the card.
+Each row runs in a fresh process (``--same-process`` runs them all in this one): a row that corrupts the CUDA
+context (an illegal memory access) then fails alone instead of every row after it, and no row inherits another's
+allocator pools or compiled code. Inductor's on-disk cache still serves a graph compiled by an earlier row.
 Results: benchmarks/results/<card>/train_step_<gpt|vit>.{csv,md,png}.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
+import triformer  # noqa: F401  (first: torch._dynamo imports triton, whose mode triformer must choose)
 import torch
 import torch._dynamo.utils
 
-import triformer  # noqa: F401
 import models
 from models.layers import set_activation_checkpointing
 from models.plain import PlainGPT, PlainViT  # one plain model for the trainer and here
@@ -165,6 +170,22 @@ def measure(task, name, ctor, mode, batch, seq, steps, warmup):
             "cudagraph_skips": torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] if compile_mode else ""}
 
 
+def measure_row(task, name, mode, batch, seq, steps, warmup, max_batch: bool) -> dict:
+    """One row of the table (``measure``), plus the largest batch that fits when ``max_batch``."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    ctor = variants(task)[name]
+    row = measure(task, name, ctor, mode, batch, seq, steps, warmup)
+    if max_batch:
+        row["max_batch"] = largest_batch(task, ctor, seq, batch)
+    return row
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a new Python process (spawned: CUDA cannot be forked), its exception re-raised here."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def fits(task, ctor, batch, seq) -> bool:
     torch.cuda.empty_cache()
     try:
@@ -204,6 +225,8 @@ def main():
                    help="comma-separated substrings of the variants to run, or =NAME for exactly one")
     p.add_argument("--graph", default="none",
                    help="comma-separated substrings of the variants to also run as a CUDA-graphed step ('all', 'none')")
+    p.add_argument("--same-process", action="store_true",
+                   help="run every row in this process instead of one fresh process per row")
     p.add_argument("--max-batch", default="none",
                    help="comma-separated substrings of the variants whose largest batch to search (eager; 'all')")
     args = p.parse_args()
@@ -213,19 +236,20 @@ def main():
     batch = args.batch or batch
     compiled = args.compile_modes.split(",")
     rows = []
-    for name, ctor in variants(args.task).items():
+    for name in variants(args.task):
         if not chosen(args.variants, name):
             continue
         modes = (["eager"] + ["graph"] * chosen(args.graph, name)
                  + [("compile" if m == "default" else f"compile:{m}") for m in compiled] * chosen(args.compile, name))
         for mode in modes:
+            row_args = (args.task, name, mode, batch, seq, args.steps, args.warmup,
+                        mode == "eager" and chosen(args.max_batch, name))
             try:
-                row = measure(args.task, name, ctor, mode, batch, seq, args.steps, args.warmup)
+                row = measure_row(*row_args) if args.same_process else in_fresh_process(measure_row, *row_args)
             except Exception as exc:
                 print(f"{name} mode={mode}: failed: {exc!r}"[:400], flush=True)
+                rows.append({"variant": name, "mode": mode, "batch": batch, "failed": repr(exc)[:120]})
                 continue
-            if chosen(args.max_batch, name) and mode == "eager":
-                row["max_batch"] = largest_batch(args.task, ctor, seq, batch)
             rows.append(row)
             print(row, flush=True)
     print(environment())
