@@ -107,6 +107,15 @@ def test_family_parity(calls, family):
     assert triformer.patch(patched).swapped == []  # patching again changes nothing
 
 
+@pytest.mark.parametrize("family", ["gemma", "gemma3"])
+def test_gemma_real_head_dim_parity(calls, family):
+    """Gemma's own head dim, 256 (the kernel's widest tile, where its configs change), not the tiny 8 of the
+    family test: attention is patched and the whole model still matches."""
+    ref, patched, report = patched_pair(family, head_dim=256)
+    assert report.left_alone == [], str(report)
+    check_lm_parity(ref, patched, *lm_batch(), calls, GEMMA)
+
+
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
