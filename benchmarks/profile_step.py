@@ -12,6 +12,7 @@ For each (variant, mode), after the first step (compile, autotuning) and two war
   replayed to the moment of the step's peak, listing what is alive then by the line of Python that allocated it
   (for a compiled graph that is a line of Inductor's generated code, printed). What is still alive from before
   the step (weights, their gradients, AdamW state) is one line.
+Each (variant, mode) runs in a fresh process, as train_step's rows: one that fails is reported and the others run.
 Results: benchmarks/results/<card>/profile_step.md.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import environment, out_dir
-from benchmarks.train_step import build, chosen, train_steps, variants
+from benchmarks.train_step import build, chosen, in_fresh_process, train_steps, variants
 
 PROFILED_STEPS = 3
 # Kernel name -> category, first match wins. cuBLAS/CUTLASS GEMMs carry these fragments on sm_90; Inductor's
@@ -121,6 +122,21 @@ def memory_table(step, label: str, top: int = 14) -> list[str]:
     return lines + [""]
 
 
+def profile_section(task, name, mode, batch, seq) -> list[str]:
+    """The time and memory tables of one (variant, mode)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    compile_mode = None if mode == "eager" else (mode.partition(":")[2] or "default")
+    mark = compile_mode in ("reduce-overhead", "max-autotune")
+    model, opt, _ = build(variants(task)[name], compile_mode)
+
+    def step():
+        train_steps(model, opt, task, batch, seq, 1, mark)
+    for _ in range(3):  # compile / autotune, then the allocator's steady state
+        step()
+    label = f"{name}, {mode}, batch {batch}"
+    return time_table(step, label) + memory_table(step, label)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--task", choices=["gpt", "vit"], default="gpt")
@@ -134,24 +150,16 @@ def main():
              " | ".join(f"{k}: {v}" for k, v in environment().items()), "",
              f"Command: `python -m benchmarks.profile_step --task {args.task} --variants \"{args.variants}\" "
              f"--modes {args.modes} --batch {batch}`", ""]
-    for name, ctor in variants(args.task).items():
+    for name in variants(args.task):
         if not chosen(args.variants, name):
             continue
         for mode in args.modes.split(","):
-            compile_mode = None if mode == "eager" else (mode.partition(":")[2] or "default")
-            mark = compile_mode in ("reduce-overhead", "max-autotune")
-            torch.cuda.empty_cache()
-            model, opt, _ = build(ctor, compile_mode)
-
-            def step():
-                train_steps(model, opt, args.task, batch, seq, 1, mark)
-            for _ in range(3):  # compile / autotune, then the allocator's steady state
-                step()
-            label = f"{name}, {mode}, batch {batch}"
-            section = time_table(step, label) + memory_table(step, label)
+            try:
+                section = in_fresh_process(profile_section, args.task, name, mode, batch, seq)
+            except Exception as exc:
+                section = [f"### {name}, {mode}, batch {batch}: failed", "", f"`{exc!r}`"[:600], ""]
             print("\n".join(section), flush=True)
             lines += section
-            del model, opt, step
     (out_dir() / "profile_step.md").write_text("\n".join(lines) + "\n")
 
 
