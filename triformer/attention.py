@@ -617,8 +617,8 @@ def _dropout_mask_kernel(OUT, SEED, Tq, Tk, dropout_p, QUADS: tl.constexpr, BLOC
 # width for everything else. Forward and dQ hold BLOCK_M query rows and stream BLOCK_N keys;
 # dK/dV holds BLOCK_N keys plus two fp32 accumulators and streams BLOCK_M queries, so it wants BLOCK_N large
 # and BLOCK_M small. Compiled for sm_90 (bf16, causal; `python benchmarks/attention_sm90.py`, no GPU needed),
-# every config listed up to D 128 spills nothing without dropout; with dropout's RNG 7 of 22 spill 8-232 bytes
-# a thread and the autotuner's timings decide whether that costs. Soft-capping (HAS_SOFTCAP, `--softcap`) adds
+# every config listed spills nothing without dropout; with dropout's RNG 11 of 30 spill 8-208 bytes a thread
+# and the autotuner's timings decide whether that costs. Soft-capping (HAS_SOFTCAP, `--softcap`) adds
 # the tanh to every kernel: one dK/dV config spills without dropout (D 128, 64 x 64: 40 bytes), 8 of 22 with
 # it (benchmarks/results/sm90/attention_sm90_softcap.md). A sliding window (HAS_WINDOW, `--window`) adds a
 # third key loop to fwd and dQ: without dropout two fwd configs (D 128) spill 8 bytes and one dK/dV config
