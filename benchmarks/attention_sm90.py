@@ -62,7 +62,7 @@ def specialise(fn, constants: dict) -> ASTSource:
             signature[name], constants[name] = "constexpr", 1
         else:
             signature[name] = "i32"
-            if name in ("Tq", "Tk", "TQ_BUCKET", "TK_BUCKET"):
+            if name in ("Tq", "Tk", "TQ_BUCKET", "TK_BUCKET", "dq_offset", "dk_offset", "dv_offset"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(fn, signature, constexprs=constants, attrs=attrs)
 

@@ -90,7 +90,7 @@ def main() -> None:
             one_tile = block_n >= n
             constants = dict(RMS=rms, HAS_WEIGHT=has_w, HAS_BIAS=has_b, HAS_DRES=has_dres, HAS_DROPOUT=has_dropout,
                              BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, PREFETCH=ln.BWD_PREFETCH)
-            present = dict(W=has_w, Mean=not rms, DRES=has_dres, DW=has_w, DB=has_b, RowSums=not one_tile,
+            present = dict(W=has_w, Mean=not rms, DRES=has_dres, DWB=has_w or has_b, RowSums=not one_tile,
                            SEED=has_dropout, DXB=has_dropout)
             compiled = triton.compile(specialise(ln._norm_bwd_kernel, constants, present),
                                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))

@@ -392,9 +392,9 @@ def _attn_fwd_kernel(
 
 @triton.jit(do_not_specialize=["n_pairs"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
+    Q, K, V, DO, LSE, DELTA, DKV, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-    sgb, sgh, sgn, sgd, smb, smh, smm, smn, spb, spn,
+    sgb, sgh, sgn, sgd, dk_offset, dv_offset, smb, smh, smm, smn, spb, spn,
     H, n_pairs, Tq, Tk, qk_scale, softcap, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group, window,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -516,15 +516,16 @@ def _attn_bwd_dkdv_kernel(
                     ds_t = ds_t * dcap_t
                 dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
 
-    _store_rows(DK + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_n, sgn, Tk, d_ok, dk * scale)
-    _store_rows(DV + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_n, sgn, Tk, d_ok, dv)
+    # dK and dV live in one buffer (DKV, at element offsets dk_offset and dv_offset, see _launch_bwd)
+    _store_rows(DKV + dk_offset + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_n, sgn, Tk, d_ok, dk * scale)
+    _store_rows(DKV + dv_offset + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_n, sgn, Tk, d_ok, dv)
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, MASK, KPM,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, sdb, sdh, sdm, sdd,
-    sgb, sgh, sgm, sgd, smb, smh, smm, smn, spb, spn,
+    sgb, sgh, sgm, sgd, dq_offset, smb, smh, smm, smn, spb, spn,
     H, n_pairs, Tq, Tk, qk_scale, softcap, scale, SEED, dropout_p, drop_scale, TQ_BUCKET, TK_BUCKET, kv_group, window,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -589,7 +590,7 @@ def _attn_bwd_dq_kernel(
                 ds = ds * dcap
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
 
-    _store_rows(DQ + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_m, sgm, Tq, d_ok, dq * scale)
+    _store_rows(DQ + dq_offset + b * sgb + h * sgh + offs_d[None, :] * sgd, offs_m, sgm, Tq, d_ok, dq * scale)
 
 
 @triton.jit
@@ -818,9 +819,18 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     return out, lse
 
 
+def _offset_in(view: torch.Tensor, base: torch.Tensor) -> int:
+    """Elements from ``base``'s first element to ``view``'s (a view of it)."""
+    return view.storage_offset() - base.storage_offset()
+
+
 def _launch_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale,
-                softcap, window, dq, dk, dv) -> None:
-    """The backward's two kernels, writing dq, dk and dv (any [B, H, T, D] strides)."""
+                softcap, window, dq, dq_base, dk, dv, dkv_base) -> None:
+    """The backward's two kernels, writing dq (a view of ``dq_base``) and dk, dv (views of ``dkv_base``, with the
+    same strides). The kernels take the bases and the views' offsets in them: traced by torch.compile, a kernel
+    that writes a view of a buffer becomes a functional kernel on a copy of the view and a copy back into the
+    buffer (a ``slice_scatter``, one pass over the whole buffer per view), where writes into the buffer itself
+    need neither."""
     Tq, Tk = q.shape[2], k.shape[2]
     B, H, H_kv = q.shape[0], q.shape[1], k.shape[1]
     delta = _empty(lse.shape, lse)
@@ -829,10 +839,12 @@ def _launch_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, 
     tiles = _tiles(Tq, Tk, B * H)
     shared = (*q.stride(), *k.stride(), *v.stride())
     scalars = (H, B * H, Tq, Tk, *_score_scales(scale, softcap), scale, *rng)
-    _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H, tiles, (q, k, v, out, grad_out, lse, delta, dq, mask, kpm),
-            *shared, *out.stride(), *grad_out.stride(), *dq.stride(), *mask_strides, *scalars, **consts)
-    _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H_kv, tiles, (q, k, v, grad_out, lse, delta, dk, dv, mask, kpm),
-            *shared, *grad_out.stride(), *dk.stride(), *mask_strides, *scalars, **consts)
+    _launch(_attn_bwd_dq, Tq, "BLOCK_M", B * H, tiles, (q, k, v, out, grad_out, lse, delta, dq_base, mask, kpm),
+            *shared, *out.stride(), *grad_out.stride(), *dq.stride(), _offset_in(dq, dq_base), *mask_strides,
+            *scalars, **consts)
+    _launch(_attn_bwd_dkdv, Tk, "BLOCK_N", B * H_kv, tiles, (q, k, v, grad_out, lse, delta, dkv_base, mask, kpm),
+            *shared, *grad_out.stride(), *dk.stride(), _offset_in(dk, dkv_base), _offset_in(dv, dkv_base),
+            *mask_strides, *scalars, **consts)
 
 
 @_runtime.kernel_op("triformer::attention_bwd", mutates_args=())
@@ -840,13 +852,21 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                    lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                    seed: Optional[torch.Tensor], is_causal: bool, dropout_p: float, scale: float,
                    softcap: float = 0.0,
-                   window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dq, dkv): dkv [2, B, H_kv, Tk, D] is dk then dv (``split_dkv``), one buffer for the one kernel that
+    writes both (see _launch_bwd), each half laid out as _bthd_empty lays out dq."""
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
-    dq, dk, dv = _bthd_empty(B, H, Tq, D, q), _bthd_empty(B, H_kv, Tk, D, k), _bthd_empty(B, H_kv, Tk, D, v)
+    dq = _bthd_empty(B, H, Tq, D, q)
+    dkv = _empty((2, B, H_kv, Tk, D), k, strides=(B * Tk * H_kv * D, Tk * H_kv * D, D, H_kv * D, 1))
     _launch_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale,
-                softcap, window, dq, dk, dv)
-    return dq, dk, dv
+                softcap, window, dq, dq, *split_dkv(dkv), dkv)
+    return dq, dkv
+
+
+def split_dkv(dkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dk and dv [B, H_kv, Tk, D] of attention_bwd's dkv [2, B, H_kv, Tk, D]."""
+    return dkv.unbind(0)
 
 
 def split_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -867,8 +887,9 @@ def _attention_bwd_packed(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.
                           dropout_p: float, scale: float, softcap: float = 0.0,
                           window: Optional[int] = None) -> torch.Tensor:
     dqkv = _empty(qkv.shape, qkv)
+    dq, dk, dv = split_qkv(dqkv, n_head, n_kv_head)
     _launch_bwd(grad_out, *split_qkv(qkv, n_head, n_kv_head), out, lse, None, None, seed, is_causal, dropout_p,
-                scale, softcap, window, *split_qkv(dqkv, n_head, n_kv_head))
+                scale, softcap, window, dq, dqkv, dk, dv, dqkv)
     return dqkv
 
 
@@ -902,8 +923,9 @@ class AttentionFunction(torch.autograd.Function):
                                                        key_padding_mask, seed, ctx.softcap, window=ctx.window),
                 (q, k, v), (grad_out,), ctx.needs_input_grad[:3])
             return dq, dk, dv, None, None, None, None, None, None, None, None
-        dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed,
-                                    ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.softcap, ctx.window)
+        dq, dkv = _attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed,
+                                 ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.softcap, ctx.window)
+        dk, dv = split_dkv(dkv)
         # (trailing Nones past the arguments given, when softcap or window was left out, are dropped by autograd)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 

@@ -257,7 +257,7 @@ def _grad_tile(x_base, sx_n, g_base, sg_n, start, col_end, row_ok, target, activ
 
 @triton.jit
 def _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scale_ptr, ss_m,
-                row_ok, target, active, m, log_s, log_mean, col_start, col_end, n_cols, smoothing, z_loss,
+                row_ok, target, active, m, log_s, log_mean, col_start, col_end, n_cols, pad_end, smoothing, z_loss,
                 HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, UNMASKED: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     if HAS_SCALE:
@@ -284,6 +284,14 @@ def _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scal
             _grad_tile(x_base, sx_n, g_base, sg_n, masked_start - (i + 1) * BLOCK_V, col_end, row_ok,
                        target, active, m, log_s, log_mean, hit, smooth, z_coef, n_cols, False, HAS_SMOOTHING,
                        HAS_Z, BLOCK_V)
+    # Padding columns [n_cols, pad_end) of a padded row (the LM head's output) are not classes: gradient 0,
+    # written here by the range that ends the row, so that the launch writes its buffer whole (launch_cross_entropy)
+    if col_end == n_cols:
+        for start in range(n_cols, pad_end, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * sg_n,
+                     tl.zeros([BLOCK_R, BLOCK_V], g_base.dtype.element_ty),
+                     mask=row_ok[:, None] & (cols < pad_end)[None, :])
 
 
 @triton.jit
@@ -299,7 +307,7 @@ def _store_stats(stats_ptr, stats_plane, rows, row_ok, m, log_s, log_mean, HAS_S
 @triton.jit
 def _cross_entropy_fwd_kernel(
     logits_ptr, grad_ptr, targets_ptr, loss_ptr, scale_ptr, stats_ptr,
-    row_start, row_end, n_cols, rows_inner, stats_plane,
+    row_start, row_end, n_cols, pad_end, rows_inner, stats_plane,
     sx_o, sx_i, sx_n, sg_o, sg_i, sg_n, st_m, ss_m,
     ignore_index, smoothing, z_loss,
     HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
@@ -321,7 +329,8 @@ def _cross_entropy_fwd_kernel(
             _store_stats(stats_ptr, stats_plane, rows, row_ok, m, log_s, log_mean, HAS_SMOOTHING)
         if HAS_GRAD:
             _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scale_ptr,
-                        ss_m, row_ok, target, active, m, log_s, log_mean, 0, n_cols, n_cols, smoothing, z_loss,
+                        ss_m, row_ok, target, active, m, log_s, log_mean, 0, n_cols, n_cols, pad_end, smoothing,
+                        z_loss,
                         HAS_SCALE, HAS_SMOOTHING, HAS_Z, UNMASKED, BLOCK_R, BLOCK_V)
 
 
@@ -332,7 +341,7 @@ def _cross_entropy_fwd_kernel(
 @triton.jit
 def _cross_entropy_grad_kernel(
     logits_ptr, grad_ptr, targets_ptr, stats_ptr, scale_ptr,
-    row_start, row_end, n_cols, rows_inner, stats_plane,
+    row_start, row_end, n_cols, pad_end, rows_inner, stats_plane,
     sx_o, sx_i, sx_n, sg_o, sg_i, sg_n, st_m, ss_m,
     ignore_index, smoothing, z_loss,
     HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, UNMASKED: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -350,8 +359,8 @@ def _cross_entropy_grad_kernel(
         if HAS_SMOOTHING:
             log_mean = tl.load(stats_ptr + 2 * stats_plane + rows)
         _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scale_ptr, ss_m, row_ok, target,
-                    active, m, log_s, log_mean, 0, n_cols, n_cols, smoothing, z_loss, True, HAS_SMOOTHING, HAS_Z,
-                    UNMASKED, BLOCK_R, BLOCK_V)
+                    active, m, log_s, log_mean, 0, n_cols, n_cols, pad_end, smoothing, z_loss, True, HAS_SMOOTHING,
+                    HAS_Z, UNMASKED, BLOCK_R, BLOCK_V)
 
 
 # Split launch, pass 1: statistics of one column range of a row block into part_ptr[plane, split, row] (fp32;
@@ -389,7 +398,7 @@ def _cross_entropy_partial_kernel(
 @triton.jit
 def _cross_entropy_combine_kernel(
     logits_ptr, grad_ptr, targets_ptr, loss_ptr, scale_ptr, stats_ptr, part_ptr,
-    row_start, row_end, n_cols, rows_inner, stats_plane, n_splits, grid_splits, span, part_rows,
+    row_start, row_end, n_cols, pad_end, rows_inner, stats_plane, n_splits, grid_splits, span, part_rows,
     sx_o, sx_i, sx_n, sg_o, sg_i, sg_n, st_m, ss_m,
     ignore_index, smoothing, z_loss,
     HAS_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
@@ -431,7 +440,7 @@ def _cross_entropy_combine_kernel(
         col_start = split * span
         _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scale_ptr, ss_m,
                     row_ok, target, active, m, log_s, log_mean, col_start, tl.minimum(col_start + span, n_cols),
-                    n_cols, smoothing, z_loss, HAS_SCALE, HAS_SMOOTHING, HAS_Z, UNMASKED, BLOCK_R, BLOCK_V)
+                    n_cols, pad_end, smoothing, z_loss, HAS_SCALE, HAS_SMOOTHING, HAS_Z, UNMASKED, BLOCK_R, BLOCK_V)
 
 
 # Backward of the fused forward: multiply the stored gradient by grad_output in place, row by row (one factor
@@ -519,20 +528,35 @@ def _unmasked_tiles(t3: torch.Tensor) -> bool:
             and (t3.shape[1] == 1 or t3.stride(1) % 16 == 0) and t3.storage_offset() * t3.element_size() % 16 == 0)
 
 
+def _grad_operand(grad3: torch.Tensor, grad_buffer: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """(the tensor the kernels write through, the row width they write): ``grad_buffer`` and its last dim when
+    given -- ``grad3`` must be its first V columns (the same first element and column stride) -- else ``grad3``
+    and V. Handed the whole buffer, a kernel traced by torch.compile writes that buffer, where writing a view of it
+    becomes a write into a copy of the view and a copy of the whole buffer back (a ``slice_scatter``); the
+    padding columns the view leaves out get their zeros from the same kernel."""
+    if grad_buffer is None:
+        return grad3, grad3.shape[-1]
+    if grad3.storage_offset() != grad_buffer.storage_offset() or grad3.stride(-1) != grad_buffer.stride(-1):
+        raise ValueError("grad3 must be the leading columns of grad_buffer")
+    return grad_buffer, grad_buffer.shape[-1]
+
+
 def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor,
                          grad3: torch.Tensor | None, scale: torch.Tensor | None, ignore_index: int,
                          label_smoothing: float, z_loss: float, n_chunks: int = 1,
-                         stats: torch.Tensor | None = None) -> None:
+                         stats: torch.Tensor | None = None, grad_buffer: torch.Tensor | None = None) -> None:
     """Run the kernels on ``logits3[outer, inner, V]``: per-row fp32 loss into ``loss_rows[N]`` and, when
     ``grad3`` is given (``logits3`` itself, or a tensor of its [outer, inner, V] shape with any strides), the
     gradient times ``scale`` (one value, or one per row) into ``grad3``; when ``stats`` is given (contiguous fp32
     [stat_planes(label_smoothing), N]), the row statistics ``launch_cross_entropy_grad`` needs. Rows go in
-    ``n_chunks`` successive launches."""
+    ``n_chunks`` successive launches. ``grad_buffer``: the padded tensor whose first V columns ``grad3`` is; its
+    other columns get gradient 0 (see _grad_operand)."""
     outer, rows_inner, n_cols = logits3.shape
     n_rows = outer * rows_inner
     if n_rows == 0 or _runtime.shapes_only():  # (a shape rule: it writes no output's shape)
         return
     g = grad3 if grad3 is not None else logits3  # never written when HAS_GRAD is off
+    g_arg, pad_end = _grad_operand(g, grad_buffer if grad3 is not None else None)
     per_row_scale = scale is not None and scale.numel() > 1
     # the logits' layout decides: they are read twice, the gradient written once
     common = dict(HAS_SMOOTHING=label_smoothing > 0, UNMASKED=_unmasked_tiles(logits3))
@@ -549,7 +573,8 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
         row_blocks = triton.cdiv(last - first, plan.block_r)
         if not plan.n_splits:
             _runtime.launch(_cross_entropy_fwd_kernel, (min(plan.programs, row_blocks),))(
-                logits3, g, targets, loss_rows, scale_arg, stats_arg, first, last, n_cols, rows_inner, n_rows,
+                logits3, g_arg, targets, loss_rows, scale_arg, stats_arg, first, last, n_cols, pad_end, rows_inner,
+                n_rows,
                 *strides, ignore_index, float(label_smoothing), float(z_loss), **flags, **tiles)
             continue
         # ranges of whole tiles; row r of this launch has its statistics at part[plane, split, r - first]
@@ -563,7 +588,8 @@ def launch_cross_entropy(logits3: torch.Tensor, targets: torch.Tensor, loss_rows
             *logits3.stride(), targets.stride(0), ignore_index, **common, **tiles)
         grid_splits = n_splits if grad3 is not None else 1
         _runtime.launch(_cross_entropy_combine_kernel, (row_blocks * grid_splits,))(
-            logits3, g, targets, loss_rows, scale_arg, stats_arg, part, first, last, n_cols, rows_inner, n_rows,
+            logits3, g_arg, targets, loss_rows, scale_arg, stats_arg, part, first, last, n_cols, pad_end,
+            rows_inner, n_rows,
             n_splits, grid_splits, span, last - first, *strides, ignore_index, float(label_smoothing),
             float(z_loss), **flags, **tiles)
 
@@ -575,19 +601,21 @@ def stat_planes(label_smoothing: float) -> int:
 
 def launch_cross_entropy_grad(logits3: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
                               grad3: torch.Tensor, scale: torch.Tensor, ignore_index: int, label_smoothing: float,
-                              z_loss: float) -> None:
+                              z_loss: float, grad_buffer: torch.Tensor | None = None) -> None:
     """The gradient of ``logits3[outer, inner, V]`` times ``scale`` (one value, or one per row) into ``grad3`` (its
-    shape, any strides), from the row statistics a ``launch_cross_entropy(..., stats=stats)`` stored."""
+    shape, any strides), from the row statistics a ``launch_cross_entropy(..., stats=stats)`` stored;
+    ``grad_buffer`` as in ``launch_cross_entropy``."""
     outer, rows_inner, n_cols = logits3.shape
     n_rows = outer * rows_inner
     if n_rows == 0 or _runtime.shapes_only():
         return
+    g_arg, pad_end = _grad_operand(grad3, grad_buffer)
     unmasked = _unmasked_tiles(logits3)
     plan = _plan(n_rows, n_cols, logits3.dtype, logits3.device, unmasked)
     row_blocks = triton.cdiv(n_rows, plan.block_r)
     programs = min(plan.programs, row_blocks) if not plan.n_splits else row_blocks
     _runtime.launch(_cross_entropy_grad_kernel, (programs,))(
-        logits3, grad3, targets, stats, scale, 0, n_rows, n_cols, rows_inner, n_rows, *logits3.stride(),
+        logits3, g_arg, targets, stats, scale, 0, n_rows, n_cols, pad_end, rows_inner, n_rows, *logits3.stride(),
         *grad3.stride(), targets.stride(0), scale.stride(0) if scale.numel() > 1 else 0, ignore_index,
         float(label_smoothing), float(z_loss), HAS_SMOOTHING=label_smoothing > 0, HAS_Z=z_loss > 0,
         UNMASKED=unmasked, BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
@@ -626,13 +654,7 @@ def mean_scale(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
 def _rows3(t: torch.Tensor, num_classes: int, what: str, copy_ok: bool) -> torch.Tensor:
     """``t[..., :num_classes]`` as ``[outer, inner, num_classes]`` rows (``rows_view``): the columns the kernels
     read; those after them are padding."""
-    return rows_view(t if num_classes == t.shape[-1] else t[..., :num_classes], what, copy_ok=copy_ok)
-
-
-def _zero_padding(grad: torch.Tensor, num_classes: int) -> None:
-    """The gradient of padding columns (after ``num_classes``) is 0: they are not classes."""
-    if num_classes < grad.shape[-1]:
-        grad[..., num_classes:].zero_()
+    return rows_view(t.narrow(-1, 0, num_classes), what, copy_ok=copy_ok)
 
 
 def _forward(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor | None, ignore_index: int,
@@ -646,15 +668,13 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor | N
     if grad is None or grad is logits:
         grad3 = None if grad is None else logits3
     else:
-        grad3 = grad.view(outer, rows_inner, grad.shape[-1])[..., :num_classes]
+        grad3 = grad.view(outer, rows_inner, grad.shape[-1]).narrow(-1, 0, num_classes)
     flat_targets = targets.reshape(-1)
     check_targets(flat_targets, num_classes, ignore_index)
     loss_rows = torch.empty(flat_targets.numel(), dtype=torch.float32, device=logits.device)
     scale = mean_scale(flat_targets, ignore_index) if reduction == "mean" else None
     launch_cross_entropy(logits3, flat_targets, loss_rows, grad3, scale if grad3 is not None else None,
-                         ignore_index, label_smoothing, 0.0, n_chunks, stats)
-    if grad is not None:
-        _zero_padding(grad, num_classes)
+                         ignore_index, label_smoothing, 0.0, n_chunks, stats, grad_buffer=grad)
     if reduction == "none":
         return loss_rows.to(logits.dtype).view(targets.shape)
     total = loss_rows.sum()
@@ -704,10 +724,9 @@ def _cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, stats: torc
         scale = grad_output.float().reshape(1)
         if reduction == "mean":
             scale = scale * mean_scale(flat_targets, ignore_index)
-    launch_cross_entropy_grad(logits3, flat_targets, stats,
-                              grad.view(outer, rows_inner, grad.shape[-1])[..., :num_classes], scale, ignore_index,
-                              label_smoothing, 0.0)
-    _zero_padding(grad, num_classes)
+    grad3 = grad.view(outer, rows_inner, grad.shape[-1]).narrow(-1, 0, num_classes)
+    launch_cross_entropy_grad(logits3, flat_targets, stats, grad3, scale, ignore_index, label_smoothing, 0.0,
+                              grad_buffer=grad)
     return grad
 
 

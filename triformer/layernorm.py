@@ -234,7 +234,7 @@ def _normalized(x, mean, rstd):
 
 @triton.jit
 def _norm_bwd_kernel(
-    DY, X, W, Mean, Rstd, DRES, DX, DW, DB, RowSums, SEED, DXB,
+    DY, X, W, Mean, Rstd, DRES, DX, DWB, RowSums, SEED, DXB,
     M, N, rows_inner, n_row_blocks, dropout_p, drop_scale,
     sdy_o, sdy_i, sdy_n, sx_o, sx_i, sx_n, sd_o, sd_i, sd_n,
     RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRES: tl.constexpr,
@@ -246,8 +246,9 @@ def _norm_bwd_kernel(
     # int64, read) at each element's logical index; _store_dx casts dropout_p and drop_scale to fp32 (Inductor
     # passes Python floats as fp64). Without it all four are None: the kernel has no extra parameters.
     # Persistent: program p takes row blocks p, p + P, p + 2P, ... and writes its dweight/dbias column
-    # sums to row p of DW/DB ([P, N] fp32). The accumulators are 2-D so that the cross-thread reduction
-    # over rows happens once per column block, not once per row block.
+    # sums to row p of DWB's dweight / dbias plane ([planes, P, N] fp32, one buffer: see norm_backward). The
+    # accumulators are 2-D so that the cross-thread reduction over rows happens once per column block, not once
+    # per row block.
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     if not ONE_TILE:
@@ -315,9 +316,10 @@ def _norm_bwd_kernel(
             rows, row_ok = next_rows, next_ok
             mean, rstd, dy, x = nxt
         if HAS_WEIGHT:
-            tl.store(DW + pid.to(tl.int64) * N + cols, tl.sum(dw, 0), mask=col_ok)
+            tl.store(DWB + pid.to(tl.int64) * N + cols, tl.sum(dw, 0), mask=col_ok)
         if HAS_BIAS:
-            tl.store(DB + pid.to(tl.int64) * N + cols, tl.sum(db, 0), mask=col_ok)
+            bias_row = pid + n_programs if HAS_WEIGHT else pid  # dbias's plane follows dweight's
+            tl.store(DWB + bias_row.to(tl.int64) * N + cols, tl.sum(db, 0), mask=col_ok)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -421,13 +423,14 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tens
                 None if bias is None else torch.zeros_like(bias), dxb)
     programs, n_row_blocks, meta, sum_blocks, sum_meta = _bwd_launch(m, n, BWD_MAX_BLOCK_N, x.get_device())
     params = [p for p in (weight, bias) if p is not None]
-    # Each program's partial dweight row, then its partial dbias row, in one fp32 buffer ([params, programs, N]).
+    # Each program's partial dweight row, then its partial dbias row, in one fp32 buffer ([params, programs, N]),
+    # handed to the kernel whole: traced by torch.compile, a kernel writing two views of one buffer becomes two
+    # copies of it and a copy back.
     part = torch.empty(len(params), programs, n, dtype=torch.float32, device=x.device) if params else None
     row_sums = None if meta["ONE_TILE"] else torch.empty(2, m, dtype=torch.float32, device=x.device)
     (x3, dy3, d3), _, rows_inner, _, (sx, sdy, sd) = row_layout(x, dy, dres)
     _runtime.launch(_norm_bwd_kernel, (programs,))(
-        dy3, x3, weight, mean, rstd, d3, dx, part if weight is not None else None,  # part[0]'s pointer, without a view
-        part[-1] if bias is not None else None, row_sums, seed, dxb, m, n, rows_inner, n_row_blocks,
+        dy3, x3, weight, mean, rstd, d3, dx, part, row_sums, seed, dxb, m, n, rows_inner, n_row_blocks,
         *_dropout_args(seed, dropout_p), *sdy, *sx, *sd, RMS=mean is None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, HAS_DRES=dres is not None, HAS_DROPOUT=seed is not None, **meta,
     )

@@ -154,10 +154,9 @@ def _sweep(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bi
             logits[:, split:].copy_(tail_logits[start:stop])
         row_scale = scale if scale is None or scale.numel() == 1 else scale[start:stop]
         classes3 = logits[:, :num_classes].unsqueeze(0)
+        # the padding's gradient (columns num_classes and up) is 0, written by the same launch
         launch_cross_entropy(classes3, targets[start:stop], loss_rows[start:stop], classes3 if any_grad else None,
-                             row_scale, ignore_index, label_smoothing, z_loss)
-        if any_grad and num_classes < n_cols:
-            logits[:, num_classes:].zero_()  # the padding's gradient
+                             row_scale, ignore_index, label_smoothing, z_loss, grad_buffer=logits)
         if split:
             if need_h:
                 _mm_into(grad_h[start:stop], bulk, w_bulk, first=True)

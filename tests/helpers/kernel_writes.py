@@ -8,9 +8,15 @@ when the input is a graph input (the batch's targets, a saved tensor), Inductor 
 ``mode="reduce-overhead"``. The analysis is conservative (a called ``@triton.jit`` helper's result depends on all
 of its arguments), so a kernel can look as if it wrote what it only reads.
 
+A written argument that is a view of a buffer the op made (a slice of a padded gradient, one of three parts
+of a packed one) is functionalized into a write into a copy of the view and a copy of the whole buffer back (a
+``slice_scatter``/``select_scatter`` each time): the compiled GPT-2 step paid several passes over its logits-sized
+gradient and its packed q/k/v gradients that way. Kernels are handed whole buffers, with offsets and strides.
+
 Here the op bodies run on CPU tensors in compile mode (TRIFORMER_INTERPRET=0) with launches recorded instead of
 run, each kernel's IR is generated for sm_90 and analyzed by torch's own function; the output is one JSON line
-per op: the kernel arguments believed written that alias an input of the op it does not declare mutated.
+per op: the kernel arguments believed written that alias an input of the op it does not declare mutated, or that
+are views of part of a buffer.
 """
 from __future__ import annotations
 
@@ -71,7 +77,7 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def check(name: str, op, inputs: dict, mutates=()) -> dict:
     """Run ``op``'s body on ``inputs`` (keyword arguments) recording its launches; the written kernel arguments that
-    alias an input the op does not declare mutated."""
+    alias an input the op does not declare mutated, or that are views of a buffer the op made."""
     launches = []
     _runtime.launch = lambda kernel, grid: (lambda *a, **kw: launches.append((kernel, a, kw)))
     op.__wrapped__(**inputs)
@@ -79,10 +85,13 @@ def check(name: str, op, inputs: dict, mutates=()) -> dict:
     for kernel, args, kwargs in launches:
         fn, named = _kernel_args(kernel, args, kwargs)
         for arg in _written(fn, named):
-            for input_name, value in inputs.items():
-                if (isinstance(value, torch.Tensor) and input_name not in mutates and value.numel()
-                        and _same_memory(named[arg], value)):
-                    wrong.append(f"{fn.__name__}.{arg} aliases input {input_name}")
+            aliased = [input_name for input_name, value in inputs.items()
+                       if isinstance(value, torch.Tensor) and value.numel() and _same_memory(named[arg], value)]
+            wrong += [f"{fn.__name__}.{arg} aliases input {input_name}" for input_name in aliased
+                      if input_name not in mutates]
+            view_of = getattr(named[arg], "_base", None)  # a reshape of a whole buffer is the buffer's own write
+            if not aliased and view_of is not None and named[arg].numel() < view_of.numel():
+                wrong.append(f"{fn.__name__}.{arg} is a view of part of a buffer")
     return {"op": name, "launches": len(launches), "wrongly_written": wrong}
 
 
@@ -112,6 +121,10 @@ def cases():
         ("attention_bwd", mod["attention"]._attention_bwd, dict(grad_out=t(B, H, T, D), q=q, k=k, v=v, out=out, lse=lse,
                                                               attn_mask=None, key_padding_mask=None, seed=seed,
                                                               is_causal=True, dropout_p=0.1, scale=D ** -0.5)),
+        # the models' layout: q, k, v read from one fused projection, their gradients written into one buffer
+        ("attention_bwd_packed", mod["attention"]._attention_bwd_packed,
+         dict(grad_out=t(B, H, T, D), qkv=t(B, T, 3 * H * D), out=out, lse=lse, seed=None, n_head=H, n_kv_head=H,
+              is_causal=True, dropout_p=0.0, scale=D ** -0.5)),
         # the sliding-window variants (HAS_WINDOW), whose loops start at the window's first block
         ("attention_fwd_window", mod["attention"]._attention_fwd,
          dict(q=q, k=k, v=v, attn_mask=None, key_padding_mask=None, seed=None, is_causal=True, dropout_p=0.0,
@@ -126,6 +139,10 @@ def cases():
         ("cross_entropy_fwd_split", mod["cross_entropy"]._cross_entropy_fwd,
          dict(logits=t(8, 65536), targets=torch.randint(0, 65536, (8,), generator=g), ignore_index=-100,
               label_smoothing=0.1, reduction="mean", n_chunks=1, compute_grad=True, num_classes=65536)),
+        # the LM head's padded rows: the gradient of the padding columns is written too
+        ("cross_entropy_fwd_padded", mod["cross_entropy"]._cross_entropy_fwd,
+         dict(logits=t(B * T, 1024), targets=targets, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+              n_chunks=1, compute_grad=True, num_classes=V)),
         ("cross_entropy_fwd_inplace", mod["cross_entropy"]._cross_entropy_fwd_inplace,
          dict(logits=logits.clone(), targets=targets, ignore_index=-100, label_smoothing=0.0, reduction="mean",
               n_chunks=1, num_classes=V), ("logits",)),
