@@ -626,8 +626,9 @@ def _dropout_mask_kernel(OUT, SEED, Tq, Tk, dropout_p, QUADS: tl.constexpr, BLOC
 # (D 128, 64 x 64) 56 (benchmarks/results/sm90/attention_sm90_window.md).
 # D 256 (Gemma): two [BLOCK_N, 256] fp32 accumulators fill dK/dV's registers, so its keys come 32 at a time
 # (64 spill 300+ bytes at any warp count); 32-row tiles are below wgmma's 64 rows a warpgroup and run on
-# mma.sync. The D 256 fallbacks are the largest tiles whose fp32 variant (masks, dropout, soft-cap) still fits
-# shared memory, one pipeline stage.
+# mma.sync; soft-capped or windowed, only dropout variants spill (48-112 bytes) and one windowed dQ config (32).
+# The D 256 fallbacks are the largest tiles whose fp32 variant (masks, dropout, soft-cap) still fits shared
+# memory, one pipeline stage.
 _FWD_CONFIGS = {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
                 128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3)],
                 256: [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
