@@ -285,12 +285,15 @@ def _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scal
                        target, active, m, log_s, log_mean, hit, smooth, z_coef, n_cols, False, HAS_SMOOTHING,
                        HAS_Z, BLOCK_V)
     # Padding columns [n_cols, pad_end) of a padded row (the LM head's output) are not classes: gradient 0,
-    # written here by the range that ends the row, so that the launch writes its buffer whole (launch_cross_entropy)
+    # written here by the range that ends the row, so that the launch writes its buffer whole (_grad_operand).
+    # A narrow tile: a BLOCK_V-wide one of 64-bit addresses for the few padding columns took up to 60 more
+    # registers (benchmarks/cross_entropy_sm90.py).
+    PAD_BLOCK: tl.constexpr = 64
     if col_end == n_cols:
-        for start in range(n_cols, pad_end, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
+        for start in range(n_cols, pad_end, PAD_BLOCK):
+            cols = start + tl.arange(0, PAD_BLOCK)
             tl.store(g_base[:, None] + cols[None, :].to(tl.int64) * sg_n,
-                     tl.zeros([BLOCK_R, BLOCK_V], g_base.dtype.element_ty),
+                     tl.zeros([BLOCK_R, PAD_BLOCK], g_base.dtype.element_ty),
                      mask=row_ok[:, None] & (cols < pad_end)[None, :])
 
 
