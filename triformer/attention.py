@@ -854,18 +854,18 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                    seed: Optional[torch.Tensor], is_causal: bool, dropout_p: float, scale: float,
                    softcap: float = 0.0,
                    window: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dq, dkv): dkv [2, B, H_kv, Tk, D] is dk then dv (``split_dkv``), one buffer for the one kernel that
+    """(dq, dkv): dkv [2, B, H_kv, Tk, D] is dk then dv (``_split_dkv``), one buffer for the one kernel that
     writes both (see _launch_bwd), each half laid out as _bthd_empty lays out dq."""
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
     dq = _bthd_empty(B, H, Tq, D, q)
     dkv = _empty((2, B, H_kv, Tk, D), k, strides=(B * Tk * H_kv * D, Tk * H_kv * D, D, H_kv * D, 1))
     _launch_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed, is_causal, dropout_p, scale,
-                softcap, window, dq, dq, *split_dkv(dkv), dkv)
+                softcap, window, dq, dq, *_split_dkv(dkv), dkv)
     return dq, dkv
 
 
-def split_dkv(dkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_dkv(dkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """dk and dv [B, H_kv, Tk, D] of attention_bwd's dkv [2, B, H_kv, Tk, D]."""
     return dkv.unbind(0)
 
@@ -926,7 +926,7 @@ class AttentionFunction(torch.autograd.Function):
             return dq, dk, dv, None, None, None, None, None, None, None, None
         dq, dkv = _attention_bwd(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, seed,
                                  ctx.is_causal, ctx.dropout_p, ctx.scale, ctx.softcap, ctx.window)
-        dk, dv = split_dkv(dkv)
+        dk, dv = _split_dkv(dkv)
         # (trailing Nones past the arguments given, when softcap or window was left out, are dropped by autograd)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
