@@ -179,9 +179,13 @@ def test_attention_packed_matches_reference_with_one_gradient_tensor(n_head, n_k
     """attention_packed on a fused projection's output [B, T, (H + 2 H_kv) D]: output and d(qkv) against the
     float64 reference on the same views; the gradient is one fresh tensor shaped like qkv, every element
     written (poisoned buffers), equal to what attention on split views gives."""
-    B, D = 2, 16
-    qkv = random_tensor((B, T, (n_head + 2 * n_kv_head) * D), torch.float32).requires_grad_()
-    kwargs = dict(is_causal=is_causal, dropout_p=dropout_p, seed=7 if dropout_p else None)
+    qkv = random_tensor((2, T, (n_head + 2 * n_kv_head) * 16), torch.float32).requires_grad_()
+    check_packed(qkv, n_head, n_kv_head, dict(is_causal=is_causal, dropout_p=dropout_p, seed=7 if dropout_p else None))
+
+
+def check_packed(qkv, n_head, n_kv_head, kwargs):
+    """attention_packed(qkv, ...) against the float64 reference (output and d(qkv), one contiguous tensor with
+    every element written), and equal, output and gradients, to attention on the split views."""
     out = attention_packed(qkv, n_head, n_kv_head, **kwargs)
     grad_out = random_tensor(out.shape, out.dtype)
     (dqkv,) = torch.autograd.grad(out, qkv, grad_out)
@@ -194,8 +198,7 @@ def test_attention_packed_matches_reference_with_one_gradient_tensor(n_head, n_k
     views = [t.detach().requires_grad_() for t in split_qkv(qkv.detach(), n_head, n_kv_head)]
     split_out = attention(*views, **kwargs)
     torch.testing.assert_close(out, split_out, rtol=0, atol=0)
-    for ours, theirs, view in zip(split_qkv(dqkv, n_head, n_kv_head), torch.autograd.grad(split_out, views, grad_out),
-                                  views):
+    for ours, theirs in zip(split_qkv(dqkv, n_head, n_kv_head), torch.autograd.grad(split_out, views, grad_out)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
@@ -683,21 +686,9 @@ def test_softcap_zero_is_off():
     (3, 3, 29, 3.0, dict(is_causal=True, softcap=2.5)), (4, 2, 29, 3.0, dict(dropout_p=0.2, softcap=2.5)),
     (3, 3, 37, 1.0, dict(is_causal=True, window=6)), (4, 2, 90, 1.0, dict(is_causal=True, window=20, dropout_p=0.2))])
 def test_packed_with_softcap_or_window(n_head, n_kv_head, T, scale, option):
-    """attention_packed with a soft-cap or a window: output and d(qkv) against float64, and equal to attention on
-    the split views."""
-    B, D = 2, 16
-    qkv_ = (random_tensor((B, T, (n_head + 2 * n_kv_head) * D), torch.float32) * scale).requires_grad_()
-    kwargs = dict(option, seed=3 if option.get("dropout_p") else None)
-    out = attention_packed(qkv_, n_head, n_kv_head, **kwargs)
-    grad_out = random_tensor(out.shape, out.dtype)
-    (dqkv,) = torch.autograd.grad(out, qkv_, grad_out)
-    q64 = qkv_.detach().double().requires_grad_()
-    ref = attention_packed_reference(q64, n_head, n_kv_head, **kwargs)
-    (ref_grad,) = torch.autograd.grad(ref, q64, grad_out.double())
-    assert_close("out", out, ref)
-    assert_close("dqkv", dqkv, ref_grad)
-    views = [t.detach().requires_grad_() for t in split_qkv(qkv_.detach(), n_head, n_kv_head)]
-    torch.testing.assert_close(out, attention(*views, **kwargs), rtol=0, atol=0)
+    """attention_packed with a soft-cap or a window, checked as without them (check_packed)."""
+    qkv = (random_tensor((2, T, (n_head + 2 * n_kv_head) * 16), torch.float32) * scale).requires_grad_()
+    check_packed(qkv, n_head, n_kv_head, dict(option, seed=3 if option.get("dropout_p") else None))
 
 
 @pytest.mark.parametrize("option", [dict(softcap=2.0), dict(window=3), dict(window=2)])

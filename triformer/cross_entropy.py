@@ -286,8 +286,8 @@ def _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scal
                        HAS_Z, BLOCK_V)
     # Padding columns [n_cols, pad_end) of a padded row (the LM head's output) are not classes: gradient 0,
     # written here by the range that ends the row, so that the launch writes its buffer whole (_grad_operand).
-    # A narrow tile: a BLOCK_V-wide one of 64-bit addresses for the few padding columns took up to 60 more
-    # registers (benchmarks/cross_entropy_sm90.py).
+    # A narrow tile: a BLOCK_V-wide tile of 64-bit addresses for a few padding columns costs enough registers to
+    # lower the programs an SM (benchmarks/cross_entropy_sm90.py shows the count).
     PAD_BLOCK: tl.constexpr = 64
     if col_end == n_cols:
         for start in range(n_cols, pad_end, PAD_BLOCK):
@@ -333,8 +333,7 @@ def _cross_entropy_fwd_kernel(
         if HAS_GRAD:
             _store_grad(x_base, sx_n, grad_ptr, rows, rows_inner, sg_o, sg_i, sg_n, scale_ptr,
                         ss_m, row_ok, target, active, m, log_s, log_mean, 0, n_cols, n_cols, pad_end, smoothing,
-                        z_loss,
-                        HAS_SCALE, HAS_SMOOTHING, HAS_Z, UNMASKED, BLOCK_R, BLOCK_V)
+                        z_loss, HAS_SCALE, HAS_SMOOTHING, HAS_Z, UNMASKED, BLOCK_R, BLOCK_V)
 
 
 # The gradient alone, from the row statistics a forward launch stored (STORE_STATS): one read of the logits and
