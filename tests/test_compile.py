@@ -8,6 +8,8 @@ import time
 
 import pytest
 import torch
+import torch._dynamo.utils
+import torch._inductor.config
 
 import triformer
 from models import GPT, ViT, create_model
@@ -47,8 +49,6 @@ def test_inductor_compiles_model_on_cpu_like_eager(name):
     """fullgraph=True through Inductor's lowering and C++ code generation; loss and every gradient equal eager's.
     Dropout's seeds are drawn inside the graph, with eager's generator (Inductor's own RNG is off, so both runs
     draw the same seeds). Two steps: the second reuses the compiled graph and must draw new seeds."""
-    import torch._inductor.config
-
     # config.patch, not monkeypatch: pytest >= 9.2's monkeypatch undoes a setattr on torch's config module with a
     # delattr, which hides the option from every later compile in the process
     with torch._inductor.config.patch(fallback_random=True):
@@ -184,8 +184,6 @@ def _every_op(x, w, b, wv, cos, sin, targets):
 
 def _compile_counter():
     """(backend, compiles): aot_eager, and the number of graphs Dynamo has compiled since."""
-    import torch._dynamo.utils
-
     torch._dynamo.utils.counters.clear()
     return "aot_eager", lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -334,8 +332,6 @@ def test_compile_full_model_on_gpu(name, mode, tmp_path, monkeypatch):
             _, loss = m(x, y)
         loss.backward()
         return float(loss)
-
-    import torch._dynamo.utils
 
     torch._dynamo.utils.counters.clear()
     t0 = time.perf_counter()

@@ -762,13 +762,15 @@ def _bthd_empty(B: int, H: int, T: int, D: int, like: torch.Tensor) -> torch.Ten
 
 
 def _mask_operand(attn_mask: Optional[torch.Tensor], B: int, H: int, Tq: int, Tk: int, placeholder: torch.Tensor):
-    """(kind, tensor, 4 strides) of the attention mask broadcast to [B, H, Tq, Tk] with zero strides;
-    bool is read as bytes. Absent operands pass a placeholder the kernel never reads."""
+    """(kind, tensor, 4 strides) of the attention mask broadcast to [B, H, Tq, Tk] with zero strides. Bool masks
+    go in as they are (Triton loads a bool pointer as bytes): a ``view(torch.uint8)`` would be free in eager, but
+    Inductor cannot lower a bool bitcast (torch 2.11), and every compiled HF model passes a bool mask.
+    Absent operands pass a placeholder the kernel never reads."""
     if attn_mask is None:
         return 0, placeholder, (0, 0, 0, 0)
     m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(B, H, Tq, Tk)
     if m.dtype == torch.bool:
-        return 2, m.view(torch.uint8), m.stride()
+        return 2, m, m.stride()
     return 1, m, m.stride()
 
 
@@ -787,7 +789,7 @@ def _kernel_operands(q, k, attn_mask, key_padding_mask, seed, dropout_p, is_caus
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     mask_kind, mask, mask_strides = _mask_operand(attn_mask, B, H, Tq, Tk, q)
-    kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    kpm = q if key_padding_mask is None else key_padding_mask
     kpm_strides = (0, 0) if key_padding_mask is None else key_padding_mask.stride()
     rng = (seed if dropout_p > 0 else q, dropout_p, 1.0 / (1.0 - dropout_p))  # q: a placeholder never read
     Tq, Tk, D = _runtime.plan_sizes(Tq, Tk, D)  # the constexprs below

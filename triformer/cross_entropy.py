@@ -445,6 +445,36 @@ def _cross_entropy_combine_kernel(
                     n_cols, pad_end, smoothing, z_loss, HAS_SCALE, HAS_SMOOTHING, HAS_Z, UNMASKED, BLOCK_R, BLOCK_V)
 
 
+# The loss's two reductions -- the count behind "mean" and the sum of the row losses -- are kernels rather than
+# torch ops in the op bodies: inside torch.compile Inductor would fuse those torch reductions with whatever the
+# caller computes from the loss, and one such fused kernel (the count, the sum and sin/cos of the loss) fails in
+# Triton 3.6's compiler (tests/test_compile.py's glue around each op). One program each, looping over 8K-row
+# tiles: a few microseconds at the row counts of a training step, and the same summation order on every device.
+REDUCE_BLOCK = 8192
+
+
+@triton.jit
+def _mean_scale_kernel(targets_ptr, scale_ptr, n_rows, st_m, ignore_index, BLOCK: tl.constexpr):
+    count = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, n_rows, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        target = tl.load(targets_ptr + rows.to(tl.int64) * st_m, mask=rows < n_rows, other=ignore_index)
+        count += (target != ignore_index).to(tl.int32)
+    tl.store(scale_ptr, 1.0 / tl.maximum(tl.sum(count, 0), 1).to(tl.float32))
+
+
+@triton.jit
+def _loss_total_kernel(loss_ptr, scale_ptr, out_ptr, n_rows, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    total = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_rows, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        total += tl.load(loss_ptr + rows, mask=rows < n_rows, other=0.0)
+    loss = tl.sum(total, 0)
+    if HAS_SCALE:
+        loss = loss * tl.load(scale_ptr)
+    tl.store(out_ptr, loss.to(out_ptr.dtype.element_ty))
+
+
 # Backward of the fused forward: multiply the stored gradient by grad_output in place, row by row (one factor
 # per row, or one for all with ss_m = 0). A row whose factor is exactly 1 -- every row after
 # loss.backward() on a scalar loss -- is skipped without reading or writing it, with no host sync.
@@ -649,8 +679,24 @@ def cross_entropy_bwd(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
 
 
 def mean_scale(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """[1] fp32 on the device: 1 / (number of rows not ignored), 1 when all are (loss 0, not NaN). No sync."""
-    return (targets != ignore_index).sum().clamp_(min=1).to(torch.float32).reciprocal_().reshape(1)
+    """[1] fp32 on the device: 1 / (number of ``targets`` not ignored), 1 when all are (loss 0, not NaN).
+    No sync."""
+    scale = torch.empty(1, dtype=torch.float32, device=targets.device)
+    if not _runtime.shapes_only():
+        flat = targets.reshape(-1)
+        _runtime.launch(_mean_scale_kernel, (1,))(flat, scale, flat.numel(), flat.stride(0) if flat.numel() else 1,
+                                                  ignore_index, BLOCK=REDUCE_BLOCK, num_warps=8)
+    return scale
+
+
+def loss_total(loss_rows: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """0-dim ``dtype``: the sum of the fp32 ``loss_rows[N]`` (contiguous), times ``scale[0]`` when given."""
+    loss = torch.empty((), dtype=dtype, device=loss_rows.device)
+    if not _runtime.shapes_only():
+        _runtime.launch(_loss_total_kernel, (1,))(loss_rows, scale if scale is not None else loss_rows, loss,
+                                                  loss_rows.numel(), HAS_SCALE=scale is not None,
+                                                  BLOCK=REDUCE_BLOCK, num_warps=8)
+    return loss
 
 
 def _rows3(t: torch.Tensor, num_classes: int, what: str, copy_ok: bool) -> torch.Tensor:
@@ -679,8 +725,7 @@ def _forward(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor | N
                          ignore_index, label_smoothing, 0.0, n_chunks, stats, grad_buffer=grad)
     if reduction == "none":
         return loss_rows.to(logits.dtype).view(targets.shape)
-    total = loss_rows.sum()
-    return (total * scale[0] if scale is not None else total).to(logits.dtype)
+    return loss_total(loss_rows, scale, logits.dtype)
 
 
 @_runtime.kernel_op("triformer::cross_entropy_fwd", mutates_args=())

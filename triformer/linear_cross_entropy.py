@@ -56,7 +56,8 @@ from triformer import _runtime
 from triformer._double_backward import double_backward_unsupported, needs_graph, reference_grads
 # Built on cross_entropy's kernels: its launcher, its in-place backward op and its argument checks (public names).
 from triformer.cross_entropy import (check_loss_args, check_num_classes, check_targets, check_targets_tensor,
-                                     cross_entropy_bwd, launch_cross_entropy, mean_scale, reference_loss)
+                                     cross_entropy_bwd, launch_cross_entropy, loss_total, mean_scale,
+                                     reference_loss)
 
 __all__ = ["LinearCrossEntropyFunction", "LinearCrossEntropyLoss", "linear_cross_entropy",
            "linear_cross_entropy_reference"]
@@ -193,13 +194,8 @@ def _linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, target
     scale = mean_scale(targets, ignore_index) if reduction == "mean" else None
     grads = _sweep(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, scale, loss_rows,
                    need_h, need_w, need_b, chunk_rows, num_classes)
-    if reduction == "none":
-        loss = loss_rows
-    else:
-        loss = loss_rows.sum()
-        if scale is not None:
-            loss = loss * scale[0]
-    return (loss.to(hidden.dtype), *(g if g is not None else _empty(hidden) for g in grads))
+    loss = loss_rows.to(hidden.dtype) if reduction == "none" else loss_total(loss_rows, scale, hidden.dtype)
+    return (loss, *(g if g is not None else _empty(hidden) for g in grads))
 
 
 @_runtime.kernel_op("triformer::linear_cross_entropy_bwd", mutates_args=(), opaque=True)
