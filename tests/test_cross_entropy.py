@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import triformer
 from triformer.cross_entropy import (CrossEntropyLoss, TritonCrossEntropyLoss, cross_entropy,
-                                     cross_entropy_reference, launch_cross_entropy, mean_scale, scale_rows_)
+                                     cross_entropy_reference, launch_cross_entropy, loss_total, mean_scale,
+                                     scale_rows_)
 from triformer.testing import (LOW_PRECISION_FLOOR, assert_close, kernel_device, poison_, poisoned_empty,
                                random_tensor)
 
@@ -199,6 +200,29 @@ def test_unmasked_whole_tiles_match_reference(monkeypatch, n_splits, label_smoot
     assert_close("loss", loss, ref, torch_peer(logits.detach(), targets, -100, "none", label_smoothing))
     assert_close("grad logits", padded.grad[..., :n_cols], x64.grad)
     assert torch.all(padded.grad[..., n_cols:] == 0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 8192, 20001])
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32])
+def test_loss_reductions_match_torch(n, target_dtype):
+    """The mean's 1 / count and the summed loss (one-program kernels looping over 8K-row tiles): any length, int32
+    or int64 targets, strided targets; all ignored gives 1 / 1 (loss 0, not NaN)."""
+    gen = torch.Generator().manual_seed(n)
+    targets = torch.randint(0, 7, (2 * n,), generator=gen).to(target_dtype)
+    targets[torch.rand(2 * n, generator=gen) < 0.3] = -100
+    strided = targets.to(DEV)[::2]
+    count = int((strided != -100).sum())
+    assert mean_scale(strided, -100).item() == pytest.approx(1.0 / max(count, 1), rel=1e-7)
+    assert mean_scale(torch.full((n,), -100, dtype=target_dtype, device=DEV), -100).item() == 1.0
+    rows = torch.rand(n, generator=gen, dtype=torch.float64)
+    scale = torch.tensor([0.37], device=DEV)
+    for dtype in (torch.float32, torch.bfloat16):
+        for s in (None, scale):
+            got = loss_total(rows.float().to(DEV), s, dtype)
+            expected = rows.sum() * (0.37 if s is not None else 1.0)
+            assert got.dtype == dtype and got.dim() == 0
+            tol = 1e-5 if dtype == torch.float32 else 8e-3
+            assert float(got) == pytest.approx(float(expected), rel=tol, abs=1e-6)
 
 
 @pytest.mark.parametrize("n_splits", [0, 3])
