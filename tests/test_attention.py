@@ -379,13 +379,13 @@ def test_bool_masks_reach_the_kernels_as_bool():
     """Bool attention and padding masks are handed to the kernels as they are, never as a byte view: Inductor
     cannot lower a bool -> uint8 view (torch 2.11, "torch.bool is not supported by torch.iinfo"), which broke every
     compiled HF model on a GPU, since transformers passes a bool mask there."""
-    import triformer.attention as attention_module
+    from triformer.attention import _kernel_operands
 
     dev = kernel_device()
     q = torch.zeros(2, 2, 5, 16, device=dev)
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool, device=dev)
     padding = torch.zeros(2, 5, dtype=torch.bool, device=dev)
-    attn_mask, kpm, *_ = attention_module._kernel_operands(q, q, mask, padding, None, 0.0, False, 0.0, None)
+    attn_mask, kpm, *_ = _kernel_operands(q, q, mask, padding, None, 0.0, False, 0.0, None)
     assert attn_mask.dtype == torch.bool and attn_mask.untyped_storage().data_ptr() == mask.data_ptr()
     assert kpm is padding
 
