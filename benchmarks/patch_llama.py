@@ -12,8 +12,7 @@ Models (``transformers``, random weights, 4 decoder layers, untied LM head unles
 * ``qwen3``: Qwen3ForCausalLM with Qwen3 1.7B's (hidden 2048, intermediate 6144, 16/8 heads of 128, q/k norms,
   vocabulary 151936, tied);
 * ``gemma``: GemmaForCausalLM with Gemma 2B's (hidden 2048, intermediate 16384, 8/1 heads of 256, GeGLU, ``1 + w``
-  norms, vocabulary 256000, tied). Its head dim is above triformer attention's 128: the patch leaves the attention
-  to SDPA and says so in the ``left_alone`` column;
+  norms, vocabulary 256000, tied; its head dim of 256 is triformer attention's largest);
 * ``vit`` (only with ``--only vit``): timm ViT-B/16, batch 128 (``--vit-batch``), unpatched vs triformer.
 Batch 8 x 1024 tokens (``--batch``/``--seq``), labels = inputs, bf16 autocast, fp32 weights, fused AdamW, SDPA
 attention when unpatched. Variants: ``unpatched``; ``triformer`` (``triformer.patch``: norms, attention, GLU MLP,
