@@ -215,6 +215,8 @@ def main():
     p.add_argument("task", choices=["gpt", "vit"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--eager", default="all",
+                   help="comma-separated substrings of the variants to run eager ('all', 'none': compiled rows only)")
     p.add_argument("--compile", default="all",
                    help="comma-separated substrings of the variants to also run under torch.compile ('all', 'none')")
     p.add_argument("--compile-modes", default="default",
@@ -239,7 +241,7 @@ def main():
     for name in variants(args.task):
         if not chosen(args.variants, name):
             continue
-        modes = (["eager"] + ["graph"] * chosen(args.graph, name)
+        modes = (["eager"] * chosen(args.eager, name) + ["graph"] * chosen(args.graph, name)
                  + [("compile" if m == "default" else f"compile:{m}") for m in compiled] * chosen(args.compile, name))
         for mode in modes:
             row_args = (args.task, name, mode, batch, seq, args.steps, args.warmup,

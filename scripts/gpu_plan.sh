@@ -14,6 +14,8 @@
 #   bash scripts/gpu_plan.sh 6   # the GPU tests that failed on the H100 before 31b7f86 (bool masks in a compiled HF
 #                                # model, cross-entropy between pointwise glue, the full models), by name (-v); the
 #                                # fused loss's chunk-budget sweep (what the fused step's chunked cross-entropy costs)
+#   bash scripts/gpu_plan.sh 7   # the GPT-2 step's compiled rows again ((ce), fused, plain), then where the fused
+#                                # loss's time goes per chunk (--profile)
 # Each call's results come back in $OUT/results.tar.gz (unpack into benchmarks/results/<card>/) and $OUT/log.txt.
 # The sweeps set triformer/cross_entropy.py's TILE_BYTES, PROGRAMS_PER_SM, UNMASKED_WARPS, MASKED_WARPS and
 # triformer/gelu.py's BIAS_PROGRAMS_PER_SM and STORE_Y_PROGRAMS_PER_SM.
@@ -39,5 +41,8 @@ case "${1:-}" in
   6) GPU_RUN_DEADLINE=575 PY_TIMEOUT=400 BENCH_TIMEOUT=160 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
        py "-m pytest -v -n 8 -p no:cacheprovider tests/test_patch.py::test_compile_modes_gpu tests/test_compile.py::test_compile_full_model_on_gpu tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager" \
        bench "linear_cross_entropy --sweep" ;;
-  *) echo "usage: bash scripts/gpu_plan.sh 1|2|3|4|5|6" >&2; exit 2 ;;
+  7) GPU_RUN_DEADLINE=575 BENCH_TIMEOUT=330 bash scripts/gpu_run.sh \
+       bench "train_step gpt --variants (ce),fused,plain --eager none --compile (ce),fused,plain --compile-modes reduce-overhead,default --steps 10 --warmup 3" \
+       bench "linear_cross_entropy --profile" ;;
+  *) echo "usage: bash scripts/gpu_plan.sh 1|2|3|4|5|6|7" >&2; exit 2 ;;
 esac
