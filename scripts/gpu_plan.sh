@@ -26,16 +26,16 @@ case "${1:-}" in
        bench "train_step gpt --variants (ce),fused,plain --compile (ce),fused,plain --compile-modes default,reduce-overhead --steps 10 --warmup 3" \
        bench "profile_step --variants (ce) --modes compile" ;;
   2) GPU_RUN_DEADLINE=575 BENCH_TIMEOUT=200 PY_TIMEOUT=150 bash scripts/gpu_run.sh \
-       py "-m pytest -q -n 8 -p no:cacheprovider tests/test_attention.py tests/test_cross_entropy.py tests/test_layernorm.py" \
+       py "-m pytest -v -n 8 -p no:cacheprovider tests/test_attention.py tests/test_cross_entropy.py tests/test_layernorm.py" \
        bench "bandwidth" bench "gelu_linear" bench "gelu --sweep" ;;
   3) GPU_RUN_DEADLINE=575 BENCH_TIMEOUT=240 PY_TIMEOUT=300 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
-       py "-m pytest -q -n 8 -p no:cacheprovider tests/test_patch.py tests/test_compile.py -k gpu" \
+       py "-m pytest -v -n 8 -p no:cacheprovider tests/test_patch.py tests/test_compile.py -k gpu" \
        bench "patch_llama --quick" ;;
   4) GPU_RUN_DEADLINE=575 BENCH_TIMEOUT=200 bash scripts/gpu_run.sh \
        bench "train_step vit --variants =triformer,plain --compile =triformer,plain --compile-modes reduce-overhead --steps 10 --warmup 3" \
        bench "cross_entropy --sweep" bench "bandwidth --fp32" ;;
   5) GPU_RUN_DEADLINE=570 BENCH_TIMEOUT=230 PY_TIMEOUT=270 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
-       py "-m pytest -q -n 8 -p no:cacheprovider tests/test_patch.py tests/test_compile.py -k gpu" \
+       py "-m pytest -v -n 8 -p no:cacheprovider tests/test_patch.py tests/test_compile.py -k gpu" \
        bench "patch_llama --only qwen3,gemma --steps 3 --warmup 2" \
        bench "profile_step --variants fused --modes compile" ;;
   6) GPU_RUN_DEADLINE=575 PY_TIMEOUT=400 BENCH_TIMEOUT=160 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
