@@ -9,7 +9,8 @@ installed. All providers share one logits tensor per shape; in-place providers l
 are still ordinary finite logits for the next call, so timings are unaffected.
 
 ``--sweep`` times triformer alone for a set of GPU launch plans (fused or split, programs, column ranges, tile
-size) per shape and writes ``cross_entropy_sweep``: the data behind ``triformer.cross_entropy``'s constants.
+size) per shape, forward + gradient and the compiled step's statistics-only forward (``cross_entropy_stats``),
+and writes ``cross_entropy_sweep``: the data behind ``triformer.cross_entropy``'s constants.
 """
 import sys
 
@@ -84,9 +85,9 @@ def build_cases(device: str, shapes, dtypes=(torch.float32, torch.bfloat16), fns
     for dtype in dtypes:
         for rows, vocab, *row_stride in shapes:
             shape = (rows, vocab, dtype, *row_stride)
-            label = f"{rows}x{vocab}" + (f" (rows of {row_stride[0]})" if row_stride else "")
             cases.append(Case(
-                op="cross_entropy", shape=label, dtype=str(dtype).removeprefix("torch."),
+                op="cross_entropy", shape=shape_label(rows, vocab, row_stride),
+                dtype=str(dtype).removeprefix("torch."),
                 mode="fwd+bwd", bytes_moved=2 * rows * vocab * dtype.itemsize, flops=0,
                 providers={name: provider(inputs, shape, fn) for name, fn in fns.items()
                            # writing into a view re-bases its autograd history (PyTorch's in-place rule), so
@@ -100,17 +101,17 @@ def build_cases(device: str, shapes, dtypes=(torch.float32, torch.bfloat16), fns
 SWEEP_SHAPES = [(16384, 50257), (16384, 50257, 50304), (32768, 32000), (8192, 128256), (640, 50257)]
 
 
-def sweep_plans(rows: int, vocab: int, dtype: torch.dtype) -> dict:
-    """Launch plans to time at one shape: fused with 1-4 persistent programs per SM (3: the rows in flight of
-    GPT-2's vocabulary then fit the L2) at three tile sizes and two warp counts (registers decide how many
-    programs fit an SM: `python -m benchmarks.cross_entropy_sm90`; 32 warps never won on the H100), and the split
-    pair with 2-8 column ranges; plus "default", whatever ``_plan`` picks."""
+def sweep_plans(rows: int, vocab: int, dtype: torch.dtype, per_sm_counts=(1, 2, 3, 4)) -> dict:
+    """Launch plans to time at one shape: fused with ``per_sm_counts`` persistent programs per SM (3: the rows in
+    flight of GPT-2's vocabulary then fit the L2) at three tile sizes and two warp counts (registers decide how
+    many programs fit an SM: `python -m benchmarks.cross_entropy_sm90`; 32 warps never won on the H100), and the
+    split pair with 2-8 column ranges; plus "default", whatever ``_plan`` picks."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     plans = {"default": None}
     for tile in (8192, 16384, 32768):
         block_v = min(triton.next_power_of_2(vocab), tile // dtype.itemsize)
         for warps in (8, 16):
-            for per_sm in (1, 2, 3, 4):
+            for per_sm in per_sm_counts:
                 plans[f"fused_t{tile >> 10}k_w{warps}_p{per_sm}"] = ce_module.Plan(1, block_v, warps, per_sm * sms)
         if tile == 32768:
             for splits in (2, 4, 8):
@@ -119,11 +120,16 @@ def sweep_plans(rows: int, vocab: int, dtype: torch.dtype) -> dict:
     return plans
 
 
+def shape_label(rows: int, vocab: int, row_stride) -> str:
+    """``RxV``, and the row stride where the rows are a view of wider ones."""
+    return f"{rows}x{vocab}" + (f" (rows of {row_stride[0]})" if row_stride else "")
+
+
 def sweep() -> None:
     """triformer alone under several launch plans per shape (``_plan`` replaced while each runs), the gradient
-    written over the logits (as the fused linear-CE and eager training steps launch it) and into a fresh buffer
-    (as torch.compile's step does): the data behind the constants of ``triformer.cross_entropy``'s GPU launch.
-    Writes ``cross_entropy_sweep``."""
+    written over the logits (as the fused linear-CE and eager training steps launch it) and into a fresh buffer,
+    and the statistics-only forward of torch.compile's step: the data behind the constants of
+    ``triformer.cross_entropy``'s GPU launch. Writes ``cross_entropy_sweep``."""
     inputs = LazyInputs("cuda")
     chosen = ce_module._plan
     cases = []
@@ -144,10 +150,27 @@ def sweep() -> None:
                         finally:
                             ce_module._plan = chosen
                     providers[name] = run
-                label = f"{rows}x{vocab}" + (f" (rows of {row_stride[0]})" if row_stride else "")
-                cases.append(Case(op="cross_entropy" + ("_inplace" if inplace else ""), shape=label,
+                cases.append(Case(op="cross_entropy" + ("_inplace" if inplace else ""),
+                                  shape=shape_label(rows, vocab, row_stride),
                                   dtype=str(dtype).removeprefix("torch."), mode="fwd+bwd",
                                   bytes_moved=2 * rows * vocab * dtype.itemsize, flops=0, providers=providers))
+            # The compiled step's loss forward (grad_in_backward): row statistics only, one read of the logits.
+            # Without a gradient the kernel needs far fewer registers (cross_entropy_sm90: 36-60 at 8 warps against
+            # 103-210 with it), so more programs fit an SM than the plan above gives it.
+            providers = {}
+            for name, plan in sweep_plans(rows, vocab, dtype, per_sm_counts=(1, 2, 4, 6, 8)).items():
+                def run_stats(plan=plan, shape=shape, vocab=vocab):
+                    ce_module._plan = chosen if plan is None else (lambda *args, plan=plan: plan)
+                    try:
+                        logits, targets = inputs.get(*shape)
+                        return ce_module._cross_entropy_fwd_stats(logits.detach(), targets, -100, 0.0, "mean", 1,
+                                                                  vocab)
+                    finally:
+                        ce_module._plan = chosen
+                providers[name] = run_stats
+            cases.append(Case(op="cross_entropy_stats", shape=shape_label(rows, vocab, row_stride),
+                              dtype=str(dtype).removeprefix("torch."), mode="fwd",
+                              bytes_moved=rows * vocab * dtype.itemsize, flops=0, providers=providers))
     best = {}
     results = run_cases("cross_entropy_sweep", cases)
     for r in results:
