@@ -97,8 +97,10 @@ def build_cases(device: str, shapes, dtypes=(torch.float32, torch.bfloat16), fns
 
 
 # the sweep's shapes: GPT-2's logits (contiguous, and as the view of the LM head's padded rows that its training
-# step passes), Llama-2/3 vocabularies, and the per-chunk logits of the fused linear-CE (64 MiB of bf16 rows)
-SWEEP_SHAPES = [(16384, 50257), (16384, 50257, 50304), (32768, 32000), (8192, 128256), (640, 50257)]
+# step passes), Llama-2/3 vocabularies, and one chunk of GPT-2's fused linear-CE as it lays the chunk out (2432
+# rows of 50304, linear_cross_entropy.CHUNK_BYTES): in the step its 7 chunks cost 2.59 ms against 2.05 ms for all
+# 16384 rows in one launch (benchmarks/results/h100/profile_step.md, cross_entropy_sweep.md)
+SWEEP_SHAPES = [(16384, 50257), (16384, 50257, 50304), (32768, 32000), (8192, 128256), (2432, 50257, 50304)]
 
 
 def sweep_plans(rows: int, vocab: int, dtype: torch.dtype, per_sm_counts=(1, 2, 3, 4)) -> dict:
