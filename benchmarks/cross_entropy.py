@@ -12,6 +12,7 @@ are still ordinary finite logits for the next call, so timings are unaffected.
 size) per shape, forward + gradient and the compiled step's statistics-only forward (``cross_entropy_stats``),
 and writes ``cross_entropy_sweep``: the data behind ``triformer.cross_entropy``'s constants.
 """
+import contextlib
 import sys
 
 
@@ -97,9 +98,9 @@ def build_cases(device: str, shapes, dtypes=(torch.float32, torch.bfloat16), fns
 
 
 # the sweep's shapes: GPT-2's logits (contiguous, and as the view of the LM head's padded rows that its training
-# step passes), Llama-2/3 vocabularies, and one chunk of GPT-2's fused linear-CE as it lays the chunk out (2432
-# rows of 50304, linear_cross_entropy.CHUNK_BYTES): in the step its 7 chunks cost 2.59 ms against 2.05 ms for all
-# 16384 rows in one launch (benchmarks/results/h100/profile_step.md, cross_entropy_sweep.md)
+# step passes), Llama-2/3 vocabularies, and one chunk of GPT-2's fused linear-CE as it lays the chunk out (the rows
+# linear_cross_entropy.CHUNK_BYTES holds, at the padded width): whether a chunk-sized launch costs more per row
+# than one over all rows (docs/performance_history.md)
 SWEEP_SHAPES = [(16384, 50257), (16384, 50257, 50304), (32768, 32000), (8192, 128256), (2432, 50257, 50304)]
 
 
@@ -122,6 +123,18 @@ def sweep_plans(rows: int, vocab: int, dtype: torch.dtype, per_sm_counts=(1, 2, 
     return plans
 
 
+@contextlib.contextmanager
+def planned(plan):
+    """Every launch inside uses ``plan`` (None: whatever ``_plan`` picks)."""
+    chosen = ce_module._plan
+    if plan is not None:
+        ce_module._plan = lambda *args: plan
+    try:
+        yield
+    finally:
+        ce_module._plan = chosen
+
+
 def shape_label(rows: int, vocab: int, row_stride) -> str:
     """``RxV``, and the row stride where the rows are a view of wider ones."""
     return f"{rows}x{vocab}" + (f" (rows of {row_stride[0]})" if row_stride else "")
@@ -133,7 +146,6 @@ def sweep() -> None:
     and the statistics-only forward of torch.compile's step: the data behind the constants of
     ``triformer.cross_entropy``'s GPU launch. Writes ``cross_entropy_sweep``."""
     inputs = LazyInputs("cuda")
-    chosen = ce_module._plan
     cases = []
     for dtype in (torch.bfloat16,):  # what training steps pass; fp32 rows only move twice the bytes per element
         for rows, vocab, *row_stride in SWEEP_SHAPES:
@@ -144,31 +156,25 @@ def sweep() -> None:
                 providers = {}
                 for name, plan in sweep_plans(rows, vocab, dtype).items():
                     def run(plan=plan, shape=shape, inplace=inplace):
-                        ce_module._plan = chosen if plan is None else (lambda *args, plan=plan: plan)
-                        try:
+                        with planned(plan):
                             logits, targets = inputs.get(*shape)
                             return torch.autograd.grad(cross_entropy(logits, targets, inplace_backward=inplace),
                                                        logits)
-                        finally:
-                            ce_module._plan = chosen
                     providers[name] = run
                 cases.append(Case(op="cross_entropy" + ("_inplace" if inplace else ""),
                                   shape=shape_label(rows, vocab, row_stride),
                                   dtype=str(dtype).removeprefix("torch."), mode="fwd+bwd",
                                   bytes_moved=2 * rows * vocab * dtype.itemsize, flops=0, providers=providers))
             # The compiled step's loss forward (grad_in_backward): row statistics only, one read of the logits.
-            # Without a gradient the kernel needs far fewer registers (cross_entropy_sm90: 36-60 at 8 warps against
-            # 103-210 with it), so more programs fit an SM than the plan above gives it.
+            # Without a gradient the kernel needs far fewer registers (benchmarks/cross_entropy_sm90.py), so more
+            # programs fit an SM than the forward + gradient plan gives it.
             providers = {}
             for name, plan in sweep_plans(rows, vocab, dtype, per_sm_counts=(1, 2, 4, 6, 8)).items():
                 def run_stats(plan=plan, shape=shape, vocab=vocab):
-                    ce_module._plan = chosen if plan is None else (lambda *args, plan=plan: plan)
-                    try:
+                    with planned(plan):
                         logits, targets = inputs.get(*shape)
                         return ce_module._cross_entropy_fwd_stats(logits.detach(), targets, -100, 0.0, "mean", 1,
                                                                   vocab)
-                    finally:
-                        ce_module._plan = chosen
                 providers[name] = run_stats
             cases.append(Case(op="cross_entropy_stats", shape=shape_label(rows, vocab, row_stride),
                               dtype=str(dtype).removeprefix("torch."), mode="fwd",
