@@ -177,8 +177,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
-            gate, up = self.fc(x).chunk(2, dim=-1)
-            return self.proj(self.ops.swiglu(gate, up))
+            # fc's output is packed (gate half, up half); SwiGLU and proj run as one op that keeps only that for
+            # backward (triformer.glu_linear: their product, a third of the MLP's activations, is recomputed)
+            return self.ops.glu_linear(self.fc(x), None, self.proj.weight, self.proj.bias)
         # fc's bias add rides along in the GELU kernel rather than in the matmul's epilogue, and GELU and proj run
         # as one op that keeps only GELU's input for backward (triformer.gelu_linear: one activation of the
         # hidden width per block less at the step's peak, recomputed in the GELU backward kernel)

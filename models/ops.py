@@ -17,7 +17,7 @@ KERNELS = {"triton": "", "torch": "_reference"}
 OP_NAMES = (
     "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
     "attention", "attention_packed", "dropout",
-    "gelu", "gelu_linear", "swiglu", "apply_rope",
+    "gelu", "gelu_linear", "swiglu", "glu_linear", "apply_rope",
     "cross_entropy", "linear_cross_entropy",
 )
 # Helpers that launch no kernel, shared by both variants.

@@ -103,6 +103,12 @@ OP_CASES = {
     "gelu_linear_weight_device": (lambda: tf.gelu_linear(rows(3, 8), torch.ones(4, 8, device="meta")), ValueError,
                                   "weight is on meta"),
     "gelu_linear_x_dtype": (lambda: tf.gelu_linear(rows(3, 8).double(), rows(4, 8)), TypeError, "x must be float32"),
+    "glu_linear_weight_device": (lambda: tf.glu_linear(rows(3, 8), rows(3, 8), torch.ones(4, 8, device="meta")),
+                                 ValueError, "weight is on meta"),
+    "glu_linear_gate_dtype": (lambda: tf.glu_linear(rows(3, 8).double(), None, rows(4, 4)), TypeError,
+                              "gate must be float32"),
+    "glu_linear_weight_shape": (lambda: tf.glu_linear(rows(3, 8), None, rows(4, 8)), ValueError,
+                                r"weight must have shape \[N, 4\]"),
     "cross_entropy_num_classes": (lambda: tf.cross_entropy(rows(3, 5), tokens(1, 2, 3)[0], num_classes=6), ValueError,
                                   r"num_classes must be an int in \[1, 5\]"),
     "attention_attn_mask_not_tensor": (

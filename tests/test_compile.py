@@ -365,6 +365,7 @@ def _op_cases(T: int = 256):
         ("dropout", lambda x: triformer.dropout(x, 0.1, seed=3), [(B, T, C)]),
         ("gelu", lambda x, b: triformer.gelu(x, "tanh", b), [(B, T, C), (C,)]),
         ("swiglu", lambda g, u: triformer.swiglu(g, u), [(B, T, C), (B, T, C)]),
+        ("glu_linear", lambda g, u, w: triformer.glu_linear(g, u, w), [(B, T, C), (B, T, C), (C // 2, C)]),
         # tables for 512 positions, of which the first T are used
         ("apply_rope", lambda q, k: torch.cat(triformer.apply_rope(q, k, *triformer.rope_cos_sin(512, D, device=dev)),
                                               -1), [(B, H, T, D), (B, H, T, D)]),

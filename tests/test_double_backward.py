@@ -15,9 +15,9 @@ import torch
 
 from triformer import (attention, attention_reference, cross_entropy, cross_entropy_reference, dropout,
                        dropout_reference, gelu, gelu_linear, gelu_linear_reference, gelu_reference, geglu,
-                       geglu_reference, layer_norm, layer_norm_reference, linear_cross_entropy,
-                       linear_cross_entropy_reference, rms_norm, rms_norm_reference, softmax, softmax_reference,
-                       swiglu, swiglu_reference)
+                       geglu_reference, glu_linear, glu_linear_reference, layer_norm, layer_norm_reference,
+                       linear_cross_entropy, linear_cross_entropy_reference, rms_norm, rms_norm_reference,
+                       softmax, softmax_reference, swiglu, swiglu_reference)
 from triformer.fused_add_norm import add_layer_norm, add_layer_norm_reference, add_rms_norm, add_rms_norm_reference
 from triformer.rope import apply_rope, apply_rope_reference, rope_cos_sin
 from triformer.testing import assert_close, random_tensor
@@ -107,6 +107,16 @@ def _cases():
                                  random_tensor((6, 37), F32, generator=_gen(1)),
                                  random_tensor((6,), F32, generator=_gen(2)),
                                  random_tensor((37,), F32, generator=_gen(3))]),
+        "glu_linear": (lambda g, u, w, b: glu_linear(g, u, w, b, "silu"),
+                       lambda g, u, w, b: glu_linear_reference(g, u, w, b, "silu"),
+                       lambda: [random_tensor((5, 37), F32, generator=_gen(0)),
+                                random_tensor((5, 37), F32, generator=_gen(1)),
+                                random_tensor((6, 37), F32, generator=_gen(2)),
+                                random_tensor((6,), F32, generator=_gen(3))]),
+        "glu_linear-packed-gelu": (lambda gu, w: glu_linear(gu, None, w, None, "gelu"),
+                                   lambda gu, w: glu_linear_reference(gu, None, w, None, "gelu"),
+                                   lambda: [random_tensor((5, 38), F32, generator=_gen(0)),
+                                            random_tensor((6, 19), F32, generator=_gen(1))]),
         "swiglu": (swiglu, swiglu_reference,
                    lambda: [random_tensor((5, 37), F32, generator=_gen(s)) for s in (0, 1)]),
         "swiglu-packed": (swiglu, swiglu_reference, lambda: [random_tensor((5, 38), F32, generator=_gen())]),
@@ -176,7 +186,8 @@ def test_gradient_penalty_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "add_rms_norm", "add_layer_norm-dropout", "softmax-causal", "dropout",
-                                  "gelu-erf-bias", "gelu_linear", "swiglu-packed", "apply_rope",
+                                  "gelu-erf-bias", "gelu_linear", "glu_linear",
+                                  "glu_linear-packed-gelu", "swiglu-packed", "apply_rope",
                                   "attention-causal-dropout", "attention-softcap-gqa", "attention-window-gqa",
                                   "linear_cross_entropy-none"])
 def test_gradgradcheck(name):
@@ -243,8 +254,8 @@ def test_linear_cross_entropy_reduced_raises(reduction):
 
 
 OP_MODULES = tuple(importlib.import_module(f"triformer.{name}") for name in (
-    "attention", "dropout", "fused_add_norm", "gelu", "gelu_linear", "layernorm", "linear_cross_entropy", "rmsnorm",
-    "rope", "softmax", "swiglu"))
+    "attention", "dropout", "fused_add_norm", "gelu", "gelu_linear", "glu_linear", "layernorm", "linear_cross_entropy",
+    "rmsnorm", "rope", "softmax", "swiglu"))
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ import torch
 import triformer
 
 PACKAGE = Path(triformer.__file__).parent
-OP_MODULES = ("attention", "cross_entropy", "dropout", "fused_add_norm", "gelu", "gelu_linear", "layernorm",
+OP_MODULES = ("attention", "cross_entropy", "dropout", "fused_add_norm", "gelu", "gelu_linear", "glu_linear",
+              "layernorm",
               "linear_cross_entropy", "rmsnorm", "rope", "softmax", "swiglu")
 # op module -> (autograd Function, nn.Module, functional form) of each op it defines
 TRIPLES = {
@@ -22,6 +23,7 @@ TRIPLES = {
                        ("AddRMSNormFunction", "AddRMSNorm", "add_rms_norm")],
     "gelu": [("GELUFunction", "GELU", "gelu")],
     "gelu_linear": [("GELULinearFunction", "GELULinear", "gelu_linear")],
+    "glu_linear": [("GLULinearFunction", "GLULinear", "glu_linear")],
     "layernorm": [("LayerNormFunction", "LayerNorm", "layer_norm")],
     "linear_cross_entropy": [("LinearCrossEntropyFunction", "LinearCrossEntropyLoss", "linear_cross_entropy")],
     "rmsnorm": [("RMSNormFunction", "RMSNorm", "rms_norm")],

@@ -21,7 +21,8 @@ from triformer.testing import FP32_RTOL, assert_close, rel_error
 
 transformers = pytest.importorskip("transformers")
 patch_module = importlib.import_module("triformer.patch")
-KERNELS = ("_attention", "apply_rope", "rms_norm", "layer_norm", "gelu", "swiglu", "geglu", "linear_cross_entropy")
+KERNELS = ("_attention", "apply_rope", "rms_norm", "layer_norm", "gelu", "swiglu", "geglu", "glu_linear",
+           "linear_cross_entropy")
 
 
 @pytest.fixture
@@ -74,20 +75,22 @@ def check_grads(ref, patched):
     assert n > 0
 
 
-DECODER = ("_attention", "apply_rope", "rms_norm", "swiglu", "linear_cross_entropy")
-GEMMA = ("_attention", "apply_rope", "rms_norm", "geglu", "linear_cross_entropy")
+# a dense gated MLP runs as glu_linear (its down_proj a plain nn.Linear); MoE experts call swiglu
+DECODER = ("_attention", "apply_rope", "rms_norm", "glu_linear", "linear_cross_entropy")
+MOE = ("_attention", "apply_rope", "rms_norm", "swiglu", "linear_cross_entropy")
+GEMMA = DECODER
 # family: (kernels that must run, parts left alone)
 EXPECT = {
     "llama": (DECODER, ()), "mistral": (DECODER, ()), "qwen2": (DECODER, ()), "qwen3": (DECODER, ()),
     "phi3": (DECODER, ()), "olmo2": (DECODER, ()), "granite": (DECODER, ()), "smollm3": (DECODER, ()),
-    "mixtral": (DECODER, ()), "qwen3_moe": (DECODER, ()),  # SwiGLU in every expert
+    "mixtral": (MOE, ()), "qwen3_moe": (MOE, ()),  # SwiGLU in every expert
     "gemma": (GEMMA, ()), "gemma3": (GEMMA, ()),
     # soft-capped attention (the kernel's softcap) and soft-capped logits (no fused loss): all but the loss
-    "gemma2": (("_attention", "apply_rope", "rms_norm", "geglu"), ("loss",)),
+    "gemma2": (("_attention", "apply_rope", "rms_norm", "glu_linear"), ("loss",)),
     # partial, interleaved RoPE: the rest
-    "glm4": (("_attention", "rms_norm", "swiglu", "linear_cross_entropy"), ("rope",)),
+    "glm4": (("_attention", "rms_norm", "glu_linear", "linear_cross_entropy"), ("rope",)),
     # RoPE through complex frequencies (no apply_rotary_pos_emb); the weightless q/k RMSNorms are swapped
-    "llama4": (("_attention", "rms_norm", "swiglu", "linear_cross_entropy"), ()),
+    "llama4": (("_attention", "rms_norm", "glu_linear", "linear_cross_entropy"), ()),
     "gpt2": (("_attention", "layer_norm", "gelu", "linear_cross_entropy"), ()),
     "gpt_neox": (("_attention", "apply_rope", "layer_norm", "gelu", "linear_cross_entropy"), ()),
 }
@@ -105,6 +108,30 @@ def test_family_parity(calls, family):
     check_lm_parity(ref, patched, *lm_batch(padding="left" if family in ("llama", "gpt2") else "right"), calls,
                     expect)
     assert triformer.patch(patched).swapped == []  # patching again changes nothing
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "glm4"])  # separate gate/up projections, and one packed gate_up_proj
+def test_gated_mlp_keeps_no_product_for_backward(family):
+    """A patched dense gated MLP runs as triformer.glu_linear: autograd keeps gate and up, where the unpatched MLP
+    also keeps act(gate) (for the product's backward) and the product (for down_proj's weight gradient)."""
+    ref, patched, _ = patched_pair(family)
+    x = torch.randn(2, 5, ref.config.hidden_size, device=DEVICE, requires_grad=True)
+    mlps = [m.model.layers[0].mlp for m in (ref, patched)]
+    want, got = (_saved_bytes(lambda m=m: m(x)) for m in mlps)
+    assert want - got == 2 * x.shape[0] * x.shape[1] * ref.config.intermediate_size * x.element_size()
+    torch.testing.assert_close(mlps[1](x), mlps[0](x))
 
 
 @pytest.mark.parametrize("family", ["gemma", "gemma3"])

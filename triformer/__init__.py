@@ -27,6 +27,7 @@ from triformer.fused_add_norm import (AddLayerNormFunction, AddLayerNorm, add_la
                                       add_rms_norm_reference)
 from triformer.gelu import GELUFunction, GELU, gelu, gelu_reference, BiasGELU  # noqa: E402
 from triformer.gelu_linear import GELULinearFunction, GELULinear, gelu_linear, gelu_linear_reference  # noqa: E402
+from triformer.glu_linear import GLULinearFunction, GLULinear, glu_linear, glu_linear_reference  # noqa: E402
 from triformer.layernorm import LayerNormFunction, LayerNorm, layer_norm, layer_norm_reference  # noqa: E402
 from triformer.linear_cross_entropy import (LinearCrossEntropyFunction, LinearCrossEntropyLoss,  # noqa: E402
                                             linear_cross_entropy, linear_cross_entropy_reference)
@@ -67,6 +68,7 @@ __all__ = [
     "AddRMSNormFunction", "AddRMSNorm", "add_rms_norm", "add_rms_norm_reference",
     "GELUFunction", "GELU", "gelu", "gelu_reference", "BiasGELU",
     "GELULinearFunction", "GELULinear", "gelu_linear", "gelu_linear_reference",
+    "GLULinearFunction", "GLULinear", "glu_linear", "glu_linear_reference",
     "LayerNormFunction", "LayerNorm", "layer_norm", "layer_norm_reference",
     "LinearCrossEntropyFunction", "LinearCrossEntropyLoss", "linear_cross_entropy", "linear_cross_entropy_reference",
     "RMSNormFunction", "RMSNorm", "rms_norm", "rms_norm_reference",

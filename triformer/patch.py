@@ -32,7 +32,9 @@ What is recognised is decided by structure, each candidate checked numerically o
   ``Attention`` calls ``triformer.attention``.
 * ``mlp``: GELU activations (exact or tanh) call ``triformer.gelu``; gated MLPs
   ``down(act(gate(x)) * up(x))`` (separate or packed ``gate_up_proj``) with a SiLU or GELU gate call
-  ``triformer.swiglu`` / ``triformer.geglu`` (the projections stay the module's own, LoRA-wrapped or not);
+  ``triformer.swiglu`` / ``triformer.geglu`` (the projections stay the module's own, LoRA-wrapped or not), fused
+  with ``down_proj`` as ``triformer.glu_linear`` (their product is not kept for backward) while ``down_proj`` is a
+  plain ``nn.Linear``;
   MoE experts with transformers' 3-D expert weights run it in their ``_apply_gate`` (batched or grouped
   experts implementation; the eager loop is left alone).
 * ``rope``: an attention module whose forward calls its modeling module's ``apply_rotary_pos_emb`` (checked
@@ -72,6 +74,7 @@ from torch import nn
 from triformer.attention import MAX_HEAD_DIM
 from triformer.attention import attention as _attention
 from triformer.gelu import gelu
+from triformer.glu_linear import glu_linear
 from triformer.layernorm import layer_norm
 from triformer.linear_cross_entropy import linear_cross_entropy
 from triformer.rmsnorm import rms_norm
@@ -316,14 +319,33 @@ def _glu(gate, up, act: str):
     return geglu(gate, up, act)
 
 
+# _gelu_kind's answer -> triformer.glu_linear's activation
+_GLU_LINEAR_ACTIVATION = {"silu": "silu", "tanh": "gelu_tanh", "none": "gelu"}
+
+
+def _plain_linear(m) -> bool:
+    """True when calling ``m`` is exactly ``F.linear(x, m.weight, m.bias)``: an ``nn.Linear`` itself (not a LoRA
+    layer or a quantized subclass), with no hooks and no forward replaced on the instance (accelerate's)."""
+    return (type(m) is nn.Linear and "forward" not in m.__dict__ and not (m._forward_hooks or m._forward_pre_hooks)
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks))
+
+
 class _GatedMLP(nn.Module):
     """``down_proj(glu(gate, up))`` with the module's own projections: ``gate_proj``/``up_proj``, or one packed
-    ``gate_up_proj`` (gate first), and triformer's SwiGLU or GeGLU."""
+    ``gate_up_proj`` (gate first), and triformer's SwiGLU or GeGLU. While ``down_proj`` is a plain ``nn.Linear``
+    the gated unit and ``down_proj`` run as ``triformer.glu_linear``, which keeps gate and up for backward but not
+    their product (a third of the MLP's activations); a wrapped ``down_proj`` (LoRA, hooks) is called as is. The
+    check runs per call, since PEFT may wrap the projections after patching."""
 
     def forward(self, x):
         if self.triformer_packed:
-            return self.down_proj(_glu(self.gate_up_proj(x), None, self.triformer_act))
-        return self.down_proj(_glu(self.gate_proj(x), self.up_proj(x), self.triformer_act))
+            gate, up = self.gate_up_proj(x), None
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        down = self.down_proj
+        if _plain_linear(down):
+            return glu_linear(gate, up, down.weight, down.bias, _GLU_LINEAR_ACTIVATION[self.triformer_act])
+        return down(_glu(gate, up, self.triformer_act))
 
 
 _MLP_LAYOUTS = ((("gate_proj", "up_proj", "down_proj"), False), (("gate_up_proj", "down_proj"), True))
@@ -370,7 +392,8 @@ def _patch_mlp(name, m, report) -> bool:
     _swap_class(m, _GatedMLP, triformer_packed=packed, triformer_act=kind)
     _mark_patched(act)
     glu = "swiglu" if kind == "silu" else f"geglu(approximate={kind!r})"
-    report.swapped.append((name, f"mlp: {m.triformer_original.__name__} -> down_proj(triformer.{glu})"))
+    report.swapped.append((name, f"mlp: {m.triformer_original.__name__} -> down_proj(triformer.{glu}), as "
+                                 f"triformer.glu_linear while down_proj is a plain nn.Linear"))
     return True
 
 

@@ -19,6 +19,8 @@ from triformer._double_backward import needs_graph, reference_grads
 from triformer._shared import elementwise_tiles, gelu_and_grad, row_layout, row_offsets
 
 # One autograd Function and kernel pair (GLU) serve both gated units: swiglu, and geglu beside it.
+# triformer.glu_linear runs these kernels through glu_fwd and glu_bwd_and_output (public names of this module, not
+# exported by the package).
 __all__ = ["GLUFunction", "SwiGLU", "swiglu", "swiglu_reference", "geglu", "geglu_reference", "SwiGLUMLP"]
 
 # constexpr codes of the gating activation
@@ -62,11 +64,13 @@ def _glu_bwd_kernel(
     g_ptr,    # gate, strides sg_*
     u_ptr,    # up, strides su_*
     dgu_ptr,  # out: contiguous [M, 2N], d gate in columns [0, N), d up in [N, 2N)
+    y_ptr,    # out when STORE_Y: act(gate) * up, contiguous [M, N] (a placeholder otherwise)
     M, N, rows_inner, sdy_o, sdy_i, sdy_n, sg_o, sg_i, sg_n, su_o, su_i, su_n,
-    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACT: tl.constexpr, STORE_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Same tiling as the forward; d(gate) goes to columns [0, N) and d(up) to [N, 2N) of the contiguous
-    # [M, 2N] gradient buffer.
+    # [M, 2N] gradient buffer. STORE_Y also writes the output the backward recomputes anyway, for an op that
+    # kept only gate and up (triformer.glu_linear).
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -74,10 +78,14 @@ def _glu_bwd_kernel(
     g = tl.load(g_ptr + row_offsets(rows, rows_inner, sg_o, sg_i)[:, None] + cols[None, :] * sg_n, mask=mask)
     u = tl.load(u_ptr + row_offsets(rows, rows_inner, su_o, su_i)[:, None] + cols[None, :] * su_n, mask=mask)
     dy = dy.to(tl.float32)
+    u = u.to(tl.float32)
     act, grad = _act_and_grad(g.to(tl.float32), ACT)
     out = dgu_ptr + rows.to(tl.int64)[:, None] * (2 * N) + cols[None, :]
-    tl.store(out, (dy * u.to(tl.float32) * grad).to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(out, (dy * u * grad).to(dgu_ptr.dtype.element_ty), mask=mask)
     tl.store(out + N, (dy * act).to(dgu_ptr.dtype.element_ty), mask=mask)
+    if STORE_Y:
+        tl.store(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], (act * u).to(y_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @_runtime.kernel_op("triformer::glu_fwd", mutates_args=())
@@ -94,18 +102,34 @@ def glu_fwd(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tens
     return y
 
 
-@_runtime.kernel_op("triformer::glu_bwd", mutates_args=())
-def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """Gradients of gate and up side by side: a contiguous [..., 2F] tensor (d gate first, then d up)."""
+def _backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
+              y: Optional[torch.Tensor]) -> torch.Tensor:
+    """Launch the backward kernel; with ``y`` it also writes ``act(gate) * up`` there."""
     dgu = torch.empty((*gate.shape[:-1], 2 * gate.shape[-1]), dtype=gate.dtype, device=gate.device)
     if gate.numel() == 0:
         return dgu
     (d, g, u), M, rows_inner, N, (sdy, sg, su) = row_layout(dy, gate, up)
     block_m, block_n = elementwise_tiles(M, N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _runtime.launch(_glu_bwd_kernel, grid)(d, g, u, dgu, M, N, rows_inner, *sdy, *sg, *su,
-                          ACT=_ACTIVATIONS[activation], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    _runtime.launch(_glu_bwd_kernel, grid)(d, g, u, dgu, dgu if y is None else y, M, N, rows_inner, *sdy, *sg, *su,
+                          ACT=_ACTIVATIONS[activation], STORE_Y=y is not None, BLOCK_M=block_m,
+                          BLOCK_N=block_n, num_warps=4)
     return dgu
+
+
+@_runtime.kernel_op("triformer::glu_bwd", mutates_args=())
+def glu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """Gradients of gate and up side by side: a contiguous [..., 2F] tensor (d gate first, then d up)."""
+    return _backward(dy, gate, up, activation, None)
+
+
+@_runtime.kernel_op("triformer::glu_bwd_and_output", mutates_args=())
+def glu_bwd_and_output(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                       activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``glu_bwd``'s gradients, ``act(gate) * up``): the backward, also writing the output it recomputes anyway,
+    for an op that kept only gate and up (``triformer.glu_linear``)."""
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    return _backward(dy, gate, up, activation, y), y
 
 
 class GLUFunction(torch.autograd.Function):
