@@ -174,6 +174,25 @@ def main(name: str, gpu_cases: Callable[[], list[Case]], cpu_cases: Callable[[],
     print(f"no GPU: built {'and ran ' if run_on_cpu else ''}{len(cases)} small {name} cases (timing needs CUDA)")
 
 
+def saved_memory(op: str, cases: list[tuple[str, dict, Callable[[], list[torch.Tensor]]]]) -> None:
+    """MiB each provider keeps alive between forward and backward, above its inputs and output, for ops whose
+    point is what they save for backward (``gelu_linear``, ``glu_linear``); ``cases``: (shape label, providers,
+    a function making fresh inputs). Written as ``<op>_saved``."""
+    rows = []
+    for shape, providers, make_inputs in cases:
+        for name, fn in providers.items():
+            args = make_inputs()
+            fn(*args).sum().backward()  # compile and warm up outside the measurement
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            y = fn(*args)
+            kept = (torch.cuda.memory_allocated() - before - y.numel() * y.element_size()) / 2**20
+            rows.append({"op": op, "shape": shape, "provider": name, "saved_MiB": round(kept, 1)})
+            print(rows[-1], flush=True)
+            del y, args
+    write_results(f"{op}_saved", rows)
+
+
 def environment() -> dict[str, str]:
     env = {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",

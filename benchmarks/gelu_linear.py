@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, main, mode_cases, write_results
+from benchmarks.common import Case, main, mode_cases, saved_memory
 from triformer.gelu import gelu, gelu_reference
 from triformer.gelu_linear import gelu_linear
 
@@ -45,24 +45,12 @@ def build_cases(device: str, shapes=SHAPES) -> list[Case]:
     return cases
 
 
-def saved_memory(_rows=None) -> None:
-    """MiB each provider keeps alive between forward and backward, above its inputs and output."""
-    rows = []
-    for label, tokens, hidden, out in SHAPES:
-        for name, fn in providers().items():
-            args = inputs("cuda", tokens, hidden, out)
-            fn(*args).sum().backward()  # compile and warm up outside the measurement
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            y = fn(*args)
-            kept = (torch.cuda.memory_allocated() - before - y.numel() * y.element_size()) / 2**20
-            rows.append({"op": "gelu_linear", "shape": f"{label} {tokens}x{hidden}->{out}", "provider": name,
-                         "saved_MiB": round(kept, 1)})
-            print(rows[-1], flush=True)
-            del y, args
-    write_results("gelu_linear_saved", rows)
+def saved_memory_report(_rows=None) -> None:
+    saved_memory("gelu_linear", [(f"{label} {tokens}x{hidden}->{out}", providers(),
+                                  lambda t=tokens, h=hidden, o=out: inputs("cuda", t, h, o))
+                                 for label, tokens, hidden, out in SHAPES])
 
 
 if __name__ == "__main__":
     main("gelu_linear", lambda: build_cases("cuda"), lambda: build_cases("cpu", [("tiny", 16, 32, 8)]),
-         run_on_cpu=True, report=saved_memory)
+         run_on_cpu=True, report=saved_memory_report)
