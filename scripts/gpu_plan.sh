@@ -49,7 +49,7 @@ case "${1:-}" in
        bench "train_step gpt --variants (ce),fused,plain --eager none --compile (ce),fused,plain --compile-modes reduce-overhead,default --steps 10 --warmup 3" \
        bench "linear_cross_entropy --profile" ;;
   8) GPU_RUN_DEADLINE=560 PY_TIMEOUT=300 BENCH_TIMEOUT=240 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
-       py "-m pytest -v -n 3 -p no:cacheprovider --tb=short tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default] tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-reduce-overhead] tests/test_compile.py::test_compile_full_model_on_gpu[gpt2-small:fused-default] tests/test_compile.py::test_compile_full_model_on_gpu[vit-base-default] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[linear_cross_entropy]" \
+       py "-m pytest -v -n 3 -p no:cacheprovider --tb=short tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default] tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-reduce-overhead] tests/test_compile.py::test_compile_full_model_on_gpu[gpt2-small:fused-default] tests/test_compile.py::test_compile_full_model_on_gpu[vit-base-default] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[linear_cross_entropy] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[glu_linear]" \
        bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" \
        bench "glu_linear" ;;
   *) echo "usage: bash scripts/gpu_plan.sh 1|2|3|4|5|6|7|8" >&2; exit 2 ;;
