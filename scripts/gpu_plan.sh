@@ -22,6 +22,8 @@
 #                                # (with glu_linear), and glu_linear against SwiGLU then F.linear
 #   bash scripts/gpu_plan.sh 9   # plan 8 cut to what a session's last 10 minutes of device time hold: the compiled
 #                                # llama-small test, glu_linear's, the patched and unpatched compiled Llama's profile
+#   bash scripts/gpu_plan.sh 10  # plan 9 for 5 minutes: the patched and unpatched compiled Llama's profile first,
+#                                # then the compiled llama-small test
 # Each call's results come back in $OUT/results.tar.gz (unpack into benchmarks/results/<card>/) and $OUT/log.txt.
 # The sweeps set triformer/cross_entropy.py's TILE_BYTES, PROGRAMS_PER_SM, UNMASKED_WARPS, MASKED_WARPS and
 # triformer/gelu.py's BIAS_PROGRAMS_PER_SM and STORE_Y_PROGRAMS_PER_SM.
@@ -57,5 +59,8 @@ case "${1:-}" in
   9) GPU_RUN_DEADLINE=420 PY_TIMEOUT=200 BENCH_TIMEOUT=200 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
        py "-m pytest -v -n 2 -p no:cacheprovider --tb=short --durations=0 tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[glu_linear]" \
        bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" ;;
-  *) echo "usage: bash scripts/gpu_plan.sh 1|2|3|4|5|6|7|8|9" >&2; exit 2 ;;
+  10) GPU_RUN_DEADLINE=265 PY_TIMEOUT=120 BENCH_TIMEOUT=150 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
+       bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" \
+       py "-m pytest -v -p no:cacheprovider --tb=short --durations=0 tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default]" ;;
+  *) echo "usage: bash scripts/gpu_plan.sh 1|2|3|4|5|6|7|8|9|10" >&2; exit 2 ;;
 esac
