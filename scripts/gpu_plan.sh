@@ -59,7 +59,7 @@ case "${1:-}" in
   9) GPU_RUN_DEADLINE=420 PY_TIMEOUT=200 BENCH_TIMEOUT=200 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
        py "-m pytest -v -n 2 -p no:cacheprovider --tb=short --durations=0 tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[glu_linear]" \
        bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" ;;
-  10) GPU_RUN_DEADLINE=265 PY_TIMEOUT=120 BENCH_TIMEOUT=150 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
+  10) GPU_RUN_DEADLINE=240 PY_TIMEOUT=90 BENCH_TIMEOUT=150 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
        bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" \
        py "-m pytest -v -p no:cacheprovider --tb=short --durations=0 tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default]" ;;
   *) echo "usage: bash scripts/gpu_plan.sh 1|2|3|4|5|6|7|8|9|10" >&2; exit 2 ;;
