@@ -21,7 +21,9 @@
 #                                # the unpatched compiled HF Llama hold their memory at the step's peak (--profile)
 #                                # (with glu_linear), and glu_linear against SwiGLU then F.linear
 #   bash scripts/gpu_plan.sh 9   # plan 8 cut to what a session's last 10 minutes of device time hold: the compiled
-#                                # llama-small test, glu_linear's, the patched and unpatched compiled Llama's profile
+#                                # llama-small test and the per-op compile tests of what only llama-small uses
+#                                # (grouped-query attention, add + RMSNorm, glu_linear), the patched and unpatched
+#                                # compiled Llama's profile
 #   bash scripts/gpu_plan.sh 10  # plan 9 for 5 minutes: the patched and unpatched compiled Llama's profile first,
 #                                # then the compiled llama-small test
 #   bash scripts/gpu_plan.sh 11  # plan 10's first step alone (under 3 minutes)
@@ -58,7 +60,7 @@ case "${1:-}" in
        bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" \
        bench "glu_linear" ;;
   9) GPU_RUN_DEADLINE=420 PY_TIMEOUT=200 BENCH_TIMEOUT=200 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
-       py "-m pytest -v -n 2 -p no:cacheprovider --tb=short --durations=0 tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[glu_linear]" \
+       py "-m pytest -v -n 2 -p no:cacheprovider --tb=short --durations=0 tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[glu_linear] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[attention_gqa] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[add_rms_norm]" \
        bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" ;;
   10) GPU_RUN_DEADLINE=240 PY_TIMEOUT=90 BENCH_TIMEOUT=150 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
        bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" \

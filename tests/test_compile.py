@@ -361,6 +361,7 @@ def _op_cases(T: int = 256):
         ("add_layer_norm-dropout",
          lambda x, r, w, b: torch.cat(triformer.add_layer_norm(x, r, w, b, dropout_p=0.1, seed=3), -1),
          [(B, T, C), (B, T, C), (C,), (C,)]),
+        ("add_rms_norm", lambda x, r, w: torch.cat(triformer.add_rms_norm(x, r, w), -1), [(B, T, C), (B, T, C), (C,)]),
         ("softmax", lambda x: triformer.softmax(x, is_causal=True), [(B, H, T, T)]),
         ("dropout", lambda x: triformer.dropout(x, 0.1, seed=3), [(B, T, C)]),
         ("gelu", lambda x, b: triformer.gelu(x, "tanh", b), [(B, T, C), (C,)]),
@@ -370,6 +371,9 @@ def _op_cases(T: int = 256):
         ("apply_rope", lambda q, k: torch.cat(triformer.apply_rope(q, k, *triformer.rope_cos_sin(512, D, device=dev)),
                                               -1), [(B, H, T, D), (B, H, T, D)]),
         ("attention", lambda q, k, v: triformer.attention(q, k, v, is_causal=True), [(B, H, T, D)] * 3),
+        # grouped-query k/v, as llama-small's attention
+        ("attention_gqa", lambda q, k, v: triformer.attention(q, k, v, is_causal=True),
+         [(B, H, T, D), (B, H // 2, T, D), (B, H // 2, T, D)]),
         ("attention_dropout", lambda q, k, v: triformer.attention(q, k, v, is_causal=True, dropout_p=0.1, seed=5),
          [(B, H, T, D)] * 3),
         ("attention_packed", lambda qkv: triformer.attention_packed(qkv, H, is_causal=True), [(B, T, 3 * H * D)]),
