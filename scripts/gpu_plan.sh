@@ -24,9 +24,7 @@
 #                                # llama-small test and the per-op compile tests of what only llama-small uses
 #                                # (grouped-query attention, add + RMSNorm, glu_linear), the patched and unpatched
 #                                # compiled Llama's profile
-#   bash scripts/gpu_plan.sh 10  # plan 9 for 5 minutes: the patched and unpatched compiled Llama's profile first,
-#                                # then the compiled llama-small test
-#   bash scripts/gpu_plan.sh 11  # plan 10's first step alone (under 3 minutes)
+#   bash scripts/gpu_plan.sh 10  # plan 9's profile alone (under 3 minutes)
 # Each call's results come back in $OUT/results.tar.gz (unpack into benchmarks/results/<card>/) and $OUT/log.txt.
 # The sweeps set triformer/cross_entropy.py's TILE_BYTES, PROGRAMS_PER_SM, UNMASKED_WARPS, MASKED_WARPS and
 # triformer/gelu.py's BIAS_PROGRAMS_PER_SM and STORE_Y_PROGRAMS_PER_SM.
@@ -62,10 +60,7 @@ case "${1:-}" in
   9) GPU_RUN_DEADLINE=420 PY_TIMEOUT=200 BENCH_TIMEOUT=200 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
        py "-m pytest -v -n 2 -p no:cacheprovider --tb=short --durations=0 tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[glu_linear] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[attention_gqa] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[add_rms_norm]" \
        bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" ;;
-  10) GPU_RUN_DEADLINE=240 PY_TIMEOUT=90 BENCH_TIMEOUT=150 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
-       bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" \
-       py "-m pytest -v -p no:cacheprovider --tb=short --durations=0 tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default]" ;;
-  11) GPU_RUN_DEADLINE=165 BENCH_TIMEOUT=160 bash scripts/gpu_run.sh \
+  10) GPU_RUN_DEADLINE=165 BENCH_TIMEOUT=160 bash scripts/gpu_run.sh \
        bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" ;;
-  *) echo "usage: bash scripts/gpu_plan.sh 1|2|3|4|5|6|7|8|9|10|11" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/gpu_plan.sh 1|2|3|4|5|6|7|8|9|10" >&2; exit 2 ;;
 esac
