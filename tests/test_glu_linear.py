@@ -85,13 +85,17 @@ def test_keeps_only_gate_and_up_for_backward(packed):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_only_requested_gradients(packed):
+@pytest.mark.parametrize("up_grad", [False, True])
+def test_only_requested_gradients(packed, up_grad):
+    """Gradients only where asked, and the weight's right with gate and up frozen (the product computed alone)."""
     gate = random_tensor((5, 32 if packed else 16), F32)
-    up = None if packed else random_tensor((5, 16), F32).requires_grad_()
+    up = None if packed else random_tensor((5, 16), F32).requires_grad_(up_grad)
     weight = random_tensor((4, 16), F32).requires_grad_()
     glu_linear(gate, up, weight).sum().backward()
-    assert weight.grad is not None and gate.grad is None
-    assert packed or up.grad is not None
+    assert gate.grad is None and (packed or (up.grad is not None) == up_grad)
+    ref = weight.detach().double().requires_grad_()
+    glu_linear_reference(gate.double(), None if packed else up.detach().double(), ref).sum().backward()
+    assert_close("dweight", weight.grad, ref.grad)
 
 
 @settings(deadline=None, max_examples=20)

@@ -69,11 +69,13 @@ class GLULinearFunction(torch.autograd.Function):
         need_gate, need_up, need_w, need_b = ctx.needs_input_grad[:4]
         dy2 = dy.reshape(-1, dy.shape[-1]).to(gate.dtype)
         dgu = dweight = dbias = None
-        if need_gate or need_up or need_w:
+        if need_gate or need_up:
             d_h = (dy2 @ weight.to(gate.dtype)).view(gate.shape)
             dgu, h = glu_bwd_and_output(d_h, gate, up, ctx.activation)
-            if need_w:
-                dweight = (dy2.t() @ h.view(-1, h.shape[-1])).to(weight.dtype)
+        elif need_w:  # frozen gate and up: the product alone
+            h = glu_fwd(gate, up, ctx.activation)
+        if need_w:
+            dweight = (dy2.t() @ h.view(-1, h.shape[-1])).to(weight.dtype)
         if need_b:
             dbias = dy2.float().sum(0).to(bias.dtype)
         if ctx.packed:
