@@ -5,8 +5,8 @@ separate ops, the linear layer saves its input for its weight gradient, so the b
 the hidden width for backward: gate and up (for the gated unit's own backward) and their product. This op saves
 only gate and up and recomputes the product in the backward, inside the gated unit's backward kernel that
 evaluates the activation there anyway (``triformer.swiglu``'s ``glu_bwd_and_output``): one more write of the
-hidden width per layer in the backward, in exchange for a third of the MLP's saved activations (for Llama-3's
-shapes, hidden width 4x the model's, more than a third of a decoder layer's).
+hidden width per layer in the backward, in exchange for a third of the MLP's saved activations (with Llama-3's
+4x-wide hidden layer, a fifth of what a decoder layer keeps under bf16 autocast).
 
 ``up=None`` takes ``gate`` packed [..., 2F] (gate half, up half), as ``triformer.swiglu`` does. ``activation`` is
 "silu" (SwiGLU), "gelu_tanh" or "gelu" (GeGLU).
