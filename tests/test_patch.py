@@ -378,7 +378,7 @@ def test_compile_fullgraph_matches_eager(calls, backend):
     got.backward()
     want.backward()
     check_grads(ref, patched)
-    assert calls["linear_cross_entropy"] > 0 and calls["apply_rope"] > 0
+    assert calls["linear_cross_entropy"] > 0 and calls["apply_rope"] > 0 and calls["glu_linear"] > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's CUDA modes need a GPU")
