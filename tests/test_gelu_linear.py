@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from triformer.gelu_linear import GELULinear, gelu_linear, gelu_linear_reference
-from triformer.testing import assert_close, kernel_device, random_tensor
+from tests.helpers.ops import check_against_float64
+from triformer.testing import kernel_device, random_tensor
 
 DEV = kernel_device()
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -14,22 +15,9 @@ F32 = torch.float32
 
 
 def check(x, weight, bias, gelu_bias, approximate="tanh"):
-    """Output and every gradient against float64, for a random upstream gradient. Gradients are held to the
-    tolerance of the activations' dtype, in which the matmuls run (a fp32 weight's gradient too, as under
-    autocast), and come back in each parameter's own dtype."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias, gelu_bias)]
-    y = gelu_linear(leaves[0], leaves[1], leaves[2], approximate, leaves[3])
-    refs = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, bias, gelu_bias)]
-    y_ref = gelu_linear_reference(refs[0], refs[1], refs[2], approximate, refs[3])
-    assert y.dtype == x.dtype and y.shape == y_ref.shape
-    dy = random_tensor(y.shape, F32).to(y.dtype)
-    y.backward(dy)
-    y_ref.backward(dy.double())
-    assert_close("y", y, y_ref)
-    for name, got, ref in zip(("dx", "dweight", "dbias", "dgelu_bias"), leaves, refs):
-        if got is not None:
-            assert got.grad.dtype == got.dtype
-            assert_close(name, got.grad.to(x.dtype), ref.grad)
+    check_against_float64(lambda x_, w_, b_, gb_: gelu_linear(x_, w_, b_, approximate, gb_),
+                          lambda x_, w_, b_, gb_: gelu_linear_reference(x_, w_, b_, approximate, gb_),
+                          (x, weight, bias, gelu_bias), ("dx", "dweight", "dbias", "dgelu_bias"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from triformer.glu_linear import GLULinear, glu_linear, glu_linear_reference
+from tests.helpers.ops import check_against_float64
 from triformer.testing import assert_close, kernel_device, random_tensor
 
 DEV = kernel_device()
@@ -14,23 +15,9 @@ F32 = torch.float32
 
 
 def check(gate, up, weight, bias, activation="silu"):
-    """Output and every gradient against float64, for a random upstream gradient. Gradients are held to the
-    tolerance of the activations' dtype, in which the matmuls run (a fp32 weight's gradient too, as under
-    autocast), and come back in each parameter's own dtype. ``up=None``: ``gate`` is packed."""
-    inputs = (gate, up, weight, bias)
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
-    y = glu_linear(*leaves, activation)
-    refs = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
-    y_ref = glu_linear_reference(*refs, activation)
-    assert y.dtype == gate.dtype and y.shape == y_ref.shape
-    dy = random_tensor(y.shape, F32).to(y.dtype)
-    y.backward(dy)
-    y_ref.backward(dy.double())
-    assert_close("y", y, y_ref)
-    for name, got, ref in zip(("dgate", "dup", "dweight", "dbias"), leaves, refs):
-        if got is not None:
-            assert got.grad.dtype == got.dtype and got.grad.shape == got.shape
-            assert_close(name, got.grad.to(gate.dtype), ref.grad)
+    """``up=None``: ``gate`` is packed."""
+    check_against_float64(lambda *a: glu_linear(*a, activation), lambda *a: glu_linear_reference(*a, activation),
+                          (gate, up, weight, bias), ("dgate", "dup", "dweight", "dbias"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -32,6 +32,28 @@ def check_op(name, fn, ref_fn, peer_fn, inputs, contiguous=True):
         assert_close(f"{name} grad of input {i}", g, grads64[i], peer_grads[i])
 
 
+def check_against_float64(fn, ref_fn, inputs, names):
+    """``fn(*inputs)`` against ``ref_fn`` on float64 copies, output and every gradient for a random upstream
+    gradient, for ops whose parameters may be of a wider dtype than the activations (``inputs[0]``; fp32 master
+    weights under autocast): the output comes in the activations' dtype, each gradient in its own input's dtype and
+    shape, held to the activations' tolerance (the matmuls run in that dtype). Entries of ``inputs`` may be None;
+    ``names`` labels the gradients."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    y = fn(*leaves)
+    refs = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    y_ref = ref_fn(*refs)
+    dtype = inputs[0].dtype
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    dy = random_tensor(y.shape, torch.float32).to(y.dtype)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    assert_close("y", y, y_ref)
+    for name, got, ref in zip(names, leaves, refs):
+        if got is not None:
+            assert got.grad.dtype == got.dtype and got.grad.shape == got.shape, name
+            assert_close(name, got.grad.to(dtype), ref.grad)
+
+
 def in_common_dtype(fn, x, *params):
     """PyTorch's fn(x, *params). With mixed dtypes (fp32 parameters of a bf16 x, as under autocast) it computes
     in fp32 and returns x's dtype, since PyTorch's kernels take only some mixes, and those differ by device."""
