@@ -174,23 +174,42 @@ def main(name: str, gpu_cases: Callable[[], list[Case]], cpu_cases: Callable[[],
     print(f"no GPU: built {'and ran ' if run_on_cpu else ''}{len(cases)} small {name} cases (timing needs CUDA)")
 
 
-def saved_memory(op: str, cases: list[tuple[str, dict, Callable[[], list[torch.Tensor]]]]) -> None:
-    """MiB each provider keeps alive between forward and backward, above its inputs and output, for ops whose
-    point is what they save for backward (``gelu_linear``, ``glu_linear``); ``cases``: (shape label, providers,
-    a function making fresh inputs). Written as ``<op>_saved``."""
-    rows = []
-    for shape, providers, make_inputs in cases:
-        for name, fn in providers.items():
-            args = make_inputs()
-            fn(*args).sum().backward()  # compile and warm up outside the measurement
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            y = fn(*args)
-            kept = (torch.cuda.memory_allocated() - before - y.numel() * y.element_size()) / 2**20
-            rows.append({"op": op, "shape": shape, "provider": name, "saved_MiB": round(kept, 1)})
-            print(rows[-1], flush=True)
-            del y, args
-    write_results(f"{op}_saved", rows)
+def activation_linear_main(op: str, shapes: list[tuple[str, int, int, int]], providers: Callable[[], dict],
+                           inputs: Callable[[str, int, int, int], list[torch.Tensor]]) -> None:
+    """``main`` of an activation + linear op whose point is what it keeps for backward (``gelu_linear``,
+    ``glu_linear``). ``shapes``: (label, tokens, hidden, out); ``inputs(device, tokens, hidden, out)`` makes fresh
+    inputs for the ``providers()``. Times each mode (fwd, bwd, fwd+bwd) in bf16 with the matmuls' TFLOP/s, then
+    writes ``<op>_saved``: the MiB each provider keeps alive between forward and backward, above its inputs and
+    output. Without a GPU: one tiny case per mode, each provider called once."""
+    def label(name, tokens, hidden, out):
+        return f"{name} {tokens}x{hidden}->{out}"
+
+    def cases(device, case_shapes):
+        built = []
+        for name, tokens, hidden, out in case_shapes:
+            mm = 2 * tokens * hidden * out
+            built += mode_cases(op, label(name, tokens, hidden, out), torch.bfloat16, providers(),
+                                inputs(device, tokens, hidden, out),
+                                flops={"fwd": mm, "bwd": 2 * mm, "fwd+bwd": 3 * mm})
+        return built
+
+    def saved_memory(_rows=None):
+        rows = []
+        for shape in shapes:
+            for name, fn in providers().items():
+                args = inputs("cuda", *shape[1:])
+                fn(*args).sum().backward()  # compile and warm up outside the measurement
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                y = fn(*args)
+                kept = (torch.cuda.memory_allocated() - before - y.numel() * y.element_size()) / 2**20
+                rows.append({"op": op, "shape": label(*shape), "provider": name, "saved_MiB": round(kept, 1)})
+                print(rows[-1], flush=True)
+                del y, args
+        write_results(f"{op}_saved", rows)
+
+    main(op, lambda: cases("cuda", shapes), lambda: cases("cpu", [("tiny", 16, 32, 8)]), run_on_cpu=True,
+         report=saved_memory)
 
 
 def environment() -> dict[str, str]:

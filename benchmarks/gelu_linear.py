@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import triformer  # noqa: F401  (chooses compiled kernels vs the interpreter first)
-from benchmarks.common import Case, main, mode_cases, saved_memory
+from benchmarks.common import activation_linear_main
 from triformer.gelu import gelu, gelu_reference
 from triformer.gelu_linear import gelu_linear
 
@@ -36,21 +36,5 @@ def inputs(device: str, tokens: int, hidden: int, out: int) -> list[torch.Tensor
             torch.zeros(hidden, device=device, requires_grad=True)]
 
 
-def build_cases(device: str, shapes=SHAPES) -> list[Case]:
-    cases = []
-    for label, tokens, hidden, out in shapes:
-        mm = 2 * tokens * hidden * out
-        cases += mode_cases("gelu_linear", f"{label} {tokens}x{hidden}->{out}", torch.bfloat16, providers(),
-                            inputs(device, tokens, hidden, out), flops={"fwd": mm, "bwd": 2 * mm, "fwd+bwd": 3 * mm})
-    return cases
-
-
-def saved_memory_report(_rows=None) -> None:
-    saved_memory("gelu_linear", [(f"{label} {tokens}x{hidden}->{out}", providers(),
-                                  lambda t=tokens, h=hidden, o=out: inputs("cuda", t, h, o))
-                                 for label, tokens, hidden, out in SHAPES])
-
-
 if __name__ == "__main__":
-    main("gelu_linear", lambda: build_cases("cuda"), lambda: build_cases("cpu", [("tiny", 16, 32, 8)]),
-         run_on_cpu=True, report=saved_memory_report)
+    activation_linear_main("gelu_linear", SHAPES, providers, inputs)
