@@ -16,15 +16,11 @@
 #                                # fused loss's chunk-budget sweep (what the fused step's chunked cross-entropy costs)
 #   bash scripts/gpu_plan.sh 7   # the GPT-2 step's compiled rows again ((ce), fused, plain), then where the fused
 #                                # loss's time goes per chunk (--profile)
-#   bash scripts/gpu_plan.sh 8   # the GPU compile tests plan 6 failed or did not reach (max-autotune aside), with
-#                                # tracebacks; where the patched and
-#                                # the unpatched compiled HF Llama hold their memory at the step's peak (--profile)
-#                                # (with glu_linear), and glu_linear against SwiGLU then F.linear
-#   bash scripts/gpu_plan.sh 9   # plan 8 cut to what a session's last 10 minutes of device time hold: the compiled
-#                                # llama-small test and the per-op compile tests of what only llama-small uses
-#                                # (grouped-query attention, add + RMSNorm, glu_linear), the patched and unpatched
-#                                # compiled Llama's profile
-#   bash scripts/gpu_plan.sh 10  # plan 9's profile alone (under 3 minutes)
+#   bash scripts/gpu_plan.sh 8   # the GPU compile tests plan 6 failed or did not reach (max-autotune aside) and those of
+#                                # what only llama-small uses (grouped-query attention, add + RMSNorm, glu_linear),
+#                                # with tracebacks and durations; where the patched and the unpatched compiled HF
+#                                # Llama hold their memory at the step's peak (--profile); glu_linear's benchmark
+#   bash scripts/gpu_plan.sh 9   # plan 8's profile alone (under 3 minutes, for a session's last device minutes)
 # Each call's results come back in $OUT/results.tar.gz (unpack into benchmarks/results/<card>/) and $OUT/log.txt.
 # The sweeps set triformer/cross_entropy.py's TILE_BYTES, PROGRAMS_PER_SM, UNMASKED_WARPS, MASKED_WARPS and
 # triformer/gelu.py's BIAS_PROGRAMS_PER_SM and STORE_Y_PROGRAMS_PER_SM.
@@ -53,14 +49,11 @@ case "${1:-}" in
   7) GPU_RUN_DEADLINE=575 BENCH_TIMEOUT=330 bash scripts/gpu_run.sh \
        bench "train_step gpt --variants (ce),fused,plain --eager none --compile (ce),fused,plain --compile-modes reduce-overhead,default --steps 10 --warmup 3" \
        bench "linear_cross_entropy --profile" ;;
-  8) GPU_RUN_DEADLINE=560 PY_TIMEOUT=300 BENCH_TIMEOUT=240 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
-       py "-m pytest -v -n 3 -p no:cacheprovider --tb=short tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default] tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-reduce-overhead] tests/test_compile.py::test_compile_full_model_on_gpu[gpt2-small:fused-default] tests/test_compile.py::test_compile_full_model_on_gpu[vit-base-default] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[linear_cross_entropy] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[glu_linear]" \
+  8) GPU_RUN_DEADLINE=575 PY_TIMEOUT=300 BENCH_TIMEOUT=240 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
+       py "-m pytest -v -n 3 -p no:cacheprovider --tb=short --durations=0 tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default] tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-reduce-overhead] tests/test_compile.py::test_compile_full_model_on_gpu[gpt2-small:fused-default] tests/test_compile.py::test_compile_full_model_on_gpu[vit-base-default] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[linear_cross_entropy] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[glu_linear] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[attention_gqa] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[add_rms_norm]" \
        bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" \
        bench "glu_linear" ;;
-  9) GPU_RUN_DEADLINE=420 PY_TIMEOUT=200 BENCH_TIMEOUT=200 TRIFORMER_SLOW_TESTS=1 bash scripts/gpu_run.sh \
-       py "-m pytest -v -n 2 -p no:cacheprovider --tb=short --durations=0 tests/test_compile.py::test_compile_full_model_on_gpu[llama-small-default] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[glu_linear] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[attention_gqa] tests/test_compile.py::test_compile_each_op_on_gpu_matches_eager[add_rms_norm]" \
+  9) GPU_RUN_DEADLINE=165 BENCH_TIMEOUT=160 bash scripts/gpu_run.sh \
        bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" ;;
-  10) GPU_RUN_DEADLINE=165 BENCH_TIMEOUT=160 bash scripts/gpu_run.sh \
-       bench "patch_llama --only llama --variants triformer,unpatched --modes compile --steps 3 --warmup 2 --profile" ;;
-  *) echo "usage: bash scripts/gpu_plan.sh 1|2|3|4|5|6|7|8|9|10" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/gpu_plan.sh 1|2|3|4|5|6|7|8|9" >&2; exit 2 ;;
 esac
